@@ -1,0 +1,20 @@
+# The two commands of the README:  `make demo`  and  `make test`.
+VENV ?= .venv
+export VENV
+
+.PHONY: setup demo test lint bench-startup
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/appliance demo
+
+test: setup
+	$(VENV)/bin/python -m pytest -q -rs
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench-startup: setup
+	$(VENV)/bin/python bench/startup.py

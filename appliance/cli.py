@@ -1,0 +1,288 @@
+"""The `appliance` command. No arguments opens the TUI; subcommands do everything else.
+
+Start-up must stay under a second: this module imports only the standard library and light parts
+of the core at module scope; torch/transformers/Textual are imported inside the commands that use
+them. The offline guard is installed before anything else runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from appliance import __version__, offline
+from appliance.errors import ApplianceError
+
+
+def _workspace(args: argparse.Namespace) -> Any:
+    from appliance.workspace import Workspace
+
+    return Workspace(Path(args.home) if args.home else None)
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _print_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
+    if not rows:
+        print("(none)")
+        return
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def human_count(n: int | None) -> str:
+    if not n:
+        return "?"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+# -- models ----------------------------------------------------------------------------------
+def cmd_models_import(args: argparse.Namespace) -> int:
+    from appliance import models
+
+    ws = _workspace(args)
+    if args.default == bool(args.path):
+        raise ApplianceError("give either a PATH (HF folder or .gguf file) or --default",
+                             title="Usage")
+    if args.default:
+        record = models.import_default(ws, say=say)
+    else:
+        record = models.import_path(ws, Path(args.path), name=args.name,
+                                    chat_template_file=args.chat_template and Path(args.chat_template),
+                                    say=say)
+    s = record.summary
+    say(f"imported model {record.name!r}: {s.get('architecture')}, "
+        f"{human_count(s.get('parameters'))} parameters, context {s.get('context_length')}, "
+        f"{s.get('dtype')}\n  at {record.path}")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    rows = [{"name": r.name, "architecture": r.summary.get("architecture"),
+             "params": human_count(r.summary.get("parameters")),
+             "context": r.summary.get("context_length"), "dtype": r.summary.get("dtype"),
+             "created": r.created} for r in _workspace(args).list("model")]
+    _print_table(rows, ["name", "architecture", "params", "context", "dtype", "created"])
+    return 0
+
+
+def _show(args: argparse.Namespace, kind: str, render: Callable[[dict[str, Any]], None]) -> int:
+    from appliance import manifest
+
+    record = _workspace(args).get(kind, args.name)
+    data = manifest.verify(record.path, full=args.verify)
+    if args.json:
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+        return 0
+    say(f"{kind} {record.name}  ({record.path})")
+    render(data)
+    total = sum(f["size"] for f in data["files"].values())
+    check = "sha256 verified" if args.verify else "sizes checked; --verify hashes every file"
+    say(f"files: {len(data['files'])}, {total / 2**20:.1f} MiB ({check})")
+    return 0
+
+
+def cmd_models_show(args: argparse.Namespace) -> int:
+    def render(data: dict[str, Any]) -> None:
+        info = data["info"]
+        for key in ("architecture", "parameters", "context_length", "vocab_size", "dtype",
+                    "bos_token", "eos_token", "stop_tokens", "supports_system", "gguf_file"):
+            if key in info:
+                say(f"  {key:16} {info[key]}")
+        say(f"  {'source':16} {data['config'].get('source')}")
+        template = (info.get("chat_template") or "").replace("\n", "\\n")
+        say(f"  {'chat_template':16} {template[:100]}{'...' if len(template) > 100 else ''}")
+
+    return _show(args, "model", render)
+
+
+def cmd_rm(args: argparse.Namespace, kind: str) -> int:
+    ws = _workspace(args)
+    ws.get(kind, args.name)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise ApplianceError(f"refusing to remove {kind} {args.name!r} without --yes",
+                                 title="Confirmation needed")
+        if input(f"remove {kind} {args.name!r}? [y/N] ").strip().lower() not in ("y", "yes"):
+            say("kept")
+            return 1
+    path = ws.remove(kind, args.name)
+    say(f"removed {kind} {args.name!r} ({path})")
+    return 0
+
+
+# -- datasets --------------------------------------------------------------------------------
+def print_dataset_report(report: dict[str, Any], limit: int = 20) -> None:
+    tokens = report["tokens"]
+    say(f"  form {report['form']}: {report['lines']} lines -> {report['kept']} kept "
+        f"({report['train']} train / {report['eval']} eval), {report['rejected']} rejected, "
+        f"{report['duplicates']} exact duplicates removed")
+    if tokens.get("count"):
+        say(f"  tokens per conversation: min {tokens['min']}, p50 {tokens['p50']}, "
+            f"mean {tokens['mean']}, p95 {tokens['p95']}, max {tokens['max']} "
+            f"(total {tokens['total']})")
+    for reason, count in sorted(report["rejected_by_reason"].items()):
+        say(f"  rejected {reason}: {count}")
+    for row in report["rejections"][:limit]:
+        say(f"    line {row['line']}: {row['reason']}")
+    if len(report["rejections"]) > limit:
+        say(f"    ... {len(report['rejections']) - limit} more (appliance data show NAME "
+            "--rejections N)")
+    for dup in report["duplicate_lines"][:limit]:
+        say(f"    line {dup['line']}: duplicate of line {dup['duplicate_of']}")
+
+
+def cmd_data_import(args: argparse.Namespace) -> int:
+    from appliance import datasets
+
+    ws = _workspace(args)
+    model = ws.get("model", args.model)
+    record, report = datasets.import_file(
+        ws, Path(args.file), model, name=args.name, form=args.format,
+        eval_fraction=args.eval_fraction, seed=args.seed, max_tokens=args.max_tokens,
+        progress=lambda n: say(f"  ... {n} lines"))
+    say(f"imported dataset {record.name!r} for model {model.name!r}\n  at {record.path}")
+    print_dataset_report(report)
+    return 0
+
+
+def cmd_data_list(args: argparse.Namespace) -> int:
+    rows = [{"name": r.name, **{k: r.summary.get(k) for k in
+                                ("model", "form", "train", "eval", "rejected", "duplicates")},
+             "created": r.created} for r in _workspace(args).list("dataset")]
+    _print_table(rows, ["name", "model", "form", "train", "eval", "rejected", "duplicates",
+                        "created"])
+    return 0
+
+
+def cmd_data_show(args: argparse.Namespace) -> int:
+    def render(data: dict[str, Any]) -> None:
+        record = _workspace(args).get("dataset", args.name)
+        report = json.loads((record.path / "report.json").read_text(encoding="utf-8"))
+        say(f"  source {data['config']['source']['path']}  (model {data['info']['summary']['model']})")
+        print_dataset_report(report, limit=args.rejections)
+
+    return _show(args, "dataset", render)
+
+
+# -- the rest --------------------------------------------------------------------------------
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from appliance import doctor
+
+    report = doctor.collect(_workspace(args))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        doctor.print_report(report, say)
+    return 0 if not report["missing"] else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from appliance import demo
+
+    return demo.run(_workspace(args), say)
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    from tui.app import run
+
+    return run(_workspace(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="appliance",
+        description="Offline LLM adaptation and deployment. Run with no command for the TUI.")
+    parser.add_argument("--version", action="version", version=f"appliance {__version__}")
+    parser.add_argument("--home", help="workspace directory (default: $APPLIANCE_HOME or "
+                                       "~/.local/share/appliance)")
+    parser.set_defaults(func=cmd_tui)
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    models = sub.add_parser("models", help="import, list, show and remove base models")
+    msub = models.add_subparsers(metavar="ACTION", required=True)
+    p = msub.add_parser("import", help="import an HF folder (safetensors), a .gguf file, or "
+                                       "--default (the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("path", nargs="?")
+    p.add_argument("--default", action="store_true")
+    p.add_argument("--name")
+    p.add_argument("--chat-template", metavar="FILE", help="Jinja chat template to use")
+    p.set_defaults(func=cmd_models_import)
+    msub.add_parser("list", help="list models").set_defaults(func=cmd_models_list)
+    _add_show(msub, cmd_models_show)
+    _add_rm(msub, "model")
+
+    data = sub.add_parser("data", help="import, list and show datasets")
+    dsub = data.add_subparsers(metavar="ACTION", required=True)
+    p = dsub.add_parser("import", help="import a JSONL dataset for a model")
+    p.add_argument("file")
+    p.add_argument("--model", required=True, help="model whose tokenizer and template to use")
+    p.add_argument("--name")
+    p.add_argument("--format", default="auto",
+                   choices=["auto", "messages", "sharegpt", "alpaca", "dolly"])
+    p.add_argument("--eval-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, help="reject longer conversations "
+                                                  "(default: the model's context length)")
+    p.set_defaults(func=cmd_data_import)
+    dsub.add_parser("list", help="list datasets").set_defaults(func=cmd_data_list)
+    show = _add_show(dsub, cmd_data_show)
+    show.add_argument("--rejections", type=int, default=20, metavar="N",
+                      help="how many rejected lines to print")
+    _add_rm(dsub, "dataset")
+
+    p = sub.add_parser("doctor", help="check the installation, hardware and offline status")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
+    sub.add_parser("demo", help="run the pipeline on the embedded default model").set_defaults(
+        func=cmd_demo)
+    sub.add_parser("tui", help="open the terminal UI (the default)").set_defaults(func=cmd_tui)
+    return parser
+
+
+def _add_show(sub: Any, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    p = sub.add_parser("show", help="details, checked against the manifest")
+    p.add_argument("name")
+    p.add_argument("--verify", action="store_true", help="recompute every file's sha256")
+    p.add_argument("--json", action="store_true", help="print the manifest")
+    p.set_defaults(func=func)
+    return p
+
+
+def _add_rm(sub: Any, kind: str) -> None:
+    p = sub.add_parser("rm", help=f"remove a {kind}")
+    p.add_argument("name")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(func=lambda args: cmd_rm(args, kind))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    offline.install()
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ApplianceError as exc:
+        print(f"error: {exc.title}: {exc}", file=sys.stderr)
+        return 2
+    except offline.NetworkBlockedError as exc:
+        print(f"error: {exc.title}: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

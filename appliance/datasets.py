@@ -1,0 +1,328 @@
+"""Dataset import: JSONL in four common forms -> canonical `messages`, with a full account.
+
+Forms (detected from the first record, or named with --format):
+- messages: {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}]}
+- sharegpt: {"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}]}
+- alpaca:   {"instruction", "input" (optional), "output"}   user = instruction [+ blank line + input]
+- dolly:    {"instruction", "context" (optional), "response"} user = instruction [+ blank line + context]
+
+Every line is accounted for: kept, removed as an exact duplicate of an earlier conversation, or
+rejected with its line number and a reason (bad JSON, not UTF-8, missing field, unknown role, empty
+content, roles out of order, longer than the context, ...). The kept conversations are split into
+train/eval with a seeded shuffle, and measured in tokens with the chosen model's chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance import chat
+from appliance.errors import ValidationError
+from appliance.fsutil import sha256_file, write_jsonl
+from appliance.workspace import ArtifactRecord, Workspace, check_name, parent_ref, slugify
+
+FORMS = ("messages", "sharegpt", "alpaca", "dolly")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "chatgpt": "assistant"}
+Messages = list[dict[str, str]]
+
+
+class Rejected(Exception):
+    """One line that cannot be used; `code` groups reasons in the report."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+@dataclass
+class ImportResult:
+    train: list[dict[str, Any]] = field(default_factory=list)
+    eval: list[dict[str, Any]] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    duplicates: list[dict[str, int]] = field(default_factory=list)
+    lines: int = 0
+    form: str = ""
+
+
+# -- reading ---------------------------------------------------------------------------------
+def read_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) for every line; rejected lines yield a `Rejected` instead."""
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            yield number, _parse_line(raw)
+
+
+def _parse_line(raw: bytes) -> Any:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Rejected("not_utf8", f"not UTF-8: byte 0x{raw[exc.start]:02x} at column "
+                                    f"{exc.start + 1}")
+    text = text.strip().lstrip("\ufeff")
+    if not text:
+        return Rejected("empty_line", "empty line")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return Rejected("bad_json", f"bad JSON: {exc.msg} (column {exc.colno})")
+    if not isinstance(obj, dict):
+        return Rejected("bad_json", f"bad JSON: expected an object, got {type(obj).__name__}")
+    return obj
+
+
+def detect_form(obj: dict[str, Any]) -> str | None:
+    if "messages" in obj:
+        return "messages"
+    if "conversations" in obj:
+        return "sharegpt"
+    if "instruction" in obj and "output" in obj:
+        return "alpaca"
+    if "instruction" in obj and "response" in obj:
+        return "dolly"
+    return None
+
+
+# -- converting ------------------------------------------------------------------------------
+def _field(obj: dict[str, Any], name: str, where: str = "") -> Any:
+    if name not in obj or obj[name] is None:
+        raise Rejected("missing_field", f"missing field {name!r}{where}")
+    return obj[name]
+
+
+def _text(value: Any, name: str, where: str = "") -> str:
+    if not isinstance(value, str):
+        raise Rejected("wrong_type", f"field {name!r}{where} must be a string, "
+                                     f"got {type(value).__name__}")
+    return value
+
+
+def _list(value: Any, name: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise Rejected("wrong_type", f"field {name!r} must be a list, got {type(value).__name__}")
+    return value
+
+
+def _turn_pair(obj: dict[str, Any], question: str, extra: str, answer: str) -> Messages:
+    prompt = _text(_field(obj, question), question)
+    more = obj.get(extra) or ""
+    more = _text(more, extra)
+    user = f"{prompt}\n\n{more}" if more.strip() else prompt
+    return [{"role": "user", "content": user},
+            {"role": "assistant", "content": _text(_field(obj, answer), answer)}]
+
+
+def _from_messages(obj: dict[str, Any]) -> Messages:
+    out = []
+    for i, msg in enumerate(_list(_field(obj, "messages"), "messages"), start=1):
+        where = f" in message {i}"
+        if not isinstance(msg, dict):
+            raise Rejected("wrong_type", f"message {i} must be an object")
+        out.append({"role": _text(_field(msg, "role", where), "role", where),
+                    "content": _text(_field(msg, "content", where), "content", where)})
+    return out
+
+
+def _from_sharegpt(obj: dict[str, Any]) -> Messages:
+    out = []
+    for i, msg in enumerate(_list(_field(obj, "conversations"), "conversations"), start=1):
+        where = f" in turn {i}"
+        if not isinstance(msg, dict):
+            raise Rejected("wrong_type", f"turn {i} must be an object")
+        who = _text(_field(msg, "from", where), "from", where)
+        if who not in SHAREGPT_ROLES:
+            raise Rejected("unknown_role", f"unknown role {who!r}{where} (known: "
+                                           f"{', '.join(SHAREGPT_ROLES)})")
+        out.append({"role": SHAREGPT_ROLES[who],
+                    "content": _text(_field(msg, "value", where), "value", where)})
+    return out
+
+
+CONVERTERS: dict[str, Callable[[dict[str, Any]], Messages]] = {
+    "messages": _from_messages,
+    "sharegpt": _from_sharegpt,
+    "alpaca": lambda o: _turn_pair(o, "instruction", "input", "output"),
+    "dolly": lambda o: _turn_pair(o, "instruction", "context", "response"),
+}
+
+
+def check_conversation(messages: Messages) -> None:
+    """Roles known, content non-empty, order system? (user assistant)+."""
+    if not messages:
+        raise Rejected("missing_field", "the conversation has no messages")
+    for i, msg in enumerate(messages, start=1):
+        if msg["role"] not in chat.ROLES:
+            raise Rejected("unknown_role", f"unknown role {msg['role']!r} in message {i} "
+                                           f"(known: {', '.join(chat.ROLES)})")
+        if not msg["content"].strip():
+            raise Rejected("empty_content", f"empty content in message {i} ({msg['role']})")
+    start = 1 if messages[0]["role"] == "system" else 0
+    for i, msg in enumerate(messages[start:], start=start):
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        if msg["role"] != expected:
+            raise Rejected("role_order", f"roles out of order: message {i + 1} is "
+                                         f"{msg['role']!r}, expected {expected!r} (a conversation "
+                                         "is an optional system message, then user/assistant "
+                                         "turns)")
+    if messages[-1]["role"] != "assistant":
+        raise Rejected("role_order", "roles out of order: the conversation must end with an "
+                                     "assistant message")
+
+
+def convert(obj: dict[str, Any], form: str) -> Messages:
+    messages = CONVERTERS[form](obj)
+    check_conversation(messages)
+    return messages
+
+
+# -- the import ------------------------------------------------------------------------------
+class LengthCheck:
+    """Counts tokens with the model's template and rejects conversations over the limit."""
+
+    def __init__(self, tokenizer: Any, max_tokens: int) -> None:
+        self.tokenizer, self.max_tokens = tokenizer, max_tokens
+
+    def __call__(self, messages: Messages) -> int:
+        try:
+            n = chat.count_tokens(self.tokenizer, messages)
+        except chat.TemplateError as exc:
+            raise Rejected("template_error", f"the model's chat template rejects this "
+                                             f"conversation: {exc.message}") from None
+        if n > self.max_tokens:
+            raise Rejected("too_long", f"longer than the context: {n} tokens > {self.max_tokens}")
+        return n
+
+
+def parse_file(path: Path, form: str, measure: Callable[[Messages], int],
+               progress: Callable[[int], None] | None = None) -> ImportResult:
+    result = ImportResult(form=form)
+    seen: dict[str, int] = {}
+    for number, obj in read_lines(path):
+        result.lines = number
+        if progress and number % 200 == 0:
+            progress(number)
+        try:
+            if isinstance(obj, Rejected):
+                raise obj
+            if not result.form or result.form == "auto":
+                result.form = _detect_or_reject(obj)
+            messages = convert(obj, result.form)
+            key = json.dumps(messages, sort_keys=True, ensure_ascii=False)
+            if key in seen:
+                result.duplicates.append({"line": number, "duplicate_of": seen[key]})
+                continue
+            tokens = measure(messages)
+        except Rejected as rej:
+            result.rejected.append({"line": number, "code": rej.code, "reason": rej.reason})
+            continue
+        seen[key] = number
+        result.train.append({"messages": messages, "line": number, "tokens": tokens})
+    return result
+
+
+def _detect_or_reject(obj: dict[str, Any]) -> str:
+    form = detect_form(obj)
+    if form is None:
+        raise Rejected("missing_field", "cannot tell the format from the keys "
+                                        f"{sorted(obj)[:6]}; expected one of {', '.join(FORMS)} "
+                                        "(name it with --format)")
+    return form
+
+
+def split(rows: list[dict[str, Any]], eval_fraction: float, seed: int
+          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Seeded split; each side keeps file order. At least one eval row when there are two+."""
+    n = len(rows)
+    n_eval = round(n * eval_fraction)
+    if eval_fraction > 0 and n >= 2:
+        n_eval = min(max(n_eval, 1), n - 1)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    eval_idx = set(order[:n_eval])
+    return ([r for i, r in enumerate(rows) if i not in eval_idx],
+            [r for i, r in enumerate(rows) if i in eval_idx])
+
+
+def length_stats(tokens: list[int], bins: int = 10) -> dict[str, Any]:
+    if not tokens:
+        return {"count": 0}
+    ordered = sorted(tokens)
+    top = ordered[-1]
+    width = max(1, -(-top // bins))
+    histogram = Counter(min(t // width, bins - 1) for t in ordered)
+    return {
+        "count": len(ordered), "total": sum(ordered), "min": ordered[0], "max": top,
+        "mean": round(statistics.fmean(ordered), 1),
+        "p50": ordered[len(ordered) // 2],
+        "p95": ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))],
+        "histogram": [{"from": b * width, "to": (b + 1) * width, "count": histogram.get(b, 0)}
+                      for b in range(bins)],
+    }
+
+
+def build_report(result: ImportResult, eval_rows: list[dict[str, Any]],
+                 train_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    kept = train_rows + eval_rows
+    return {
+        "form": result.form,
+        "lines": result.lines,
+        "kept": len(kept),
+        "train": len(train_rows),
+        "eval": len(eval_rows),
+        "rejected": len(result.rejected),
+        "duplicates": len(result.duplicates),
+        "rejected_by_reason": dict(Counter(r["code"] for r in result.rejected)),
+        "rejections": result.rejected,
+        "duplicate_lines": result.duplicates,
+        "tokens": length_stats([r["tokens"] for r in kept]),
+    }
+
+
+def import_file(ws: Workspace, src: Path, model: ArtifactRecord, *, name: str | None = None,
+                form: str = "auto", eval_fraction: float = 0.1, seed: int = 0,
+                max_tokens: int | None = None,
+                progress: Callable[[int], None] | None = None) -> tuple[ArtifactRecord, dict]:
+    from appliance.models import load_tokenizer
+
+    src = src.expanduser().resolve()
+    if not src.is_file():
+        raise ValidationError(f"{src} is not a file")
+    if form != "auto" and form not in FORMS:
+        raise ValidationError(f"unknown format {form!r}; known: auto, {', '.join(FORMS)}")
+    if not 0 <= eval_fraction < 1:
+        raise ValidationError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
+    context = model.summary.get("context_length") or 2048
+    limit = min(max_tokens or context, context)
+    name = check_name(name or slugify(src.stem))
+    measure = LengthCheck(load_tokenizer(model.path), limit)
+    result = parse_file(src, form, measure, progress)
+    train_rows, eval_rows = split(result.train, eval_fraction, seed)
+    report = build_report(result, eval_rows, train_rows)
+    if not train_rows:
+        shown = "; ".join(f"line {r['line']}: {r['reason']}" for r in result.rejected[:5])
+        raise ValidationError(f"{src}: no usable conversations ({result.lines} lines). {shown}",
+                              hint="fix the file; every rejected line is listed with its reason")
+    with ws.writer("dataset", name) as w:
+        write_jsonl(w.path / "train.jsonl", train_rows)
+        write_jsonl(w.path / "eval.jsonl", eval_rows)
+        (w.path / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+        w.commit(
+            parents=[parent_ref(model)],
+            config={"source": {"path": str(src), "sha256": sha256_file(src)}, "form": report["form"],
+                    "eval_fraction": eval_fraction, "seed": seed, "max_tokens": limit},
+            info={"summary": {k: report[k] for k in ("form", "train", "eval", "rejected",
+                                                     "duplicates")} | {"model": model.name}})
+    return ws.get("dataset", name), report
+
+
+def load_rows(record: ArtifactRecord, part: str = "train") -> list[dict[str, Any]]:
+    path = record.path / f"{part}.jsonl"
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]

