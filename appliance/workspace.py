@@ -34,6 +34,7 @@ KIND_DIRS = {"model": "models", "dataset": "datasets", "run": "runs", "export": 
              "bundle": "bundles"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 STAGING_PREFIX = ".staging-"
+STAGING_RE = re.compile(r"-\d+-[0-9a-f]{8}")  # what follows ".staging-<name>": -<pid>-<hex>
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS artifacts (
@@ -57,7 +58,7 @@ def default_home() -> Path:
 
 
 def check_name(name: str, what: str = "name") -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise ValidationError(
             f"invalid {what} {name!r}",
             hint="use 1-80 characters: letters, digits, '.', '_' or '-', starting with a letter "
@@ -94,7 +95,10 @@ class Workspace:
         for sub in KIND_DIRS.values():
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         (self.root / ".locks").mkdir(exist_ok=True)
-        with self.connect() as db:
+        # Switching to WAL needs an exclusive lock that SQLite's busy handler does not wait for,
+        # so creating the database is serialised between processes (WAL then persists in the file).
+        with blocking_lock(self.root / ".locks" / "db.lock"), self.connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA_SQL)
         return self
 
@@ -112,7 +116,6 @@ class Workspace:
         self.root.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.root / "appliance.db", timeout=30, isolation_level=None)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA busy_timeout=30000")
             db.execute("PRAGMA synchronous=NORMAL")
             yield db
@@ -134,21 +137,26 @@ class Workspace:
             self._upsert(db, kind, path, data)
 
     def reconcile(self) -> None:
-        """Make the index match the directories: add committed artifacts, drop vanished ones."""
+        """Make the index match the directories: add or refresh committed artifacts (a moved
+        workspace, an edited manifest), drop the ones that vanished."""
         self.ensure()
         with self.connect() as db:
             db.execute("BEGIN IMMEDIATE")
-            known = {(k, n): p for k, n, p in db.execute("SELECT kind, name, path FROM artifacts")}
+            rows = {(k, n): (p, sha) for k, n, p, sha in
+                    db.execute("SELECT kind, name, path, manifest_sha256 FROM artifacts")}
+            seen = set()
             for kind in KIND_DIRS:
                 for path in sorted(self.kind_dir(kind).iterdir()):
-                    if path.name.startswith(".") or not (path / manifest.MANIFEST).is_file():
+                    mpath = path / manifest.MANIFEST
+                    if path.name.startswith(".") or not mpath.is_file():
                         continue
-                    if (kind, path.name) not in known:
+                    seen.add((kind, path.name))
+                    sha = hashlib.sha256(mpath.read_bytes()).hexdigest()
+                    if rows.get((kind, path.name)) != (str(path), sha):
                         with contextlib.suppress(ApplianceError):
                             self._upsert(db, kind, path, manifest.read(path))
-            for (kind, name), path in known.items():
-                if not (Path(path) / manifest.MANIFEST).is_file():
-                    db.execute("DELETE FROM artifacts WHERE kind=? AND name=?", (kind, name))
+            for kind, name in rows.keys() - seen:
+                db.execute("DELETE FROM artifacts WHERE kind=? AND name=?", (kind, name))
             db.execute("COMMIT")
 
     def list(self, kind: str) -> list[ArtifactRecord]:
@@ -203,15 +211,26 @@ class Workspace:
         with blocking_lock(self.root / ".locks" / "audit.lock"):
             prev = "0" * 64
             if log.exists() and log.stat().st_size:
-                with open(log, "rb") as fh:
-                    fh.seek(max(0, log.stat().st_size - 65536))
-                    last = fh.read().splitlines()[-1]
-                prev = hashlib.sha256(last).hexdigest()
+                prev = hashlib.sha256(_last_line(log)).hexdigest()
             entry = {"ts": manifest.now_iso(), "event": event, "prev": prev, **fields}
             with open(log, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(entry, sort_keys=True, default=str) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
+
+
+def _last_line(path: Path) -> bytes:
+    """The last line of a file, however long, reading backwards in growing windows."""
+    size = path.stat().st_size
+    window = 4096
+    with open(path, "rb") as fh:
+        while True:
+            start = max(0, size - window)
+            fh.seek(start)
+            lines = fh.read().rstrip(b"\n").split(b"\n")
+            if len(lines) > 1 or start == 0:
+                return lines[-1]
+            window *= 4
 
 
 class ArtifactWriter:
@@ -247,7 +266,8 @@ class ArtifactWriter:
                     f"(appliance {KIND_DIRS[self.kind]} rm {self.name})",
                 )
             for stale in self.final.parent.glob(f"{STAGING_PREFIX}{self.name}-*"):
-                shutil.rmtree(stale, ignore_errors=True)  # left by a killed writer; we hold the lock
+                if STAGING_RE.fullmatch(stale.name.removeprefix(STAGING_PREFIX + self.name)):
+                    shutil.rmtree(stale, ignore_errors=True)  # a killed writer's; we hold its lock
             self.path.mkdir(parents=True)
         except BaseException:
             self.lock.release()

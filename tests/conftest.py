@@ -1,0 +1,84 @@
+"""Shared fixtures. The whole suite runs behind the offline guard: a test that tries to reach a
+non-loopback address fails, unless it is marked `network_probe` (tests of the guard itself)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from appliance import offline
+from appliance.workspace import ArtifactRecord, Workspace
+
+offline.install()
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "network_probe: the test triggers the offline guard on purpose")
+
+
+@pytest.fixture(autouse=True)
+def _fail_on_network_attempt(request: pytest.FixtureRequest):
+    before = len(offline.blocked_attempts)
+    yield
+    attempts = offline.blocked_attempts[before:]
+    if attempts and request.node.get_closest_marker("network_probe") is None:
+        pytest.fail("the test tried to reach the network:\n" + "\n".join(attempts))
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Workspace:
+    return Workspace(tmp_path / "ws")
+
+
+@pytest.fixture(scope="session")
+def smol_model(tmp_path_factory: pytest.TempPathFactory) -> ArtifactRecord:
+    """The real embedded SmolLM2-135M-Instruct, imported once per session. Treat as read-only."""
+    from appliance import models
+
+    ws = Workspace(tmp_path_factory.mktemp("smol") / "ws")
+    return models.import_default(ws)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_model: ArtifactRecord):
+    from appliance.models import load_tokenizer
+
+    return load_tokenizer(smol_model.path)
+
+
+@pytest.fixture
+def model_workspace(tmp_path: Path, smol_model: ArtifactRecord) -> tuple[Workspace, ArtifactRecord]:
+    """A fresh workspace that already holds the SmolLM2 model (copied, not re-imported)."""
+    ws = Workspace(tmp_path / "ws").ensure()
+    shutil.copytree(smol_model.path, ws.artifact_dir("model", smol_model.name))
+    ws.reconcile()
+    return ws, ws.get("model", smol_model.name)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_source(tmp_path_factory: pytest.TempPathFactory, smol_model: ArtifactRecord) -> Path:
+    """A tiny random Llama HF folder with SmolLM2's real tokenizer and template (built once)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(smol_model.path / name, folder / name)
+    return folder
+
+
+@pytest.fixture
+def tiny_llama(tmp_path: Path, tiny_llama_source: Path) -> Path:
+    """A private copy of the tiny model folder that a test may damage."""
+    return Path(shutil.copytree(tiny_llama_source, tmp_path / "tiny-llama"))
