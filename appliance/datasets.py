@@ -242,7 +242,8 @@ def split(rows: list[dict[str, Any]], eval_fraction: float, seed: int
     n = len(rows)
     n_eval = round(n * eval_fraction)
     if eval_fraction > 0 and n >= 2:
-        n_eval = min(max(n_eval, 1), n - 1)
+        n_eval = max(n_eval, 1)
+    n_eval = min(n_eval, max(n - 1, 0))  # never leave train empty
     order = list(range(n))
     random.Random(seed).shuffle(order)
     eval_idx = set(order[:n_eval])

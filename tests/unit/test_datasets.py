@@ -171,8 +171,6 @@ def test_split_sizes(n: int, fraction: float, n_eval: int) -> None:
         assert train == rows
 
 
-@pytest.mark.xfail(reason="split() puts a lone row into eval when round(eval_fraction) == 1, so "
-                          "import_file reports 'no usable conversations' for a valid file", strict=True)
 def test_split_never_empties_train() -> None:
     train, eval_ = datasets.split(ROWS[:1], 0.6, seed=0)
     assert train == ROWS[:1] and eval_ == []
