@@ -256,8 +256,14 @@ def _gguf_tokenizer(src: Path, meta: dict[str, Any], template: str, context: int
     """
     from tokenizers import processors
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
 
-    loaded = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its "legacy behaviour" notice does not apply to GGUF
+    try:
+        loaded = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    finally:
+        hf_logging.set_verbosity(level)
     backend = loaded.backend_tokenizer
     vocab = {i: t for t, i in backend.get_vocab(with_added_tokens=True).items()}
 

@@ -229,3 +229,16 @@ def test_cli_reports_a_changed_byte(tmp_path: Path, tiny_llama: Path) -> None:
     config.write_text(text.replace('"llama"', '"llamb"'))
     out = _cli("--home", str(home), "models", "show", "t", "--verify")
     assert out.returncode == 2 and "content changed (sha256 mismatch): config.json" in out.stderr
+
+
+def test_cli_imports_a_gguf_file_by_path(tmp_path: Path) -> None:
+    from appliance import stack
+
+    home = tmp_path / "home"
+    out = _cli("--home", str(home), "models", "import", str(stack.default_model_path()), "--name", "g")
+    assert out.returncode == 0, out.stderr
+    data = manifest.verify(home / "models" / "g")
+    assert data["config"]["source"]["type"] == "gguf"
+    assert data["config"]["source"]["sha256"] == stack.DEFAULT_MODEL_SHA256
+    assert data["info"]["tokenizer_parity"]["checked"] is True
+    assert (home / "models" / "g" / "gguf" / stack.DEFAULT_MODEL_FILE).is_file()
