@@ -56,6 +56,15 @@ def cmd_models_import(args: argparse.Namespace) -> int:
     if args.default == bool(args.path):
         raise ApplianceError("give either a PATH (HF folder or .gguf file) or --default",
                              title="Usage")
+    if args.detach:
+        from appliance import jobs
+
+        params = {"default": args.default, "path": args.path and str(Path(args.path).resolve()),
+                  "name": args.name, "chat_template": args.chat_template and
+                  str(Path(args.chat_template).resolve())}
+        job = jobs.start(ws, "import-model", params)
+        say(f"started job {job.id}; follow it with `appliance jobs logs {job.id} --follow`")
+        return 0
     if args.default:
         record = models.import_default(ws, say=say)
     else:
@@ -177,6 +186,68 @@ def cmd_data_show(args: argparse.Namespace) -> int:
     return _show(args, "dataset", render)
 
 
+# -- jobs ------------------------------------------------------------------------------------
+def format_event(event: dict[str, Any]) -> str:
+    kind = event.get("type")
+    if kind == "progress":
+        extra = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("ts", "type", "done", "total"))
+        return f"progress {event['done']}/{event['total']} {extra}".rstrip()
+    if kind == "state":
+        return f"state -> {event['state']}" + (f": {event['message']}" if event.get("message") else "")
+    if kind == "log":
+        return event["message"]
+    return json.dumps(event, ensure_ascii=False)
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    from appliance import jobs
+
+    rows = [{"id": j.id, "kind": j.kind, "state": j.state, "attempt": j.attempt,
+             "created": j.created, "message": j.message[:60]} for j in jobs.list_jobs(_workspace(args))]
+    _print_table(rows, ["id", "kind", "state", "attempt", "created", "message"])
+    return 0
+
+
+def cmd_jobs_show(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from appliance import jobs
+
+    print(json.dumps(asdict(jobs.get(_workspace(args), args.id)), indent=2))
+    return 0
+
+
+def cmd_jobs_logs(args: argparse.Namespace) -> int:
+    from appliance import jobs
+
+    ws = _workspace(args)
+    jobs.get(ws, args.id)
+    events = jobs.follow(ws, args.id) if args.follow else iter(jobs.read_events(ws, args.id))
+    for event in events:
+        say(format_event(event))
+    return 0
+
+
+def cmd_jobs_action(args: argparse.Namespace, action: str) -> int:
+    from appliance import jobs
+
+    ws = _workspace(args)
+    if action == "run":
+        job = jobs.run(ws, args.id)
+        return 0 if job.state == "succeeded" else 1
+    job = jobs.cancel(ws, args.id) if action == "cancel" else jobs.resume(ws, args.id)
+    say(f"job {job.id}: {job.state}" + (" (cancel requested)" if action == "cancel" else ""))
+    return 0
+
+
+def cmd_jobs_selftest(args: argparse.Namespace) -> int:
+    from appliance import jobs
+
+    job = jobs.start(_workspace(args), "selftest", {"steps": args.steps, "interval": args.interval})
+    say(f"started job {job.id}")
+    return 0
+
+
 # -- the rest --------------------------------------------------------------------------------
 def cmd_doctor(args: argparse.Namespace) -> int:
     from appliance import doctor
@@ -219,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default", action="store_true")
     p.add_argument("--name")
     p.add_argument("--chat-template", metavar="FILE", help="Jinja chat template to use")
+    p.add_argument("--detach", action="store_true", help="run as a background job")
     p.set_defaults(func=cmd_models_import)
     msub.add_parser("list", help="list models").set_defaults(func=cmd_models_list)
     _add_show(msub, cmd_models_show)
@@ -242,6 +314,24 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--rejections", type=int, default=20, metavar="N",
                       help="how many rejected lines to print")
     _add_rm(dsub, "dataset")
+
+    jobs = sub.add_parser("jobs", help="list, follow, cancel and resume background jobs")
+    jsub = jobs.add_subparsers(metavar="ACTION", required=True)
+    jsub.add_parser("list", help="all jobs").set_defaults(func=cmd_jobs_list)
+    for action, text in (("show", "a job's record"), ("logs", "a job's events"),
+                         ("cancel", "ask a job to stop (it saves its state first)"),
+                         ("resume", "continue an interrupted, failed or cancelled job"),
+                         ("run", "run a queued job in this process (used by spawn and systemd)")):
+        p = jsub.add_parser(action, help=text)
+        p.add_argument("id")
+        if action == "logs":
+            p.add_argument("--follow", "-f", action="store_true")
+        funcs = {"show": cmd_jobs_show, "logs": cmd_jobs_logs}
+        p.set_defaults(func=funcs.get(action, lambda a, act=action: cmd_jobs_action(a, act)))
+    p = jsub.add_parser("selftest", help="a small detached job to check jobs work on this box")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--interval", type=float, default=0.5)
+    p.set_defaults(func=cmd_jobs_selftest)
 
     p = sub.add_parser("doctor", help="check the installation, hardware and offline status")
     p.add_argument("--json", action="store_true")
