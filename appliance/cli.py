@@ -186,12 +186,51 @@ def cmd_data_show(args: argparse.Namespace) -> int:
     return _show(args, "dataset", render)
 
 
+# -- training --------------------------------------------------------------------------------
+def train_params(ws: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Validate everything before a job is queued, so mistakes show at once, all of them."""
+    from appliance import trainconfig
+
+    model = ws.get("model", args.model)
+    ws.get("dataset", args.dataset)
+    values, source = trainconfig.load_recipe(args.recipe)
+    values.update(dict(trainconfig.parse_override(o) for o in args.set or []))
+    trainconfig.validate(values, source=source, context_length=model.summary.get("context_length"))
+    name = args.name or f"{args.model}-{args.dataset}"
+    from appliance.workspace import check_name
+
+    check_name(name, "run name")
+    if ws.artifact_dir("run", name).exists():
+        raise ApplianceError(f"run {name!r} already exists", title="Already exists",
+                             hint="pick another --name")
+    return {"model": args.model, "dataset": args.dataset, "config": values, "source": source,
+            "name": name}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from appliance import jobs
+
+    ws = _workspace(args)
+    job = jobs.start(ws, "train", train_params(ws, args))
+    say(f"started training job {job.id} (it runs on if this command exits)")
+    if not args.follow:
+        say(f"follow it: appliance jobs logs {job.id} --follow")
+        return 0
+    for event in jobs.follow(ws, job.id):
+        say(format_event(event))
+    return 0 if jobs.get(ws, job.id).state == "succeeded" else 1
+
+
 # -- jobs ------------------------------------------------------------------------------------
 def format_event(event: dict[str, Any]) -> str:
     kind = event.get("type")
     if kind == "progress":
-        extra = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("ts", "type", "done", "total"))
-        return f"progress {event['done']}/{event['total']} {extra}".rstrip()
+        extra = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in event.items() if k not in ("ts", "type", "done", "total", "step"))
+        return f"step {event['done']}/{event['total']} {extra}".rstrip()
+    if kind == "eval":
+        return (f"eval at step {event['step']}: loss {event['eval_loss']:.4f}, perplexity "
+                f"{event['perplexity']:.3f}{' (best so far)' if event.get('best') else ''}")
     if kind == "state":
         return f"state -> {event['state']}" + (f": {event['message']}" if event.get("message") else "")
     if kind == "log":
@@ -314,6 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--rejections", type=int, default=20, metavar="N",
                       help="how many rejected lines to print")
     _add_rm(dsub, "dataset")
+
+    p = sub.add_parser("train", help="QLoRA-train a model on a dataset (a background job)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--recipe", default="smollm2-cpu", help="shipped recipe name or a .toml file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key")
+    p.add_argument("--name", help="name of the run artifact (default MODEL-DATASET)")
+    p.add_argument("--follow", "-f", action="store_true", help="show progress until it ends")
+    p.set_defaults(func=cmd_train)
 
     jobs = sub.add_parser("jobs", help="list, follow, cancel and resume background jobs")
     jsub = jobs.add_subparsers(metavar="ACTION", required=True)

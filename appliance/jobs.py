@@ -78,7 +78,7 @@ class Job:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def process_start_time(pid: int) -> str | None:
@@ -195,7 +195,7 @@ def submit(ws: Workspace, kind: str, params: dict[str, Any]) -> Job:
     if kind not in KINDS:
         raise ApplianceError(f"unknown job kind {kind!r}; known: {', '.join(sorted(KINDS))}")
     _ensure(ws)
-    job_id = f"{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}-{kind}-{secrets.token_hex(3)}"
+    job_id = f"{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-{kind}-{secrets.token_hex(3)}"
     job_dir(ws, job_id).mkdir(parents=True)
     with ws.connect() as db:
         db.execute("INSERT INTO jobs (id, kind, params, state, created) VALUES (?, ?, ?, ?, ?)",
@@ -353,4 +353,11 @@ def _selftest(ctx: JobContext) -> dict[str, Any]:
     return {"steps": done}
 
 
-KINDS: dict[str, JobFunction] = {"import-model": _import_model, "selftest": _selftest}
+def _train(ctx: JobContext) -> dict[str, Any]:
+    from appliance.train import run_training
+
+    return run_training(ctx)
+
+
+KINDS: dict[str, JobFunction] = {"import-model": _import_model, "selftest": _selftest,
+                                 "train": _train}

@@ -22,7 +22,7 @@ SCHEMA = 1
 
 
 def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def list_files(root: Path) -> list[Path]:

@@ -1,0 +1,404 @@
+"""QLoRA training as a resumable job: base in 4-bit NF4 (double quant) through bitsandbytes, LoRA
+through peft, loss on assistant tokens only (the template + mask of `appliance.chat`).
+
+The loop is written out rather than delegated to `transformers.Trainer` because resuming must be
+exact: a checkpoint holds the LoRA weights, the optimizer state, the step, the data position and
+every RNG state, all in safetensors + JSON (nothing is pickled), so "N steps straight" and "killed at
+step k, resumed" produce the same loss sequence. Work in progress lives in the job's directory
+(`jobs/<id>/work/`); only a finished run becomes the `runs/<name>/` artifact, with its adapter, its
+config, its metrics and its lineage (base model and dataset).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance import chat, datasets, manifest
+from appliance.errors import ApplianceError
+from appliance.jobs import JobCancelled, JobContext
+from appliance.trainconfig import TrainConfig, validate
+from appliance.workspace import ArtifactRecord, parent_ref
+
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    epoch: int = 0
+    batch_index: int = 0
+    best_eval: float | None = None
+    evals_without_improvement: int = 0
+    first_eval: float | None = None
+    last_eval: float | None = None
+
+
+# -- data --------------------------------------------------------------------------------------
+def encode(tokenizer: Any, rows: list[dict[str, Any]], stops: list[str], max_len: int
+           ) -> tuple[list[Example], int]:
+    """Render + mask every conversation; truncate to max_len; drop ones left with nothing to learn."""
+    out, dropped = [], 0
+    for row in rows:
+        r = chat.render_and_mask(tokenizer, row["messages"], stops)
+        ids, labels = r.input_ids[:max_len], r.labels[:max_len]
+        if all(label == chat.IGNORE_INDEX for label in labels):
+            dropped += 1
+            continue
+        out.append(Example(ids, labels))
+    return out, dropped
+
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Length-grouped batches: shuffle, sort within windows of 32 batches, shuffle the batches.
+    Similar lengths share a batch (little padding) and no two conversations are mixed in a row."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * 32
+    batches: list[list[int]] = []
+    for i in range(0, len(order), window):
+        chunk = sorted(order[i:i + window], key=lambda j: -lengths[j])
+        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:
+    import torch
+
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), chat.IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n], labels[i, :n], mask[i, :n] = (torch.tensor(e.input_ids), torch.tensor(e.labels), 1)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to zero at max_steps (`step` is 0-based)."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# -- model -------------------------------------------------------------------------------------
+def pick_device(cfg: TrainConfig) -> tuple[str, Any]:
+    """cuda when present; compute dtype bf16 where the GPU supports it, fp16 on a T4 (7.5)."""
+    import torch
+
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if torch.cuda.is_available():
+        major, _ = torch.cuda.get_device_capability()
+        auto = torch.bfloat16 if major >= 8 else torch.float16
+        return "cuda", names.get(cfg.compute_dtype, auto)
+    auto = torch.bfloat16 if cfg.quantization == "nf4" else torch.float32
+    return "cpu", names.get(cfg.compute_dtype, auto)
+
+
+def load_model(path: Path, cfg: TrainConfig, device: str, dtype: Any) -> Any:
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": device}}
+    if cfg.quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=False, **kwargs)
+    gc_kwargs = {"use_reentrant": False}
+    if cfg.quantization == "nf4":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=gc_kwargs)
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    torch.manual_seed(cfg.seed)  # the LoRA init depends only on the seed
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def make_optimizer(model: Any, cfg: TrainConfig, device: str) -> Any:
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    choice = cfg.optimizer if cfg.optimizer != "auto" else (
+        "paged_adamw_8bit" if device == "cuda" else "adamw")
+    if choice == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+# -- checkpoints (safetensors + JSON, never pickle) --------------------------------------------
+def _trainable(model: Any) -> dict[str, Any]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(work: Path, model: Any, optimizer: Any, state: LoopState) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    final = work / "checkpoints" / f"step-{state.step:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()},
+              str(tmp / "lora.safetensors"))
+    opt = optimizer.state_dict()
+    tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items()
+               for k, v in s.items() if torch.is_tensor(v)}
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    scalars = {str(i): {k: v for k, v in s.items() if not torch.is_tensor(v)}
+               for i, s in opt["state"].items()}
+    meta = {"loop": state.__dict__, "param_groups": opt["param_groups"], "scalars": scalars,
+            "python_rng": random.getstate()}
+    (tmp / "state.json").write_text(json.dumps(meta))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted((work / "checkpoints").glob("step-???????"))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(work: Path) -> Path | None:
+    found = sorted((work / "checkpoints").glob("step-???????"))
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, model: Any, optimizer: Any) -> LoopState:
+    import torch
+    from safetensors.torch import load_file
+
+    lora = load_file(str(path / "lora.safetensors"))
+    params = _trainable(model)
+    if set(lora) != set(params):
+        raise ApplianceError(f"{path} does not match this run's LoRA layout",
+                             title="Checkpoint mismatch")
+    with torch.no_grad():
+        for name, value in lora.items():
+            params[name].copy_(value)
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    meta = json.loads((path / "state.json").read_text())
+    state: dict[int, dict[str, Any]] = {int(i): dict(s) for i, s in meta["scalars"].items()}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, i, k = key.split(".", 2)
+            state.setdefault(int(i), {})[k] = value
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    torch.set_rng_state(tensors["rng.cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())
+                                      if f"rng.cuda.{i}" in tensors])
+    version, internal, gauss = meta["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    return LoopState(**meta["loop"])
+
+
+# -- the loop ----------------------------------------------------------------------------------
+def evaluate(model: Any, examples: list[Example], cfg: TrainConfig, pad_id: int, device: str) -> float:
+    """Token-weighted mean loss over the eval split (assistant tokens only)."""
+    import torch
+
+    ordered = sorted(examples, key=lambda e: len(e.input_ids))
+    batches = [ordered[i:i + cfg.batch_size] for i in range(0, len(ordered), cfg.batch_size)]
+    if cfg.eval_batches:
+        batches = batches[:cfg.eval_batches]
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            inputs = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
+            n = int((inputs["labels"][:, 1:] != chat.IGNORE_INDEX).sum())
+            total += float(model(**inputs).loss) * n
+            count += n
+    model.train()
+    return total / max(count, 1)
+
+
+class Trainer:
+    def __init__(self, ctx: JobContext, model_record: ArtifactRecord, data_record: ArtifactRecord,
+                 cfg: TrainConfig) -> None:
+        from appliance.models import load_tokenizer
+
+        self.ctx, self.cfg, self.model_record, self.data_record = ctx, cfg, model_record, data_record
+        self.work = ctx.dir / "work"
+        tokenizer = load_tokenizer(model_record.path)
+        info = manifest.read(model_record.path)["info"]
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+            else info["stop_token_ids"][0]
+        stops = info["stop_tokens"]
+        self.train_set, dropped = encode(tokenizer, datasets.load_rows(data_record, "train"), stops,
+                                         cfg.max_seq_len)
+        self.eval_set, _ = encode(tokenizer, datasets.load_rows(data_record, "eval"), stops,
+                                  cfg.max_seq_len)
+        if dropped:
+            ctx.log(f"{dropped} training conversation(s) had no assistant tokens within "
+                    f"max_seq_len={cfg.max_seq_len} and were left out")
+        self.device, self.dtype = pick_device(cfg)
+        ctx.log(f"loading {model_record.name} ({cfg.quantization}, compute "
+                f"{str(self.dtype).removeprefix('torch.')}) on {self.device}")
+        self.model = load_model(model_record.path, cfg, self.device, self.dtype)
+        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        self.lengths = [len(e.input_ids) for e in self.train_set]
+
+    def _next_batch(self, state: LoopState) -> list[Example]:
+        batches = epoch_batches(self.lengths, self.cfg.batch_size, self.cfg.seed, state.epoch)
+        if state.batch_index >= len(batches):
+            state.epoch, state.batch_index = state.epoch + 1, 0
+            batches = epoch_batches(self.lengths, self.cfg.batch_size, self.cfg.seed, state.epoch)
+        batch = [self.train_set[i] for i in batches[state.batch_index]]
+        state.batch_index += 1
+        return batch
+
+    def _eval(self, state: LoopState) -> bool:
+        """Evaluate, keep the best adapter; True when early stopping says stop."""
+        loss = evaluate(self.model, self.eval_set, self.cfg, self.pad_id, self.device)
+        state.last_eval = loss
+        if state.first_eval is None:
+            state.first_eval = loss
+        improved = state.best_eval is None or loss < state.best_eval
+        if improved:
+            state.best_eval, state.evals_without_improvement = loss, 0
+            if state.step > 0:
+                self.model.save_pretrained(str(self.work / "best"), safe_serialization=True)
+        else:
+            state.evals_without_improvement += 1
+        self.ctx.emit("eval", step=state.step, eval_loss=round(loss, 5),
+                      perplexity=round(math.exp(min(loss, 50)), 3), best=improved)
+        patience = self.cfg.early_stopping_patience
+        return bool(patience) and state.evals_without_improvement >= patience
+
+    def _step(self, state: LoopState) -> dict[str, Any]:
+        import torch
+
+        tokens = 0
+        total = 0.0
+        for _ in range(self.cfg.grad_accum):
+            inputs = {k: v.to(self.device) for k, v in collate(self._next_batch(state), self.pad_id).items()}
+            loss = self.model(**inputs).loss / self.cfg.grad_accum
+            loss.backward()
+            total += float(loss)
+            tokens += int(inputs["attention_mask"].sum())
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm or float("inf")))
+        lr = lr_at(state.step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        return {"loss": total, "lr": lr, "grad_norm": norm, "tokens": tokens}
+
+    def fit(self) -> LoopState:
+        import torch
+
+        state = LoopState()
+        checkpoint = latest_checkpoint(self.work)
+        if checkpoint is not None:
+            state = load_checkpoint(checkpoint, self.model, self.optimizer)
+            self.ctx.log(f"resumed from {checkpoint.name} (step {state.step})")
+        elif self.eval_set:
+            self._eval(state)  # perplexity before training
+        self.model.train()
+        started, done_at_start = time.monotonic(), state.step
+        while state.step < self.cfg.max_steps:
+            if self.ctx.cancel_requested():
+                save_checkpoint(self.work, self.model, self.optimizer, state)
+                raise JobCancelled()
+            t0 = time.monotonic()
+            m = self._step(state)
+            elapsed = time.monotonic() - started
+            rate = (state.step - done_at_start) / elapsed
+            event = {"step": state.step, "loss": round(m["loss"], 5), "lr": m["lr"],
+                     "grad_norm": round(m["grad_norm"], 4),
+                     "tokens_per_s": round(m["tokens"] / (time.monotonic() - t0), 1),
+                     "eta_s": round((self.cfg.max_steps - state.step) / rate, 1)}
+            if self.device == "cuda":
+                event["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            self.ctx.progress(state.step, self.cfg.max_steps, **event)
+            stop = False
+            if self.eval_set and (state.step % self.cfg.eval_every == 0 or state.step == self.cfg.max_steps):
+                stop = self._eval(state)
+            if state.step % self.cfg.save_every == 0 or state.step == self.cfg.max_steps or stop:
+                save_checkpoint(self.work, self.model, self.optimizer, state)
+            if stop:
+                self.ctx.log(f"early stop at step {state.step}: no eval improvement in "
+                             f"{self.cfg.early_stopping_patience} evaluations")
+                break
+        return state
+
+    def publish(self, state: LoopState, name: str, config_source: str) -> ArtifactRecord:
+        """Write the finished run as a `runs/<name>` artifact: adapter (best, else last)."""
+        ws = self.ctx.ws
+        with ws.writer("run", name) as w:
+            best = self.work / "best"
+            if best.is_dir():
+                shutil.copytree(best, w.path / "adapter")
+            else:
+                self.model.save_pretrained(str(w.path / "adapter"), safe_serialization=True)
+            shutil.copy(self.ctx.dir / "events.jsonl", w.path / "events.jsonl")
+            metrics = {"steps": state.step, "eval_loss_before": state.first_eval,
+                       "eval_loss_after": state.last_eval, "best_eval_loss": state.best_eval}
+            metrics |= {f"perplexity_{k}": round(math.exp(v), 4) for k, v in
+                        (("before", state.first_eval), ("after", state.last_eval)) if v is not None}
+            (w.path / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            w.commit(parents=[parent_ref(self.model_record), parent_ref(self.data_record)],
+                     config={"train": self.cfg.as_dict(), "source": config_source,
+                             "device": self.device, "compute_dtype": str(self.dtype),
+                             "job": self.ctx.job.id},
+                     metrics=metrics,
+                     info={"summary": {"model": self.model_record.name, "dataset": self.data_record.name,
+                                       "steps": state.step, **{k: metrics.get(k) for k in (
+                                           "perplexity_before", "perplexity_after")}}})
+        return ws.get("run", name)
+
+
+def run_training(ctx: JobContext) -> dict[str, Any]:
+    """The `train` job: params {model, dataset, config (dict), source, name}."""
+    p = ctx.params
+    model = ctx.ws.get("model", p["model"])
+    data = ctx.ws.get("dataset", p["dataset"])
+    manifest.verify(model.path)
+    manifest.verify(data.path)
+    cfg = validate(p["config"], source=p.get("source", "config"),
+                   context_length=model.summary.get("context_length"))
+    trainer = Trainer(ctx, model, data, cfg)
+    try:
+        state = trainer.fit()
+    except Exception as exc:
+        if type(exc).__name__ == "OutOfMemoryError":
+            last = latest_checkpoint(trainer.work)
+            raise ApplianceError(
+                f"out of memory with batch_size {cfg.batch_size} x max_seq_len {cfg.max_seq_len}; "
+                f"the last checkpoint is kept ({last.name if last else 'none written yet'})",
+                title="Out of memory",
+                hint="lower batch_size or max_seq_len (raise grad_accum to keep the effective "
+                     "batch), then `appliance jobs resume`") from None
+        raise
+    record = trainer.publish(state, p["name"], p.get("source", "config"))
+    return {"run": record.name, "steps": state.step, "path": str(record.path)}
