@@ -122,6 +122,8 @@ def load_model(path: Path, cfg: TrainConfig, device: str, dtype: Any) -> Any:
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=False, **kwargs)
+    if device == "cpu" and cfg.quantization == "nf4":
+        keep_cpu_weights_trainable(model)
     gc_kwargs = {"use_reentrant": False}
     if cfg.quantization == "nf4":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
@@ -134,6 +136,19 @@ def load_model(path: Path, cfg: TrainConfig, device: str, dtype: Any) -> Any:
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
+
+
+def keep_cpu_weights_trainable(model: Any) -> None:
+    """bitsandbytes 0.50.2, on CPUs with AVX512-BF16, repacks a Linear4bit's weights for a fast
+    inference kernel the first time it runs in eval mode without grad (our evaluation). That
+    kernel has no autograd formula, so training after the first evaluation silently computes
+    different (wrong) gradients, and a resumed run diverges from a straight one. Turning the
+    repacking off keeps one kernel for training and evaluation."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def make_optimizer(model: Any, cfg: TrainConfig, device: str) -> Any:
@@ -302,7 +317,7 @@ class Trainer:
             inputs = {k: v.to(self.device) for k, v in collate(self._next_batch(state), self.pad_id).items()}
             loss = self.model(**inputs).loss / self.cfg.grad_accum
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
             tokens += int(inputs["attention_mask"].sum())
         params = [p for p in self.model.parameters() if p.requires_grad]
         norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm or float("inf")))

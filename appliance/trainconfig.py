@@ -83,8 +83,12 @@ def _check_value(key: str, value: Any) -> str | None:
         return f"{key}: must be a number, got {value!r}"
     low, high = RANGES[key]
     if not low <= value <= high:
-        return f"{key}: {value} is out of range [{low:g}, {high:g}]"
+        return f"{key}: {value} is out of range [{_num(low)}, {_num(high)}]"
     return None
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def validate(values: dict[str, Any], *, source: str = "config",
@@ -102,7 +106,8 @@ def validate(values: dict[str, Any], *, source: str = "config",
                 clean[key] = int(value) if isinstance(getattr(TrainConfig(), key), int) \
                     and not isinstance(value, bool) else value
     config = TrainConfig(**clean)
-    if context_length and config.max_seq_len > context_length:
+    seq_ok = "max_seq_len" in clean or "max_seq_len" not in values
+    if context_length and seq_ok and config.max_seq_len > context_length:
         problems.append(f"max_seq_len: {config.max_seq_len} is longer than the model's context "
                         f"({context_length})")
     if problems:

@@ -1,0 +1,110 @@
+"""The QLoRA training job on CPU with a tiny Llama (NF4 through bitsandbytes' CPU path, LoRA
+through peft): end to end, kill -9 + resume equivalence, cancel, and the run artifact."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance import datasets, jobs, manifest, models
+from appliance.demo import sample_dataset
+from appliance.errors import NotFoundError
+from appliance.workspace import Workspace
+
+pytestmark = pytest.mark.integration
+CONFIG = {"lora_r": 4, "lora_alpha": 8, "max_steps": 6, "batch_size": 2, "grad_accum": 2,
+          "max_seq_len": 96, "warmup_steps": 1, "learning_rate": 1e-3, "eval_every": 3,
+          "save_every": 2, "seed": 3}
+
+
+@pytest.fixture
+def train_ws(tmp_path: Path, tiny_llama: Path) -> Workspace:
+    ws = Workspace(tmp_path / "ws")
+    model = models.import_path(ws, tiny_llama, name="tiny")
+    lines = sample_dataset().read_text(encoding="utf-8").splitlines()[:30]
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    datasets.import_file(ws, small, model, name="small", eval_fraction=0.2)
+    return ws
+
+
+def params(name: str, **overrides: object) -> dict:
+    return {"model": "tiny", "dataset": "small", "config": {**CONFIG, **overrides},
+            "source": "test", "name": name}
+
+
+def losses(ws: Workspace, job_id: str) -> dict[int, float]:
+    """The last loss logged for each step (a resumed job recomputes steps after its checkpoint)."""
+    return {e["step"]: e["loss"] for e in jobs.read_events(ws, job_id) if e["type"] == "progress"}
+
+
+def wait(ws: Workspace, job_id: str, predicate, timeout: float = 300) -> jobs.Job:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = jobs.get(ws, job_id)
+        if predicate(job):
+            return job
+        time.sleep(0.1)
+    pytest.fail(f"timed out; events: {jobs.read_events(ws, job_id)[-5:]}")
+
+
+def test_training_run_end_to_end(train_ws: Workspace) -> None:
+    job = jobs.submit(train_ws, "train", params("run-a"))
+    assert jobs.run(train_ws, job.id).state == "succeeded", jobs.get(train_ws, job.id).message
+    run = train_ws.get("run", "run-a")
+    data = manifest.verify(run.path)
+    assert {p["name"] for p in data["parents"]} == {"tiny", "small"}
+    assert "adapter/adapter_model.safetensors" in data["files"]
+    adapter = json.loads((run.path / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["base_model_name_or_path"]
+    metrics = json.loads((run.path / "metrics.json").read_text())
+    assert metrics["steps"] == 6
+    assert math.isclose(metrics["perplexity_before"], math.exp(metrics["eval_loss_before"]), rel_tol=1e-3)
+    events = jobs.read_events(train_ws, job.id)
+    evals = [e["step"] for e in events if e["type"] == "eval"]
+    assert evals == [0, 3, 6]
+    progress = [e for e in events if e["type"] == "progress"]
+    assert [e["step"] for e in progress] == [1, 2, 3, 4, 5, 6]
+    assert all(e["tokens_per_s"] > 0 and e["grad_norm"] >= 0 and "eta_s" in e for e in progress)
+    assert progress[0]["lr"] == pytest.approx(1e-3)  # warm-up of one step
+    assert not list(train_ws.root.glob("runs/.staging-*"))
+
+
+def test_kill_9_and_resume_gives_the_same_losses_as_a_straight_run(train_ws: Workspace) -> None:
+    straight = jobs.submit(train_ws, "train", params("straight"))
+    assert jobs.run(train_ws, straight.id).state == "succeeded"
+
+    job = jobs.start(train_ws, "train", params("killed"))
+    wait(train_ws, job.id, lambda j: max(losses(train_ws, job.id), default=0) >= 3)
+    os.kill(jobs.get(train_ws, job.id).pid, signal.SIGKILL)
+    assert wait(train_ws, job.id, lambda j: j.state == "interrupted").state == "interrupted"
+    checkpoints = sorted(p.name for p in (jobs.job_dir(train_ws, job.id) / "work" / "checkpoints").iterdir())
+    assert checkpoints and checkpoints[-1] in ("step-0000002", "step-0000004")
+
+    jobs.resume(train_ws, job.id)
+    assert wait(train_ws, job.id, lambda j: j.state in jobs.TERMINAL).state == "succeeded"
+    resumed, reference = losses(train_ws, job.id), losses(train_ws, straight.id)
+    assert sorted(resumed) == sorted(reference) == [1, 2, 3, 4, 5, 6]
+    for step in reference:
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+    logs = [e["message"] for e in jobs.read_events(train_ws, job.id) if e["type"] == "log"]
+    assert any(m.startswith("resumed from step-") for m in logs)
+
+
+def test_cancel_checkpoints_then_resume_finishes(train_ws: Workspace) -> None:
+    job = jobs.start(train_ws, "train", params("cancelled", max_steps=40, save_every=100, eval_every=100))
+    wait(train_ws, job.id, lambda j: max(losses(train_ws, job.id), default=0) >= 2)
+    jobs.cancel(train_ws, job.id)
+    assert wait(train_ws, job.id, lambda j: j.state in jobs.TERMINAL).state == "cancelled"
+    saved = sorted((jobs.job_dir(train_ws, job.id) / "work" / "checkpoints").iterdir())
+    assert saved, "cancel must leave a checkpoint even between save_every steps"
+    step = json.loads((saved[-1] / "state.json").read_text())["loop"]["step"]
+    assert 2 <= step < 40
+    with pytest.raises(NotFoundError):
+        train_ws.get("run", "cancelled")  # an unfinished run is not an artifact
