@@ -1,9 +1,11 @@
 """`appliance demo`: the pipeline on the embedded default model, stage by stage.
 
 At this stage: import the embedded SmolLM2-135M-Instruct (GGUF -> HF folder for training, the GGUF
-kept for inference) and the Dolly sample the repo ships, and say what was done and where. Later
-stages (train, merge, export, parity, chat) are added here as they land. Re-running it reuses what
-is already in the workspace after checking it against its manifest.
+kept for inference) and the Dolly sample the repo ships, then a short QLoRA run on the CPU as a
+detached job (its progress followed here; Ctrl-C leaves it running), and eval perplexity before and
+after. Later stages (merge, export, parity, chat) are added here as they land. Re-running it reuses
+what is already in the workspace after checking it against its manifest, and picks up a training
+job that an earlier demo left running or interrupted.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-from appliance import datasets, manifest, models, stack
-from appliance.errors import NotFoundError
+from appliance import datasets, jobs, manifest, models, stack, trainconfig
+from appliance.errors import ApplianceError, NotFoundError
 from appliance.workspace import ArtifactRecord, Workspace
 
 DATASET_NAME = "dolly-sample"
+RUN_NAME = "demo-qlora"
+RECIPE = "smollm2-cpu"
+STAGES = 3
 
 
 def sample_dataset() -> Path:
@@ -29,10 +34,10 @@ def _model(ws: Workspace, say: Callable[[str], None]) -> ArtifactRecord:
     try:
         record = ws.get("model", stack.DEFAULT_MODEL_NAME)
     except NotFoundError:
-        say(f"[1/2] importing the embedded default model ({stack.DEFAULT_MODEL_FILE})")
+        say(f"[1/{STAGES}] importing the embedded default model ({stack.DEFAULT_MODEL_FILE})")
         return models.import_default(ws, say=lambda m: say("      " + m))
     manifest.verify(record.path)
-    say(f"[1/2] model {record.name!r} already imported; all files match their sha256")
+    say(f"[1/{STAGES}] model {record.name!r} already imported; all files match their sha256")
     return record
 
 
@@ -40,12 +45,54 @@ def _dataset(ws: Workspace, model: ArtifactRecord, say: Callable[[str], None]) -
     try:
         record = ws.get("dataset", DATASET_NAME)
         manifest.verify(record.path)
-        say(f"[2/2] dataset {DATASET_NAME!r} already imported; all files match their sha256")
+        say(f"[2/{STAGES}] dataset {DATASET_NAME!r} already imported; all files match their sha256")
         return json.loads((record.path / "report.json").read_text(encoding="utf-8"))
     except NotFoundError:
-        say(f"[2/2] importing the Dolly sample (CC BY-SA 3.0) for {model.name!r}")
+        say(f"[2/{STAGES}] importing the Dolly sample (CC BY-SA 3.0) for {model.name!r}")
         _, report = datasets.import_file(ws, sample_dataset(), model, name=DATASET_NAME)
         return report
+
+
+def _demo_job(ws: Workspace) -> jobs.Job | None:
+    """A training job of an earlier demo that has not produced the run yet."""
+    for job in jobs.list_jobs(ws):
+        if job.kind == "train" and job.params.get("name") == RUN_NAME and job.state != "succeeded":
+            return job
+    return None
+
+
+def _train(ws: Workspace, model: ArtifactRecord, say: Callable[[str], None]) -> ArtifactRecord:
+    from appliance.cli import format_event
+
+    try:
+        record = ws.get("run", RUN_NAME)
+        manifest.verify(record.path)
+        say(f"[3/{STAGES}] run {RUN_NAME!r} already trained; all files match their sha256")
+        return record
+    except NotFoundError:
+        pass
+    job = _demo_job(ws)
+    if job is not None and job.state in jobs.RESUMABLE:
+        say(f"[3/{STAGES}] resuming the demo's training job {job.id} ({job.state})")
+        job = jobs.resume(ws, job.id)
+    elif job is None:
+        values, source = trainconfig.load_recipe(RECIPE)
+        say(f"[3/{STAGES}] QLoRA on the CPU: recipe {RECIPE} (NF4 base, LoRA r={values['lora_r']}, "
+            f"{values['max_steps']} steps of {values['batch_size']} conversations)")
+        job = jobs.start(ws, "train", {"model": model.name, "dataset": DATASET_NAME,
+                                       "config": values, "source": source, "name": RUN_NAME})
+    say(f"      job {job.id} runs detached; Ctrl-C here leaves it running "
+        f"(appliance jobs logs {job.id} --follow)")
+    for event in jobs.follow(ws, job.id):
+        if event["type"] in ("progress", "eval", "log", "state"):
+            say("      " + format_event(event))
+    finished = jobs.get(ws, job.id)
+    if finished.state != "succeeded":
+        raise ApplianceError(f"the demo's training job ended {finished.state}: {finished.message}",
+                             title="Training did not finish",
+                             hint=f"see `appliance jobs logs {job.id}`; `appliance jobs resume "
+                                  f"{job.id}` continues it")
+    return ws.get("run", RUN_NAME)
 
 
 def run(ws: Workspace, say: Callable[[str], None]) -> int:
@@ -60,6 +107,11 @@ def run(ws: Workspace, say: Callable[[str], None]) -> int:
     report = _dataset(ws, model, say)
     print_dataset_report(report, limit=5)
     say(f"      -> {ws.artifact_dir('dataset', DATASET_NAME)}")
+    run_record = _train(ws, model, say)
+    metrics = manifest.read(run_record.path)["metrics"]
+    say(f"      eval perplexity {metrics['perplexity_before']:.3f} before -> "
+        f"{metrics['perplexity_after']:.3f} after ({metrics['steps']} steps); adapter at "
+        f"{run_record.path / 'adapter'}")
     say(f"done in {time.monotonic() - started:.1f} s. Next: `appliance models show "
-        f"{model.name}`, `appliance data show {DATASET_NAME}`, `appliance doctor`.")
+        f"{model.name}`, `appliance data show {DATASET_NAME}`, `appliance jobs list`.")
     return 0

@@ -1,0 +1,43 @@
+"""`appliance demo` end to end on the real SmolLM2 (model copied in to skip its import): dataset
+import, a short QLoRA run on the CPU as a detached job, perplexity before and after; then a second
+run that finds everything done and verified."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance import manifest
+from appliance.workspace import ArtifactRecord, Workspace
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def demo(home: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "appliance", "--home", str(home), "demo"],
+                          capture_output=True, text=True, env=env, timeout=1200)
+
+
+def test_demo_trains_and_is_idempotent(model_workspace: tuple[Workspace, ArtifactRecord]) -> None:
+    ws, _ = model_workspace
+    first = demo(ws.root)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "already imported" in first.stdout  # the model was copied in
+    assert "step 16/16" in first.stdout and "eval at step 0" in first.stdout
+    found = re.search(r"eval perplexity ([\d.]+) before -> ([\d.]+) after", first.stdout)
+    assert found, first.stdout[-1500:]
+    before, after = map(float, found.groups())
+    assert after < before  # 16 steps on Dolly make the held-out split more likely
+    run = ws.get("run", "demo-qlora")
+    assert {p["name"] for p in manifest.verify(run.path)["parents"]} == {"smollm2-135m-instruct",
+                                                                         "dolly-sample"}
+    second = demo(ws.root)
+    assert second.returncode == 0
+    assert "run 'demo-qlora' already trained" in second.stdout and "step 1/" not in second.stdout
