@@ -169,6 +169,22 @@ def _trainable(model: Any) -> dict[str, Any]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _split_tensors(state: dict[str, Any], prefix: str, tensors: dict[str, Any]) -> dict[str, Any]:
+    """Move the tensors of a (nested) optimizer state into `tensors` under dotted keys and return
+    what is left, which is JSON. bitsandbytes nests its quantization state one level down."""
+    import torch
+
+    rest: dict[str, Any] = {}
+    for key, value in state.items():
+        if torch.is_tensor(value):
+            tensors[f"{prefix}{key}"] = value.detach().cpu().contiguous()
+        elif isinstance(value, dict):
+            rest[key] = _split_tensors(value, f"{prefix}{key}.", tensors)
+        else:
+            rest[key] = value
+    return rest
+
+
 def save_checkpoint(work: Path, model: Any, optimizer: Any, state: LoopState) -> Path:
     import torch
     from safetensors.torch import save_file
@@ -180,15 +196,13 @@ def save_checkpoint(work: Path, model: Any, optimizer: Any, state: LoopState) ->
     save_file({n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()},
               str(tmp / "lora.safetensors"))
     opt = optimizer.state_dict()
-    tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items()
-               for k, v in s.items() if torch.is_tensor(v)}
+    tensors: dict[str, Any] = {}
+    scalars = {str(i): _split_tensors(s, f"state.{i}.", tensors) for i, s in opt["state"].items()}
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
     save_file(tensors, str(tmp / "optimizer.safetensors"))
-    scalars = {str(i): {k: v for k, v in s.items() if not torch.is_tensor(v)}
-               for i, s in opt["state"].items()}
     meta = {"loop": state.__dict__, "param_groups": opt["param_groups"], "scalars": scalars,
             "python_rng": random.getstate()}
     (tmp / "state.json").write_text(json.dumps(meta))
@@ -218,11 +232,14 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any) -> LoopState:
             params[name].copy_(value)
     tensors = load_file(str(path / "optimizer.safetensors"))
     meta = json.loads((path / "state.json").read_text())
-    state: dict[int, dict[str, Any]] = {int(i): dict(s) for i, s in meta["scalars"].items()}
+    state: dict[int, dict[str, Any]] = {int(i): s for i, s in meta["scalars"].items()}
     for key, value in tensors.items():
         if key.startswith("state."):
-            _, i, k = key.split(".", 2)
-            state.setdefault(int(i), {})[k] = value
+            _, i, *path = key.split(".")
+            node = state.setdefault(int(i), {})
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = value
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     torch.set_rng_state(tensors["rng.cpu"])

@@ -13,8 +13,23 @@ from appliance.workspace import ArtifactRecord, Workspace
 
 offline.install()
 
+TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "smollm2-tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")
+
+
+def build_random_llama(folder: Path, **shape: int) -> Path:
+    """A random-init Llama HF folder around SmolLM2's real tokenizer and chat template."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, tie_word_embeddings=True, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=2, **shape)
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(TOKENIZER_DIR / name, folder / name)
+    return folder
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -61,21 +76,11 @@ def model_workspace(tmp_path: Path, smol_model: ArtifactRecord) -> tuple[Workspa
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_source(tmp_path_factory: pytest.TempPathFactory, smol_model: ArtifactRecord) -> Path:
+def tiny_llama_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama HF folder with SmolLM2's real tokenizer and template (built once)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, tie_word_embeddings=True,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        shutil.copy(smol_model.path / name, folder / name)
-    return folder
+    return build_random_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", hidden_size=64,
+                              intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=1024)
 
 
 @pytest.fixture

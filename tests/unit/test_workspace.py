@@ -29,7 +29,10 @@ root, name, go = sys.argv[1:4]
 with Workspace(Path(root)).writer("model", name) as w:
     (w.path / "weights.bin").write_bytes(name.encode() * 1000)
     print("ready", flush=True)
+    deadline = time.monotonic() + 60  # never outlive a failed test by more than a minute
     while not Path(go).exists():
+        if time.monotonic() > deadline:
+            sys.exit("no go signal")
         time.sleep(0.01)
     w.commit()
 """
