@@ -185,7 +185,7 @@ def _split_tensors(state: dict[str, Any], prefix: str, tensors: dict[str, Any]) 
     return rest
 
 
-def save_checkpoint(work: Path, model: Any, optimizer: Any, state: LoopState) -> Path:
+def save_checkpoint(work: Path, model: Any, optimizer: Any, state: LoopState, scaler: Any = None) -> Path:
     import torch
     from safetensors.torch import save_file
 
@@ -204,7 +204,8 @@ def save_checkpoint(work: Path, model: Any, optimizer: Any, state: LoopState) ->
             tensors[f"rng.cuda.{i}"] = s
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     meta = {"loop": state.__dict__, "param_groups": opt["param_groups"], "scalars": scalars,
-            "python_rng": random.getstate()}
+            "python_rng": random.getstate(),
+            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
     (tmp / "state.json").write_text(json.dumps(meta))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -218,7 +219,7 @@ def latest_checkpoint(work: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: Any) -> LoopState:
+def load_checkpoint(path: Path, model: Any, optimizer: Any, scaler: Any = None) -> LoopState:
     import torch
     from safetensors.torch import load_file
 
@@ -246,6 +247,8 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any) -> LoopState:
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())
                                       if f"rng.cuda.{i}" in tensors])
+    if scaler is not None and meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
     version, internal, gauss = meta["python_rng"]
     random.setstate((version, tuple(internal), gauss))
     return LoopState(**meta["loop"])
@@ -275,6 +278,8 @@ def evaluate(model: Any, examples: list[Example], cfg: TrainConfig, pad_id: int,
 class Trainer:
     def __init__(self, ctx: JobContext, model_record: ArtifactRecord, data_record: ArtifactRecord,
                  cfg: TrainConfig) -> None:
+        import torch
+
         from appliance.models import load_tokenizer
 
         self.ctx, self.cfg, self.model_record, self.data_record = ctx, cfg, model_record, data_record
@@ -296,6 +301,9 @@ class Trainer:
                 f"{str(self.dtype).removeprefix('torch.')}) on {self.device}")
         self.model = load_model(model_record.path, cfg, self.device, self.dtype)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
+        # fp16 (a T4 has no bf16) needs loss scaling; bf16 and fp32 do not
+        fp16 = self.device == "cuda" and self.dtype == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
         self.lengths = [len(e.input_ids) for e in self.train_set]
 
     def _next_batch(self, state: LoopState) -> list[Example]:
@@ -333,15 +341,17 @@ class Trainer:
         for _ in range(self.cfg.grad_accum):
             inputs = {k: v.to(self.device) for k, v in collate(self._next_batch(state), self.pad_id).items()}
             loss = self.model(**inputs).loss / self.cfg.grad_accum
-            loss.backward()
+            self.scaler.scale(loss).backward()
             total += float(loss.detach())
             tokens += int(inputs["attention_mask"].sum())
         params = [p for p in self.model.parameters() if p.requires_grad]
+        self.scaler.unscale_(self.optimizer)
         norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm or float("inf")))
         lr = lr_at(state.step, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skipped (and the scale lowered) if fp16 grads overflowed
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         return {"loss": total, "lr": lr, "grad_norm": norm, "tokens": tokens}
@@ -352,7 +362,7 @@ class Trainer:
         state = LoopState()
         checkpoint = latest_checkpoint(self.work)
         if checkpoint is not None:
-            state = load_checkpoint(checkpoint, self.model, self.optimizer)
+            state = load_checkpoint(checkpoint, self.model, self.optimizer, self.scaler)
             self.ctx.log(f"resumed from {checkpoint.name} (step {state.step})")
         elif self.eval_set:
             self._eval(state)  # perplexity before training
@@ -360,7 +370,7 @@ class Trainer:
         started, done_at_start = time.monotonic(), state.step
         while state.step < self.cfg.max_steps:
             if self.ctx.cancel_requested():
-                save_checkpoint(self.work, self.model, self.optimizer, state)
+                save_checkpoint(self.work, self.model, self.optimizer, state, self.scaler)
                 raise JobCancelled()
             t0 = time.monotonic()
             m = self._step(state)
@@ -377,7 +387,7 @@ class Trainer:
             if self.eval_set and (state.step % self.cfg.eval_every == 0 or state.step == self.cfg.max_steps):
                 stop = self._eval(state)
             if state.step % self.cfg.save_every == 0 or state.step == self.cfg.max_steps or stop:
-                save_checkpoint(self.work, self.model, self.optimizer, state)
+                save_checkpoint(self.work, self.model, self.optimizer, state, self.scaler)
             if stop:
                 self.ctx.log(f"early stop at step {state.step}: no eval improvement in "
                              f"{self.cfg.early_stopping_patience} evaluations")

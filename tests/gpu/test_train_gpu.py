@@ -5,6 +5,7 @@ kill -9 + resume. Skipped without CUDA (CI has none): run on a GPU host with
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import statistics
@@ -90,3 +91,15 @@ def test_kill_9_and_resume_on_the_gpu(gpu_ws: Workspace) -> None:
     worst = max(abs(a[s]["loss"] - b[s]["loss"]) / abs(a[s]["loss"]) for s in a)
     report(f"kill -9 at step >= 6 and resume: worst relative loss difference {worst:.2e} over 24 steps")
     assert worst < 1e-3
+
+
+def test_fp16_with_loss_scaling_as_on_a_t4(gpu_ws: Workspace) -> None:
+    """A T4 has no bf16: force fp16 compute and check the run learns (finite, falling loss)."""
+    p = params("fp16")
+    p["config"] = {**CONFIG, "compute_dtype": "fp16", "max_steps": 12, "eval_every": 12}
+    job = jobs.submit(gpu_ws, "train", p)
+    assert jobs.run(gpu_ws, job.id).state == "succeeded", jobs.get(gpu_ws, job.id).message
+    steps = progress(gpu_ws, job.id)
+    assert all(math.isfinite(e["loss"]) for e in steps.values())
+    assert steps[12]["loss"] < steps[1]["loss"]
+    report(f"fp16 + GradScaler: loss {steps[1]['loss']:.3f} -> {steps[12]['loss']:.3f} in 12 steps")

@@ -108,3 +108,33 @@ def test_cancel_checkpoints_then_resume_finishes(train_ws: Workspace) -> None:
     assert 2 <= step < 40
     with pytest.raises(NotFoundError):
         train_ws.get("run", "cancelled")  # an unfinished run is not an artifact
+
+
+def test_out_of_memory_keeps_the_checkpoint_and_says_what_to_change(
+        train_ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Simulated: the step after the step-2 checkpoint raises CUDA's OutOfMemoryError."""
+    import torch
+
+    from appliance import train
+
+    real_step = train.Trainer._step
+
+    def step_then_oom(self: train.Trainer, state: train.LoopState) -> dict:
+        if state.step == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(self, state)
+
+    monkeypatch.setattr(train.Trainer, "_step", step_then_oom)
+    job = jobs.submit(train_ws, "train", params("oom"))
+    failed = jobs.run(train_ws, job.id)
+    assert failed.state == "failed"
+    assert failed.message.startswith("Out of memory:")
+    assert "batch_size 2 x max_seq_len 96" in failed.message and "step-0000002" in failed.message
+    assert "lower batch_size or max_seq_len" in failed.message
+    assert (jobs.job_dir(train_ws, job.id) / "work" / "checkpoints" / "step-0000002").is_dir()
+
+    monkeypatch.setattr(train.Trainer, "_step", real_step)
+    jobs.resume(train_ws, job.id, detach=False)
+    assert jobs.run(train_ws, job.id).state == "succeeded"
+    logs = [e["message"] for e in jobs.read_events(train_ws, job.id) if e["type"] == "log"]
+    assert "resumed from step-0000002 (step 2)" in logs
