@@ -195,7 +195,15 @@ def train_params(ws: Any, args: argparse.Namespace) -> dict[str, Any]:
     ws.get("dataset", args.dataset)
     values, source = trainconfig.load_recipe(args.recipe)
     values.update(dict(trainconfig.parse_override(o) for o in args.set or []))
-    trainconfig.validate(values, source=source, context_length=model.summary.get("context_length"))
+    cfg = trainconfig.validate(values, source=source,
+                               context_length=model.summary.get("context_length"))
+    memory_plan = make_plan(model, cfg, args.target)
+    if memory_plan is not None:
+        say(memory_plan.describe(cfg))
+        if not memory_plan.fits and not args.force:
+            raise ApplianceError("the run would not fit in GPU memory (see the plan above)",
+                                 title="Does not fit", hint="apply the proposed values with --set, "
+                                 "or --force to try anyway")
     name = args.name or f"{args.model}-{args.dataset}"
     from appliance.workspace import check_name
 
@@ -205,6 +213,32 @@ def train_params(ws: Any, args: argparse.Namespace) -> dict[str, Any]:
                              hint="pick another --name")
     return {"model": args.model, "dataset": args.dataset, "config": values, "source": source,
             "name": name}
+
+
+def make_plan(model: Any, cfg: Any, target: str | None) -> Any:
+    """The memory plan for a named target, else for the GPU found here; None without either."""
+    from appliance import planner
+
+    spec = planner.target_named(target) if target else planner.detected_target()
+    if spec is None:
+        return None
+    return planner.plan(planner.model_shape(model.path), cfg, spec)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from appliance import planner, trainconfig
+
+    model = _workspace(args).get("model", args.model)
+    values, source = trainconfig.load_recipe(args.recipe)
+    values.update(dict(trainconfig.parse_override(o) for o in args.set or []))
+    cfg = trainconfig.validate(values, source=source,
+                               context_length=model.summary.get("context_length"))
+    memory_plan = make_plan(model, cfg, args.target)
+    if memory_plan is None:
+        raise ApplianceError("no CUDA GPU found here", title="Nothing to plan for",
+                             hint=f"name one with --target ({', '.join(planner.TARGETS)})")
+    say(memory_plan.describe(cfg))
+    return 0 if memory_plan.fits else 1
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -361,7 +395,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key")
     p.add_argument("--name", help="name of the run artifact (default MODEL-DATASET)")
     p.add_argument("--follow", "-f", action="store_true", help="show progress until it ends")
+    p.add_argument("--target", help="plan memory for this GPU (default: the one found here)")
+    p.add_argument("--force", action="store_true", help="start even if the plan says it won't fit")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="will a training config fit in GPU memory? what would?")
+    p.add_argument("--model", required=True)
+    p.add_argument("--recipe", default="smollm2-cpu")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--target", help="a GPU: t4-16gb, l4-24gb, a10-24gb, a100-40gb, a100-80gb, "
+                                    "h100-80gb (default: the one found here)")
+    p.set_defaults(func=cmd_plan)
 
     jobs = sub.add_parser("jobs", help="list, follow, cancel and resume background jobs")
     jsub = jobs.add_subparsers(metavar="ACTION", required=True)

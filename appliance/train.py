@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -422,6 +423,8 @@ class Trainer:
 
 def run_training(ctx: JobContext) -> dict[str, Any]:
     """The `train` job: params {model, dataset, config (dict), source, name}."""
+    # As the memory planner was calibrated: reserved memory stays close to allocated.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     p = ctx.params
     model = ctx.ws.get("model", p["model"])
     data = ctx.ws.get("dataset", p["dataset"])

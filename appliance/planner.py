@@ -1,0 +1,202 @@
+"""Memory planner: will this training run fit on this GPU (or on a named one), and if not, what is
+the largest batch x sequence that does?
+
+Peak GPU memory of a QLoRA step, for the engine in `appliance/train.py`:
+- weights: NF4 linear layers at 4.125 bits/param (4-bit codes, 8-bit block scales with double
+  quantization), while embeddings, an untied head and the norms are fp32 (peft's
+  prepare_model_for_kbit_training upcasts them), plus the LoRA parameters in fp32;
+- per token: the logits and their fp32 copies and gradients (`LOGIT_BYTES` per vocabulary entry)
+  and the checkpointed hidden states (`HIDDEN_BYTES` per hidden unit per layer);
+- paged 8-bit AdamW keeps 2 bytes per LoRA parameter in managed memory; plain AdamW 8 bytes plus
+  4 for the gradient; plus the CUDA context, outside torch's allocator.
+
+The two per-token constants were fitted by least squares to the peaks measured on an H100
+(`bench/calibrate_planner.py`, 21 points over 3 shapes with vocabularies of 49k-152k, stored in
+`appliance/data/planner-calibration.json`); the tests check every recorded point. Training runs with
+`expandable_segments` so that reserved memory stays close to allocated, as it was measured.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import ValidationError
+from appliance.trainconfig import TrainConfig
+
+GIB = 2**30
+NF4_BYTES_PER_PARAM = 4.125 / 8 + 4 / (64 * 256)  # codes + 8-bit scales + fp32 second-level scales
+# Fitted (least squares) to the measured peaks minus this module's own weight estimate:
+LOGIT_BYTES = 12.013        # per token per vocabulary entry: bf16 logits, fp32 copy, fp32 + bf16 grads
+HIDDEN_BYTES = 4.238        # per token per hidden unit per layer, gradient checkpointing on
+CONSTANT_BYTES = 77.9e6     # cuBLAS workspaces and small buffers inside the allocator
+CUDA_CONTEXT_BYTES = 0.5 * GIB
+HEADROOM = 0.05             # fragmentation the allocator may still add
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    name: str
+    memory_gib: float
+    compute_capability: str
+
+
+TARGETS = {
+    "t4-16gb": GpuSpec("NVIDIA T4 16GB", 15.0, "7.5"),
+    "l4-24gb": GpuSpec("NVIDIA L4 24GB", 22.0, "8.9"),
+    "a10-24gb": GpuSpec("NVIDIA A10 24GB", 22.0, "8.6"),
+    "a100-40gb": GpuSpec("NVIDIA A100 40GB", 39.4, "8.0"),
+    "a100-80gb": GpuSpec("NVIDIA A100 80GB", 79.2, "8.0"),
+    "h100-80gb": GpuSpec("NVIDIA H100 80GB", 79.2, "9.0"),
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Shape:
+        try:
+            heads = int(config["num_attention_heads"])
+            hidden = int(config["hidden_size"])
+            return cls(vocab=int(config["vocab_size"]), hidden=hidden,
+                       intermediate=int(config["intermediate_size"]),
+                       layers=int(config["num_hidden_layers"]), heads=heads,
+                       kv_heads=int(config.get("num_key_value_heads") or heads),
+                       head_dim=int(config.get("head_dim") or hidden // heads),
+                       tied=bool(config.get("tie_word_embeddings", False)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValidationError(f"config.json lacks what the planner needs: {exc}") from None
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(in, out) of each linear layer in one decoder layer: q, k, v, o, gate, up, down."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        h, i = self.hidden, self.intermediate
+        return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    weights: float
+    activations: float
+    optimizer: float
+    context: float
+    calibrated: bool
+
+    @property
+    def allocated(self) -> float:
+        """What torch's allocator peaks at (what calibration measured)."""
+        return self.weights + self.activations
+
+    @property
+    def total(self) -> float:
+        return self.allocated * (1 + HEADROOM) + self.optimizer + self.context
+
+
+def lora_params(shape: Shape, rank: int) -> int:
+    return shape.layers * sum(rank * (i + o) for i, o in shape.linear_shapes())
+
+
+def weight_bytes(shape: Shape, cfg: TrainConfig) -> float:
+    linear = shape.layers * sum(i * o for i, o in shape.linear_shapes())
+    embeddings = shape.vocab * shape.hidden * (1 if shape.tied else 2)
+    norms = (2 * shape.layers + 1) * shape.hidden
+    per_linear = NF4_BYTES_PER_PARAM if cfg.quantization == "nf4" else 2
+    return linear * per_linear + (embeddings + norms) * 4 + lora_params(shape, cfg.lora_r) * 4
+
+
+def estimate(shape: Shape, cfg: TrainConfig, batch: int, seq: int, *, gpu: bool = True) -> Estimate:
+    tokens = batch * seq
+    per_layer = HIDDEN_BYTES if cfg.gradient_checkpointing else HIDDEN_BYTES * 8  # rough, uncalibrated
+    activations = tokens * (LOGIT_BYTES * shape.vocab + per_layer * shape.hidden * shape.layers)
+    n_lora = lora_params(shape, cfg.lora_r)
+    paged = cfg.optimizer == "paged_adamw_8bit" or (cfg.optimizer == "auto" and gpu)
+    optimizer = 2 * n_lora if paged else 12 * n_lora
+    return Estimate(weights=weight_bytes(shape, cfg), activations=activations + CONSTANT_BYTES,
+                    optimizer=optimizer, context=CUDA_CONTEXT_BYTES,
+                    calibrated=cfg.gradient_checkpointing and cfg.quantization == "nf4")
+
+
+@dataclass(frozen=True)
+class Plan:
+    target: GpuSpec
+    estimate: Estimate
+    fits: bool
+    proposal: tuple[int, int] | None  # (batch, seq) that fits, when the config does not
+
+    def describe(self, cfg: TrainConfig) -> str:
+        e = self.estimate
+        lines = [f"memory plan for {self.target.name} ({self.target.memory_gib:.1f} GiB usable): "
+                 f"{e.total / GIB:.2f} GiB at batch {cfg.batch_size} x seq {cfg.max_seq_len} "
+                 f"(weights {e.weights / GIB:.2f}, activations {e.activations / GIB:.2f}, "
+                 f"optimizer {e.optimizer / GIB:.2f}, CUDA context {e.context / GIB:.2f})"
+                 + ("" if e.calibrated else "; rough: calibrated for NF4 with gradient checkpointing")]
+        if self.fits:
+            lines.append("fits")
+        elif self.proposal:
+            b, s = self.proposal
+            accum = max(1, round(cfg.batch_size * cfg.grad_accum / b))
+            lines.append(f"does NOT fit; largest that does: batch_size={b} max_seq_len={s} "
+                         f"(grad_accum={accum} keeps the effective batch)")
+        else:
+            lines.append("does NOT fit even at batch 1 x 256 tokens: pick a smaller model or GPU")
+        return "\n".join(lines)
+
+
+def plan(shape: Shape, cfg: TrainConfig, target: GpuSpec) -> Plan:
+    budget = target.memory_gib * GIB
+    est = estimate(shape, cfg, cfg.batch_size, cfg.max_seq_len)
+    if est.total <= budget:
+        return Plan(target, est, True, None)
+    return Plan(target, est, False, propose(shape, cfg, budget))
+
+
+def propose(shape: Shape, cfg: TrainConfig, budget: float) -> tuple[int, int] | None:
+    """Keep the sequence length and lower the batch first (truncating conversations changes what
+    is learned); only at batch 1 shorten the sequence, in steps of 256."""
+    def fits(batch: int, seq: int) -> bool:
+        return estimate(shape, cfg, batch, seq).total <= budget
+
+    for batch in range(cfg.batch_size, 0, -1):
+        if fits(batch, cfg.max_seq_len):
+            return batch, cfg.max_seq_len
+    for seq in range(cfg.max_seq_len // 256 * 256, 0, -256):
+        if fits(1, seq):
+            return 1, seq
+    return None
+
+
+def target_named(name: str) -> GpuSpec:
+    if name not in TARGETS:
+        raise ValidationError(f"unknown --target {name!r}", hint=f"known: {', '.join(TARGETS)}")
+    return TARGETS[name]
+
+
+def detected_target() -> GpuSpec | None:
+    """The first CUDA GPU, if any (imports torch)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return GpuSpec(props.name, props.total_memory / GIB, f"{props.major}.{props.minor}")
+
+
+def model_shape(model_path: Path) -> Shape:
+    return Shape.from_config(json.loads((model_path / "config.json").read_text(encoding="utf-8")))
+
+
+def calibration() -> dict[str, Any]:
+    path = resources.files("appliance") / "data" / "planner-calibration.json"
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,94 @@
+"""The memory planner against the peaks measured on an H100 (appliance/data/planner-calibration.json,
+from bench/calibrate_planner.py), and its verdicts and proposals for a T4."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance import planner, trainconfig
+from appliance.trainconfig import validate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from calibrate_planner import SHAPES
+
+CALIBRATED = validate({"lora_r": 16, "lora_alpha": 32, "optimizer": "paged_adamw_8bit"})
+PUBLIC_SHAPES = {  # from the models' published config.json files
+    "qwen2.5-0.5b": SHAPES["qwen2.5-0.5b"],
+    "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
+    "llama-3.2-3b": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                         num_attention_heads=24, num_key_value_heads=8, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+}
+T4 = planner.TARGETS["t4-16gb"]
+
+
+def shape(name: str) -> planner.Shape:
+    return planner.Shape.from_config(PUBLIC_SHAPES.get(name) or SHAPES[name])
+
+
+def _new_highs() -> set[int]:
+    """Points that set a new allocation high for their shape: the only ones whose reserved figure
+    is their own (the allocator keeps segments mapped after a bigger earlier point)."""
+    highs, best = set(), {}
+    for i, p in enumerate(planner.calibration()["points"]):
+        if p["peak_allocated"] >= best.get(p["shape"], 0):
+            best[p["shape"]] = p["peak_allocated"]
+            highs.add(i)
+    return highs
+
+
+@pytest.mark.parametrize("index", range(len(planner.calibration()["points"])))
+def test_predicted_peak_matches_each_measured_point(index: int) -> None:
+    point = planner.calibration()["points"][index]
+    est = planner.estimate(shape(point["shape"]), CALIBRATED, point["batch"], point["seq"])
+    assert est.allocated == pytest.approx(point["peak_allocated"], rel=0.03)
+    if index in _new_highs():
+        assert est.total > point["peak_reserved"]  # the verdict's figure covers what was reserved
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_weight_estimate_is_close_to_what_loading_allocated(name: str) -> None:
+    point = next(p for p in planner.calibration()["points"] if p["shape"] == name)
+    assert planner.weight_bytes(shape(name), CALIBRATED) == pytest.approx(point["weights_bytes"], rel=0.1)
+
+
+def test_lora_parameter_count_matches_peft() -> None:
+    # SmolLM2-135M, r=16 on all linear layers: peft reports 4,884,480 trainable parameters
+    assert planner.lora_params(shape("smollm2-135m"), 16) == 4_884_480
+
+
+@pytest.mark.parametrize(("recipe", "model"), [("t4-0.5b", "qwen2.5-0.5b"), ("t4-1.5b", "qwen2.5-1.5b"),
+                                               ("t4-3b", "llama-3.2-3b"), ("t4-7b", "qwen2.5-7b")])
+def test_shipped_t4_recipes_fit_a_t4(recipe: str, model: str) -> None:
+    cfg = validate(trainconfig.load_recipe(recipe)[0])
+    assert planner.plan(shape(model), cfg, T4).fits
+
+
+def test_too_big_gets_the_largest_batch_that_fits_at_the_same_length() -> None:
+    cfg = validate({"batch_size": 8, "max_seq_len": 2048, "grad_accum": 2})
+    plan = planner.plan(shape("qwen2.5-0.5b"), cfg, T4)
+    assert not plan.fits and plan.proposal is not None
+    batch, seq = plan.proposal
+    budget = T4.memory_gib * planner.GIB
+    assert seq == 2048 and 1 <= batch < 8
+    assert planner.estimate(shape("qwen2.5-0.5b"), cfg, batch, seq).total <= budget
+    assert planner.estimate(shape("qwen2.5-0.5b"), cfg, batch + 1, seq).total > budget
+    text = plan.describe(cfg)
+    assert "does NOT fit" in text and f"batch_size={batch} max_seq_len=2048" in text
+
+
+def test_when_even_batch_one_is_too_long_the_sequence_shrinks() -> None:
+    cfg = validate({"batch_size": 1, "max_seq_len": 16384})
+    batch, seq = planner.plan(shape("qwen2.5-7b"), cfg, T4).proposal
+    assert batch == 1 and 256 <= seq < 16384 and seq % 256 == 0
+
+
+def test_unknown_target_lists_the_known_ones() -> None:
+    with pytest.raises(trainconfig.ValidationError, match="unknown --target") as err:
+        planner.target_named("v100")
+    assert "t4-16gb" in str(err.value)
