@@ -215,6 +215,27 @@ def train_params(ws: Any, args: argparse.Namespace) -> dict[str, Any]:
             "name": name}
 
 
+def cmd_runs_list(args: argparse.Namespace) -> int:
+    rows = [{"name": r.name, **{k: r.summary.get(k) for k in ("model", "dataset", "steps",
+                                                            "perplexity_before", "perplexity_after")},
+             "created": r.created} for r in _workspace(args).list("run")]
+    _print_table(rows, ["name", "model", "dataset", "steps", "perplexity_before", "perplexity_after",
+                        "created"])
+    return 0
+
+
+def cmd_runs_show(args: argparse.Namespace) -> int:
+    def render(data: dict[str, Any]) -> None:
+        say("  parents  " + ", ".join(f"{p['kind']} {p['name']}" for p in data["parents"]))
+        say(f"  job      {data['config'].get('job')}  device {data['config'].get('device')} "
+            f"({data['config'].get('compute_dtype')})")
+        for key, value in data["metrics"].items():
+            say(f"  {key:24} {value}")
+        say("  config   " + json.dumps(data["config"].get("train", {})))
+
+    return _show(args, "run", render)
+
+
 def make_plan(model: Any, cfg: Any, target: str | None) -> Any:
     """The memory plan for a named target, else for the GPU found here; None without either."""
     from appliance import planner
@@ -398,6 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="plan memory for this GPU (default: the one found here)")
     p.add_argument("--force", action="store_true", help="start even if the plan says it won't fit")
     p.set_defaults(func=cmd_train)
+
+    runs = sub.add_parser("runs", help="list, show and remove finished training runs")
+    rsub = runs.add_subparsers(metavar="ACTION", required=True)
+    rsub.add_parser("list", help="list runs").set_defaults(func=cmd_runs_list)
+    _add_show(rsub, cmd_runs_show)
+    _add_rm(rsub, "run")
 
     p = sub.add_parser("plan", help="will a training config fit in GPU memory? what would?")
     p.add_argument("--model", required=True)

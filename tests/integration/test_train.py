@@ -138,3 +138,28 @@ def test_out_of_memory_keeps_the_checkpoint_and_says_what_to_change(
     assert jobs.run(train_ws, job.id).state == "succeeded"
     logs = [e["message"] for e in jobs.read_events(train_ws, job.id) if e["type"] == "log"]
     assert "resumed from step-0000002 (step 2)" in logs
+
+
+def test_kill_9_and_resume_on_the_real_smollm2(model_workspace, tmp_path: Path) -> None:
+    """The same equivalence on SmolLM2-135M (NF4 on the CPU), short sequences to keep it quick."""
+    ws, model = model_workspace
+    lines = sample_dataset().read_text(encoding="utf-8").splitlines()[:24]
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    datasets.import_file(ws, small, model, name="small", eval_fraction=0.2)
+    config = {**CONFIG, "max_steps": 5, "grad_accum": 1, "max_seq_len": 128, "eval_every": 100,
+              "save_every": 2}
+    p = {"model": model.name, "dataset": "small", "config": config, "source": "test"}
+    straight = jobs.submit(ws, "train", {**p, "name": "straight"})
+    assert jobs.run(ws, straight.id).state == "succeeded", jobs.get(ws, straight.id).message
+
+    job = jobs.start(ws, "train", {**p, "name": "killed"})
+    wait(ws, job.id, lambda j: max(losses(ws, job.id), default=0) >= 3)
+    os.kill(jobs.get(ws, job.id).pid, signal.SIGKILL)
+    wait(ws, job.id, lambda j: j.state == "interrupted")
+    jobs.resume(ws, job.id)
+    assert wait(ws, job.id, lambda j: j.state in jobs.TERMINAL).state == "succeeded"
+    resumed, reference = losses(ws, job.id), losses(ws, straight.id)
+    assert sorted(resumed) == [1, 2, 3, 4, 5]
+    for step in reference:
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
