@@ -1,19 +1,19 @@
 """Memory planner: will this training run fit on this GPU (or on a named one), and if not, what is
 the largest batch x sequence that does?
 
-Peak GPU memory of a QLoRA step, for the engine in `appliance/train.py`:
+Peak GPU memory of a QLoRA step of the engine in `appliance/train.py`:
 - weights: NF4 linear layers at 4.125 bits/param (4-bit codes, 8-bit block scales with double
-  quantization), while embeddings, an untied head and the norms are fp32 (peft's
-  prepare_model_for_kbit_training upcasts them), plus the LoRA parameters in fp32;
-- per token: the logits and their fp32 copies and gradients (`LOGIT_BYTES` per vocabulary entry)
-  and the checkpointed hidden states (`HIDDEN_BYTES` per hidden unit per layer);
-- paged 8-bit AdamW keeps 2 bytes per LoRA parameter in managed memory; plain AdamW 8 bytes plus
-  4 for the gradient; plus the CUDA context, outside torch's allocator.
+  quantization), LoRA parameters in fp32, embeddings (and an untied head) in the compute dtype;
+- per token: the checkpointed hidden states and one layer's recomputed activations, and, for the
+  chunked loss, the logits of at most `train.LOSS_CHUNK` tokens at a time;
+- paged 8-bit AdamW keeps 2 bytes per LoRA parameter in managed memory (outside torch's allocator),
+  plain AdamW 8 bytes plus 4 for the gradient; plus the CUDA context.
 
-The two per-token constants were fitted by least squares to the peaks measured on an H100
-(`bench/calibrate_planner.py`, 21 points over 3 shapes with vocabularies of 49k-152k, stored in
-`appliance/data/planner-calibration.json`); the tests check every recorded point. Training runs with
-`expandable_segments` so that reserved memory stays close to allocated, as it was measured.
+The coefficients marked "fitted" come from least squares over the peaks measured on an H100
+(`bench/calibrate_planner.py`: 21 points, 3 shapes, vocabularies of 49k-152k, every token trained;
+stored in `appliance/data/planner-calibration.json`); the tests check every recorded point and two
+out-of-sample points from `bench/train_throughput.py` (the 1B and 7B shapes). Training runs with
+`expandable_segments`, so reserved memory stays close to allocated, as it was measured.
 """
 
 from __future__ import annotations
@@ -29,10 +29,12 @@ from appliance.trainconfig import TrainConfig
 
 GIB = 2**30
 NF4_BYTES_PER_PARAM = 4.125 / 8 + 4 / (64 * 256)  # codes + 8-bit scales + fp32 second-level scales
-# Fitted (least squares) to the measured peaks minus this module's own weight estimate:
-LOGIT_BYTES = 12.013        # per token per vocabulary entry: bf16 logits, fp32 copy, fp32 + bf16 grads
-HIDDEN_BYTES = 4.238        # per token per hidden unit per layer, gradient checkpointing on
-CONSTANT_BYTES = 77.9e6     # cuBLAS workspaces and small buffers inside the allocator
+LOSS_CHUNK = 1024           # must match appliance.train.LOSS_CHUNK (a test checks)
+EMBED_BYTES = 2.400         # per embedding parameter (fitted; 2 for bf16, plus the input-grad hook)
+HIDDEN_LAYER_BYTES = 0.139  # per token per hidden unit per layer (fitted; checkpointed inputs)
+HIDDEN_BYTES = 60.10        # per token per hidden unit (fitted; one layer recomputed, final states)
+LOGIT_BYTES = 11.77         # per chunk token per vocabulary entry (fitted; logits, fp32 copy, grads)
+CONSTANT_BYTES = 90.2e6     # cuBLAS workspaces and small buffers inside the allocator (fitted)
 CUDA_CONTEXT_BYTES = 0.5 * GIB
 HEADROOM = 0.05             # fragmentation the allocator may still add
 
@@ -111,15 +113,16 @@ def lora_params(shape: Shape, rank: int) -> int:
 def weight_bytes(shape: Shape, cfg: TrainConfig) -> float:
     linear = shape.layers * sum(i * o for i, o in shape.linear_shapes())
     embeddings = shape.vocab * shape.hidden * (1 if shape.tied else 2)
-    norms = (2 * shape.layers + 1) * shape.hidden
     per_linear = NF4_BYTES_PER_PARAM if cfg.quantization == "nf4" else 2
-    return linear * per_linear + (embeddings + norms) * 4 + lora_params(shape, cfg.lora_r) * 4
+    return linear * per_linear + embeddings * EMBED_BYTES + lora_params(shape, cfg.lora_r) * 4
 
 
 def estimate(shape: Shape, cfg: TrainConfig, batch: int, seq: int, *, gpu: bool = True) -> Estimate:
     tokens = batch * seq
-    per_layer = HIDDEN_BYTES if cfg.gradient_checkpointing else HIDDEN_BYTES * 8  # rough, uncalibrated
-    activations = tokens * (LOGIT_BYTES * shape.vocab + per_layer * shape.hidden * shape.layers)
+    # without checkpointing every layer keeps its activations: rough (uncalibrated) estimate
+    per_layer = HIDDEN_LAYER_BYTES if cfg.gradient_checkpointing else HIDDEN_BYTES
+    activations = (tokens * shape.hidden * (per_layer * shape.layers + HIDDEN_BYTES)
+                   + LOGIT_BYTES * min(tokens, LOSS_CHUNK) * shape.vocab)
     n_lora = lora_params(shape, cfg.lora_r)
     paged = cfg.optimizer == "paged_adamw_8bit" or (cfg.optimizer == "auto" and gpu)
     optimizer = 2 * n_lora if paged else 12 * n_lora

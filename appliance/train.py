@@ -114,7 +114,7 @@ def pick_device(cfg: TrainConfig) -> tuple[str, Any]:
 
 def load_model(path: Path, cfg: TrainConfig, device: str, dtype: Any) -> Any:
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": device}}
@@ -125,12 +125,13 @@ def load_model(path: Path, cfg: TrainConfig, device: str, dtype: Any) -> Any:
     model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=False, **kwargs)
     if device == "cpu" and cfg.quantization == "nf4":
         keep_cpu_weights_trainable(model)
-    gc_kwargs = {"use_reentrant": False}
-    if cfg.quantization == "nf4":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=gc_kwargs)
-    elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    # Not peft's prepare_model_for_kbit_training: it upcasts embeddings, head and norms to fp32,
+    # which turns the whole residual stream fp32 (fp32 norm weight x bf16 hidden) and doubles
+    # activation memory. Frozen weights stay in the compute dtype; only LoRA trains (in fp32).
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
     torch.manual_seed(cfg.seed)  # the LoRA init depends only on the seed
@@ -150,6 +151,42 @@ def keep_cpu_weights_trainable(model: Any) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+
+
+LOSS_CHUNK = 1024  # trained tokens whose logits exist at once
+
+
+def _chunk_loss(hidden: Any, targets: Any, weight: Any) -> Any:
+    import torch.nn.functional as F
+
+    logits = F.linear(hidden.to(weight.dtype), weight).float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def causal_lm_loss(model: Any, inputs: dict[str, Any]) -> tuple[Any, int]:
+    """Summed cross-entropy over the trained (assistant) tokens and their count.
+
+    Logits are computed only for the positions that carry a label, a chunk at a time, and
+    recomputed in the backward pass: the [batch, seq, vocab] logits a plain forward materialises
+    (with their fp32 copy and gradients: ~12 bytes per vocabulary entry per token) never exist,
+    and prompt tokens cost no head matmul at all. Same value as the model's own shifted loss.
+    """
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    causal = model.get_base_model()
+    hidden = causal.model(input_ids=inputs["input_ids"],
+                          attention_mask=inputs["attention_mask"]).last_hidden_state
+    labels = inputs["labels"][:, 1:]
+    keep = labels != chat.IGNORE_INDEX
+    states, targets = hidden[:, :-1][keep], labels[keep]
+    weight = causal.get_output_embeddings().weight
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.shape[0], LOSS_CHUNK):
+        end = start + LOSS_CHUNK
+        total = total + checkpoint(_chunk_loss, states[start:end], targets[start:end], weight,
+                                   use_reentrant=False)
+    return total, int(targets.shape[0])
 
 
 def make_optimizer(model: Any, cfg: TrainConfig, device: str) -> Any:
@@ -269,8 +306,8 @@ def evaluate(model: Any, examples: list[Example], cfg: TrainConfig, pad_id: int,
     with torch.no_grad():
         for batch in batches:
             inputs = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
-            n = int((inputs["labels"][:, 1:] != chat.IGNORE_INDEX).sum())
-            total += float(model(**inputs).loss) * n
+            loss_sum, n = causal_lm_loss(model, inputs)
+            total += float(loss_sum)
             count += n
     model.train()
     return total / max(count, 1)
@@ -341,7 +378,8 @@ class Trainer:
         total = 0.0
         for _ in range(self.cfg.grad_accum):
             inputs = {k: v.to(self.device) for k, v in collate(self._next_batch(state), self.pad_id).items()}
-            loss = self.model(**inputs).loss / self.cfg.grad_accum
+            loss_sum, n = causal_lm_loss(self.model, inputs)
+            loss = loss_sum / max(n, 1) / self.cfg.grad_accum
             self.scaler.scale(loss).backward()
             total += float(loss.detach())
             tokens += int(inputs["attention_mask"].sum())

@@ -3,7 +3,8 @@ for the memory planner to be fitted and checked against (`appliance/data/planner
 
 Random-init models shaped like real ones (no download), loaded exactly as training loads them
 (`train.load_model`: NF4 + double quant, LoRA on all linear layers, gradient checkpointing) and
-stepped with the engine's optimizer on full-length random batches. Records, per point: torch's
+stepped with the engine's loss and optimizer on full-length random batches, every token trained
+(the worst case for the loss: SFT batches train only the assistant tokens). Records, per point: torch's
 peak allocated and reserved bytes, and the device's used bytes (which include the CUDA context and
 bitsandbytes' paged optimizer buffers, invisible to torch's allocator).
 
@@ -45,7 +46,7 @@ def build(folder: Path, shape: dict) -> None:
 def measure(folder: Path, name: str, shape: dict) -> list[dict]:
     import torch
 
-    from appliance.train import load_model, make_optimizer
+    from appliance.train import causal_lm_loss, load_model, make_optimizer
     from appliance.trainconfig import validate
 
     cfg = validate({"lora_r": 16, "lora_alpha": 32, "optimizer": "paged_adamw_8bit"})
@@ -61,8 +62,10 @@ def measure(folder: Path, name: str, shape: dict) -> list[dict]:
         ids = torch.randint(0, shape["vocab_size"], (batch, seq), device="cuda")
         try:
             started = time.perf_counter()
+            batch_inputs = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
             for _ in range(2):
-                model(input_ids=ids, labels=ids).loss.backward()
+                total, n = causal_lm_loss(model, batch_inputs)
+                (total / n).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             torch.cuda.synchronize()

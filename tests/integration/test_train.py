@@ -163,3 +163,29 @@ def test_kill_9_and_resume_on_the_real_smollm2(model_workspace, tmp_path: Path) 
     assert sorted(resumed) == [1, 2, 3, 4, 5]
     for step in reference:
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "none"])
+def test_chunked_loss_equals_the_models_own_loss(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 quantization: str) -> None:
+    import torch
+
+    from appliance import train
+    from appliance.trainconfig import validate
+
+    monkeypatch.setattr(train, "LOSS_CHUNK", 16)  # several chunks even on this short batch
+    cfg = validate({"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "quantization": quantization})
+    dtype = torch.bfloat16 if quantization == "nf4" else torch.float32
+    model = train.load_model(tiny_llama, cfg, "cpu", dtype)
+    model.train()
+    labels = list(range(5, 60))
+    labels[:20] = [-100] * 20  # a prompt: no logits needed there
+    batch = train.collate([train.Example(list(range(5, 60)), labels),
+                           train.Example(list(range(7, 40)), list(range(7, 40)))], pad_id=2)
+    reference = model(**batch).loss
+    total, count = train.causal_lm_loss(model, batch)
+    assert count == (55 - 1 - 19) + (33 - 1)  # shifted labels that are not -100
+    assert float(total / count) == pytest.approx(float(reference), rel=1e-5)
+    (total / count).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -3,6 +3,7 @@ from bench/calibrate_planner.py), and its verdicts and proposals for a T4."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -11,8 +12,9 @@ import pytest
 from appliance import planner, trainconfig
 from appliance.trainconfig import validate
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from calibrate_planner import SHAPES
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))
+from calibrate_planner import SHAPES  # noqa: E402
 
 CALIBRATED = validate({"lora_r": 16, "lora_alpha": 32, "optimizer": "paged_adamw_8bit"})
 PUBLIC_SHAPES = {  # from the models' published config.json files
@@ -46,15 +48,38 @@ def _new_highs() -> set[int]:
 def test_predicted_peak_matches_each_measured_point(index: int) -> None:
     point = planner.calibration()["points"][index]
     est = planner.estimate(shape(point["shape"]), CALIBRATED, point["batch"], point["seq"])
-    assert est.allocated == pytest.approx(point["peak_allocated"], rel=0.03)
+    assert est.allocated == pytest.approx(point["peak_allocated"], rel=0.05)
     if index in _new_highs():
         assert est.total > point["peak_reserved"]  # the verdict's figure covers what was reserved
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_weight_estimate_is_close_to_what_loading_allocated(name: str) -> None:
+    """Loose: the fit shares static memory between the weights and the constant term."""
     point = next(p for p in planner.calibration()["points"] if p["shape"] == name)
-    assert planner.weight_bytes(shape(name), CALIBRATED) == pytest.approx(point["weights_bytes"], rel=0.1)
+    assert planner.weight_bytes(shape(name), CALIBRATED) == pytest.approx(point["weights_bytes"], rel=0.15)
+
+
+@pytest.mark.parametrize("result", ["train-throughput-llama1b-h100-v1.json",
+                                    "train-throughput-qwen7b-h100-v1.json"])
+def test_out_of_sample_peaks_from_the_throughput_benchmark(result: str) -> None:
+    """Points the fit never saw, among them a 7B shape with an untied head: the planner may
+    overestimate a little (safe) but must not underestimate."""
+    sys.path.insert(0, str(BENCH))
+    from train_throughput import SHAPES as BENCH_SHAPES
+
+    row = next(r for r in json.loads((BENCH / "results" / result).read_text())["rows"]
+               if r["engine"] == "ours")
+    est = planner.estimate(planner.Shape.from_config(BENCH_SHAPES[row["shape"]][0]), CALIBRATED,
+                           row["batch"], row["seq"])
+    error = (est.allocated / planner.GIB - row["peak_gib"]) / row["peak_gib"]
+    assert -0.05 <= error <= 0.15
+
+
+def test_planner_and_trainer_agree_on_the_loss_chunk() -> None:
+    from appliance import train
+
+    assert planner.LOSS_CHUNK == train.LOSS_CHUNK
 
 
 def test_lora_parameter_count_matches_peft() -> None:
@@ -70,22 +95,22 @@ def test_shipped_t4_recipes_fit_a_t4(recipe: str, model: str) -> None:
 
 
 def test_too_big_gets_the_largest_batch_that_fits_at_the_same_length() -> None:
-    cfg = validate({"batch_size": 8, "max_seq_len": 2048, "grad_accum": 2})
-    plan = planner.plan(shape("qwen2.5-0.5b"), cfg, T4)
+    cfg = validate({"batch_size": 16, "max_seq_len": 4096, "grad_accum": 2})
+    plan = planner.plan(shape("qwen2.5-7b"), cfg, T4)
     assert not plan.fits and plan.proposal is not None
     batch, seq = plan.proposal
     budget = T4.memory_gib * planner.GIB
-    assert seq == 2048 and 1 <= batch < 8
-    assert planner.estimate(shape("qwen2.5-0.5b"), cfg, batch, seq).total <= budget
-    assert planner.estimate(shape("qwen2.5-0.5b"), cfg, batch + 1, seq).total > budget
+    assert seq == 4096 and 1 <= batch < 16
+    assert planner.estimate(shape("qwen2.5-7b"), cfg, batch, seq).total <= budget
+    assert planner.estimate(shape("qwen2.5-7b"), cfg, batch + 1, seq).total > budget
     text = plan.describe(cfg)
-    assert "does NOT fit" in text and f"batch_size={batch} max_seq_len=2048" in text
+    assert "does NOT fit" in text and f"batch_size={batch} max_seq_len=4096" in text
 
 
 def test_when_even_batch_one_is_too_long_the_sequence_shrinks() -> None:
-    cfg = validate({"batch_size": 1, "max_seq_len": 16384})
+    cfg = validate({"batch_size": 1, "max_seq_len": 65536})
     batch, seq = planner.plan(shape("qwen2.5-7b"), cfg, T4).proposal
-    assert batch == 1 and 256 <= seq < 16384 and seq % 256 == 0
+    assert batch == 1 and 256 <= seq < 65536 and seq % 256 == 0
 
 
 def test_unknown_target_lists_the_known_ones() -> None:

@@ -1,0 +1,210 @@
+"""Training throughput and peak memory: our engine vs plain transformers + peft + bitsandbytes
+(the careful user's QLoRA) and, when liger-kernel is installed, the same with Liger kernels.
+
+Random-init models shaped like Llama-3.2-1B (batch 4 x 2048) and Qwen2.5-7B (batch 1 x 2048), the
+same random tokens for every row, 3 warm-up steps then 10 timed ones. Each row runs in its own
+process so peak-memory figures do not mix. Prints every row, then ours/baseline ratios, and writes
+the whole as JSON.
+
+Usage (GPU host): python bench/train_throughput.py [--shapes llama1b,qwen7b] [--out FILE.json]
+The baseline reproduces ../shared/bench/hf_qlora_baseline.py (NF4 double quant, bf16 compute,
+LoRA r=16 on all linear layers, prepare_model_for_kbit_training, gradient checkpointing in train
+mode, SDPA, AdamW).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHAPES = {
+    "llama1b": (dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True), 4, 2048),
+    "qwen7b": (dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                    num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False), 1, 2048),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+WARMUP, TIMED = 3, 10
+
+
+def build(shape: str) -> str:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = f"/tmp/rand-{shape}"
+    if not os.path.exists(path):
+        torch.manual_seed(0)
+        config = LlamaConfig(max_position_embeddings=4096, **SHAPES[shape][0])
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model.save_pretrained(path)
+        del model
+        torch.cuda.empty_cache()
+    return path
+
+
+def baseline_step(path: str, liger: bool):
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                           bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map={"": 0},
+                                                 dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
+                                             task_type="CAUSAL_LM"))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+
+    def step(x):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    return step
+
+
+def ours_step(path: str):
+    import torch
+
+    from appliance.train import causal_lm_loss, load_model, make_optimizer
+    from appliance.trainconfig import validate
+
+    cfg = validate({"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": TARGETS,
+                    "learning_rate": 2e-4})
+    model = load_model(Path(path), cfg, "cuda", torch.bfloat16)
+    model.train()
+    opt = make_optimizer(model, cfg, "cuda")
+
+    def step(x):
+        total, n = causal_lm_loss(model, {"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x)})
+        loss = total / n
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def run_row(engine: str, shape: str) -> dict:
+    """One row, in this process: warm up, time, measure."""
+    import torch
+
+    _, batch, seq = SHAPES[shape]
+    path = build(shape)
+    step = ours_step(path) if engine == "ours" else baseline_step(path, liger=engine == "liger")
+    torch.manual_seed(1234)
+    x = torch.randint(0, SHAPES[shape][0]["vocab_size"], (batch, seq), device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    losses = [float(step(x)) for _ in range(WARMUP)]
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    losses += [float(step(x)) for _ in range(TIMED)]
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    return {"engine": engine, "shape": shape, "batch": batch, "seq": seq,
+            "tokens_per_s": round(TIMED * batch * seq / seconds),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "losses": [round(v, 4) for v in losses]}
+
+
+MAX_SEQS = [2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768]
+T4_BUDGET_GIB = 15.0
+
+
+def max_seq_row(engine: str, shape: str) -> dict:
+    """Largest sequence at batch 1 whose training step peaks under 15 GiB (a 16 GB T4)."""
+    import torch
+
+    path = build(shape)
+    step = ours_step(path) if engine == "ours" else baseline_step(path, liger=engine == "liger")
+    peaks: dict[int, float] = {}
+    for seq in MAX_SEQS:
+        x = torch.randint(0, SHAPES[shape][0]["vocab_size"], (1, seq), device="cuda")
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            step(x)
+            torch.cuda.synchronize()
+        except torch.cuda.OutOfMemoryError:
+            break
+        peaks[seq] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if peaks[seq] > T4_BUDGET_GIB:
+            break
+    fitting = [s for s, p in peaks.items() if p <= T4_BUDGET_GIB]
+    return {"engine": engine, "shape": shape, "peaks_gib": peaks,
+            "max_seq_under_15gib": max(fitting, default=0)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="llama1b,qwen7b")
+    parser.add_argument("--engines", default="baseline,liger,ours")
+    parser.add_argument("--out", default="train_throughput.json")
+    parser.add_argument("--row", nargs=2, metavar=("ENGINE", "SHAPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--max-seq", action="store_true",
+                        help="instead: the largest batch-1 sequence under 15 GiB, per engine")
+    args = parser.parse_args()
+    if args.row:
+        func = max_seq_row if os.environ.get("MAX_SEQ_MODE") else run_row
+        print("ROW " + json.dumps(func(*args.row)), flush=True)
+        return
+    if args.max_seq:
+        os.environ["MAX_SEQ_MODE"] = "1"
+    import torch
+
+    rows, env = [], {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    for shape in args.shapes.split(","):
+        for engine in args.engines.split(","):
+            if engine == "liger":
+                try:
+                    import liger_kernel  # noqa: F401
+                except ImportError:
+                    print(f"{shape} liger: skipped (liger-kernel not installed)")
+                    continue
+            out = subprocess.run([sys.executable, __file__, "--row", engine, shape], capture_output=True,
+                                 text=True, env=env if engine == "ours" else os.environ)
+            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")), None)
+            if line is None:
+                print(f"{shape} {engine}: FAILED\n{out.stderr[-2000:]}")
+                continue
+            rows.append(json.loads(line[4:]))
+            r = rows[-1]
+            if args.max_seq:
+                print(f"{shape:8} {engine:9} largest batch-1 sequence under {T4_BUDGET_GIB} GiB: "
+                      f"{r['max_seq_under_15gib']}  (peaks {r['peaks_gib']})", flush=True)
+                continue
+            print(f"{shape:8} {engine:9} {r['tokens_per_s']:>7} tokens/s  {r['peak_gib']:6.2f} GiB  "
+                  f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}", flush=True)
+    for shape in [] if args.max_seq else args.shapes.split(","):
+        by = {r["engine"]: r for r in rows if r["shape"] == shape}
+        if "ours" in by and "baseline" in by:
+            o, b = by["ours"], by["baseline"]
+            diff = max(abs(x - y) / y for x, y in zip(o["losses"], b["losses"]))
+            print(f"{shape}: ours/baseline speed {o['tokens_per_s'] / b['tokens_per_s']:.2f}x, "
+                  f"memory {o['peak_gib'] / b['peak_gib']:.2f}x, worst loss difference {diff:.2%}")
+            if "liger" in by:
+                g = by["liger"]
+                print(f"{shape}: ours/liger speed {o['tokens_per_s'] / g['tokens_per_s']:.2f}x, "
+                      f"memory {o['peak_gib'] / g['peak_gib']:.2f}x")
+    Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                          "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
