@@ -211,6 +211,14 @@ def train_params(ws: Any, args: argparse.Namespace) -> dict[str, Any]:
     if ws.artifact_dir("run", name).exists():
         raise ApplianceError(f"run {name!r} already exists", title="Already exists",
                              hint="pick another --name")
+    from appliance import jobs
+
+    for job in jobs.list_jobs(ws):
+        if job.kind == "train" and job.params.get("name") == name and \
+                job.state in ("queued", "running", "interrupted"):
+            raise ApplianceError(f"job {job.id} ({job.state}) will publish run {name!r}",
+                                 title="Name in use", hint="pick another --name, or resume/cancel "
+                                 "that job")
     return {"model": args.model, "dataset": args.dataset, "config": values, "source": source,
             "name": name}
 

@@ -151,11 +151,13 @@ def read_events(ws: Workspace, job_id: str, start: int = 0) -> list[dict[str, An
     with open(path, encoding="utf-8") as fh:
         lines = fh.readlines()[start:]
     events = []
-    for line in lines:
+    for i, line in enumerate(lines):
         try:
             events.append(json.loads(line))
         except json.JSONDecodeError:
-            break  # a line being written right now; read it next time
+            if i == len(lines) - 1 and not line.endswith("\n"):
+                break  # being written right now: read it next time
+            events.append({"type": "log", "message": f"(unreadable event line skipped: {line[:60]!r})"})
     return events
 
 
@@ -182,6 +184,24 @@ def _update(ws: Workspace, job_id: str, **fields: Any) -> None:
         db.execute(f"UPDATE jobs SET {sets} WHERE id=?", (*values, job_id))
 
 
+def _transition(ws: Workspace, job_id: str, allowed: tuple[str, ...], state: str,
+                extra_where: str = "", extra_args: tuple = (), **fields: Any) -> bool:
+    """Change state only if the job is still in one of `allowed` (one guarded UPDATE, so two
+    processes never both win); True if this call made the change."""
+    sets = ", ".join(f"{k}=?" for k in ("state", *fields))
+    marks = ", ".join("?" for _ in allowed)
+    with ws.connect() as db:
+        changed = db.execute(
+            f"UPDATE jobs SET {sets} WHERE id=? AND state IN ({marks}){extra_where}",
+            (state, *fields.values(), job_id, *allowed, *extra_args)).rowcount
+    if changed:
+        event = {"type": "state", "state": state}
+        if fields.get("message"):
+            event["message"] = fields["message"]
+        append_event(job_dir(ws, job_id), event)
+    return bool(changed)
+
+
 def _set_state(ws: Workspace, job_id: str, state: str, **fields: Any) -> None:
     _update(ws, job_id, state=state, **fields)
     d = job_dir(ws, job_id)
@@ -205,25 +225,50 @@ def submit(ws: Workspace, kind: str, params: dict[str, Any]) -> Job:
 
 
 def spawn(ws: Workspace, job_id: str) -> int:
-    """Start `appliance jobs run ID` detached (new session, no terminal, output to a file)."""
+    """Start `appliance jobs run ID` detached (new session, no terminal, output to a file).
+
+    The runner's pid is recorded while the job is still queued, so a runner that dies before it
+    claims the job is noticed (`refresh`) instead of leaving the job queued forever."""
     d = job_dir(ws, job_id)
-    with open(d / "output.log", "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance", "--home", str(ws.root), "jobs", "run", job_id],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True)
+    try:
+        with open(d / "output.log", "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "appliance", "--home", str(ws.root), "jobs", "run", job_id],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True, close_fds=True)
+    except OSError as exc:
+        _transition(ws, job_id, ("queued",), "failed", finished=_now(),
+                    message=f"could not start its process: {exc}")
+        raise ApplianceError(f"could not start job {job_id}: {exc}", title="Job not started",
+                             hint=f"fix the cause, then `appliance jobs resume {job_id}`") from exc
+    _update_if_queued(ws, job_id, proc.pid)
     return proc.pid
 
 
-def refresh(ws: Workspace) -> None:
-    """Mark running jobs whose process is gone as interrupted."""
+def _update_if_queued(ws: Workspace, job_id: str, pid: int) -> None:
     with ws.connect() as db:
-        rows = db.execute("SELECT id, pid, pid_start FROM jobs WHERE state='running'").fetchall()
-    for job_id, pid, start in rows:
-        if not is_alive(pid, start):
-            _set_state(ws, job_id, "interrupted", finished=_now(),
-                       message="its process ended without finishing (killed, crashed or rebooted);"
-                               f" `appliance jobs resume {job_id}` continues it")
+        db.execute("UPDATE jobs SET pid=?, pid_start=? WHERE id=? AND state='queued'",
+                   (pid, process_start_time(pid), job_id))
+
+
+def refresh(ws: Workspace) -> None:
+    """Mark running jobs whose process is gone as interrupted, and queued jobs whose runner died
+    before claiming them as failed. Each change is guarded on the pid it judged."""
+    with ws.connect() as db:
+        rows = db.execute("SELECT id, state, pid, pid_start FROM jobs WHERE state IN "
+                          "('running', 'queued') AND pid IS NOT NULL").fetchall()
+    for job_id, state, pid, start in rows:
+        if is_alive(pid, start):
+            continue
+        if state == "running":
+            _transition(ws, job_id, ("running",), "interrupted", " AND pid=?", (pid,),
+                        finished=_now(),
+                        message="its process ended without finishing (killed, crashed or "
+                                f"rebooted); `appliance jobs resume {job_id}` continues it")
+        else:
+            _transition(ws, job_id, ("queued",), "failed", " AND pid=?", (pid,), finished=_now(),
+                        message="its process exited before starting; see "
+                                f"{job_dir(ws, job_id) / 'output.log'}")
 
 
 def list_jobs(ws: Workspace) -> list[Job]:
@@ -248,9 +293,10 @@ def get(ws: Workspace, job_id: str) -> Job:
 
 def cancel(ws: Workspace, job_id: str) -> Job:
     job = get(ws, job_id)
-    if job.state == "queued":
-        _set_state(ws, job_id, "cancelled", finished=_now(), message="cancelled before it started")
-    elif job.state == "running":
+    if job.state == "queued" and _transition(ws, job_id, ("queued",), "cancelled", finished=_now(),
+                                             message="cancelled before it started"):
+        return get(ws, job_id)
+    if job.state in ("queued", "running"):  # running, or it started while we looked
         (job_dir(ws, job_id) / "cancel").touch()
         append_event(job_dir(ws, job_id), {"type": "log", "message": "cancel requested"})
     else:
@@ -265,7 +311,9 @@ def resume(ws: Workspace, job_id: str, *, detach: bool = True) -> Job:
         raise ApplianceError(f"job {job_id} is {job.state}; only {', '.join(RESUMABLE)} jobs can "
                              "be resumed", title="Cannot resume")
     (job_dir(ws, job_id) / "cancel").unlink(missing_ok=True)
-    _set_state(ws, job_id, "queued", message="resumed")
+    if not _transition(ws, job_id, RESUMABLE, "queued", pid=None, pid_start=None, message="resumed"):
+        raise ApplianceError(f"job {job_id} changed state meanwhile (another resume?)",
+                             title="Cannot resume", hint="`appliance jobs show` tells its state")
     if detach:
         spawn(ws, job_id)
     return get(ws, job_id)

@@ -23,11 +23,13 @@ from typing import Any
 
 from appliance import chat, datasets, manifest
 from appliance.errors import ApplianceError
+from appliance.fsutil import fsync_dir
 from appliance.jobs import JobCancelled, JobContext
 from appliance.trainconfig import TrainConfig, validate
 from appliance.workspace import ArtifactRecord, parent_ref
 
 KEEP_CHECKPOINTS = 2
+COMPLETE = "COMPLETE"
 
 
 @dataclass
@@ -228,6 +230,8 @@ def save_checkpoint(work: Path, model: Any, optimizer: Any, state: LoopState, sc
     from safetensors.torch import save_file
 
     final = work / "checkpoints" / f"step-{state.step:07d}"
+    if (final / COMPLETE).exists():
+        return final  # this step is saved already (e.g. a cancel right after a periodic save)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -245,15 +249,29 @@ def save_checkpoint(work: Path, model: Any, optimizer: Any, state: LoopState, sc
             "python_rng": random.getstate(),
             "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
     (tmp / "state.json").write_text(json.dumps(meta))
+    for path in tmp.iterdir():
+        _fsync(path)
+    (tmp / COMPLETE).touch()  # written last: a checkpoint without it is never loaded
+    _fsync(tmp / COMPLETE)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    for old in sorted((work / "checkpoints").glob("step-???????"))[:-KEEP_CHECKPOINTS]:
+    fsync_dir(final.parent)
+    for old in complete_checkpoints(work)[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def complete_checkpoints(work: Path) -> list[Path]:
+    return sorted(p for p in (work / "checkpoints").glob("step-???????") if (p / COMPLETE).exists())
+
+
 def latest_checkpoint(work: Path) -> Path | None:
-    found = sorted((work / "checkpoints").glob("step-???????"))
+    found = complete_checkpoints(work)
     return found[-1] if found else None
 
 
@@ -334,6 +352,11 @@ class Trainer:
         if dropped:
             ctx.log(f"{dropped} training conversation(s) had no assistant tokens within "
                     f"max_seq_len={cfg.max_seq_len} and were left out")
+        if not self.train_set:
+            raise ApplianceError(
+                f"no training conversation has assistant tokens within max_seq_len={cfg.max_seq_len}"
+                f" ({dropped} dropped)", title="Nothing to train on",
+                hint="raise max_seq_len (appliance plan shows what fits) or use shorter prompts")
         self.device, self.dtype = pick_device(cfg)
         ctx.log(f"loading {model_record.name} ({cfg.quantization}, compute "
                 f"{str(self.dtype).removeprefix('torch.')}) on {self.device}")
@@ -343,13 +366,18 @@ class Trainer:
         fp16 = self.device == "cuda" and self.dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
         self.lengths = [len(e.input_ids) for e in self.train_set]
+        self._epoch_cache: tuple[int, list[list[int]]] = (-1, [])
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        if self._epoch_cache[0] != epoch:
+            batches = epoch_batches(self.lengths, self.cfg.batch_size, self.cfg.seed, epoch)
+            self._epoch_cache = (epoch, batches)
+        return self._epoch_cache[1]
 
     def _next_batch(self, state: LoopState) -> list[Example]:
-        batches = epoch_batches(self.lengths, self.cfg.batch_size, self.cfg.seed, state.epoch)
-        if state.batch_index >= len(batches):
+        if state.batch_index >= len(self._epoch(state.epoch)):
             state.epoch, state.batch_index = state.epoch + 1, 0
-            batches = epoch_batches(self.lengths, self.cfg.batch_size, self.cfg.seed, state.epoch)
-        batch = [self.train_set[i] for i in batches[state.batch_index]]
+        batch = [self.train_set[i] for i in self._epoch(state.epoch)[state.batch_index]]
         state.batch_index += 1
         return batch
 
@@ -363,7 +391,11 @@ class Trainer:
         if improved:
             state.best_eval, state.evals_without_improvement = loss, 0
             if state.step > 0:
-                self.model.save_pretrained(str(self.work / "best"), safe_serialization=True)
+                tmp = self.work / "best.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                self.model.save_pretrained(str(tmp), safe_serialization=True)
+                shutil.rmtree(self.work / "best", ignore_errors=True)
+                tmp.rename(self.work / "best")
         else:
             state.evals_without_improvement += 1
         self.ctx.emit("eval", step=state.step, eval_loss=round(loss, 5),
@@ -374,15 +406,19 @@ class Trainer:
     def _step(self, state: LoopState) -> dict[str, Any]:
         import torch
 
-        tokens = 0
+        # Every trained token of the step weighs the same, whichever micro-batch it is in (length-
+        # grouped micro-batches differ a lot in trained tokens), so the step is the same as one
+        # big batch and grad_accum really trades memory for nothing else.
+        micro = [collate(self._next_batch(state), self.pad_id) for _ in range(self.cfg.grad_accum)]
+        trained = sum(int((m["labels"][:, 1:] != chat.IGNORE_INDEX).sum()) for m in micro)
+        tokens = sum(int(m["attention_mask"].sum()) for m in micro)
         total = 0.0
-        for _ in range(self.cfg.grad_accum):
-            inputs = {k: v.to(self.device) for k, v in collate(self._next_batch(state), self.pad_id).items()}
-            loss_sum, n = causal_lm_loss(self.model, inputs)
-            loss = loss_sum / max(n, 1) / self.cfg.grad_accum
+        for batch in micro:
+            inputs = {k: v.to(self.device) for k, v in batch.items()}
+            loss_sum, _ = causal_lm_loss(self.model, inputs)
+            loss = loss_sum / max(trained, 1)
             self.scaler.scale(loss).backward()
             total += float(loss.detach())
-            tokens += int(inputs["attention_mask"].sum())
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.scaler.unscale_(self.optimizer)
         norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm or float("inf")))
@@ -407,7 +443,9 @@ class Trainer:
             self._eval(state)  # perplexity before training
         self.model.train()
         started, done_at_start = time.monotonic(), state.step
-        while state.step < self.cfg.max_steps:
+        patience = self.cfg.early_stopping_patience
+        stopped_early = bool(patience) and state.evals_without_improvement >= patience
+        while state.step < self.cfg.max_steps and not stopped_early:
             if self.ctx.cancel_requested():
                 save_checkpoint(self.work, self.model, self.optimizer, state, self.scaler)
                 raise JobCancelled()
@@ -445,7 +483,7 @@ class Trainer:
             shutil.copy(self.ctx.dir / "events.jsonl", w.path / "events.jsonl")
             metrics = {"steps": state.step, "eval_loss_before": state.first_eval,
                        "eval_loss_after": state.last_eval, "best_eval_loss": state.best_eval}
-            metrics |= {f"perplexity_{k}": round(math.exp(v), 4) for k, v in
+            metrics |= {f"perplexity_{k}": round(math.exp(min(v, 50)), 4) for k, v in
                         (("before", state.first_eval), ("after", state.last_eval)) if v is not None}
             (w.path / "metrics.json").write_text(json.dumps(metrics, indent=2))
             w.commit(parents=[parent_ref(self.model_record), parent_ref(self.data_record)],
@@ -470,18 +508,52 @@ def run_training(ctx: JobContext) -> dict[str, Any]:
     manifest.verify(data.path)
     cfg = validate(p["config"], source=p.get("source", "config"),
                    context_length=model.summary.get("context_length"))
-    trainer = Trainer(ctx, model, data, cfg)
+    _same_inputs_as_first_attempt(ctx, model, data)
+    existing = _published_by_this_job(ctx, p["name"])
+    if existing is not None:  # killed between publishing and being marked done
+        return {"run": existing.name, "path": str(existing.path)}
     try:
+        trainer = Trainer(ctx, model, data, cfg)
         state = trainer.fit()
     except Exception as exc:
         if type(exc).__name__ == "OutOfMemoryError":
-            last = latest_checkpoint(trainer.work)
+            last = latest_checkpoint(ctx.dir / "work")
             raise ApplianceError(
                 f"out of memory with batch_size {cfg.batch_size} x max_seq_len {cfg.max_seq_len}; "
                 f"the last checkpoint is kept ({last.name if last else 'none written yet'})",
                 title="Out of memory",
-                hint="lower batch_size or max_seq_len (raise grad_accum to keep the effective "
-                     "batch), then `appliance jobs resume`") from None
+                hint="start a new run with a smaller batch_size or max_seq_len (raise grad_accum to "
+                     "keep the effective batch; `appliance plan` shows what fits); `appliance jobs "
+                     "resume` retries these settings from the checkpoint, which helps only if "
+                     "something else was using the GPU") from None
         raise
     record = trainer.publish(state, p["name"], p.get("source", "config"))
     return {"run": record.name, "steps": state.step, "path": str(record.path)}
+
+
+def _same_inputs_as_first_attempt(ctx: JobContext, model: ArtifactRecord, data: ArtifactRecord) -> None:
+    """A resumed job must train on the very model and dataset it started with, not on artifacts
+    re-imported under the same names."""
+    path = ctx.dir / "inputs.json"
+    now = {"model": model.manifest_sha256, "dataset": data.manifest_sha256}
+    if not path.exists():
+        path.write_text(json.dumps(now))
+        return
+    first = json.loads(path.read_text())
+    changed = [k for k in now if first.get(k) != now[k]]
+    if changed:
+        raise ApplianceError(f"the {' and '.join(changed)} changed since this job started (same name, "
+                             "different manifest)", title="Inputs changed",
+                             hint="start a new training run; this job's checkpoints belong to the old inputs")
+
+
+def _published_by_this_job(ctx: JobContext, name: str) -> ArtifactRecord | None:
+    try:
+        record = ctx.ws.get("run", name)
+    except ApplianceError:
+        return None
+    if manifest.read(record.path)["config"].get("job") == ctx.job.id:
+        return record
+    raise ApplianceError(f"run {name!r} already exists (made by another job)", title="Already exists",
+                         hint="start a new run with another --name; remove the old one first with "
+                              f"`appliance runs rm {name}` if it should be replaced")

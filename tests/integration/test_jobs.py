@@ -118,3 +118,23 @@ def test_model_import_as_a_detached_job(workspace: Workspace, tiny_llama: Path) 
     bad = jobs.start(workspace, "import-model", {"path": str(tiny_llama), "name": "bad"})
     failed = wait_state(workspace, bad.id, "failed", timeout=300)
     assert failed.message.startswith("Refused:") and "pickle" in failed.message
+
+
+def test_a_runner_that_dies_before_claiming_its_job_fails_it(workspace: Workspace) -> None:
+    job = jobs.submit(workspace, "selftest", {"steps": 1, "interval": 0})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    jobs._update_if_queued(workspace, job.id, dead.pid)  # as spawn records its runner
+    failed = jobs.get(workspace, job.id)  # get() refreshes
+    assert failed.state == "failed" and "exited before starting" in failed.message
+    assert jobs.resume(workspace, job.id, detach=False).state == "queued"
+
+
+def test_a_torn_event_line_does_not_hide_later_events(workspace: Workspace) -> None:
+    job = jobs.submit(workspace, "selftest", {"steps": 1, "interval": 0})
+    with open(jobs.job_dir(workspace, job.id) / "events.jsonl", "a") as fh:
+        fh.write('{"type": "log", "mess\n')
+    assert jobs.run(workspace, job.id).state == "succeeded"
+    events = jobs.read_events(workspace, job.id)
+    assert any("unreadable event line" in e.get("message", "") for e in events)
+    assert events[-1]["state"] == "succeeded"

@@ -130,7 +130,7 @@ def test_out_of_memory_keeps_the_checkpoint_and_says_what_to_change(
     assert failed.state == "failed"
     assert failed.message.startswith("Out of memory:")
     assert "batch_size 2 x max_seq_len 96" in failed.message and "step-0000002" in failed.message
-    assert "lower batch_size or max_seq_len" in failed.message
+    assert "smaller batch_size or max_seq_len" in failed.message and "appliance plan" in failed.message
     assert (jobs.job_dir(train_ws, job.id) / "work" / "checkpoints" / "step-0000002").is_dir()
 
     monkeypatch.setattr(train.Trainer, "_step", real_step)

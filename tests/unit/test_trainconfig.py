@@ -200,3 +200,15 @@ def test_loop_state_round_trips_through_json() -> None:
     state = LoopState(step=7, epoch=1, batch_index=3, best_eval=1.25, first_eval=2.0, last_eval=1.5)
     assert LoopState(**json.loads(json.dumps(state.__dict__))) == state
     assert LoopState() == LoopState(0, 0, 0, None, 0, None, None)
+
+
+def test_a_checkpoint_without_its_complete_marker_is_never_loaded(tmp_path: Path) -> None:
+    from appliance import train
+
+    for step, complete in ((2, True), (4, True), (6, False)):  # step 6: killed mid-write
+        folder = tmp_path / "checkpoints" / f"step-{step:07d}"
+        folder.mkdir(parents=True)
+        if complete:
+            (folder / train.COMPLETE).touch()
+    latest = train.latest_checkpoint(tmp_path)
+    assert latest is not None and latest.name == "step-0000004"
