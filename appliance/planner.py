@@ -153,7 +153,9 @@ class Plan:
             lines.append(f"does NOT fit; largest that does: batch_size={b} max_seq_len={s} "
                          f"(grad_accum={accum} keeps the effective batch)")
         else:
-            lines.append("does NOT fit even at batch 1 x 256 tokens: pick a smaller model or GPU")
+            lines.append(f"does NOT fit even at batch 1 x 256 tokens (the weights alone take "
+                         f"{e.weights / GIB:.2f} GiB): lower lora_r, or pick a smaller model or a "
+                         "bigger GPU")
         return "\n".join(lines)
 
 
@@ -174,8 +176,8 @@ def propose(shape: Shape, cfg: TrainConfig, budget: float) -> tuple[int, int] | 
     for batch in range(cfg.batch_size, 0, -1):
         if fits(batch, cfg.max_seq_len):
             return batch, cfg.max_seq_len
-    for seq in range(cfg.max_seq_len // 256 * 256, 0, -256):
-        if fits(1, seq):
+    for seq in [*range(cfg.max_seq_len // 256 * 256, 0, -256), min(cfg.max_seq_len, 128)]:
+        if seq < cfg.max_seq_len and fits(1, seq):
             return 1, seq
     return None
 
@@ -193,7 +195,8 @@ def detected_target() -> GpuSpec | None:
     if not torch.cuda.is_available():
         return None
     props = torch.cuda.get_device_properties(0)
-    return GpuSpec(props.name, props.total_memory / GIB, f"{props.major}.{props.minor}")
+    free, _ = torch.cuda.mem_get_info(0)  # what other processes (a server, a job) leave us
+    return GpuSpec(f"{props.name} (free now)", free / GIB, f"{props.major}.{props.minor}")
 
 
 def model_shape(model_path: Path) -> Shape:

@@ -315,10 +315,12 @@ def evaluate(model: Any, examples: list[Example], cfg: TrainConfig, pad_id: int,
     """Token-weighted mean loss over the eval split (assistant tokens only)."""
     import torch
 
-    ordered = sorted(examples, key=lambda e: len(e.input_ids))
+    if cfg.eval_batches:  # a seeded random subset, not the shortest conversations
+        pick = random.Random(cfg.seed).sample(range(len(examples)),
+                                              min(len(examples), cfg.eval_batches * cfg.batch_size))
+        examples = [examples[i] for i in sorted(pick)]
+    ordered = sorted(examples, key=lambda e: len(e.input_ids))  # little padding
     batches = [ordered[i:i + cfg.batch_size] for i in range(0, len(ordered), cfg.batch_size)]
-    if cfg.eval_batches:
-        batches = batches[:cfg.eval_batches]
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
