@@ -86,7 +86,7 @@ def ours_step(path: str):
     from appliance.trainconfig import validate
 
     cfg = validate({"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": TARGETS,
-                    "learning_rate": 2e-4})
+                    "learning_rate": 2e-4, "optimizer": os.environ.get("OURS_OPTIMIZER", "auto")})
     model = load_model(Path(path), cfg, "cuda", torch.bfloat16)
     model.train()
     opt = make_optimizer(model, cfg, "cuda")
@@ -103,7 +103,8 @@ def ours_step(path: str):
 
 
 def run_row(engine: str, shape: str) -> dict:
-    """One row, in this process: warm up, time, measure."""
+    """One row, in this process: warm up, time, measure. LOSS_STEPS=N adds N more steps on fresh
+    batches (the same for every row) to compare loss curves."""
     import torch
 
     _, batch, seq = SHAPES[shape]
@@ -112,6 +113,15 @@ def run_row(engine: str, shape: str) -> dict:
     torch.manual_seed(1234)
     x = torch.randint(0, SHAPES[shape][0]["vocab_size"], (batch, seq), device="cuda")
     torch.cuda.reset_peak_memory_stats()
+    extra = int(os.environ.get("LOSS_STEPS", "0"))
+    if extra:  # a loss curve over varied data: a bigram-ish stream so there is something to learn
+        gen = torch.Generator(device="cuda").manual_seed(99)
+        curve = []
+        for _ in range(extra):
+            start = torch.randint(0, 512, (batch, 1), device="cuda", generator=gen)
+            tokens = (start + torch.arange(seq, device="cuda") * 7) % 512  # learnable pattern
+            curve.append(round(float(step(tokens)), 4))
+        return {"engine": engine, "shape": shape, "batch": batch, "seq": seq, "curve": curve}
     losses = [float(step(x)) for _ in range(WARMUP)]
     torch.cuda.synchronize()
     started = time.perf_counter()
@@ -185,14 +195,24 @@ def main() -> None:
                 continue
             rows.append(json.loads(line[4:]))
             r = rows[-1]
+            if "curve" in r:
+                print(f"{shape:8} {engine:9} loss curve: " + " ".join(f"{v:.3f}" for v in r["curve"][::5]))
+                continue
             if args.max_seq:
                 print(f"{shape:8} {engine:9} largest batch-1 sequence under {T4_BUDGET_GIB} GiB: "
                       f"{r['max_seq_under_15gib']}  (peaks {r['peaks_gib']})", flush=True)
                 continue
             print(f"{shape:8} {engine:9} {r['tokens_per_s']:>7} tokens/s  {r['peak_gib']:6.2f} GiB  "
                   f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}", flush=True)
+    for shape in args.shapes.split(","):
+        by = {r["engine"]: r for r in rows if r["shape"] == shape and "curve" in r}
+        if "ours" in by and "baseline" in by:
+            o, b = by["ours"]["curve"], by["baseline"]["curve"]
+            diffs = [abs(x - y) for x, y in zip(o, b)]
+            print(f"{shape}: loss curves over {len(o)} steps: max |ours - baseline| {max(diffs):.4f}, "
+                  f"mean {sum(diffs) / len(diffs):.4f}; final {o[-1]:.4f} vs {b[-1]:.4f}")
     for shape in [] if args.max_seq else args.shapes.split(","):
-        by = {r["engine"]: r for r in rows if r["shape"] == shape}
+        by = {r["engine"]: r for r in rows if r["shape"] == shape and "tokens_per_s" in r}
         if "ours" in by and "baseline" in by:
             o, b = by["ours"], by["baseline"]
             diff = max(abs(x - y) / y for x, y in zip(o["losses"], b["losses"]))
