@@ -187,16 +187,25 @@ def cmd_data_show(args: argparse.Namespace) -> int:
 
 
 # -- training --------------------------------------------------------------------------------
-def train_params(ws: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """Validate everything before a job is queued, so mistakes show at once, all of them."""
+def load_config(args: argparse.Namespace, model: Any) -> tuple[dict[str, Any], str, Any]:
+    """Recipe + --set overrides, validated against the model (all problems at once)."""
     from appliance import trainconfig
 
-    model = ws.get("model", args.model)
-    ws.get("dataset", args.dataset)
     values, source = trainconfig.load_recipe(args.recipe)
     values.update(dict(trainconfig.parse_override(o) for o in args.set or []))
     cfg = trainconfig.validate(values, source=source,
                                context_length=model.summary.get("context_length"))
+    return values, source, cfg
+
+
+def train_params(ws: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Validate everything before a job is queued, so mistakes show at once, all of them."""
+    from appliance import jobs
+    from appliance.workspace import check_name
+
+    model = ws.get("model", args.model)
+    ws.get("dataset", args.dataset)
+    values, source, cfg = load_config(args, model)
     memory_plan = make_plan(model, cfg, args.target)
     if memory_plan is not None:
         say(memory_plan.describe(cfg))
@@ -205,14 +214,10 @@ def train_params(ws: Any, args: argparse.Namespace) -> dict[str, Any]:
                                  title="Does not fit", hint="apply the proposed values with --set, "
                                  "or --force to try anyway")
     name = args.name or f"{args.model}-{args.dataset}"
-    from appliance.workspace import check_name
-
     check_name(name, "run name")
     if ws.artifact_dir("run", name).exists():
         raise ApplianceError(f"run {name!r} already exists", title="Already exists",
                              hint="pick another --name")
-    from appliance import jobs
-
     for job in jobs.list_jobs(ws):
         if job.kind == "train" and job.params.get("name") == name and \
                 job.state in ("queued", "running", "interrupted"):
@@ -255,13 +260,10 @@ def make_plan(model: Any, cfg: Any, target: str | None) -> Any:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from appliance import planner, trainconfig
+    from appliance import planner
 
     model = _workspace(args).get("model", args.model)
-    values, source = trainconfig.load_recipe(args.recipe)
-    values.update(dict(trainconfig.parse_override(o) for o in args.set or []))
-    cfg = trainconfig.validate(values, source=source,
-                               context_length=model.summary.get("context_length"))
+    _, _, cfg = load_config(args, model)
     memory_plan = make_plan(model, cfg, args.target)
     if memory_plan is None:
         raise ApplianceError("no CUDA GPU found here", title="Nothing to plan for",

@@ -30,27 +30,33 @@ def sample_dataset() -> Path:
     return Path(str(resources.files("appliance") / "data" / "dolly-sample" / "dolly_sample.jsonl"))
 
 
-def _model(ws: Workspace, say: Callable[[str], None]) -> ArtifactRecord:
+def _existing(ws: Workspace, kind: str, name: str, stage: int, done: str,
+              say: Callable[[str], None]) -> ArtifactRecord | None:
+    """An artifact an earlier demo made, checked against every sha256; None if there is none."""
     try:
-        record = ws.get("model", stack.DEFAULT_MODEL_NAME)
+        record = ws.get(kind, name)
     except NotFoundError:
-        say(f"[1/{STAGES}] importing the embedded default model ({stack.DEFAULT_MODEL_FILE})")
-        return models.import_default(ws, say=lambda m: say("      " + m))
+        return None
     manifest.verify(record.path)
-    say(f"[1/{STAGES}] model {record.name!r} already imported; all files match their sha256")
+    say(f"[{stage}/{STAGES}] {kind} {name!r} already {done}; all files match their sha256")
     return record
 
 
+def _model(ws: Workspace, say: Callable[[str], None]) -> ArtifactRecord:
+    record = _existing(ws, "model", stack.DEFAULT_MODEL_NAME, 1, "imported", say)
+    if record is not None:
+        return record
+    say(f"[1/{STAGES}] importing the embedded default model ({stack.DEFAULT_MODEL_FILE})")
+    return models.import_default(ws, say=lambda m: say("      " + m))
+
+
 def _dataset(ws: Workspace, model: ArtifactRecord, say: Callable[[str], None]) -> dict:
-    try:
-        record = ws.get("dataset", DATASET_NAME)
-        manifest.verify(record.path)
-        say(f"[2/{STAGES}] dataset {DATASET_NAME!r} already imported; all files match their sha256")
+    record = _existing(ws, "dataset", DATASET_NAME, 2, "imported", say)
+    if record is not None:
         return json.loads((record.path / "report.json").read_text(encoding="utf-8"))
-    except NotFoundError:
-        say(f"[2/{STAGES}] importing the Dolly sample (CC BY-SA 3.0) for {model.name!r}")
-        _, report = datasets.import_file(ws, sample_dataset(), model, name=DATASET_NAME)
-        return report
+    say(f"[2/{STAGES}] importing the Dolly sample (CC BY-SA 3.0) for {model.name!r}")
+    _, report = datasets.import_file(ws, sample_dataset(), model, name=DATASET_NAME)
+    return report
 
 
 def _demo_job(ws: Workspace) -> jobs.Job | None:
@@ -64,13 +70,9 @@ def _demo_job(ws: Workspace) -> jobs.Job | None:
 def _train(ws: Workspace, model: ArtifactRecord, say: Callable[[str], None]) -> ArtifactRecord:
     from appliance.cli import format_event
 
-    try:
-        record = ws.get("run", RUN_NAME)
-        manifest.verify(record.path)
-        say(f"[3/{STAGES}] run {RUN_NAME!r} already trained; all files match their sha256")
+    record = _existing(ws, "run", RUN_NAME, 3, "trained", say)
+    if record is not None:
         return record
-    except NotFoundError:
-        pass
     job = _demo_job(ws)
     if job is not None and job.state in jobs.RESUMABLE:
         say(f"[3/{STAGES}] resuming the demo's training job {job.id} ({job.state})")

@@ -23,6 +23,7 @@ from typing import Any
 
 from appliance import chat, modelio, stack
 from appliance.errors import RefusedError, ValidationError
+from appliance.fsutil import sha256_file
 from appliance.workspace import ArtifactRecord, Workspace, check_name, slugify
 
 Say = Callable[[str], None]
@@ -337,23 +338,17 @@ def import_gguf(ws: Workspace, src: Path, *, name: str | None = None,
         tokenizer.save_pretrained(str(w.path))
         say("checking the result")
         info = inspect_folder(w.path)
-        probe_text = chat.render(load_tokenizer(w.path), PROBE[1:])
-        parity = check_tokenizer_parity(w.path / "gguf" / src.name, load_tokenizer(w.path),
-                                        probe_text)
+        saved = load_tokenizer(w.path)  # what training will load, not the object we built
+        parity = check_tokenizer_parity(w.path / "gguf" / src.name, saved,
+                                        chat.render(saved, PROBE[1:]))
         say("hashing files")
         w.commit(parents=[], config={"source": {"type": source, "path": str(src),
-                                                "sha256": _sha(src)},
+                                                "sha256": sha256_file(src)},
                                      "dequantized_dtype": str(dtype).removeprefix("torch.")},
                  info={**info, "gguf_file": f"gguf/{src.name}",
                        "gguf_file_type": meta.get("general.file_type"),
                        "tokenizer_parity": parity, "summary": _summary(info)})
     return ws.get("model", name)
-
-
-def _sha(path: Path) -> str:
-    from appliance.fsutil import sha256_file
-
-    return sha256_file(path)
 
 
 def import_default(ws: Workspace, *, say: Say = _quiet) -> ArtifactRecord:

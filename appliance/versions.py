@@ -6,7 +6,6 @@ Recorded in every manifest so an artifact says which stack made it.
 from __future__ import annotations
 
 import platform
-import sys
 from importlib import metadata
 
 STACK = (
@@ -37,6 +36,3 @@ def installed_versions() -> dict[str, str]:
     """Only the installed ones (what goes into a manifest)."""
     return {k: v for k, v in stack_versions().items() if v is not None}
 
-
-def python_ok() -> bool:
-    return sys.version_info >= (3, 10)

@@ -189,3 +189,26 @@ def test_chunked_loss_equals_the_models_own_loss(tiny_llama: Path, monkeypatch: 
     (total / count).backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_plan_and_train_commands_validate_before_queueing(train_ws: Workspace) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "appliance", "--home", str(train_ws.root), *args],
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(root)})
+
+    fits = cli("plan", "--model", "tiny", "--target", "t4-16gb")
+    assert fits.returncode == 0 and "fits" in fits.stdout
+    too_big = cli("plan", "--model", "tiny", "--target", "t4-16gb", "--set", "batch_size=4096",
+                  "--set", "max_seq_len=1024")
+    assert too_big.returncode == 1 and "does NOT fit" in too_big.stdout
+    bad = cli("train", "--model", "tiny", "--dataset", "small", "--set", "lora_r=0",
+              "--set", "learning_rate=fast")
+    assert bad.returncode == 2
+    assert "2 problem(s)" in bad.stderr and "lora_r" in bad.stderr and "learning_rate" in bad.stderr
+    assert jobs.list_jobs(train_ws) == []  # nothing was queued
