@@ -32,6 +32,25 @@ def build_random_llama(folder: Path, **shape: int) -> Path:
     return folder
 
 
+def build_random_qwen2(folder: Path, **shape: int) -> Path:
+    """A random-init Qwen2 HF folder (attention biases, tied embeddings): a second architecture
+    family, around the same real tokenizer (llama.cpp recognises it) and its ChatML template."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=49152, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=2, **shape)
+    Qwen2ForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(TOKENIZER_DIR / name, folder / name)
+    return folder
+
+
+TINY_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024}
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "network_probe: the test triggers the offline guard on purpose")
 
@@ -78,9 +97,13 @@ def model_workspace(tmp_path: Path, smol_model: ArtifactRecord) -> tuple[Workspa
 @pytest.fixture(scope="session")
 def tiny_llama_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama HF folder with SmolLM2's real tokenizer and template (built once)."""
-    return build_random_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", hidden_size=64,
-                              intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, max_position_embeddings=1024)
+    return build_random_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", **TINY_SHAPE)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen2 HF folder (biases, tied embeddings), built once. Treat as read-only."""
+    return build_random_qwen2(tmp_path_factory.mktemp("tiny") / "tiny-qwen2", **TINY_SHAPE)
 
 
 @pytest.fixture
