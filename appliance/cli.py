@@ -344,6 +344,12 @@ def cmd_jobs_action(args: argparse.Namespace, action: str) -> int:
     return 0
 
 
+def cmd_jobs_worker(args: argparse.Namespace) -> int:
+    from appliance.distributed import run_worker
+
+    return run_worker(_workspace(args), args.id)
+
+
 def cmd_jobs_selftest(args: argparse.Namespace) -> int:
     from appliance import jobs
 
@@ -457,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--follow", "-f", action="store_true")
         funcs = {"show": cmd_jobs_show, "logs": cmd_jobs_logs}
         p.set_defaults(func=funcs.get(action, lambda a, act=action: cmd_jobs_action(a, act)))
+    p = jsub.add_parser("worker")  # one rank of a data-parallel job, started by torchrun
+    p.add_argument("id")
+    p.set_defaults(func=cmd_jobs_worker)
     p = jsub.add_parser("selftest", help="a small detached job to check jobs work on this box")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--interval", type=float, default=0.5)

@@ -11,6 +11,7 @@ config, its metrics and its lineage (base model and dataset).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance import chat, datasets, manifest
+from appliance import chat, datasets, distributed, manifest
 from appliance.errors import ApplianceError
 from appliance.fsutil import fsync_dir
 from appliance.jobs import JobCancelled, JobContext
@@ -90,6 +91,12 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:
         n = len(e.input_ids)
         ids[i, :n], labels[i, :n], mask[i, :n] = (torch.tensor(e.input_ids), torch.tensor(e.labels), 1)
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed of one optimizer step on one rank: a resumed run, on any rank, draws the
+    same dropout masks as a straight one without restoring every rank's generator."""
+    return ((seed * 1_000_003 + step) * 64 + rank) % (2**63)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -189,6 +196,22 @@ def causal_lm_loss(model: Any, inputs: dict[str, Any]) -> tuple[Any, int]:
         total = total + checkpoint(_chunk_loss, states[start:end], targets[start:end], weight,
                                    use_reentrant=False)
     return total, int(targets.shape[0])
+
+
+def _loss_module(model: Any) -> Any:
+    """The peft model with `causal_lm_loss` as its forward, so DistributedDataParallel sees (and
+    hooks) the forward that training really runs."""
+    import torch
+
+    class CausalLMLoss(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.peft = model
+
+        def forward(self, **inputs: Any) -> tuple[Any, int]:
+            return causal_lm_loss(self.peft, inputs)
+
+    return CausalLMLoss()
 
 
 def make_optimizer(model: Any, cfg: TrainConfig, device: str) -> Any:
@@ -311,8 +334,11 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, scaler: Any = None) 
 
 
 # -- the loop ----------------------------------------------------------------------------------
-def evaluate(model: Any, examples: list[Example], cfg: TrainConfig, pad_id: int, device: str) -> float:
-    """Token-weighted mean loss over the eval split (assistant tokens only)."""
+def evaluate(model: Any, examples: list[Example], cfg: TrainConfig, pad_id: int, device: str,
+             rank: distributed.Rank | None = None) -> float:
+    """Token-weighted mean loss over the eval split (assistant tokens only); with several ranks,
+    each scores a share of the batches and the sums are combined."""
+    rank = rank or distributed.Rank()
     import torch
 
     if cfg.eval_batches:  # a seeded random subset, not the shortest conversations
@@ -321,6 +347,7 @@ def evaluate(model: Any, examples: list[Example], cfg: TrainConfig, pad_id: int,
         examples = [examples[i] for i in sorted(pick)]
     ordered = sorted(examples, key=lambda e: len(e.input_ids))  # little padding
     batches = [ordered[i:i + cfg.batch_size] for i in range(0, len(ordered), cfg.batch_size)]
+    batches = batches[rank.rank::rank.world]
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
@@ -330,6 +357,7 @@ def evaluate(model: Any, examples: list[Example], cfg: TrainConfig, pad_id: int,
             total += float(loss_sum)
             count += n
     model.train()
+    total, count = distributed.all_sum([total, count], device)
     return total / max(count, 1)
 
 
@@ -359,13 +387,23 @@ class Trainer:
                 f"no training conversation has assistant tokens within max_seq_len={cfg.max_seq_len}"
                 f" ({dropped} dropped)", title="Nothing to train on",
                 hint="raise max_seq_len (appliance plan shows what fits) or use shorter prompts")
+        self.rank = distributed.current()
         self.device, self.dtype = pick_device(cfg)
+        if self.device == "cuda":
+            self.device = f"cuda:{self.rank.local_rank}"
         ctx.log(f"loading {model_record.name} ({cfg.quantization}, compute "
                 f"{str(self.dtype).removeprefix('torch.')}) on {self.device}")
         self.model = load_model(model_record.path, cfg, self.device, self.dtype)
+        self.loss = _loss_module(self.model)
+        if self.rank.world > 1:  # LoRA is initialised from the seed: identical on every rank
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.loss = DistributedDataParallel(
+                self.loss, device_ids=[self.rank.local_rank] if self.device != "cpu" else None,
+                broadcast_buffers=False, init_sync=False)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         # fp16 (a T4 has no bf16) needs loss scaling; bf16 and fp32 do not
-        fp16 = self.device == "cuda" and self.dtype == torch.float16
+        fp16 = self.device.startswith("cuda") and self.dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
         self.lengths = [len(e.input_ids) for e in self.train_set]
         self._epoch_cache: tuple[int, list[list[int]]] = (-1, [])
@@ -385,14 +423,14 @@ class Trainer:
 
     def _eval(self, state: LoopState) -> bool:
         """Evaluate, keep the best adapter; True when early stopping says stop."""
-        loss = evaluate(self.model, self.eval_set, self.cfg, self.pad_id, self.device)
+        loss = evaluate(self.model, self.eval_set, self.cfg, self.pad_id, self.device, self.rank)
         state.last_eval = loss
         if state.first_eval is None:
             state.first_eval = loss
         improved = state.best_eval is None or loss < state.best_eval
         if improved:
             state.best_eval, state.evals_without_improvement = loss, 0
-            if state.step > 0:
+            if state.step > 0 and self.rank.main:
                 tmp = self.work / "best.tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
                 self.model.save_pretrained(str(tmp), safe_serialization=True)
@@ -411,16 +449,24 @@ class Trainer:
         # Every trained token of the step weighs the same, whichever micro-batch it is in (length-
         # grouped micro-batches differ a lot in trained tokens), so the step is the same as one
         # big batch and grad_accum really trades memory for nothing else.
-        micro = [collate(self._next_batch(state), self.pad_id) for _ in range(self.cfg.grad_accum)]
-        trained = sum(int((m["labels"][:, 1:] != chat.IGNORE_INDEX).sum()) for m in micro)
-        tokens = sum(int(m["attention_mask"].sum()) for m in micro)
+        # With several ranks, every rank draws the step's grad_accum x world micro-batches in the
+        # same order and trains on its own share; DDP averages gradients, hence the x world.
+        ga, world = self.cfg.grad_accum, self.rank.world
+        torch.manual_seed(step_seed(self.cfg.seed, state.step, self.rank.rank))  # dropout: resumable
+        drawn = [self._next_batch(state) for _ in range(ga * world)]
+        micro = [collate(b, self.pad_id) for b in drawn[self.rank.rank * ga:(self.rank.rank + 1) * ga]]
+        trained, tokens = distributed.all_sum(
+            [sum(int((m["labels"][:, 1:] != chat.IGNORE_INDEX).sum()) for m in micro),
+             sum(int(m["attention_mask"].sum()) for m in micro)], self.device)
         total = 0.0
-        for batch in micro:
+        for i, batch in enumerate(micro):
             inputs = {k: v.to(self.device) for k, v in batch.items()}
-            loss_sum, _ = causal_lm_loss(self.model, inputs)
-            loss = loss_sum / max(trained, 1)
-            self.scaler.scale(loss).backward()
-            total += float(loss.detach())
+            last = i == len(micro) - 1
+            with contextlib.nullcontext() if last or world == 1 else self.loss.no_sync():
+                loss_sum, _ = self.loss(**inputs)
+                self.scaler.scale(loss_sum * world / max(trained, 1)).backward()
+            total += float(loss_sum.detach())
+        total = distributed.all_sum([total], self.device)[0] / max(trained, 1)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.scaler.unscale_(self.optimizer)
         norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm or float("inf")))
@@ -432,6 +478,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         return {"loss": total, "lr": lr, "grad_norm": norm, "tokens": tokens}
+
+    def _save(self, state: LoopState) -> None:
+        if self.rank.main:  # every rank holds the same LoRA weights and optimizer state
+            save_checkpoint(self.work, self.model, self.optimizer, state, self.scaler)
 
     def fit(self) -> LoopState:
         import torch
@@ -448,8 +498,9 @@ class Trainer:
         patience = self.cfg.early_stopping_patience
         stopped_early = bool(patience) and state.evals_without_improvement >= patience
         while state.step < self.cfg.max_steps and not stopped_early:
-            if self.ctx.cancel_requested():
-                save_checkpoint(self.work, self.model, self.optimizer, state, self.scaler)
+            if distributed.all_sum([float(self.ctx.cancel_requested())], self.device)[0]:
+                self._save(state)
+                distributed.all_sum([0.0], self.device)  # no rank leaves before the checkpoint is written
                 raise JobCancelled()
             t0 = time.monotonic()
             m = self._step(state)
@@ -459,14 +510,14 @@ class Trainer:
                      "grad_norm": round(m["grad_norm"], 4),
                      "tokens_per_s": round(m["tokens"] / (time.monotonic() - t0), 1),
                      "eta_s": round((self.cfg.max_steps - state.step) / rate, 1)}
-            if self.device == "cuda":
+            if self.device.startswith("cuda"):
                 event["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             self.ctx.progress(state.step, self.cfg.max_steps, **event)
             stop = False
             if self.eval_set and (state.step % self.cfg.eval_every == 0 or state.step == self.cfg.max_steps):
                 stop = self._eval(state)
             if state.step % self.cfg.save_every == 0 or state.step == self.cfg.max_steps or stop:
-                save_checkpoint(self.work, self.model, self.optimizer, state, self.scaler)
+                self._save(state)
             if stop:
                 self.ctx.log(f"early stop at step {state.step}: no eval improvement in "
                              f"{self.cfg.early_stopping_patience} evaluations")
@@ -490,7 +541,8 @@ class Trainer:
             (w.path / "metrics.json").write_text(json.dumps(metrics, indent=2))
             w.commit(parents=[parent_ref(self.model_record), parent_ref(self.data_record)],
                      config={"train": self.cfg.as_dict(), "source": config_source,
-                             "device": self.device, "compute_dtype": str(self.dtype),
+                             "device": self.device.split(":")[0], "devices": self.rank.world,
+                             "compute_dtype": str(self.dtype),
                              "job": self.ctx.job.id},
                      metrics=metrics,
                      info={"summary": {"model": self.model_record.name, "dataset": self.data_record.name,
@@ -514,6 +566,8 @@ def run_training(ctx: JobContext) -> dict[str, Any]:
     existing = _published_by_this_job(ctx, p["name"])
     if existing is not None:  # killed between publishing and being marked done
         return {"run": existing.name, "path": str(existing.path)}
+    if cfg.devices > 1 and not distributed.in_worker():
+        return distributed.launch(ctx, cfg.devices)
     try:
         trainer = Trainer(ctx, model, data, cfg)
         state = trainer.fit()
@@ -529,6 +583,8 @@ def run_training(ctx: JobContext) -> dict[str, Any]:
                      "resume` retries these settings from the checkpoint, which helps only if "
                      "something else was using the GPU") from None
         raise
+    if not trainer.rank.main:
+        return {"rank": trainer.rank.rank}
     record = trainer.publish(state, p["name"], p.get("source", "config"))
     return {"run": record.name, "steps": state.step, "path": str(record.path)}
 

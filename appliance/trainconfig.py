@@ -44,6 +44,8 @@ class TrainConfig:
     save_every: int = 50
     early_stopping_patience: int = 0     # evals without improvement before stopping; 0: never
     seed: int = 0
+    # distribution
+    devices: int = 1                     # processes (GPUs) in data parallel (DDP through torchrun)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -55,7 +57,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "max_steps": (1, 1e7), "batch_size": (1, 4096), "grad_accum": (1, 4096),
     "max_grad_norm": (0, 1e4), "max_seq_len": (16, 1 << 20), "eval_every": (1, 1e7),
     "eval_batches": (0, 1e7), "save_every": (1, 1e7), "early_stopping_patience": (0, 1e4),
-    "seed": (0, 2**32 - 1),
+    "seed": (0, 2**32 - 1), "devices": (1, 64),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "quantization": ("nf4", "none"),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import datasets, jobs, manifest, models
+from appliance import datasets, jobs, manifest
 from appliance.demo import sample_dataset
 from appliance.errors import NotFoundError
 from appliance.workspace import Workspace
@@ -21,17 +21,6 @@ pytestmark = pytest.mark.integration
 CONFIG = {"lora_r": 4, "lora_alpha": 8, "max_steps": 6, "batch_size": 2, "grad_accum": 2,
           "max_seq_len": 96, "warmup_steps": 1, "learning_rate": 1e-3, "eval_every": 3,
           "save_every": 2, "seed": 3}
-
-
-@pytest.fixture
-def train_ws(tmp_path: Path, tiny_llama: Path) -> Workspace:
-    ws = Workspace(tmp_path / "ws")
-    model = models.import_path(ws, tiny_llama, name="tiny")
-    lines = sample_dataset().read_text(encoding="utf-8").splitlines()[:30]
-    small = tmp_path / "small.jsonl"
-    small.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    datasets.import_file(ws, small, model, name="small", eval_fraction=0.2)
-    return ws
 
 
 def params(name: str, **overrides: object) -> dict:
