@@ -3,15 +3,18 @@ the largest batch x sequence that does?
 
 Peak GPU memory of a QLoRA step of the engine in `appliance/train.py`:
 - weights: NF4 linear layers at 4.125 bits/param (4-bit codes, 8-bit block scales with double
-  quantization), LoRA parameters in fp32, embeddings (and an untied head) in the compute dtype;
+  quantization) plus 0.5 bits/param for the block scales the engine keeps unpacked in fp32
+  (`unpack_scales`), LoRA parameters in fp32, embeddings (and an untied head) in the compute dtype;
 - per token: the checkpointed hidden states and one layer's recomputed activations, and, for the
-  chunked loss, the logits of at most `train.LOSS_CHUNK` tokens at a time;
+  chunked loss, the logits of at most `loss_chunk(vocab)` tokens at a time;
 - paged 8-bit AdamW keeps 2 bytes per LoRA parameter in managed memory (outside torch's allocator),
   plain AdamW 8 bytes plus 4 for the gradient; plus the CUDA context.
 
 The coefficients marked "fitted" come from least squares over the peaks measured on an H100
 (`bench/calibrate_planner.py`: 21 points, 3 shapes, vocabularies of 49k-152k, every token trained;
-stored in `appliance/data/planner-calibration.json`); the tests check every recorded point and two
+stored in `appliance/data/planner-calibration.json`), weighted by relative error; every recorded
+point is predicted within 8% (the peak is really the larger of the loss phase and the layers'
+backward, which a sum only approximates); the tests check every recorded point and two
 out-of-sample points from `bench/train_throughput.py` (the 1B and 7B shapes). Training runs with
 `expandable_segments`, so reserved memory stays close to allocated, as it was measured.
 """
@@ -30,13 +33,15 @@ from appliance.trainconfig import TrainConfig
 GIB = 2**30
 NF4_BYTES_PER_PARAM = 4.125 / 8 + 4 / (64 * 256)  # codes + 8-bit scales + fp32 second-level scales
 LOSS_CHUNK = 1024           # must match appliance.train.LOSS_CHUNK (a test checks)
-EMBED_BYTES = 2.400         # per embedding parameter (fitted; 2 for bf16, plus the input-grad hook)
-HIDDEN_LAYER_BYTES = 0.139  # per token per hidden unit per layer (fitted; checkpointed inputs)
-HIDDEN_BYTES = 60.10        # per token per hidden unit (fitted; one layer recomputed, final states)
-LOGIT_BYTES = 11.77         # per chunk token per vocabulary entry (fitted; logits, fp32 copy, grads)
-CONSTANT_BYTES = 90.2e6     # cuBLAS workspaces and small buffers inside the allocator (fitted)
+LOSS_LOGITS = 1 << 26       # logit entries of one loss chunk at most (256 MiB in fp32)
+UNPACKED_SCALE_BYTES = 4 / 64  # per NF4 parameter when its block scales are kept in fp32
+EMBED_BYTES = 2.796         # per embedding parameter (fitted; 2 for bf16, plus the input-grad hook)
+HIDDEN_LAYER_BYTES = 0.671  # per token per hidden unit per layer (fitted; checkpointed inputs)
+HIDDEN_BYTES = 58.75        # per token per hidden unit (fitted; one layer recomputed, final states)
+LOGIT_BYTES = 11.15         # per chunk token per vocabulary entry (fitted; logits, fp32 copy, grads)
+CONSTANT_BYTES = 87.8e6     # cuBLAS workspaces and small buffers inside the allocator (fitted)
 CUDA_CONTEXT_BYTES = 0.5 * GIB
-HEADROOM = 0.05             # fragmentation the allocator may still add
+HEADROOM = 0.10             # fragmentation the allocator may still add (reserved over allocated)
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,15 @@ class Estimate:
         return self.allocated * (1 + HEADROOM) + self.optimizer + self.context
 
 
+def loss_chunk(vocab: int) -> int:
+    """Trained tokens whose logits exist at once: 1024, halved until a chunk's fp32 logits stay
+    within LOSS_LOGITS entries (a 152k vocabulary gets 256)."""
+    chunk = LOSS_CHUNK
+    while chunk > 128 and chunk * vocab > LOSS_LOGITS:
+        chunk //= 2
+    return chunk
+
+
 def lora_params(shape: Shape, rank: int) -> int:
     return shape.layers * sum(rank * (i + o) for i, o in shape.linear_shapes())
 
@@ -114,6 +128,8 @@ def weight_bytes(shape: Shape, cfg: TrainConfig) -> float:
     linear = shape.layers * sum(i * o for i, o in shape.linear_shapes())
     embeddings = shape.vocab * shape.hidden * (1 if shape.tied else 2)
     per_linear = NF4_BYTES_PER_PARAM if cfg.quantization == "nf4" else 2
+    if cfg.quantization == "nf4" and cfg.fused_lora and cfg.unpack_scales:
+        per_linear += UNPACKED_SCALE_BYTES
     return linear * per_linear + embeddings * EMBED_BYTES + lora_params(shape, cfg.lora_r) * 4
 
 
@@ -122,7 +138,7 @@ def estimate(shape: Shape, cfg: TrainConfig, batch: int, seq: int, *, gpu: bool 
     # without checkpointing every layer keeps its activations: rough (uncalibrated) estimate
     per_layer = HIDDEN_LAYER_BYTES if cfg.gradient_checkpointing else HIDDEN_BYTES
     activations = (tokens * shape.hidden * (per_layer * shape.layers + HIDDEN_BYTES)
-                   + LOGIT_BYTES * min(tokens, LOSS_CHUNK) * shape.vocab)
+                   + LOGIT_BYTES * min(tokens, loss_chunk(shape.vocab)) * shape.vocab)
     n_lora = lora_params(shape, cfg.lora_r)
     paged = cfg.optimizer == "paged_adamw_8bit" or (cfg.optimizer == "auto" and gpu)
     optimizer = 2 * n_lora if paged else 12 * n_lora

@@ -26,6 +26,7 @@ from appliance import chat, datasets, distributed, manifest
 from appliance.errors import ApplianceError
 from appliance.fsutil import fsync_dir
 from appliance.jobs import JobCancelled, JobContext
+from appliance.planner import loss_chunk
 from appliance.trainconfig import TrainConfig, validate
 from appliance.workspace import ArtifactRecord, parent_ref
 
@@ -146,7 +147,14 @@ def load_model(path: Path, cfg: TrainConfig, device: str, dtype: Any) -> Any:
     torch.manual_seed(cfg.seed)  # the LoRA init depends only on the seed
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    if cfg.fused_lora:
+        from appliance import fastlora
+
+        fastlora.fuse(model)
+        if cfg.unpack_scales and cfg.quantization == "nf4":
+            fastlora.unpack_scales(model)
+    return model
 
 
 def keep_cpu_weights_trainable(model: Any) -> None:
@@ -191,8 +199,9 @@ def causal_lm_loss(model: Any, inputs: dict[str, Any]) -> tuple[Any, int]:
     states, targets = hidden[:, :-1][keep], labels[keep]
     weight = causal.get_output_embeddings().weight
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.shape[0], LOSS_CHUNK):
-        end = start + LOSS_CHUNK
+    chunk = min(LOSS_CHUNK, loss_chunk(weight.shape[0]))
+    for start in range(0, targets.shape[0], chunk):
+        end = start + chunk
         total = total + checkpoint(_chunk_loss, states[start:end], targets[start:end], weight,
                                    use_reentrant=False)
     return total, int(targets.shape[0])
@@ -446,6 +455,8 @@ class Trainer:
     def _step(self, state: LoopState) -> dict[str, Any]:
         import torch
 
+        from appliance import fastlora
+
         # Every trained token of the step weighs the same, whichever micro-batch it is in (length-
         # grouped micro-batches differ a lot in trained tokens), so the step is the same as one
         # big batch and grad_accum really trades memory for nothing else.
@@ -476,6 +487,7 @@ class Trainer:
         self.scaler.step(self.optimizer)  # skipped (and the scale lowered) if fp16 grads overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        fastlora.weights_changed()
         state.step += 1
         return {"loss": total, "lr": lr, "grad_norm": norm, "tokens": tokens}
 
@@ -486,10 +498,13 @@ class Trainer:
     def fit(self) -> LoopState:
         import torch
 
+        from appliance import fastlora
+
         state = LoopState()
         checkpoint = latest_checkpoint(self.work)
         if checkpoint is not None:
             state = load_checkpoint(checkpoint, self.model, self.optimizer, self.scaler)
+            fastlora.weights_changed()
             self.ctx.log(f"resumed from {checkpoint.name} (step {state.step})")
         elif self.eval_set:
             self._eval(state)  # perplexity before training

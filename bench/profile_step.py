@@ -47,16 +47,21 @@ def main() -> None:
     torch.cuda.synchronize()
     per_step = (time.perf_counter() - t0) / 5
     print(f"{args.shape}: {per_step * 1000:.1f} ms/step, {batch * seq / per_step:.0f} tokens/s")
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(2):
             step(x)
         torch.cuda.synchronize()
+    launches = sum(e.count for e in prof.key_averages() if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                                      "cudaLaunchKernelExC"))
+    cpu_ops = sorted(((e.self_cpu_time_total / 2 / 1000, e.count // 2, e.key) for e in prof.key_averages()),
+                     reverse=True)[:25]
     kernels: dict[str, float] = defaultdict(float)
     for e in prof.key_averages():
-        if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0):
+        if getattr(e, "self_device_time_total", 0):
             kernels[e.key] += e.self_device_time_total / 2 / 1000  # ms per step
     total = sum(kernels.values())
-    lines = [f"GPU busy {total:.1f} ms of {per_step * 1000:.1f} ms per step"]
+    lines = [f"GPU busy {total:.1f} ms of {per_step * 1000:.1f} ms per step; {launches // 2} kernel "
+             "launches per step"]
     groups: dict[str, float] = defaultdict(float)
     for name, ms in kernels.items():
         group = next((g for g, pat in GROUPS if re.search(pat, name)), "other")
@@ -66,6 +71,8 @@ def main() -> None:
     lines.append("top kernels:")
     lines += [f"  {ms:8.2f} ms  {name[:150]}" for name, ms in
               sorted(kernels.items(), key=lambda kv: -kv[1])[:30]]
+    lines.append("top host (CPU) time, self, per step:")
+    lines += [f"  {ms:8.2f} ms  x{count:<6} {name[:100]}" for ms, count, name in cpu_ops]
     text = "\n".join(lines)
     print(text)
     Path(args.out, f"profile-{args.shape}.txt").write_text(text + "\n")

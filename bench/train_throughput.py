@@ -82,9 +82,15 @@ def baseline_step(path: str, liger: bool):
 def ours_step(path: str):
     import torch
 
+    from appliance.fastlora import weights_changed
     from appliance.train import causal_lm_loss, load_model, make_optimizer
     from appliance.trainconfig import validate
 
+    if os.environ.get("OURS_LIGER"):  # experiment: Liger's RoPE, RMSNorm and SwiGLU under our engine
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
     cfg = validate({"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": TARGETS,
                     "learning_rate": 2e-4, "optimizer": os.environ.get("OURS_OPTIMIZER", "auto")})
     model = load_model(Path(path), cfg, "cuda", torch.bfloat16)
@@ -97,6 +103,7 @@ def ours_step(path: str):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        weights_changed()
         return loss
 
     return step

