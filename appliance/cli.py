@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance import __version__, offline
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, ValidationError
 
 
 def _workspace(args: argparse.Namespace) -> Any:
@@ -249,6 +249,83 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     return _show(args, "run", render)
 
 
+# -- merge, export, verify -------------------------------------------------------------------
+def _run_job(args: argparse.Namespace, kind: str, params: dict[str, Any], what: str) -> int:
+    """Start a detached job; follow it unless --detach (closing the terminal does not stop it)."""
+    from appliance import jobs
+
+    ws = _workspace(args)
+    job = jobs.start(ws, kind, params)
+    say(f"started {what} job {job.id} (it runs on if this command exits)")
+    if args.detach:
+        say(f"follow it: appliance jobs logs {job.id} --follow")
+        return 0
+    for event in jobs.follow(ws, job.id):
+        say(format_event(event))
+    done = jobs.get(ws, job.id)
+    if done.state == "succeeded" and done.result.get("exports"):
+        failed = [n for n, status in done.result["exports"].items() if status == "failed"]
+        if failed:
+            say(f"parity gate FAILED for: {', '.join(failed)} (marked failed in the registry)")
+            return 2
+    return 0 if done.state == "succeeded" else 1
+
+
+def _thresholds(items: list[str] | None) -> dict[str, float]:
+    from appliance.trainconfig import parse_override
+
+    allowed = ("ppl_increase", "kl", "agreement")
+    out = {}
+    for item in items or []:
+        key, value = parse_override(item)
+        if key not in allowed or not isinstance(value, int | float):
+            raise ValidationError(f"--threshold {item!r}: expected one of {', '.join(allowed)}=NUMBER")
+        out[key] = float(value)
+    return out
+
+
+def _types(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    return _run_job(args, "merge", {"run": args.run, "dtype": args.dtype, "base": args.base}, "merge")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    types = _types(args.quant if args.format == "gguf" else args.precision)
+    params = {"run": args.run, "format": args.format, "types": types,
+              "overrides": _thresholds(args.threshold)}
+    return _run_job(args, "export", params, f"{args.format} export")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    return _run_job(args, "verify", {"export": args.export, "overrides": _thresholds(args.threshold)},
+                    "parity")
+
+
+def cmd_exports_list(args: argparse.Namespace) -> int:
+    rows = [{"name": r.name, "status": r.status,
+             **{k: r.summary.get(k) for k in ("format", "type", "run", "parity")},
+             "created": r.created} for r in _workspace(args).list("export")]
+    _print_table(rows, ["name", "status", "format", "type", "run", "parity", "created"])
+    return 0
+
+
+def cmd_exports_show(args: argparse.Namespace) -> int:
+    from appliance import parity
+
+    def render(data: dict[str, Any]) -> None:
+        say(f"  status   {data.get('status', 'ready')}")
+        say("  parents  " + ", ".join(f"{p['kind']} {p['name']}" for p in data["parents"]))
+        say("  config   " + json.dumps(data["config"]))
+        report = _workspace(args).get("export", args.name).path / "parity.json"
+        if report.exists():
+            say(parity.table(json.loads(report.read_text())))
+
+    return _show(args, "export", render)
+
+
 def make_plan(model: Any, cfg: Any, target: str | None) -> Any:
     """The memory plan for a named target, else for the GPU found here; None without either."""
     from appliance import planner
@@ -449,6 +526,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="a GPU: t4-16gb, l4-24gb, a10-24gb, a100-40gb, a100-80gb, "
                                     "h100-80gb (default: the one found here)")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("merge", help="merge a run's adapter into a full-precision copy of its base")
+    p.add_argument("run")
+    p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto")
+    p.add_argument("--base", choices=("full", "nf4"), default="full",
+                   help="full: the base as imported; nf4: the base as training saw it (NF4 round trip)")
+    p.add_argument("--detach", action="store_true", help="start the job and return")
+    p.set_defaults(func=cmd_merge)
+    exp = sub.add_parser("export", help="export a run to GGUF or ONNX (merges first; parity-checked)")
+    esub = exp.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    for fmt, option, default, text in (
+            ("gguf", "--quant", "Q8_0,Q4_K_M", "llama.cpp types, comma-separated (F16, Q8_0, Q6_K, "
+             "Q5_K_M, Q4_K_M, ...)"),
+            ("onnx", "--precision", "int4", "comma-separated: fp32, fp16 (CUDA), int8, int4")):
+        p = esub.add_parser(fmt, help=f"export to {fmt.upper()}")
+        p.add_argument("run")
+        p.add_argument(option, default=default, help=text)
+        p.add_argument("--threshold", action="append", metavar="KEY=VALUE",
+                       help="override a parity threshold: ppl_increase, kl or agreement")
+        p.add_argument("--detach", action="store_true", help="start the job and return")
+        p.set_defaults(func=cmd_export)
+    p = sub.add_parser("verify", help="run the parity gate of an export again")
+    p.add_argument("export")
+    p.add_argument("--threshold", action="append", metavar="KEY=VALUE")
+    p.add_argument("--detach", action="store_true")
+    p.set_defaults(func=cmd_verify)
+    exs = sub.add_parser("exports", help="list, show and remove exports")
+    xsub = exs.add_subparsers(metavar="ACTION", required=True)
+    xsub.add_parser("list", help="list exports with their parity verdicts").set_defaults(
+        func=cmd_exports_list)
+    _add_show(xsub, cmd_exports_show)
+    _add_rm(xsub, "export")
 
     jobs = sub.add_parser("jobs", help="list, follow, cancel and resume background jobs")
     jsub = jobs.add_subparsers(metavar="ACTION", required=True)

@@ -3,7 +3,8 @@
 At this stage: import the embedded SmolLM2-135M-Instruct (GGUF -> HF folder for training, the GGUF
 kept for inference) and the Dolly sample the repo ships, then a short QLoRA run on the CPU as a
 detached job (its progress followed here; Ctrl-C leaves it running), and eval perplexity before and
-after. Later stages (merge, export, parity, chat) are added here as they land. Re-running it reuses
+after; then the adapter merged into the base, exported to GGUF (Q8_0, Q4_K_M) and ONNX (int4), each
+export scored by the parity gate against the merged model, and the parity table. Re-running it reuses
 what is already in the workspace after checking it against its manifest, and picks up a training
 job that an earlier demo left running or interrupted.
 """
@@ -23,7 +24,8 @@ from appliance.workspace import ArtifactRecord, Workspace
 DATASET_NAME = "dolly-sample"
 RUN_NAME = "demo-qlora"
 RECIPE = "smollm2-cpu"
-STAGES = 3
+STAGES = 5
+EXPORTS = (("gguf", ["Q8_0", "Q4_K_M"]), ("onnx", ["int4"]))
 
 
 def sample_dataset() -> Path:
@@ -97,6 +99,44 @@ def _train(ws: Workspace, model: ArtifactRecord, say: Callable[[str], None]) -> 
     return ws.get("run", RUN_NAME)
 
 
+def _follow_job(ws: Workspace, kind: str, params: dict, say: Callable[[str], None]) -> None:
+    from appliance.cli import format_event
+
+    job = jobs.start(ws, kind, params)
+    say(f"      job {job.id} runs detached (appliance jobs logs {job.id} --follow)")
+    for event in jobs.follow(ws, job.id):
+        if event["type"] in ("log", "state") and not event.get("message", "").startswith(("[", "scored")):
+            say("      " + format_event(event).replace("\n", "\n      "))
+    finished = jobs.get(ws, job.id)
+    if finished.state != "succeeded":
+        raise ApplianceError(f"the demo's {kind} job ended {finished.state}: {finished.message}",
+                             title="Export did not finish", hint=f"see `appliance jobs logs {job.id}`")
+
+
+def _exports(ws: Workspace, say: Callable[[str], None]) -> list[ArtifactRecord]:
+    records = []
+    for stage, (fmt, types) in enumerate(EXPORTS, 4):
+        names = [f"{RUN_NAME}-{fmt}-{t.lower()}" for t in types]
+        if all(ws.artifact_dir("export", n).exists() for n in names):
+            for n in names:
+                manifest.verify(ws.get("export", n).path)
+            say(f"[{stage}/{STAGES}] {', '.join(names)} already exported; all files match their sha256")
+        else:
+            what = "merge + " if stage == 4 else ""
+            say(f"[{stage}/{STAGES}] {what}{fmt.upper()} export ({', '.join(types)}), parity-checked")
+            _follow_job(ws, "export", {"run": RUN_NAME, "format": fmt, "types": types}, say)
+        records += [ws.get("export", n) for n in names]
+    return records
+
+
+def _parity_table(records: list[ArtifactRecord]) -> str:
+    from appliance import parity
+
+    reports = [json.loads((r.path / "parity.json").read_text()) for r in records]
+    merged = {**reports[0], "artifacts": [a for rep in reports for a in rep["artifacts"]]}
+    return parity.table(merged)
+
+
 def run(ws: Workspace, say: Callable[[str], None]) -> int:
     from appliance.cli import human_count, print_dataset_report
 
@@ -114,6 +154,11 @@ def run(ws: Workspace, say: Callable[[str], None]) -> int:
     say(f"      eval perplexity {metrics['perplexity_before']:.3f} before -> "
         f"{metrics['perplexity_after']:.3f} after ({metrics['steps']} steps); adapter at "
         f"{run_record.path / 'adapter'}")
-    say(f"done in {time.monotonic() - started:.1f} s. Next: `appliance models show "
-        f"{model.name}`, `appliance data show {DATASET_NAME}`, `appliance jobs list`.")
+    exported = _exports(ws, say)
+    say(_parity_table(exported))
+    for record in exported:
+        files = [f for f in record.path.iterdir() if f.suffix == ".gguf"] or [record.path / "onnx"]
+        say(f"      {record.name}: {record.status} -> {files[0]}")
+    say(f"done in {time.monotonic() - started:.1f} s. Next: `appliance exports list`, `appliance "
+        f"exports show {exported[-1].name}`, `appliance jobs list`.")
     return 0

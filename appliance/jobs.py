@@ -23,6 +23,7 @@ import datetime as dt
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -407,5 +408,34 @@ def _train(ctx: JobContext) -> dict[str, Any]:
     return run_training(ctx)
 
 
+def _merge(ctx: JobContext) -> dict[str, Any]:
+    from appliance import exports
+
+    p = ctx.params
+    record = exports.merge(ctx.ws, p["run"], dtype=p.get("dtype", "auto"), base=p.get("base", "full"),
+                           say=ctx.log)
+    return {"export": record.name, "path": str(record.path)}
+
+
+def _export(ctx: JobContext) -> dict[str, Any]:
+    """params {run, format: gguf|onnx, types: [...], overrides: {threshold key: value}}"""
+    from appliance import exports
+
+    p = ctx.params
+    func = exports.export_gguf if p["format"] == "gguf" else exports.export_onnx
+    records = func(ctx.ws, p["run"], p["types"], scratch=ctx.dir / "work", overrides=p.get("overrides"),
+                   say=ctx.log, check_cancel=ctx.check_cancel)
+    shutil.rmtree(ctx.dir / "work", ignore_errors=True)  # intermediate F16 GGUF / fp32 ONNX
+    return {"exports": {r.name: r.status for r in records}}
+
+
+def _verify(ctx: JobContext) -> dict[str, Any]:
+    from appliance import exports
+
+    report = exports.verify(ctx.ws, ctx.params["export"], overrides=ctx.params.get("overrides"),
+                            say=ctx.log)
+    return {"passed": report["passed"]}
+
+
 KINDS: dict[str, JobFunction] = {"import-model": _import_model, "selftest": _selftest,
-                                 "train": _train}
+                                 "train": _train, "merge": _merge, "export": _export, "verify": _verify}

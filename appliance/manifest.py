@@ -48,11 +48,13 @@ def build(
     info: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
+    status: str = "ready",
 ) -> dict[str, Any]:
     return {
         "schema": SCHEMA,
         "kind": kind,
         "name": name,
+        "status": status,
         "created": now_iso(),
         "parents": parents or [],
         "files": hash_files(root, progress),

@@ -1,6 +1,7 @@
 """`appliance demo` end to end on the real SmolLM2 (model copied in to skip its import): dataset
-import, a short QLoRA run on the CPU as a detached job, perplexity before and after; then a second
-run that finds everything done and verified."""
+import, a short QLoRA run on the CPU as a detached job, perplexity before and after, the merge,
+Q8_0 + Q4_K_M GGUF and int4 ONNX exports with the parity table; then a second run that finds
+everything done and verified."""
 
 from __future__ import annotations
 
@@ -38,6 +39,13 @@ def test_demo_trains_and_is_idempotent(model_workspace: tuple[Workspace, Artifac
     run = ws.get("run", "demo-qlora")
     assert {p["name"] for p in manifest.verify(run.path)["parents"]} == {"smollm2-135m-instruct",
                                                                          "dolly-sample"}
+    assert "parity on" in first.stdout
+    for name in ("demo-qlora-gguf-q8_0", "demo-qlora-gguf-q4_k_m", "demo-qlora-onnx-int4"):
+        record = ws.get("export", name)
+        assert re.search(rf"^{name} .* (pass|FAIL)", first.stdout, re.M), first.stdout[-2500:]
+        assert (record.path / "parity.json").exists()
+        assert {p["name"] for p in manifest.verify(record.path)["parents"]} == {"demo-qlora-merged"}
     second = demo(ws.root)
     assert second.returncode == 0
     assert "run 'demo-qlora' already trained" in second.stdout and "step 1/" not in second.stdout
+    assert "already exported" in second.stdout and "parity on" in second.stdout

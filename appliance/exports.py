@@ -1,0 +1,382 @@
+"""From a finished run to deployable artifacts, each checked by the parity gate.
+
+Artifacts (kind `export`, under `exports/`), one per deployable thing:
+- `<run>-merged`: the adapter merged into a full-precision base (HF folder), with `merge_check.json`
+  (merged vs adapter-at-run-time logits) and `parity.json` (the adapter model as trained vs merged);
+- `<run>-gguf-<type>`: one GGUF (F16, Q8_0, Q4_K_M, ...) with its Ollama `Modelfile`;
+- `<run>-onnx-<precision>`: one ONNX folder (fp32, fp16, int8, int4), self-contained.
+Every GGUF/ONNX artifact is scored against the merged model before it is committed; its
+`parity.json` holds the verdict and a failing one is registered with status `failed`.
+
+Each step is idempotent: an artifact that exists and still matches its manifest is reused.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from appliance import manifest, parity
+from appliance.errors import ApplianceError, RefusedError, ValidationError
+from appliance.fsutil import atomic_write_text
+from appliance.workspace import ArtifactRecord, Workspace, parent_ref
+
+Say = Callable[[str], None]
+PARITY_CONVERSATIONS = 16
+PARITY_MAX_TOKENS = 512
+GAP_PROMPTS = 4
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def tool_lines(say: Say) -> Say:
+    """llama.cpp's converter and quantizer print a line per tensor: keep the rest."""
+    def inner(line: str) -> None:
+        if ("-->" in line or "falling back to" in line or line.startswith("llama_")
+                or re.match(r"\s*\[\s*\d+/\s*\d+\]", line)):
+            return
+        say(line)
+    return inner
+
+
+def merged_name(run: str) -> str:
+    return f"{run}-merged"
+
+
+def _existing(ws: Workspace, name: str) -> ArtifactRecord | None:
+    try:
+        record = ws.get("export", name)
+    except ApplianceError:
+        return None
+    manifest.verify(record.path)
+    return record
+
+
+@contextmanager
+def disk_errors(what: str) -> Iterator[None]:
+    """A full disk (or quota) mid-export becomes an actionable error; the writer cleans up."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ApplianceError(f"{what}: the disk is full ({exc.filename or ''})", title="Disk full",
+                                 hint="free space in the workspace (appliance exports rm / runs rm) "
+                                      "and run the same command again; nothing partial was kept") from None
+        raise
+
+
+# -- inputs --------------------------------------------------------------------------------------
+def run_inputs(ws: Workspace, run: str) -> tuple[ArtifactRecord, ArtifactRecord, ArtifactRecord]:
+    """The run, its base model and its dataset, all checked against their manifests."""
+    try:
+        record = ws.get("run", run)
+    except ApplianceError:
+        raise ApplianceError(f"no finished run named {run!r}", title="Not found",
+                             hint="`appliance runs list` shows finished runs; a run that is still "
+                                  "training or failed has no adapter to export yet") from None
+    data = manifest.verify(record.path)
+    parents = {p["kind"]: p for p in data["parents"]}
+    found = []
+    for kind in ("model", "dataset"):
+        try:
+            parent = ws.get(kind, parents[kind]["name"])
+        except (KeyError, ApplianceError):
+            raise ApplianceError(f"run {run!r} was trained on {kind} "
+                                 f"{parents.get(kind, {}).get('name')!r}, which is no longer in the "
+                                 "workspace", title=f"Missing base {kind}",
+                                 hint=f"import it again under the same name (appliance {kind}s import)"
+                                 ) from None
+        manifest.verify(parent.path)
+        found.append(parent)
+    return record, found[0], found[1]
+
+
+def parity_data(model: ArtifactRecord, dataset: ArtifactRecord, tokenizer: Any
+                ) -> tuple[list[parity.Sample], str]:
+    """The held-out conversations to score (a fixed sample), and one rendered conversation for the
+    tokenizer check."""
+    from appliance import datasets
+
+    info = manifest.read(model.path)["info"]
+    rows = datasets.load_rows(dataset, "eval") or datasets.load_rows(dataset, "train")
+    conversations = [r["messages"] for r in rows[:PARITY_CONVERSATIONS]]
+    data = parity.samples(tokenizer, conversations, info["stop_tokens"], PARITY_MAX_TOKENS)
+    text = tokenizer.apply_chat_template(conversations[0], tokenize=False)
+    return data, text
+
+
+class HFScorer:
+    def __init__(self, folder: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
+                                                          trust_remote_code=False).eval()
+
+    def logits(self, ids: list[int]) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return self.model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+
+
+class AdapterScorer(HFScorer):
+    """The model as trained: NF4 base (bitsandbytes) + the LoRA adapter through peft."""
+
+    def __init__(self, base: Path, adapter: Path, train_config: dict[str, Any]) -> None:
+        import torch
+        from peft import PeftModel
+
+        from appliance.train import load_model, pick_device
+        from appliance.trainconfig import validate
+
+        cfg = validate({k: v for k, v in train_config.items() if k != "devices"})
+        _, dtype = pick_device(cfg)
+        base_model = load_model(base, cfg, "cpu", dtype if dtype != torch.float16 else torch.float32)
+        base_model = base_model.unload() if hasattr(base_model, "unload") else base_model
+        self.model = PeftModel.from_pretrained(base_model, str(adapter)).eval()
+
+
+# -- merge ---------------------------------------------------------------------------------------
+def merge(ws: Workspace, run: str, *, dtype: str = "auto", base: str = "full", say: Say = _quiet
+          ) -> ArtifactRecord:
+    """The `<run>-merged` artifact (made once; a later call finds and reuses it)."""
+    from appliance import merge as merging
+    from appliance.models import load_tokenizer
+
+    name = merged_name(run)
+    existing = _existing(ws, name)
+    if existing is not None:
+        say(f"{name} exists and matches its manifest: reused")
+        return existing
+    record, model, dataset = run_inputs(ws, run)
+    run_config = manifest.read(record.path)["config"]
+    train_dtype = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(run_config.get("compute_dtype"),
+                                                                          "fp32")
+    with ws.writer("export", name) as w, disk_errors(f"merging {run}"):
+        say(f"merging {run} into {model.name} ({base} base, {dtype})")
+        summary = merging.merge_folder(model.path, record.path / "adapter", w.path, dtype=dtype,
+                                       base=base, train_dtype=train_dtype, say=say)
+        tokenizer = load_tokenizer(w.path)
+        data, _ = parity_data(model, dataset, tokenizer)
+        prompts = [s.input_ids[:128] for s in data[:GAP_PROMPTS]]
+        say("checking merged vs adapter logits")
+        gap = merging.logits_gap(w.path, model.path, record.path / "adapter", prompts, base=base,
+                                 train_dtype=train_dtype)
+        (w.path / "merge_check.json").write_text(json.dumps({**summary, **gap}, indent=2))
+        say("scoring the adapter model (as trained) against the merged model")
+        report = _parity_report(w.path, data, {"adapter": ("adapter", AdapterScorer(
+            model.path, record.path / "adapter", run_config.get("train", {})))}, None, {}, say,
+            reference_name=name, gating=False)
+        (w.path / "parity.json").write_text(json.dumps(report, indent=2))
+        w.commit(parents=[parent_ref(record), parent_ref(model)],
+                 config={"dtype": dtype, "base": base, "run": run},
+                 info={"format": "hf", "summary": {"format": "merged", "run": run, "base": base,
+                                                   "dtype": summary["dtype"]}},
+                 metrics={"merge_gap": gap, "adapter_parity": report["artifacts"][0]})
+    return ws.get("export", name)
+
+
+# -- parity --------------------------------------------------------------------------------------
+def _parity_report(reference_dir: Path, data: list[parity.Sample],
+                   artifacts: dict[str, tuple[str, parity.Scorer]], token_check: dict[str, bool] | None,
+                   overrides: dict[str, float], say: Say, *, reference_name: str = "",
+                   gating: bool = True) -> dict[str, Any]:
+    rows = parity.reference_rows(HFScorer(reference_dir), data, say)
+    ref = parity.Score()
+    for s, r in zip(data, rows, strict=True):
+        ref.add(r, r, s.targets)
+    results = []
+    for name, (kind, scorer) in artifacts.items():
+        say(f"scoring {name}")
+        score = parity.score(scorer, data, rows)
+        result = parity.judge(name, kind, score, ref, (token_check or {}).get(name), overrides)
+        if not gating:  # reported, not judged: e.g. the adapter model as trained vs the merged one
+            result.passed, result.reasons = None, ["informational"]
+        results.append(result)
+    return {"reference": {"name": reference_name or reference_dir.name,
+                          "perplexity": round(ref.perplexity, 4)},
+            "conversations": len(data), "tokens": ref.count,
+            "artifacts": [r.__dict__ for r in results],
+            "passed": all(r.passed is not False for r in results)}
+
+
+def _gate(ws: Workspace, merged: ArtifactRecord, artifact_name: str, kind: str, scorer: Any,
+          runtime_ids: Callable[[str], list[int]], overrides: dict[str, float], say: Say
+          ) -> dict[str, Any]:
+    from appliance.models import load_tokenizer
+
+    run = manifest.read(merged.path)["config"]["run"]
+    _, model, dataset = run_inputs(ws, run)
+    tokenizer = load_tokenizer(merged.path)
+    data, text = parity_data(model, dataset, tokenizer)
+    same = runtime_ids(text) == tokenizer(text, add_special_tokens=False)["input_ids"]
+    return _parity_report(merged.path, data, {artifact_name: (kind, scorer)}, {artifact_name: same},
+                          overrides, say, reference_name=merged.name)
+
+
+def _commit_gated(w: Any, report: dict[str, Any], merged: ArtifactRecord, config: dict[str, Any],
+                  summary: dict[str, Any], say: Say) -> None:
+    (w.path / "parity.json").write_text(json.dumps(report, indent=2))
+    passed = report["passed"]
+    say(parity.table(report))
+    w.commit(parents=[parent_ref(merged)], config=config, status="ready" if passed else "failed",
+             info={"summary": {**summary, "parity": "pass" if passed else "FAIL"}},
+             metrics={"parity": report["artifacts"][0]})
+
+
+# -- GGUF ----------------------------------------------------------------------------------------
+def export_gguf(ws: Workspace, run: str, quants: list[str], *, scratch: Path,
+                overrides: dict[str, float] | None = None, say: Say = _quiet,
+                check_cancel: Callable[[], None] = lambda: None) -> list[ArtifactRecord]:
+    from export import gguf
+
+    names = [gguf.resolve_quant_type(q)[0] for q in quants]  # unknown types fail before any work
+    merged = merge(ws, run, say=say)
+    base = scratch / f"{run}-F16.gguf"
+
+    def make(qtype: str) -> ArtifactRecord:
+        if not base.exists():  # converted once, for every type of this job
+            scratch.mkdir(parents=True, exist_ok=True)
+            gguf.convert(merged.path, base, progress=tool_lines(say))
+        return _one_gguf(ws, merged, run, qtype, base, overrides or {}, say)
+
+    return _each(ws, {f"{run}-gguf-{q.lower()}": q for q in names}, make, say, check_cancel)
+
+
+def _each(ws: Workspace, todo: dict[str, str], make: Callable[[str], ArtifactRecord], say: Say,
+          check_cancel: Callable[[], None]) -> list[ArtifactRecord]:
+    """{artifact name: type} -> the artifacts, reusing those that exist and verify."""
+    out = []
+    for name, kind in todo.items():
+        existing = _existing(ws, name)
+        if existing is not None:
+            say(f"{name} exists and matches its manifest: reused")
+            out.append(existing)
+            continue
+        check_cancel()
+        with disk_errors(f"exporting {name}"):
+            out.append(make(kind))
+    return out
+
+
+def _one_gguf(ws: Workspace, merged: ArtifactRecord, run: str, qtype: str, base: Path,
+              overrides: dict[str, float], say: Say) -> ArtifactRecord:
+    from export import gguf
+
+    name = f"{run}-gguf-{qtype.lower()}"
+    with ws.writer("export", name) as w:
+        path = w.path / f"{run}-{qtype}.gguf"
+        if qtype == "F16":
+            shutil.copy2(base, path)
+        else:
+            gguf.quantize(base, path, qtype, progress=tool_lines(say))
+        say(f"checking {path.name}")
+        check = gguf.check_gguf(path, merged.path)
+        gguf.write_modelfile(path, merged.path, out=w.path / "Modelfile")
+        (w.path / "gguf_check.json").write_text(json.dumps(check, indent=2, default=str))
+        with gguf.GgufLM(path, n_ctx=PARITY_MAX_TOKENS + 16) as lm:
+            report = _gate(ws, merged, name, qtype.lower(), lm, lm.tokenize, overrides, say)
+        _commit_gated(w, report, merged, {"format": "gguf", "type": qtype, "run": run},
+                      {"format": "gguf", "type": qtype, "run": run, "file": path.name}, say)
+    return ws.get("export", name)
+
+
+# -- ONNX ----------------------------------------------------------------------------------------
+def export_onnx(ws: Workspace, run: str, precisions: list[str], *, scratch: Path,
+                overrides: dict[str, float] | None = None, say: Say = _quiet,
+                check_cancel: Callable[[], None] = lambda: None) -> list[ArtifactRecord]:
+    from export import onnx
+
+    bad = [p for p in precisions if p not in onnx.PRECISIONS]
+    if bad:
+        raise ValidationError(f"unknown ONNX precision {bad[0]!r}; valid: {', '.join(onnx.PRECISIONS)}")
+    merged = merge(ws, run, say=say)
+    return _each(ws, {f"{run}-onnx-{p}": p for p in precisions},
+                 lambda p: _one_onnx(ws, merged, run, p, scratch, overrides or {}, say), say, check_cancel)
+
+
+def _one_onnx(ws: Workspace, merged: ArtifactRecord, run: str, precision: str, scratch: Path,
+              overrides: dict[str, float], say: Say) -> ArtifactRecord:
+    from export import onnx
+
+    name = f"{run}-onnx-{precision}"
+    fp32 = scratch / "onnx-fp32"
+    with ws.writer("export", name) as w:
+        target = w.path / "onnx"
+        if precision in ("int4", "int8"):
+            if not (fp32 / onnx.MODEL_FILE).exists():
+                shutil.rmtree(fp32, ignore_errors=True)
+                onnx.export_onnx(merged.path, fp32, "fp32", progress=say)
+            details = onnx.quantize_onnx(fp32, target, precision, progress=say)
+        else:
+            details = onnx.export_onnx(merged.path, target, precision, progress=say)
+        (w.path / "onnx_export.json").write_text(json.dumps(details, indent=2, default=str))
+        lm = onnx.OnnxLM(target)
+        report = _gate(ws, merged, name, precision, lm, lm.tokenize, overrides, say)
+        _commit_gated(w, report, merged, {"format": "onnx", "precision": precision, "run": run},
+                      {"format": "onnx", "type": precision, "run": run}, say)
+    return ws.get("export", name)
+
+
+# -- verify again, and the gate for consumers ----------------------------------------------------
+def verify(ws: Workspace, name: str, *, overrides: dict[str, float] | None = None, say: Say = _quiet
+           ) -> dict[str, Any]:
+    """Re-run the parity gate of an existing export and update its parity.json, status and manifest."""
+    from export import gguf, onnx
+
+    record = ws.get("export", name)
+    data = manifest.verify(record.path)
+    config = data["config"]
+    if config.get("format") not in ("gguf", "onnx"):
+        raise ValidationError(f"{name} is a merged model: it is the reference, not something to verify",
+                              hint="verify one of its GGUF or ONNX exports")
+    merged = ws.get("export", merged_name(config["run"]))
+    if config["format"] == "gguf":
+        path = record.path / f"{config['run']}-{config['type']}.gguf"
+        with gguf.GgufLM(path, n_ctx=PARITY_MAX_TOKENS + 16) as lm:
+            report = _gate(ws, merged, name, config["type"].lower(), lm, lm.tokenize, overrides or {}, say)
+    else:
+        lm = onnx.OnnxLM(record.path / "onnx")
+        report = _gate(ws, merged, name, config["precision"], lm, lm.tokenize, overrides or {}, say)
+    _rewrite_parity(ws, record, data, report)
+    return report
+
+
+def _rewrite_parity(ws: Workspace, record: ArtifactRecord, data: dict[str, Any], report: dict[str, Any]
+                    ) -> None:
+    from appliance.fsutil import FileLock, sha256_file
+
+    lock = FileLock(ws._lock_path("export", record.name))
+    if not lock.try_acquire():
+        raise ApplianceError(f"export {record.name!r} is being written by another process",
+                             title="Busy")
+    try:
+        target = record.path / "parity.json"
+        atomic_write_text(target, json.dumps(report, indent=2))
+        data["files"]["parity.json"] = {"size": target.stat().st_size, "sha256": sha256_file(target)}
+        data["status"] = "ready" if report["passed"] else "failed"
+        data["info"].setdefault("summary", {})["parity"] = "pass" if report["passed"] else "FAIL"
+        data["metrics"]["parity"] = report["artifacts"][0]
+        manifest.write(record.path, data)
+        ws.register("export", record.path)
+        ws.audit("verify", kind="export", name=record.name, passed=report["passed"])
+    finally:
+        lock.release()
+
+
+def require_passed(record: ArtifactRecord, *, override: bool = False) -> None:
+    """What bundling and serving call: a failed parity gate stops them unless overridden."""
+    if record.status == "failed" and not override:
+        raise RefusedError(f"export {record.name!r} failed its parity gate "
+                           f"({record.summary.get('parity', 'see parity.json')})",
+                           hint="look at its parity.json (appliance exports show); pass "
+                                "--allow-failed-parity to use it anyway")

@@ -1,0 +1,249 @@
+"""ONNX export and the onnxruntime runner, against transformers on the same folders.
+
+Tiny random Llama and Qwen2 folders check the graphs numerically (logits, KV cache, quantization,
+fp16, external data, failures); the real SmolLM2 checks the chat path end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from appliance import manifest
+from appliance.errors import ApplianceError
+from appliance.workspace import ArtifactRecord
+from export.onnx import TITLE, OnnxLM, export_onnx, quantize_onnx
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+# A rendered ChatML conversation in SmolLM2 ids (system "Be brief.", user "Hi", assistant prompt).
+IDS = [1, 9690, 198, 6077, 5453, 30, 2, 198, 1, 4093, 198, 26843, 2, 198, 1, 520, 9531, 198]
+SIDE_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "chat_template.jinja", "generation_config.json", "config.json"}
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory, tiny_llama_source: Path,
+         tiny_qwen2_source: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """name -> (folder, info): fp32 of both families, int4/int8 quantized from them, fp16 and a
+    direct int4 export of the Llama."""
+    root = tmp_path_factory.mktemp("onnx")
+    out: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for family, src in (("llama", tiny_llama_source), ("qwen2", tiny_qwen2_source)):
+        fp32 = root / f"{family}-fp32"
+        out[f"{family}-fp32"] = fp32, export_onnx(src, fp32, "fp32")
+        for precision in ("int4", "int8"):
+            folder = root / f"{family}-{precision}"
+            out[folder.name] = folder, quantize_onnx(fp32, folder, precision)
+    for name, precision in (("llama-fp16", "fp16"), ("llama-int4-direct", "int4")):
+        out[name] = root / name, export_onnx(tiny_llama_source, root / name, precision)
+    return out
+
+
+def _hf_logits(source: Path, ids: list[int]) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def _greedy_without_cache(lm: OnnxLM, ids: list[int], steps: int) -> list[int]:
+    seq = list(ids)
+    for _ in range(steps):
+        seq.append(int(np.argmax(lm.logits(seq)[-1])))
+    return seq[len(ids):]
+
+
+# -- tiny models: numerics ------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fp32_matches_transformers_and_the_cache_matches_recompute(
+        family: str, tiny: dict, request: pytest.FixtureRequest) -> None:
+    folder, info = tiny[f"{family}-fp32"]
+    lm = OnnxLM(folder, threads=2)
+    generated = lm.generate(IDS, 10, stop_ids=[])
+    assert generated == _greedy_without_cache(lm, IDS, 10)
+    full = lm.logits(IDS + generated)
+    source = request.getfixturevalue(f"tiny_{family}_source")
+    assert np.abs(full - _hf_logits(source, IDS + generated)).max() < 1e-4
+    # every cached step gives the logits a full recompute gives at that position
+    last, cache = lm.prefill(IDS, chunk=5)
+    steps = [last]
+    for token in generated[:-1]:
+        logits, cache = lm.decode(token, cache)
+        steps.append(logits)
+    assert np.abs(np.stack(steps) - full[len(IDS) - 1:-1]).max() < 1e-4
+    assert cache.length == len(IDS) + len(generated) - 1
+    assert info["precision"] == "fp32" and info["kv_dtype"] == "FLOAT" and info["num_layers"] == 2
+    assert info["inputs"] == ["attention_mask", "input_ids", "position_ids"]
+
+
+def test_layout_is_self_contained(tiny: dict, tiny_llama_source: Path) -> None:
+    folder, info = tiny["llama-fp32"]
+    names = {p.name for p in folder.iterdir()}
+    assert names == SIDE_FILES | {"model.onnx"}  # no optimum leftovers, no external data when small
+    assert info["files"] == {n: (folder / n).stat().st_size for n in names}
+    assert info["size_bytes"] == sum(info["files"].values()) and info["external_data"] is False
+    assert info["opset"]["ai.onnx"] >= 14
+    assert (folder / "tokenizer.json").read_bytes() == (tiny_llama_source / "tokenizer.json").read_bytes()
+    assert not list(folder.parent.glob(".*.partial"))
+
+
+@pytest.mark.parametrize("name, bound", [("llama-int4", 0.3), ("qwen2-int4", 0.3), ("llama-int4-direct", 0.3),
+                                         ("llama-int8", 0.05), ("qwen2-int8", 0.05)])
+def test_quantized_exports_run_and_stay_close(name: str, bound: float, tiny: dict) -> None:
+    import onnx
+
+    folder, info = tiny[name]
+    family, precision = name.split("-")[:2]
+    reference = OnnxLM(tiny[f"{family}-fp32"][0]).logits(IDS)
+    logits = OnnxLM(folder).logits(IDS)
+    assert np.abs(logits - reference).max() < bound
+    quant = info["quantization"]
+    assert quant["method"] == "MatMulNBits" and quant["bits"] == int(precision[3:])
+    assert quant["lm_head_untied"] is True and quant["head_bits"] == 8  # the tied head is quantized too
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    ops = {n.op_type for n in graph.node}
+    assert "MatMulNBits" in ops
+    assert not [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in
+                {t.name for t in graph.initializer}]  # no float weight matrix left
+
+
+def test_int4_direct_export_equals_quantizing_the_fp32_export(tiny: dict) -> None:
+    direct, _ = tiny["llama-int4-direct"]
+    derived, _ = tiny["llama-int4"]
+    assert np.array_equal(OnnxLM(direct).logits(IDS), OnnxLM(derived).logits(IDS))
+
+
+def test_fp16_graph_holds_fp16_weights_and_runs_on_cpu(tiny: dict) -> None:
+    import onnx
+
+    folder, info = tiny["llama-fp16"]
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    by_type: dict[int, int] = {}
+    for tensor in graph.initializer:
+        by_type[tensor.data_type] = by_type.get(tensor.data_type, 0) + len(tensor.raw_data)
+    assert by_type[onnx.TensorProto.FLOAT16] > 0.99 * sum(by_type.values())
+    assert info["kv_dtype"] == "FLOAT16"
+    lm = OnnxLM(folder, threads=2)  # CPU provider: onnxruntime runs fp16 graphs there too
+    assert lm.past_dtype == np.float16
+    reference = OnnxLM(tiny["llama-fp32"][0]).logits(IDS)
+    assert np.abs(lm.logits(IDS) - reference).max() < 5e-3
+    assert lm.generate(IDS, 4, []) == _greedy_without_cache(lm, IDS, 4)
+
+
+def test_external_data_is_one_file_beside_the_graph(tmp_path: Path, tiny_llama_source: Path,
+                                                   tiny: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FORCE_ONNX_EXTERNAL_DATA", "1")  # optimum's switch: as for a >2 GB model
+    fp32 = tmp_path / "fp32"
+    fp32.mkdir()  # an empty target (a workspace writer's staging directory) is fine
+    info = export_onnx(tiny_llama_source, fp32, "fp32")
+    assert info["external_data"] is True
+    assert set(info["files"]) == SIDE_FILES | {"model.onnx", "model.onnx_data"}
+    assert np.abs(OnnxLM(fp32).logits(IDS) - OnnxLM(tiny["llama-fp32"][0]).logits(IDS)).max() < 1e-6
+    monkeypatch.setattr("export.onnx.EXTERNAL_DATA_THRESHOLD", 0)
+    info = quantize_onnx(fp32, tmp_path / "int4", "int4")
+    assert info["files"]["model.onnx"] < 0.1 * info["files"]["model.onnx_data"]
+    assert np.array_equal(OnnxLM(tmp_path / "int4").logits(IDS), OnnxLM(tiny["llama-int4"][0]).logits(IDS))
+
+
+# -- runner --------------------------------------------------------------------------------------
+def test_runner_needs_no_torch_transformers_or_optimum(tiny: dict) -> None:
+    code = ("import json, sys\nfrom pathlib import Path\nfrom export.onnx import OnnxLM\n"
+            f"lm = OnnxLM(Path({str(tiny['llama-int4'][0])!r}), threads=1)\n"
+            "out = lm.generate(lm.tokenize('<|im_start|>user\\nHi<|im_end|>\\n'), 3, lm.stop_ids)\n"
+            "print(json.dumps(sorted({n.split('.')[0] for n in sys.modules})))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120, check=True)
+    loaded = set(json.loads(run.stdout.splitlines()[-1]))
+    assert "onnxruntime" in loaded and "tokenizers" in loaded
+    assert not loaded & {"torch", "transformers", "optimum", "onnx"}, sorted(loaded)
+
+
+def test_runner_basics(tiny: dict) -> None:
+    lm = OnnxLM(tiny["qwen2-fp32"][0])
+    assert lm.stop_ids == [2]
+    assert lm.tokenize("<|im_start|>user\nHi") == [1, 4093, 198, 26843]
+    assert lm.detokenize([1, 4093, 198, 26843]) == "user\nHi"
+    assert lm.generate(IDS, 0, []) == []
+    first = lm.generate(IDS, 1, [])
+    assert lm.generate(IDS, 5, stop_ids=first) == []  # the stop token is not returned
+    with pytest.raises(ApplianceError, match="no token ids"):
+        lm.logits([])
+
+
+def test_a_missing_execution_provider_is_reported(tiny: dict) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ApplianceError, match="CUDAExecutionProvider") as err:
+        OnnxLM(tiny["llama-fp32"][0], providers=["CUDAExecutionProvider"])
+    assert "CPUExecutionProvider" in (err.value.hint or "")
+
+
+# -- failures ------------------------------------------------------------------------------------
+def test_export_under_a_file_fails_cleanly(tmp_path: Path, tiny_llama_source: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    with pytest.raises(ApplianceError) as err:
+        export_onnx(tiny_llama_source, blocker / "out", "fp32")
+    assert err.value.title == TITLE and str(blocker) in str(err.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["not-a-dir"] and blocker.read_text() == "x"
+
+
+def test_a_failure_midway_leaves_nothing_behind(tmp_path: Path, tiny_llama: Path) -> None:
+    (tiny_llama / "model.safetensors").write_bytes(b"\x00" * 64)  # passes the file checks, not loading
+    with pytest.raises(ApplianceError) as err:
+        export_onnx(tiny_llama, tmp_path / "out", "int4")
+    assert err.value.title == TITLE and "tiny-llama" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-llama"]
+
+
+# -- the real SmolLM2 ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smol_onnx(tmp_path_factory: pytest.TempPathFactory, smol_model: ArtifactRecord) -> Path:
+    """SmolLM2 exported once in fp32, and quantized from that to int4."""
+    root = tmp_path_factory.mktemp("smol-onnx")
+    fp32 = export_onnx(smol_model.path, root / "fp32", "fp32")
+    int4 = quantize_onnx(root / "fp32", root / "int4", "int4")
+    assert int4["size_bytes"] < 0.45 * fp32["size_bytes"]
+    return root
+
+
+def test_smollm2_int4_answers_and_stops_on_eos(smol_onnx: Path, smol_model: ArtifactRecord,
+                                               smol_tokenizer) -> None:
+    info = manifest.read(smol_model.path)["info"]
+    text = smol_tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
+    lm = OnnxLM(smol_onnx / "int4", threads=2)
+    ids = lm.tokenize(text)
+    assert ids == smol_tokenizer(text, add_special_tokens=False)["input_ids"]
+    answer = lm.generate(ids, 48, info["stop_token_ids"])
+    assert "Paris" in lm.detokenize(answer)
+    assert len(answer) < 48  # it stopped on its own: the next greedy token is <|im_end|>
+    assert lm.generate(ids, len(answer) + 1, [])[-1] in info["stop_token_ids"]
+    assert lm.stop_ids == info["stop_token_ids"] == [2] and info["stop_tokens"] == ["<|im_end|>"]
+
+
+def test_smollm2_fp32_matches_transformers(smol_onnx: Path, smol_model: ArtifactRecord,
+                                           smol_tokenizer) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids = smol_tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)
+    lm = OnnxLM(smol_onnx / "fp32", threads=2)
+    answer = lm.generate(ids, 12, [2])
+    assert lm.detokenize(answer) == "The capital of France is Paris."
+    assert answer == _greedy_without_cache(lm, ids, len(answer))
+    model = AutoModelForCausalLM.from_pretrained(str(smol_model.path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        hf = model(torch.tensor([ids + answer])).logits[0].numpy()
+    assert np.abs(lm.logits(ids + answer) - hf).max() < 1e-3
