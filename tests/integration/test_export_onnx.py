@@ -27,6 +27,10 @@ IDS = [1, 9690, 198, 6077, 5453, 30, 2, 198, 1, 4093, 198, 26843, 2, 198, 1, 520
 SIDE_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "chat_template.jinja", "generation_config.json", "config.json"}
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# With SmolLM2's default system prompt the first answer token is a near tie ("The" 25.33 vs "L" 25.24
+# in fp32), so a quantized export may answer in French (docs/PITFALLS.md); a plain system prompt
+# makes the question a fair test of a 4-bit export.
+SHORT = [{"role": "system", "content": "Answer in one short sentence."}, *QUESTION]
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +226,7 @@ def smol_onnx(tmp_path_factory: pytest.TempPathFactory, smol_model: ArtifactReco
 def test_smollm2_int4_answers_and_stops_on_eos(smol_onnx: Path, smol_model: ArtifactRecord,
                                                smol_tokenizer) -> None:
     info = manifest.read(smol_model.path)["info"]
-    text = smol_tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
+    text = smol_tokenizer.apply_chat_template(SHORT, add_generation_prompt=True, tokenize=False)
     lm = OnnxLM(smol_onnx / "int4", threads=2)
     ids = lm.tokenize(text)
     assert ids == smol_tokenizer(text, add_special_tokens=False)["input_ids"]
