@@ -61,8 +61,10 @@ def build(name: str, root: Path) -> tuple[Path, Path]:
     return folder, adapter
 
 
-PEAK = ("\nimport resource\nprint('PEAK', max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
-        "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * 1024)")
+# The stage's own high-water mark (VmHWM: ru_maxrss would carry this bench's own peak over the
+# fork + exec) or its children's (llama.cpp's converter runs in one), whichever is larger.
+PEAK = ("\nimport re, resource\nhwm = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())"
+        "[1])\nprint('PEAK', max(hwm, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * 1024)")
 
 
 def stage(name: str, code: str) -> dict:
