@@ -41,7 +41,8 @@ def tool_lines(say: Say) -> Say:
     """llama.cpp's converter and quantizer print a line per tensor: keep the rest."""
     def inner(line: str) -> None:
         if ("-->" in line or "falling back to" in line or line.startswith("llama_")
-                or re.match(r"\s*\[\s*\d+/\s*\d+\]", line)):
+                or re.match(r"\s*\[\s*\d+/\s*\d+\]", line)
+                or (line.startswith("INFO:") and not re.search(r"architecture|successfully", line))):
             return
         say(line)
     return inner
@@ -180,7 +181,8 @@ def merge(ws: Workspace, run: str, *, dtype: str = "auto", base: str = "full", s
         w.commit(parents=[parent_ref(record), parent_ref(model)],
                  config={"dtype": dtype, "base": base, "run": run},
                  info={"format": "hf", "summary": {"format": "merged", "run": run, "base": base,
-                                                   "dtype": summary["dtype"]}},
+                                                   "type": f"{summary['dtype']}, {base} base",
+                                                   "parity": "reference"}},
                  metrics={"merge_gap": gap, "adapter_parity": report["artifacts"][0]})
     return ws.get("export", name)
 
@@ -190,7 +192,8 @@ def _parity_report(reference_dir: Path, data: list[parity.Sample],
                    artifacts: dict[str, tuple[str, parity.Scorer]], token_check: dict[str, bool] | None,
                    overrides: dict[str, float], say: Say, *, reference_name: str = "",
                    gating: bool = True) -> dict[str, Any]:
-    rows = parity.reference_rows(HFScorer(reference_dir), data, say)
+    rows = parity.reference_rows(HFScorer(reference_dir), data)
+    say(f"reference scored: {len(data)} held-out conversations")
     ref = parity.Score()
     for s, r in zip(data, rows, strict=True):
         ref.add(r, r, s.targets)
