@@ -263,6 +263,9 @@ def _run_job(args: argparse.Namespace, kind: str, params: dict[str, Any], what: 
     for event in jobs.follow(ws, job.id):
         say(format_event(event))
     done = jobs.get(ws, job.id)
+    if done.state == "succeeded" and done.result.get("passed") is False:
+        say("parity gate FAILED (marked failed in the registry)")
+        return 2
     if done.state == "succeeded" and done.result.get("exports"):
         failed = [n for n, status in done.result["exports"].items() if status == "failed"]
         if failed:

@@ -161,12 +161,11 @@ def run_worker(ws: Workspace, job_id: str) -> int:
         print(text, file=sys.stderr)
         ctx.emit("traceback", text=text)
         outcome = {"state": "failed", "title": type(exc).__name__, "message": f"rank {rank.rank}: {exc}"}
-    finally:
-        dist.destroy_process_group()
-    if rank.main or outcome["state"] == "failed":
+    if rank.main or outcome["state"] == "failed":  # before tearing down, which can hang on a peer
         path = ctx.dir / "work" / f"outcome.{rank.rank}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(outcome))
+    dist.destroy_process_group()
     return 1 if outcome["state"] == "failed" else 0
 
 

@@ -69,8 +69,8 @@ def disk_errors(what: str) -> Iterator[None]:
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ApplianceError(f"{what}: the disk is full ({exc.filename or ''})", title="Disk full",
-                                 hint="free space in the workspace (appliance exports rm / runs rm) "
-                                      "and run the same command again; nothing partial was kept") from None
+                                 hint="free space in the workspace (appliance exports rm / runs rm) and "
+                                      "run it again; no partial artifact was kept") from None
         raise
 
 
@@ -107,9 +107,18 @@ def parity_data(model: ArtifactRecord, dataset: ArtifactRecord, tokenizer: Any
     from appliance import datasets
 
     info = manifest.read(model.path)["info"]
-    rows = datasets.load_rows(dataset, "eval") or datasets.load_rows(dataset, "train")
-    conversations = [r["messages"] for r in rows[:PARITY_CONVERSATIONS]]
-    data = parity.samples(tokenizer, conversations, info["stop_tokens"], PARITY_MAX_TOKENS)
+    rows = datasets.load_rows(dataset, "eval")
+    if not rows:
+        raise ApplianceError(f"dataset {dataset.name!r} has no held-out (eval) conversations to score",
+                             title="Nothing to score",
+                             hint="import the dataset again with an eval split (--eval-fraction)")
+    conversations = [r["messages"] for r in rows]
+    data = parity.samples(tokenizer, conversations, info["stop_tokens"], PARITY_MAX_TOKENS,
+                          limit=PARITY_CONVERSATIONS)
+    if not data:
+        raise ApplianceError(f"none of the {len(rows)} held-out conversations of {dataset.name!r} has an "
+                             f"assistant turn within its first {PARITY_MAX_TOKENS} tokens",
+                             title="Nothing to score", hint="use a dataset with shorter prompts")
     text = tokenizer.apply_chat_template(conversations[0], tokenize=False)
     return data, text
 
@@ -147,17 +156,26 @@ class AdapterScorer(HFScorer):
 
 
 # -- merge ---------------------------------------------------------------------------------------
-def merge(ws: Workspace, run: str, *, dtype: str = "auto", base: str = "full", say: Say = _quiet
-          ) -> ArtifactRecord:
-    """The `<run>-merged` artifact (made once; a later call finds and reuses it)."""
+def merge(ws: Workspace, run: str, *, dtype: str | None = None, base: str | None = None,
+          say: Say = _quiet, check_cancel: Callable[[], None] = lambda: None) -> ArtifactRecord:
+    """The `<run>-merged` artifact (made once; a later call finds and reuses it). dtype/base None:
+    whatever an earlier merge used, else auto / full."""
     from appliance import merge as merging
     from appliance.models import load_tokenizer
 
     name = merged_name(run)
     existing = _existing(ws, name)
     if existing is not None:
+        made = manifest.read(existing.path)["config"]
+        if dtype not in (None, made.get("dtype")) or base not in (None, made.get("base")):
+            asked = " ".join(f"{k}={v}" for k, v in (("dtype", dtype), ("base", base)) if v)
+            raise ApplianceError(f"{name} exists, merged with dtype={made.get('dtype')} "
+                                 f"base={made.get('base')}, not {asked}",
+                                 title="Already merged differently",
+                                 hint=f"remove it first (appliance exports rm {name}) to merge again")
         say(f"{name} exists and matches its manifest: reused")
         return existing
+    dtype, base = dtype or "auto", base or "full"
     record, model, dataset = run_inputs(ws, run)
     run_config = manifest.read(record.path)["config"]
     train_dtype = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(run_config.get("compute_dtype"),
@@ -165,10 +183,12 @@ def merge(ws: Workspace, run: str, *, dtype: str = "auto", base: str = "full", s
     with ws.writer("export", name) as w, disk_errors(f"merging {run}"):
         say(f"merging {run} into {model.name} ({base} base, {dtype})")
         summary = merging.merge_folder(model.path, record.path / "adapter", w.path, dtype=dtype,
-                                       base=base, train_dtype=train_dtype, say=say)
+                                       base=base, train_dtype=train_dtype, say=say,
+                                       check_cancel=check_cancel)
         tokenizer = load_tokenizer(w.path)
         data, _ = parity_data(model, dataset, tokenizer)
         prompts = [s.input_ids[:128] for s in data[:GAP_PROMPTS]]
+        check_cancel()
         say("checking merged vs adapter logits")
         gap = merging.logits_gap(w.path, model.path, record.path / "adapter", prompts, base=base,
                                  train_dtype=train_dtype)
@@ -252,17 +272,30 @@ def export_gguf(ws: Workspace, run: str, quants: list[str], *, scratch: Path,
             gguf.convert(merged.path, base, progress=tool_lines(say))
         return _one_gguf(ws, merged, run, qtype, base, overrides or {}, say)
 
-    return _each(ws, {f"{run}-gguf-{q.lower()}": q for q in names}, make, say, check_cancel)
+    return _each(ws, merged, {f"{run}-gguf-{q.lower()}": q for q in names}, make, say, check_cancel,
+                 overrides)
 
 
-def _each(ws: Workspace, todo: dict[str, str], make: Callable[[str], ArtifactRecord], say: Say,
-          check_cancel: Callable[[], None]) -> list[ArtifactRecord]:
-    """{artifact name: type} -> the artifacts, reusing those that exist and verify."""
+def _each(ws: Workspace, merged: ArtifactRecord, todo: dict[str, str],
+          make: Callable[[str], ArtifactRecord], say: Say, check_cancel: Callable[[], None],
+          overrides: dict[str, float] | None) -> list[ArtifactRecord]:
+    """{artifact name: type} -> the artifacts, reusing those that exist, verify and were made from
+    this merged model; a failed one asked for again with thresholds is gated again."""
     out = []
     for name, kind in todo.items():
         existing = _existing(ws, name)
         if existing is not None:
-            say(f"{name} exists and matches its manifest: reused")
+            parents = manifest.read(existing.path)["parents"]
+            if not parents or parents[0]["manifest_sha256"] != merged.manifest_sha256:
+                raise ApplianceError(f"{name} was made from an earlier {merged.name}",
+                                     title="Stale export",
+                                     hint=f"remove it (appliance exports rm {name}) and export again")
+            if existing.status == "failed" and overrides:
+                say(f"{name} exists: gating it again with the given thresholds")
+                verify(ws, name, overrides=overrides, say=say)
+                existing = ws.get("export", name)
+            else:
+                say(f"{name} exists and matches its manifest: reused")
             out.append(existing)
             continue
         check_cancel()
@@ -303,8 +336,9 @@ def export_onnx(ws: Workspace, run: str, precisions: list[str], *, scratch: Path
     if bad:
         raise ValidationError(f"unknown ONNX precision {bad[0]!r}; valid: {', '.join(onnx.PRECISIONS)}")
     merged = merge(ws, run, say=say)
-    return _each(ws, {f"{run}-onnx-{p}": p for p in precisions},
-                 lambda p: _one_onnx(ws, merged, run, p, scratch, overrides or {}, say), say, check_cancel)
+    return _each(ws, merged, {f"{run}-onnx-{p}": p for p in precisions},
+                 lambda p: _one_onnx(ws, merged, run, p, scratch, overrides or {}, say), say, check_cancel,
+                 overrides)
 
 
 def _one_onnx(ws: Workspace, merged: ArtifactRecord, run: str, precision: str, scratch: Path,

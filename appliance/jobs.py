@@ -412,8 +412,8 @@ def _merge(ctx: JobContext) -> dict[str, Any]:
     from appliance import exports
 
     p = ctx.params
-    record = exports.merge(ctx.ws, p["run"], dtype=p.get("dtype", "auto"), base=p.get("base", "full"),
-                           say=ctx.log)
+    record = exports.merge(ctx.ws, p["run"], dtype=p.get("dtype"), base=p.get("base"),
+                           say=ctx.log, check_cancel=ctx.check_cancel)
     return {"export": record.name, "path": str(record.path)}
 
 
@@ -423,8 +423,14 @@ def _export(ctx: JobContext) -> dict[str, Any]:
 
     p = ctx.params
     func = exports.export_gguf if p["format"] == "gguf" else exports.export_onnx
-    records = func(ctx.ws, p["run"], p["types"], scratch=ctx.dir / "work", overrides=p.get("overrides"),
-                   say=ctx.log, check_cancel=ctx.check_cancel)
+    try:
+        records = func(ctx.ws, p["run"], p["types"], scratch=ctx.dir / "work",
+                       overrides=p.get("overrides"), say=ctx.log, check_cancel=ctx.check_cancel)
+    except JobCancelled:
+        raise  # resumable: keep the intermediate files
+    except BaseException:
+        shutil.rmtree(ctx.dir / "work", ignore_errors=True)  # a failure (a full disk...) frees them
+        raise
     shutil.rmtree(ctx.dir / "work", ignore_errors=True)  # intermediate F16 GGUF / fp32 ONNX
     return {"exports": {r.name: r.status for r in records}}
 

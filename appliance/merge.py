@@ -41,19 +41,22 @@ def adapter_deltas(adapter_dir: Path) -> tuple[dict[str, tuple[Any, Any]], float
     from safetensors.torch import load_file
 
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    if config.get("peft_type") != "LORA" or config.get("use_dora"):
-        raise ValidationError(f"{adapter_dir}: only plain LoRA adapters can be merged "
-                              f"(peft_type={config.get('peft_type')}, use_dora={config.get('use_dora')})")
+    unsupported = [k for k in ("use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "lora_bias",
+                               "modules_to_save") if config.get(k)]
+    if config.get("peft_type") != "LORA" or unsupported:
+        raise ValidationError(f"{adapter_dir}: only plain LoRA adapters can be merged (peft_type="
+                              f"{config.get('peft_type')}; unsupported settings: {unsupported or 'none'})")
     r, alpha = config["r"], config["lora_alpha"]
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
     pairs: dict[str, dict[str, Any]] = {}
     for key, value in tensors.items():
-        for part in ("lora_A", "lora_B"):
-            marker = f".{part}."
-            if marker in key:
-                module = key.split(marker)[0].removeprefix("base_model.model.")
-                pairs.setdefault(f"{module}.weight", {})[part] = value
+        part = next((p for p in ("lora_A", "lora_B") if f".{p}." in key), None)
+        if part is None:  # e.g. lora_embedding_A/B: never merged silently without its delta
+            raise ValidationError(f"{adapter_dir}: adapter tensor {key} is not a LoRA linear weight "
+                                  "this merge understands")
+        module = key.split(f".{part}.")[0].removeprefix("base_model.model.")
+        pairs.setdefault(f"{module}.weight", {})[part] = value
     missing = [k for k, v in pairs.items() if len(v) != 2]
     if missing:
         raise ApplianceError(f"{adapter_dir}: incomplete LoRA pairs for {missing[:3]}",
@@ -80,12 +83,18 @@ def nf4_roundtrip(weight: Any, dtype: Any) -> Any:
     return bnbf.dequantize_4bit(packed, state).to(dtype)
 
 
+def quantized_in_training(key: str, value: Any) -> bool:
+    """bitsandbytes made every Linear of the decoder layers NF4 (not embeddings, norms, the head)."""
+    return value.ndim == 2 and ".layers." in key and key.endswith(".weight")
+
+
 def _merge_tensor(key: str, value: Any, deltas: dict[str, tuple[Any, Any]], scale: float, base: str,
                   train_dtype: Any, out_dtype: Any) -> Any:
     import torch
 
     if base == "nf4":
-        value = nf4_roundtrip(value, train_dtype) if key in deltas else value.to(train_dtype)
+        value = nf4_roundtrip(value, train_dtype) if quantized_in_training(key, value) \
+            else value.to(train_dtype)
     if key not in deltas:
         return value.to(out_dtype)
     a, b = deltas[key]
@@ -97,7 +106,8 @@ def _merge_tensor(key: str, value: Any, deltas: dict[str, tuple[Any, Any]], scal
 
 
 def merge_folder(base_dir: Path, adapter_dir: Path, out_dir: Path, *, dtype: str = "auto",
-                 base: str = "full", train_dtype: str = "bf16", say: Say = _quiet) -> dict[str, Any]:
+                 base: str = "full", train_dtype: str = "bf16", say: Say = _quiet,
+                 check_cancel: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """Write the merged HF folder into `out_dir` (which must exist, empty). Returns its summary."""
     import torch
     from safetensors import safe_open
@@ -111,6 +121,7 @@ def merge_folder(base_dir: Path, adapter_dir: Path, out_dir: Path, *, dtype: str
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[train_dtype]
     used, out_type = set(), None
     for i, shard in enumerate(shards, 1):
+        check_cancel()
         tensors = {}
         with safe_open(str(shard), framework="pt") as fh:
             for key in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
@@ -163,7 +174,7 @@ def logits_gap(merged_dir: Path, base_dir: Path, adapter_dir: Path, prompts: lis
                                                      trust_remote_code=False)
     if base == "nf4":
         tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[train_dtype]
-        _roundtrip_adapted(reference, adapter_dir, tdtype)
+        _roundtrip_base(reference, tdtype)
     reference = PeftModel.from_pretrained(reference, str(adapter_dir)).eval()
     worst, total, count = 0.0, 0.0, 0
     with torch.no_grad():
@@ -176,13 +187,13 @@ def logits_gap(merged_dir: Path, base_dir: Path, adapter_dir: Path, prompts: lis
             "prompts": len(prompts)}
 
 
-def _roundtrip_adapted(model: Any, adapter_dir: Path, dtype: Any) -> None:
+def _roundtrip_base(model: Any, dtype: Any) -> None:
     """Give `model` the NF4-roundtripped base weights the nf4 merge used (and the training dtype
     elsewhere, held in fp32)."""
     import torch
 
-    deltas, _, _ = adapter_deltas(adapter_dir)
     with torch.no_grad():
         for key, param in model.state_dict(keep_vars=True).items():
-            value = nf4_roundtrip(param.data, dtype) if key in deltas else param.data.to(dtype)
+            value = nf4_roundtrip(param.data, dtype) if quantized_in_training(key, param.data) \
+                else param.data.to(dtype)
             param.data.copy_(value.to(param.dtype))

@@ -68,9 +68,12 @@ class Sample:
 
 
 def samples(tokenizer: Any, conversations: list[list[dict[str, str]]], stops: list[str],
-            max_tokens: int = 384) -> list[Sample]:
-    out = []
+            max_tokens: int = 384, limit: int | None = None) -> list[Sample]:
+    """Up to `limit` conversations that have trained tokens within `max_tokens`, in order."""
+    out: list[Sample] = []
     for messages in conversations:
+        if limit is not None and len(out) >= limit:
+            break
         r = chat.render_and_mask(tokenizer, messages, stops)
         ids, labels = r.input_ids[:max_tokens], r.labels[:max_tokens]
         pos = [i for i in range(len(ids) - 1) if labels[i + 1] != chat.IGNORE_INDEX]

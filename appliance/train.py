@@ -228,7 +228,7 @@ def make_optimizer(model: Any, cfg: TrainConfig, device: str) -> Any:
 
     params = [p for p in model.parameters() if p.requires_grad]
     choice = cfg.optimizer if cfg.optimizer != "auto" else (
-        "paged_adamw_8bit" if device == "cuda" else "adamw")
+        "paged_adamw_8bit" if device.startswith("cuda") else "adamw")
     if choice == "paged_adamw_8bit":
         import bitsandbytes as bnb
 
@@ -411,6 +411,7 @@ class Trainer:
                 self.loss, device_ids=[self.rank.local_rank] if self.device != "cpu" else None,
                 broadcast_buffers=False, init_sync=False)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
+        ctx.log(f"optimizer {type(self.optimizer).__name__}")
         # fp16 (a T4 has no bf16) needs loss scaling; bf16 and fp32 do not
         fp16 = self.device.startswith("cuda") and self.dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)

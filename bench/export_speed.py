@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -119,8 +120,10 @@ def run_model(name: str, root: Path, bw: float) -> list[dict]:
     folder, adapter = build(name, root)
     fp16_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     merged, gg, ox = root / f"{name}-merged", root / f"{name}-gguf", root / f"{name}-onnx"
+    for d in (merged, gg, Path(f"{ox}-fp32"), Path(f"{ox}-int4")):  # outputs of an earlier run
+        shutil.rmtree(d, ignore_errors=True)
     for d in (merged, gg):
-        d.mkdir(exist_ok=True)
+        d.mkdir()
     rows = [
         stage("merge", f"from appliance.merge import merge_folder; from pathlib import Path\n"
                        f"merge_folder(Path('{folder}'), Path('{adapter}'), Path('{merged}'), dtype='fp16')"),

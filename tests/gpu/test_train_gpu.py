@@ -66,6 +66,8 @@ def test_training_runs_on_the_gpu(gpu_ws: Workspace) -> None:
     assert config["compute_dtype"] == ("torch.bfloat16" if major >= 8 else "torch.float16")
     steps = progress(gpu_ws, job.id)
     assert sorted(steps) == list(range(1, 25))
+    logs = [e["message"] for e in jobs.read_events(gpu_ws, job.id) if e["type"] == "log"]
+    assert "optimizer PagedAdamW8bit" in logs  # auto picks paged 8-bit AdamW on any cuda:N
     rates = [steps[s]["tokens_per_s"] for s in range(5, 25)]
     peak = max(e["gpu_mem_gib"] for e in steps.values())
     report(f"{torch.cuda.get_device_name()}: SmolLM2-135M shape, NF4 + LoRA r=16, batch 8 x <=512, "
