@@ -181,7 +181,7 @@ def _writing(out: Path) -> Iterator[Path]:
 
 # -- conversion -----------------------------------------------------------------------------------
 def _refuse_custom_code(model_dir: Path) -> None:
-    """The converter loads some tokenizers with trust_remote_code=True: never give it custom code."""
+    """llama.cpp's converter lets some tokenizers run code shipped with the model: never give it any."""
     for name in ("config.json", "tokenizer_config.json"):
         path = model_dir / name
         if path.is_file() and "auto_map" in json.loads(path.read_text(encoding="utf-8")):
