@@ -105,7 +105,7 @@ def _follow_job(ws: Workspace, kind: str, params: dict, say: Callable[[str], Non
     job = jobs.start(ws, kind, params)
     say(f"      job {job.id} runs detached (appliance jobs logs {job.id} --follow)")
     for event in jobs.follow(ws, job.id):
-        if event["type"] in ("log", "state") and not event.get("message", "").startswith(("[", "scored")):
+        if event["type"] in ("log", "state"):
             say("      " + format_event(event).replace("\n", "\n      "))
     finished = jobs.get(ws, job.id)
     if finished.state != "succeeded":
