@@ -8,6 +8,7 @@ them. The offline guard is installed before anything else runs.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -16,6 +17,10 @@ from typing import Any
 
 from appliance import __version__, offline
 from appliance.errors import ApplianceError, ValidationError
+
+# Command groups that live beside the code they drive. Each module imports only the standard library
+# at module scope and has `register(subparsers)`.
+COMMAND_MODULES = ("appliance.runtime.commands", "appliance.systemd")
 
 
 def _workspace(args: argparse.Namespace) -> Any:
@@ -589,6 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="run the pipeline on the embedded default model").set_defaults(
         func=cmd_demo)
     sub.add_parser("tui", help="open the terminal UI (the default)").set_defaults(func=cmd_tui)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 
