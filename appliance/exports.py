@@ -127,10 +127,12 @@ def parity_data(model: ArtifactRecord, dataset: ArtifactRecord, tokenizer: Any
 
 class HFScorer:
     def __init__(self, folder: Path) -> None:
-        import torch
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
+        from appliance.merge import scoring_dtype
+
+        self.dtype = scoring_dtype(folder)
+        self.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=self.dtype,
                                                           trust_remote_code=False).eval()
 
     def logits(self, ids: list[int]) -> Any:
@@ -155,6 +157,18 @@ class AdapterScorer(HFScorer):
         base_model = load_model(base, cfg, "cpu", dtype if dtype != torch.float16 else torch.float32)
         base_model = base_model.unload() if hasattr(base_model, "unload") else base_model
         self.model = PeftModel.from_pretrained(base_model, str(adapter)).eval()
+
+
+class Checked:
+    """A scorer that checks for a cancel request before each conversation it scores, so a cancel
+    during a long parity run stops within one forward pass."""
+
+    def __init__(self, scorer: Any, check_cancel: Callable[[], None]) -> None:
+        self.scorer, self.check_cancel = scorer, check_cancel
+
+    def logits(self, ids: list[int]) -> Any:
+        self.check_cancel()
+        return self.scorer.logits(ids)
 
 
 # -- merge ---------------------------------------------------------------------------------------
@@ -198,7 +212,7 @@ def merge(ws: Workspace, run: str, *, dtype: str | None = None, base: str | None
         say("scoring the adapter model (as trained) against the merged model")
         report = _parity_report(w.path, data, {"adapter": ("adapter", AdapterScorer(
             model.path, record.path / "adapter", run_config.get("train", {})))}, None, {}, say,
-            reference_name=name, gating=False)
+            reference_name=name, gating=False, check_cancel=check_cancel)
         (w.path / "parity.json").write_text(json.dumps(report, indent=2))
         w.commit(parents=[parent_ref(record), parent_ref(model)],
                  config={"dtype": dtype, "base": base, "run": run},
@@ -213,8 +227,10 @@ def merge(ws: Workspace, run: str, *, dtype: str | None = None, base: str | None
 def _parity_report(reference_dir: Path, data: list[parity.Sample],
                    artifacts: dict[str, tuple[str, parity.Scorer]], token_check: dict[str, bool] | None,
                    overrides: dict[str, float], say: Say, *, reference_name: str = "",
-                   gating: bool = True) -> dict[str, Any]:
-    rows = parity.reference_rows(HFScorer(reference_dir), data)
+                   gating: bool = True, check_cancel: Callable[[], None] = lambda: None
+                   ) -> dict[str, Any]:
+    reference = HFScorer(reference_dir)
+    rows = parity.reference_rows(Checked(reference, check_cancel), data)
     say(f"reference scored: {len(data)} held-out conversations")
     ref = parity.Score()
     for s, r in zip(data, rows, strict=True):
@@ -222,21 +238,22 @@ def _parity_report(reference_dir: Path, data: list[parity.Sample],
     results = []
     for name, (kind, scorer) in artifacts.items():
         say(f"scoring {name}")
-        score = parity.score(scorer, data, rows)
+        score = parity.score(Checked(scorer, check_cancel), data, rows)
         result = parity.judge(name, kind, score, ref, (token_check or {}).get(name), overrides)
         if not gating:  # reported, not judged: e.g. the adapter model as trained vs the merged one
             result.passed, result.reasons = None, ["informational"]
         results.append(result)
     return {"reference": {"name": reference_name or reference_dir.name,
-                          "perplexity": round(ref.perplexity, 4)},
+                          "perplexity": round(ref.perplexity, 4),
+                          "dtype": str(reference.dtype).removeprefix("torch.")},
             "conversations": len(data), "tokens": ref.count,
             "artifacts": [r.__dict__ for r in results],
             "passed": all(r.passed is not False for r in results)}
 
 
 def _gate(ws: Workspace, merged: ArtifactRecord, artifact_name: str, kind: str, scorer: Any,
-          runtime_ids: Callable[[str], list[int]], overrides: dict[str, float], say: Say
-          ) -> dict[str, Any]:
+          runtime_ids: Callable[[str], list[int]], overrides: dict[str, float], say: Say,
+          check_cancel: Callable[[], None] = lambda: None) -> dict[str, Any]:
     from appliance.models import load_tokenizer
 
     run = manifest.read(merged.path)["config"]["run"]
@@ -245,7 +262,7 @@ def _gate(ws: Workspace, merged: ArtifactRecord, artifact_name: str, kind: str, 
     data, text = parity_data(model, dataset, tokenizer)
     same = runtime_ids(text) == tokenizer(text, add_special_tokens=False)["input_ids"]
     return _parity_report(merged.path, data, {artifact_name: (kind, scorer)}, {artifact_name: same},
-                          overrides, say, reference_name=merged.name)
+                          overrides, say, reference_name=merged.name, check_cancel=check_cancel)
 
 
 def _commit_gated(w: Any, report: dict[str, Any], merged: ArtifactRecord, config: dict[str, Any],
@@ -272,7 +289,7 @@ def export_gguf(ws: Workspace, run: str, quants: list[str], *, scratch: Path,
         if not base.exists():  # converted once, for every type of this job
             scratch.mkdir(parents=True, exist_ok=True)
             gguf.convert(merged.path, base, progress=tool_lines(say))
-        return _one_gguf(ws, merged, run, qtype, base, overrides or {}, say)
+        return _one_gguf(ws, merged, run, qtype, base, overrides or {}, say, check_cancel)
 
     return _each(ws, merged, {f"{run}-gguf-{q.lower()}": q for q in names}, make, say, check_cancel,
                  overrides)
@@ -294,7 +311,7 @@ def _each(ws: Workspace, merged: ArtifactRecord, todo: dict[str, str],
                                      hint=f"remove it (appliance exports rm {name}) and export again")
             if existing.status == "failed" and overrides:
                 say(f"{name} exists: gating it again with the given thresholds")
-                verify(ws, name, overrides=overrides, say=say)
+                verify(ws, name, overrides=overrides, say=say, check_cancel=check_cancel)
                 existing = ws.get("export", name)
             else:
                 say(f"{name} exists and matches its manifest: reused")
@@ -307,7 +324,7 @@ def _each(ws: Workspace, merged: ArtifactRecord, todo: dict[str, str],
 
 
 def _one_gguf(ws: Workspace, merged: ArtifactRecord, run: str, qtype: str, base: Path,
-              overrides: dict[str, float], say: Say) -> ArtifactRecord:
+              overrides: dict[str, float], say: Say, check_cancel: Callable[[], None]) -> ArtifactRecord:
     from export import gguf
 
     name = f"{run}-gguf-{qtype.lower()}"
@@ -322,7 +339,7 @@ def _one_gguf(ws: Workspace, merged: ArtifactRecord, run: str, qtype: str, base:
         gguf.write_modelfile(path, merged.path, out=w.path / "Modelfile")
         (w.path / "gguf_check.json").write_text(json.dumps(check, indent=2, default=str))
         with gguf.GgufLM(path, n_ctx=PARITY_MAX_TOKENS + 16) as lm:
-            report = _gate(ws, merged, name, qtype.lower(), lm, lm.tokenize, overrides, say)
+            report = _gate(ws, merged, name, qtype.lower(), lm, lm.tokenize, overrides, say, check_cancel)
         _commit_gated(w, report, merged, {"format": "gguf", "type": qtype, "run": run},
                       {"format": "gguf", "type": qtype, "run": run, "file": path.name}, say)
     return ws.get("export", name)
@@ -339,12 +356,13 @@ def export_onnx(ws: Workspace, run: str, precisions: list[str], *, scratch: Path
         raise ValidationError(f"unknown ONNX precision {bad[0]!r}; valid: {', '.join(onnx.PRECISIONS)}")
     merged = merge(ws, run, say=say)
     return _each(ws, merged, {f"{run}-onnx-{p}": p for p in precisions},
-                 lambda p: _one_onnx(ws, merged, run, p, scratch, overrides or {}, say), say, check_cancel,
+                 lambda p: _one_onnx(ws, merged, run, p, scratch, overrides or {}, say, check_cancel), say,
+                 check_cancel,
                  overrides)
 
 
 def _one_onnx(ws: Workspace, merged: ArtifactRecord, run: str, precision: str, scratch: Path,
-              overrides: dict[str, float], say: Say) -> ArtifactRecord:
+              overrides: dict[str, float], say: Say, check_cancel: Callable[[], None]) -> ArtifactRecord:
     from export import onnx
 
     name = f"{run}-onnx-{precision}"
@@ -360,15 +378,15 @@ def _one_onnx(ws: Workspace, merged: ArtifactRecord, run: str, precision: str, s
             details = onnx.export_onnx(merged.path, target, precision, progress=say)
         (w.path / "onnx_export.json").write_text(json.dumps(details, indent=2, default=str))
         lm = onnx.OnnxLM(target)
-        report = _gate(ws, merged, name, precision, lm, lm.tokenize, overrides, say)
+        report = _gate(ws, merged, name, precision, lm, lm.tokenize, overrides, say, check_cancel)
         _commit_gated(w, report, merged, {"format": "onnx", "precision": precision, "run": run},
                       {"format": "onnx", "type": precision, "run": run}, say)
     return ws.get("export", name)
 
 
 # -- verify again, and the gate for consumers ----------------------------------------------------
-def verify(ws: Workspace, name: str, *, overrides: dict[str, float] | None = None, say: Say = _quiet
-           ) -> dict[str, Any]:
+def verify(ws: Workspace, name: str, *, overrides: dict[str, float] | None = None, say: Say = _quiet,
+           check_cancel: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """Re-run the parity gate of an existing export and update its parity.json, status and manifest."""
     from export import gguf, onnx
 
@@ -382,34 +400,34 @@ def verify(ws: Workspace, name: str, *, overrides: dict[str, float] | None = Non
     if config["format"] == "gguf":
         path = record.path / f"{config['run']}-{config['type']}.gguf"
         with gguf.GgufLM(path, n_ctx=PARITY_MAX_TOKENS + 16) as lm:
-            report = _gate(ws, merged, name, config["type"].lower(), lm, lm.tokenize, overrides or {}, say)
+            report = _gate(ws, merged, name, config["type"].lower(), lm, lm.tokenize, overrides or {}, say,
+                           check_cancel)
     else:
         lm = onnx.OnnxLM(record.path / "onnx")
-        report = _gate(ws, merged, name, config["precision"], lm, lm.tokenize, overrides or {}, say)
+        report = _gate(ws, merged, name, config["precision"], lm, lm.tokenize, overrides or {}, say,
+                       check_cancel)
     _rewrite_parity(ws, record, data, report)
     return report
 
 
 def _rewrite_parity(ws: Workspace, record: ArtifactRecord, data: dict[str, Any], report: dict[str, Any]
                     ) -> None:
-    from appliance.fsutil import FileLock, sha256_file
+    """A new parity.json and manifest, made in a staging copy (hard links of the other files) and
+    swapped in whole: a crash at any point leaves the old or the new artifact, never a mix."""
+    from appliance.fsutil import link_or_copy, sha256_file
 
-    lock = FileLock(ws._lock_path("export", record.name))
-    if not lock.try_acquire():
-        raise ApplianceError(f"export {record.name!r} is being written by another process",
-                             title="Busy")
-    try:
-        target = record.path / "parity.json"
+    with ws.writer("export", record.name, replace=True) as w:
+        for rel in data["files"]:
+            if rel != "parity.json":
+                link_or_copy(record.path / rel, w.path / rel)
+        target = w.path / "parity.json"
         atomic_write_text(target, json.dumps(report, indent=2))
         data["files"]["parity.json"] = {"size": target.stat().st_size, "sha256": sha256_file(target)}
         data["status"] = "ready" if report["passed"] else "failed"
         data["info"].setdefault("summary", {})["parity"] = "pass" if report["passed"] else "FAIL"
         data["metrics"]["parity"] = report["artifacts"][0]
-        manifest.write(record.path, data)
-        ws.register("export", record.path)
-        ws.audit("verify", kind="export", name=record.name, passed=report["passed"])
-    finally:
-        lock.release()
+        w.commit_manifest(data)
+    ws.audit("verify", kind="export", name=record.name, passed=report["passed"])
 
 
 def require_passed(record: ArtifactRecord, *, override: bool = False) -> None:

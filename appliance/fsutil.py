@@ -38,6 +38,36 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+RENAME_EXCHANGE = 2
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two directory entries in one atomic step (Linux renameat2 RENAME_EXCHANGE). False where
+    the kernel, libc or filesystem cannot; the caller then falls back to two renames."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    done = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), RENAME_EXCHANGE)
+    return done == 0
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """dst as a hard link to src (no bytes copied; artifact files are never modified in place), or a
+    copy where links are not possible."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        import shutil
+
+        shutil.copy2(src, dst)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

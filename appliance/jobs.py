@@ -439,7 +439,7 @@ def _verify(ctx: JobContext) -> dict[str, Any]:
     from appliance import exports
 
     report = exports.verify(ctx.ws, ctx.params["export"], overrides=ctx.params.get("overrides"),
-                            say=ctx.log)
+                            say=ctx.log, check_cancel=ctx.check_cancel)
     return {"passed": report["passed"]}
 
 

@@ -1,9 +1,10 @@
 """Merge a finished run's LoRA adapter into a full-precision copy of its base model.
 
 The merge never touches 4-bit weights (merging into NF4 gives logits off by ~10 and a checkpoint no
-converter accepts). It streams the base shard by shard with safetensors: W' = W + s * B A computed in
-fp32 for the adapted projections, everything else copied, so peak memory is about one shard plus one
-fp32 tensor, and a 7-8B model merges on a 32 GB box. Two bases are offered:
+converter accepts). It streams the base tensor by tensor (`appliance.tensorstream`): W' = W + s * B A
+computed in fp32 for the adapted projections, everything else converted, each tensor written as soon
+as it is merged, so peak memory is about one fp32 tensor and its output whatever the model's size (a
+7-8B model merges on a 32 GB box). Two bases are offered:
 - `full`: the base as imported (what an operator would call "the model");
 - `nf4`: the base as training saw it, each adapted projection quantized to NF4 (double quant, block
   64) and dequantized again, other weights in the training compute dtype. Closer to what was
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from appliance import tensorstream
 from appliance.errors import ApplianceError, ValidationError
 from appliance.modelio import check_shards
 
@@ -105,13 +107,26 @@ def _merge_tensor(key: str, value: Any, deltas: dict[str, tuple[Any, Any]], scal
     return merged.to(out_dtype)
 
 
+def _first_float_dtype(shards: list[Path], dtype: str) -> Any:
+    dtypes = tensorstream.torch_dtypes()
+    for shard in shards:
+        for entry in tensorstream.entries(shard)[0]:
+            if dtypes[entry.dtype].is_floating_point:
+                return _out_dtype(dtype, dtypes[entry.dtype])
+    raise ValidationError(f"{shards[0].parent}: no floating-point weights to merge")
+
+
+def _out_spec(entry: tensorstream.Entry, out_type: Any) -> tensorstream.Entry:
+    if not tensorstream.torch_dtypes()[entry.dtype].is_floating_point:
+        return tensorstream.Entry(entry.name, entry.dtype, entry.shape)
+    return tensorstream.Entry(entry.name, tensorstream.dtype_name(out_type), entry.shape)
+
+
 def merge_folder(base_dir: Path, adapter_dir: Path, out_dir: Path, *, dtype: str = "auto",
                  base: str = "full", train_dtype: str = "bf16", say: Say = _quiet,
                  check_cancel: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """Write the merged HF folder into `out_dir` (which must exist, empty). Returns its summary."""
     import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
     if dtype not in DTYPES or base not in BASES:
         raise ValidationError(f"dtype must be one of {', '.join(DTYPES)} and base one of "
@@ -119,18 +134,19 @@ def merge_folder(base_dir: Path, adapter_dir: Path, out_dir: Path, *, dtype: str
     deltas, scale, adapter_config = adapter_deltas(adapter_dir)
     shards = check_shards(base_dir)
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[train_dtype]
-    used, out_type = set(), None
+    out_type = _first_float_dtype(shards, dtype)
+    used: set[str] = set()
     for i, shard in enumerate(shards, 1):
         check_cancel()
-        tensors = {}
-        with safe_open(str(shard), framework="pt") as fh:
-            for key in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
-                value = fh.get_tensor(key)
-                out_type = out_type or _out_dtype(dtype, value.dtype)
-                tensors[key] = _merge_tensor(key, value, deltas, scale, base, tdtype, out_type)
+        table, _ = tensorstream.entries(shard)
+        specs = [_out_spec(e, out_type) for e in table]
+        with tensorstream.TensorFileWriter(out_dir / shard.name, specs, {"format": "pt"}) as out:
+            for key, value in tensorstream.read_tensors(shard):
+                if value.is_floating_point():
+                    value = _merge_tensor(key, value, deltas, scale, base, tdtype, out_type)
+                out.write(key, value)
                 used.add(key)
-        save_file(tensors, str(out_dir / shard.name), metadata={"format": "pt"})
-        del tensors
+                del value
         say(f"merged shard {i}/{len(shards)} ({shard.name})")
     unused = sorted(set(deltas) - used)
     if unused:
@@ -163,14 +179,16 @@ def _copy_side_files(base_dir: Path, out_dir: Path, out_type: Any) -> None:
 def logits_gap(merged_dir: Path, base_dir: Path, adapter_dir: Path, prompts: list[list[int]],
                *, base: str = "full", train_dtype: str = "bf16") -> dict[str, float]:
     """Merged model vs the adapter applied at run time on the same base, on `prompts` (token ids):
-    max and mean absolute logit difference, computed in fp32 on the CPU."""
+    max and mean absolute logit difference, on the CPU, in fp32 where two copies fit in memory
+    (`scoring_dtype`), else bf16 (recorded as `dtype`)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32,
+    dtype = scoring_dtype(merged_dir, copies=2)
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=dtype,
                                                   trust_remote_code=False).eval()
-    reference = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32,
+    reference = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype,
                                                      trust_remote_code=False)
     if base == "nf4":
         tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[train_dtype]
@@ -180,11 +198,24 @@ def logits_gap(merged_dir: Path, base_dir: Path, adapter_dir: Path, prompts: lis
     with torch.no_grad():
         for ids in prompts:
             x = torch.tensor([ids])
-            diff = (merged(input_ids=x).logits - reference(input_ids=x).logits).abs()
+            diff = (merged(input_ids=x).logits.float() - reference(input_ids=x).logits.float()).abs()
             worst = max(worst, float(diff.max()))
             total, count = total + float(diff.sum()), count + diff.numel()
     return {"max_abs_logit_diff": worst, "mean_abs_logit_diff": total / max(count, 1),
-            "prompts": len(prompts)}
+            "prompts": len(prompts), "dtype": str(dtype).removeprefix("torch.")}
+
+
+def scoring_dtype(folder: Path, copies: int = 1) -> Any:
+    """fp32 when `copies` fp32 copies of the model take at most half of the memory available now,
+    else bf16: the CPU scoring of a 7-8B model (28-32 GB in fp32) must still fit a 32 GB box."""
+    import psutil
+    import torch
+
+    from appliance.modelio import weights_summary
+
+    params = weights_summary(check_shards(folder))["parameters"]
+    fits = copies * params * 4 <= psutil.virtual_memory().available / 2
+    return torch.float32 if fits else torch.bfloat16
 
 
 def _roundtrip_base(model: Any, dtype: Any) -> None:

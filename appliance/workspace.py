@@ -28,7 +28,7 @@ from typing import Any
 
 from appliance import manifest
 from appliance.errors import ApplianceError, BusyError, NotFoundError, ValidationError
-from appliance.fsutil import FileLock, blocking_lock, fsync_dir
+from appliance.fsutil import FileLock, blocking_lock, exchange, fsync_dir
 
 KIND_DIRS = {"model": "models", "dataset": "datasets", "run": "runs", "export": "exports",
              "bundle": "bundles"}
@@ -275,14 +275,23 @@ class ArtifactWriter:
         return self
 
     def commit(self, **fields: Any) -> dict[str, Any]:
-        data = manifest.build(self.path, kind=self.kind, name=self.name, **fields)
+        return self.commit_manifest(manifest.build(self.path, kind=self.kind, name=self.name, **fields))
+
+    def commit_manifest(self, data: dict[str, Any]) -> dict[str, Any]:
+        """Write `data` as the manifest (its file table must already match the staged files) and put
+        the artifact in place; an existing one is swapped out atomically where the OS allows."""
         manifest.write(self.path, data)
         fsync_dir(self.path)
         trash = None
         if self.final.exists():
-            trash = self.final.with_name(f".trash-{self.name}-{secrets.token_hex(4)}")
-            os.rename(self.final, trash)
-        os.rename(self.path, self.final)
+            if exchange(self.path, self.final):
+                trash = self.path
+            else:
+                trash = self.final.with_name(f".trash-{self.name}-{secrets.token_hex(4)}")
+                os.rename(self.final, trash)
+                os.rename(self.path, self.final)
+        else:
+            os.rename(self.path, self.final)
         fsync_dir(self.final.parent)
         self.committed = True
         self.ws.register(self.kind, self.final)

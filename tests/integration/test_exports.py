@@ -76,12 +76,42 @@ def test_a_broken_artifact_fails_the_gate_and_is_refused(smol_run: Workspace) ->
     with pytest.raises(RefusedError, match="failed its parity gate"):
         exports.require_passed(record)
     exports.require_passed(record, override=True)
+    _cancel_and_crash_leave_the_old_verdict(smol_run, record)
     # an explicit, recorded override of the thresholds flips the verdict and keeps the manifest valid
     report = exports.verify(smol_run, record.name, overrides={"ppl_increase": 100.0, "kl": 100.0,
                                                                "agreement": 0.0})
     assert report["passed"]
     assert smol_run.get("export", record.name).status == "ready"
     manifest.verify(smol_run.get("export", record.name).path)
+
+
+def _cancel_and_crash_leave_the_old_verdict(ws: Workspace, record: ArtifactRecord) -> None:
+    """A cancel inside the scoring, and a crash at the moment the new verdict is swapped in, both
+    leave the export exactly as it was (failed, and matching its manifest)."""
+    lenient = {"ppl_increase": 100.0, "kl": 100.0, "agreement": 0.0}
+    calls: list[int] = []
+
+    def cancel_on_third() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise jobs.JobCancelled("cancel requested")
+
+    with pytest.raises(jobs.JobCancelled):
+        exports.verify(ws, record.name, overrides=lenient, check_cancel=cancel_on_third)
+    assert len(calls) == 3  # checked per conversation, not only at the end
+
+    def crash(*_: object) -> bool:
+        raise OSError("simulated crash while swapping")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("appliance.workspace.exchange", crash)
+        with pytest.raises(OSError, match="simulated crash"):
+            exports.verify(ws, record.name, overrides=lenient)
+    again = ws.get("export", record.name)
+    assert again.status == "failed"
+    manifest.verify(again.path)
+    assert not [p for p in again.path.parent.iterdir() if p.name.startswith(".")
+                and record.name in p.name]  # no staging copy left behind
 
 
 def test_onnx_int4_export_generates_and_is_scored(smol_run: Workspace) -> None:
