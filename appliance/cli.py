@@ -20,7 +20,7 @@ from appliance.errors import ApplianceError, ValidationError
 
 # Command groups that live beside the code they drive. Each module imports only the standard library
 # at module scope and has `register(subparsers)`.
-COMMAND_MODULES = ("appliance.runtime.commands", "appliance.systemd")
+COMMAND_MODULES = ("appliance.runtime.console", "appliance.runtime.commands", "appliance.systemd")
 
 
 def _workspace(args: argparse.Namespace) -> Any:

@@ -1,0 +1,378 @@
+"""One small chat-engine interface over exported artifacts (GGUF through llama.cpp, ONNX through
+onnxruntime), shared by the console chat and the HTTP server.
+
+What every engine promises (`ChatEngine.generate`):
+- the conversation is rendered with the artifact's own chat template (the one training used) and
+  tokenized exactly as training tokenized it (no special tokens added beyond what the template
+  writes), so prompt ids equal `appliance.chat`'s;
+- errors come before any output: bad messages or sampling values raise `ValidationError` and a
+  prompt that does not fit raises `ContextOverflow` when `generate` is called, not mid-stream;
+- output is a stream of `Delta` (one per generated token; its text may be "" while a UTF-8
+  character or a possible stop string is incomplete, and a last `Delta` with token_id -1 may carry
+  held-back text) ending with exactly one `Done`, whose reason is "stop" (an end-of-generation
+  token of the template, or a stop string), "length" (max_tokens reached) or "cancelled";
+- stop tokens and stop strings never appear in the text;
+- `cancel` is checked at every token (and between prompt chunks); a cancelled generation ends
+  with Done("cancelled") and leaves the engine ready for the next one.
+
+Context policy: the engine is strict. When prompt tokens + max_tokens exceed the context (or,
+without max_tokens, when the prompt leaves no room for a single token) it raises `ContextOverflow`
+naming the three numbers; it never truncates silently. Callers own the policy: the console drops
+the oldest turns (keeping the system prompt) and says so; the server returns the error.
+`max_tokens=None` means "the rest of the context".
+
+One generation at a time per engine: a second one started while another is streaming raises
+`BusyError` (callers serialize, or open one engine per worker).
+
+The runtime is torch- and transformers-free: this module needs only the standard library and the
+workspace; the engines import llama_cpp or onnxruntime, numpy, tokenizers and jinja2 when opened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from appliance.errors import ApplianceError, BusyError, NotFoundError, RefusedError, ValidationError
+
+if TYPE_CHECKING:
+    from appliance.runtime.template import ChatTemplate
+    from appliance.workspace import Workspace
+
+MAX_STOP_STRINGS = 16
+SEED_MAX = 2**32 - 2  # llama.cpp reads 2**32 - 1 as "pick a random seed"
+DEFAULT_MAX_CONTEXT = 8192  # the KV cache is allocated up front: do not take a 128k context unasked
+FLAG = "--allow-failed-parity"
+
+
+# -- the data that crosses the interface ---------------------------------------------------------
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.7  # 0 => greedy (argmax)
+    top_p: float = 1.0
+    top_k: int = 0  # 0 => off
+    repeat_penalty: float = 1.0  # llama.cpp style (CTRL), over the last 64 tokens (prompt+generated)
+    max_tokens: int | None = None  # None => the rest of the context
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # extra stop strings (text never includes them)
+
+    def validated(self) -> Sampling:
+        """A normalized copy (floats as float, stop as a tuple); ValidationError naming the field
+        and its allowed range otherwise."""
+        return dataclasses.replace(
+            self,
+            temperature=_number("temperature", self.temperature, 0.0, 10.0, "0 (greedy) to 10"),
+            top_p=_number("top_p", self.top_p, 0.0, 1.0, "greater than 0, at most 1", open_low=True),
+            top_k=_integer("top_k", self.top_k, 0, None, "0 (off) or more"),
+            repeat_penalty=_number("repeat_penalty", self.repeat_penalty, 0.0, 10.0,
+                                   "greater than 0, at most 10 (1 = off)", open_low=True),
+            max_tokens=None if self.max_tokens is None else _integer(
+                "max_tokens", self.max_tokens, 1, None, "1 or more, or unset for the rest of the context"),
+            seed=None if self.seed is None else _integer("seed", self.seed, 0, SEED_MAX, f"0 to {SEED_MAX}"),
+            stop=_stops(self.stop))
+
+
+def _number(name: str, value: Any, low: float, high: float, allowed: str, open_low: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise ValidationError(f"{name} must be a number, not {value!r}", hint=f"{name}: {allowed}")
+    if value < low or value > high or (open_low and value == low):
+        raise ValidationError(f"{name} is {value}, out of range", hint=f"{name}: {allowed}")
+    return float(value)
+
+
+def _integer(name: str, value: Any, low: int, high: int | None, allowed: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(f"{name} must be an integer, not {value!r}", hint=f"{name}: {allowed}")
+    if value < low or (high is not None and value > high):
+        raise ValidationError(f"{name} is {value}, out of range", hint=f"{name}: {allowed}")
+    return value
+
+
+def _stops(value: Any) -> tuple[str, ...]:
+    stops = (value,) if isinstance(value, str) else value
+    allowed = f"up to {MAX_STOP_STRINGS} non-empty strings"
+    if not isinstance(stops, tuple | list) or not all(isinstance(s, str) and s for s in stops):
+        raise ValidationError(f"stop must be a list of non-empty strings, not {value!r}",
+                              hint=f"stop: {allowed}")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise ValidationError(f"stop has {len(stops)} strings", hint=f"stop: {allowed}")
+    return tuple(stops)
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str  # may be "" while a UTF-8 character (or a possible stop string) is incomplete
+    token_id: int  # -1 for the final flush of held-back text
+
+
+@dataclass(frozen=True)
+class Done:
+    reason: str  # "stop" | "length" | "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class ContextOverflow(ValidationError):
+    """The prompt plus the requested answer do not fit the context."""
+
+    title = "Context overflow"
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, context_length: int) -> None:
+        want = f" + max_tokens {max_tokens}" if max_tokens else ""
+        super().__init__(
+            f"the prompt is {prompt_tokens} tokens{want}; that does not fit the context of "
+            f"{context_length} tokens" + ("" if max_tokens else " (no room left for an answer)"),
+            hint="drop earlier turns or shorten the messages, lower max_tokens, or open the model "
+                 "with a larger context")
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.context_length = context_length
+
+
+class ChatEngine(Protocol):
+    name: str
+    kind: str  # "gguf" | "onnx"
+    context_length: int
+
+    def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]: ...
+
+    def generate(self, messages: Sequence[dict[str, str]], sampling: Sampling,
+                 cancel: threading.Event | None = None) -> Iterator[Delta | Done]: ...
+
+    def close(self) -> None: ...
+
+
+# -- what both engines share ---------------------------------------------------------------------
+class EngineBase:
+    """The generation loop both engines run; they supply tokenization, the token stream and the
+    decoder. Subclasses set name, kind, context_length, template and stop_ids."""
+
+    name: str
+    kind: str
+    context_length: int
+    template: ChatTemplate
+    stop_ids: frozenset[int]
+
+    def __init__(self) -> None:
+        self._busy = threading.Lock()
+
+    # supplied by the engines
+    def _encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def _tokens(self, ids: list[int], sampling: Sampling,
+                cancel: threading.Event | None) -> Generator[int, None, None]:
+        """Sampled token ids after the prompt `ids`, one per step, for as long as asked; it ends
+        early only when `cancel` is set while the prompt is being read."""
+        raise NotImplementedError
+
+    def _decoder(self) -> tuple[Callable[[int], str], Callable[[], str]]:
+        """(text of the next token, text still held at the end) for one generation."""
+        raise NotImplementedError
+
+    def _is_stop(self, token: int) -> bool:
+        return token in self.stop_ids
+
+    def close(self) -> None:
+        pass
+
+    # the interface
+    def render(self, messages: Sequence[dict[str, str]]) -> str:
+        from appliance.runtime.template import check_messages
+
+        return self.template.render(check_messages(messages), generation_prompt=True)
+
+    def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        return self._encode(self.render(messages))
+
+    def budget(self, prompt_tokens: int, max_tokens: int | None) -> int:
+        """How many tokens may be generated; ContextOverflow when the request does not fit."""
+        room = self.context_length - prompt_tokens
+        if room < 1 or (max_tokens is not None and max_tokens > room):
+            raise ContextOverflow(prompt_tokens, max_tokens or 0, self.context_length)
+        return room if max_tokens is None else max_tokens
+
+    def generate(self, messages: Sequence[dict[str, str]], sampling: Sampling,
+                 cancel: threading.Event | None = None) -> Iterator[Delta | Done]:
+        """Validate now (errors before any output), then stream (see the module docstring)."""
+        sampling = sampling.validated()
+        ids = self.prompt_ids(messages)
+        if not ids:
+            raise ValidationError("the chat template rendered an empty prompt",
+                                  hint="send at least one message with content")
+        limit = self.budget(len(ids), sampling.max_tokens)
+        return self._stream(ids, limit, sampling, cancel)
+
+    def _stream(self, ids: list[int], limit: int, sampling: Sampling,
+                cancel: threading.Event | None) -> Iterator[Delta | Done]:
+        from appliance.runtime.template import StopText
+
+        if not self._busy.acquire(blocking=False):
+            raise BusyError(f"{self.name} is already generating",
+                            hint="one generation at a time per engine: wait for it or cancel it")
+        try:
+            piece, tail = self._decoder()
+            stops = StopText(sampling.stop)
+            count, reason = 0, "cancelled"  # what an exhausted token stream means: see _tokens
+            tokens = self._tokens(ids, sampling, cancel)
+            try:
+                for token in tokens:
+                    if self._is_stop(token):
+                        reason = "stop"
+                        break
+                    count += 1
+                    yield Delta(stops.push(piece(token)), token)
+                    if stops.stopped:
+                        reason = "stop"
+                        break
+                    if count >= limit:
+                        reason = "length"
+                        break
+                    if cancel is not None and cancel.is_set():
+                        break
+            finally:
+                tokens.close()
+            rest = "" if stops.stopped else stops.push(tail()) + stops.flush()
+            if rest:
+                yield Delta(rest, -1)
+            yield Done(reason, len(ids), count)
+        finally:
+            self._busy.release()
+
+
+def default_threads() -> int:
+    """Half the cores, at most 8: llama.cpp spin-waits, so all cores on a shared box crawl
+    (docs/PITFALLS.md); the same default keeps onnxruntime from taking the machine."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+# -- artifacts -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Artifact:
+    name: str
+    kind: str  # "gguf" | "onnx"
+    path: Path  # the .gguf file, or the folder holding model.onnx
+    parity: str  # "pass" | "fail" | "unknown"
+
+
+def resolve(ref: str, ws: Workspace | None = None, *, allow_failed_parity: bool = False) -> Artifact:
+    """An export name in the workspace, a .gguf file, an export folder or an ONNX folder -> the
+    artifact to open. A workspace export that failed its parity gate is refused unless allowed; a
+    merged (HF safetensors) export is refused with the commands that make a servable one."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        return _from_path(path.resolve(), allow_failed_parity)
+    if os.sep in ref or ref.endswith(".gguf"):
+        raise NotFoundError(f"{ref} does not exist",
+                            hint="give an export name (appliance exports list), a .gguf file or an "
+                                 "ONNX folder")
+    return _from_workspace(ref, ws, allow_failed_parity)
+
+
+def _from_workspace(name: str, ws: Workspace | None, allow: bool) -> Artifact:
+    from appliance.workspace import Workspace
+
+    ws = ws or Workspace()
+    try:
+        record = ws.get("export", name)
+    except (NotFoundError, ValidationError):
+        names = [r.name for r in ws.list("export")] if ws.root.exists() else []
+        raise NotFoundError(f"no export named {name!r} in {ws.root}, and no such file or folder",
+                            hint="exports here: " + (", ".join(names) or "none (appliance export gguf RUN)")
+                            + "; or give a .gguf file or an ONNX folder") from None
+    return _from_export(record.path, allow)
+
+
+def _from_path(path: Path, allow: bool) -> Artifact:
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise RefusedError(f"{path} is not a .gguf file",
+                               hint="the runtime opens GGUF files and ONNX folders (safe formats only)")
+        if (path.parent / "manifest.json").is_file():
+            return _from_export(path.parent, allow, gguf=path)
+        return Artifact(path.stem, "gguf", path, "unknown")
+    if (path / "manifest.json").is_file():
+        return _from_export(path, allow)
+    if (path / "model.onnx").is_file():
+        if (path.parent / "manifest.json").is_file() and path.name == "onnx":
+            return _from_export(path.parent, allow)
+        return Artifact(path.name, "onnx", path, "unknown")
+    if (path / "onnx" / "model.onnx").is_file():
+        return Artifact(path.name, "onnx", path / "onnx", "unknown")
+    return _loose_folder(path)
+
+
+def _loose_folder(path: Path) -> Artifact:
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return Artifact(ggufs[0].stem, "gguf", ggufs[0], "unknown")
+    if ggufs:
+        raise ValidationError(f"{path} holds {len(ggufs)} GGUF files",
+                              hint="name one: " + ", ".join(p.name for p in ggufs))
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        raise _merged_refusal(str(path))
+    raise ValidationError(f"{path} holds no GGUF file and no ONNX model",
+                          hint="give a .gguf file, an ONNX folder (model.onnx) or an export name")
+
+
+def _merged_refusal(what: str, run: str = "RUN") -> RefusedError:
+    return RefusedError(f"{what} is an HF safetensors model (a merged export): the runtime serves "
+                        "GGUF and ONNX artifacts",
+                        hint=f"export it first: appliance export gguf {run} --quant Q4_K_M, or "
+                             f"appliance export onnx {run} --precision int4")
+
+
+def _from_export(folder: Path, allow: bool, gguf: Path | None = None) -> Artifact:
+    """A workspace export folder (manifest checked by file sizes) -> its artifact, gated."""
+    from appliance import manifest
+    from appliance.exports import require_passed
+    from appliance.workspace import ArtifactRecord
+
+    data = manifest.verify(folder, full=False)
+    config, summary = data.get("config") or {}, (data.get("info") or {}).get("summary") or {}
+    fmt = config.get("format")
+    if fmt not in ("gguf", "onnx"):
+        raise _merged_refusal(f"export {data.get('name', folder.name)!r}", config.get("run") or "RUN")
+    record = ArtifactRecord("export", data.get("name", folder.name), folder, data.get("created", ""),
+                            "", data.get("status", "ready"), summary)
+    require_passed(record, override=allow)
+    passed = ((data.get("metrics") or {}).get("parity") or {}).get("passed")
+    parity = "fail" if record.status == "failed" or passed is False else "pass" if passed else "unknown"
+    if fmt == "onnx":
+        return Artifact(record.name, "onnx", folder / "onnx", parity)
+    return Artifact(record.name, "gguf", gguf or _export_gguf(folder, summary), parity)
+
+
+def _export_gguf(folder: Path, summary: dict[str, Any]) -> Path:
+    if summary.get("file") and (folder / summary["file"]).is_file():
+        return folder / summary["file"]
+    found = sorted(folder.glob("*.gguf"))
+    if len(found) != 1:
+        raise ApplianceError(f"{folder} should hold one .gguf file, found {len(found)}",
+                             title="Damaged export", hint="export it again")
+    return found[0]
+
+
+def open_engine(artifact: Artifact, *, threads: int | None = None, context_length: int | None = None,
+                gpu: bool | None = None) -> ChatEngine:
+    """Load the artifact in its runtime. threads None: `default_threads()`; context_length None:
+    the model's trained context, at most DEFAULT_MAX_CONTEXT; gpu None: the GPU when the runtime
+    has one, True: require it, False: CPU."""
+    if threads is not None and threads < 1:
+        raise ValidationError(f"threads is {threads}", hint="threads: 1 or more")
+    if context_length is not None and context_length < 16:
+        raise ValidationError(f"context_length is {context_length}", hint="context_length: 16 or more")
+    if artifact.kind == "gguf":
+        from appliance.runtime.llama_engine import LlamaEngine
+
+        return LlamaEngine(artifact, threads=threads, context_length=context_length, gpu=gpu)
+    if artifact.kind == "onnx":
+        from appliance.runtime.onnx_engine import OnnxEngine
+
+        return OnnxEngine(artifact, threads=threads, context_length=context_length, gpu=gpu)
+    raise ValidationError(f"unknown artifact kind {artifact.kind!r}", hint="gguf or onnx")

@@ -1,0 +1,135 @@
+"""API keys for the server: created and revoked by the CLI, stored hashed in the workspace database.
+
+A key is `apk_<id>_<secret>` (id: 8 hex characters, secret: 32 random bytes, urlsafe). It is shown
+once, when created; the database keeps its id, name and the SHA-256 of the whole key. A random
+256-bit secret needs no slow password hash: nobody can guess it from its hash, and checking a
+request costs one indexed lookup and one constant-time compare. The server reads the table on each
+request, so a revocation takes effect on the next request without a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import sqlite3
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from appliance.errors import ApplianceError, NotFoundError, ValidationError
+
+if TYPE_CHECKING:
+    from appliance.workspace import Workspace
+
+KEY_RE = re.compile(r"apk_([0-9a-f]{8})_[A-Za-z0-9_-]{20,100}")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    created TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+    revoked TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS api_keys_active_name ON api_keys(name) WHERE revoked IS NULL;
+"""
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    id: str
+    name: str
+    created: str
+    revoked: str | None
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _db(ws: Workspace) -> sqlite3.Connection:
+    ws.ensure()
+    db = sqlite3.connect(ws.root / "appliance.db", timeout=30, isolation_level=None)
+    db.execute("PRAGMA busy_timeout=30000")
+    db.executescript(SCHEMA)
+    return db
+
+
+def create(ws: Workspace, name: str) -> str:
+    """A new key for `name` (returned once; only its hash is stored)."""
+    if not NAME_RE.fullmatch(name):
+        raise ValidationError(f"key name {name!r} is not allowed",
+                              hint="use 1-64 letters, digits, '_', '.', '@' or '-', starting with "
+                                   "a letter or digit")
+    key_id = secrets.token_hex(4)
+    key = f"apk_{key_id}_{secrets.token_urlsafe(32)}"
+    db = _db(ws)
+    try:
+        db.execute("INSERT INTO api_keys(id, name, sha256) VALUES (?, ?, ?)", (key_id, name, _digest(key)))
+    except sqlite3.IntegrityError:
+        raise ApplianceError(f"an active key named {name!r} exists", title="Already exists",
+                             hint=f"revoke it first (appliance keys revoke {name}) or pick another name"
+                             ) from None
+    finally:
+        db.close()
+    ws.audit("key-create", id=key_id, name=name)
+    return key
+
+
+def revoke(ws: Workspace, name_or_id: str) -> KeyInfo:
+    db = _db(ws)
+    try:
+        row = db.execute("SELECT id FROM api_keys WHERE (name = ? OR id = ?) AND revoked IS NULL",
+                         (name_or_id, name_or_id)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no active key named {name_or_id!r}",
+                                hint="see the keys with `appliance keys list`")
+        db.execute("UPDATE api_keys SET revoked = strftime('%Y-%m-%dT%H:%M:%SZ', 'now') WHERE id = ?",
+                   (row[0],))
+    finally:
+        db.close()
+    ws.audit("key-revoke", id=row[0])
+    return next(k for k in list_keys(ws) if k.id == row[0])
+
+
+def list_keys(ws: Workspace) -> list[KeyInfo]:
+    if not ws.exists():
+        return []
+    db = _db(ws)
+    try:
+        rows = db.execute("SELECT id, name, created, revoked FROM api_keys ORDER BY rowid").fetchall()
+    finally:
+        db.close()
+    return [KeyInfo(*r) for r in rows]
+
+
+class KeyChecker:
+    """What the server asks for each request. One connection, opened on first use by the thread that
+    uses it (the event loop's); the table is created up front so a typo'd path fails at start."""
+
+    def __init__(self, ws: Workspace) -> None:
+        self.ws = ws
+        _db(ws).close()
+        self._conn: sqlite3.Connection | None = None
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = _db(self.ws)
+        return self._conn
+
+    def name_of(self, key: str | None) -> str | None:
+        """The key's name if it is valid and active, else None."""
+        match = KEY_RE.fullmatch(key or "")
+        if match is None:
+            return None
+        row = self._db.execute("SELECT name, sha256 FROM api_keys WHERE id = ? AND revoked IS NULL",
+                               (match[1],)).fetchone()
+        if row is None or not hmac.compare_digest(row[1], _digest(key or "")):
+            return None
+        return str(row[0])
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()

@@ -1,0 +1,165 @@
+"""The ONNX chat engine: onnxruntime (CPU, or CUDA with onnxruntime-gpu), its own KV-cache loop.
+
+Why it is built this way:
+- The graph is run by `export.onnx.OnnxLM` (onnxruntime + numpy; batch 1, past/present KV
+  tensors); this engine adds the chat: the folder's chat template (chat_template.jinja, else
+  tokenizer_config.json) rendered by `appliance.runtime.template`, the `tokenizers` library on
+  tokenizer.json (no special tokens added, as training tokenized), numpy sampling with llama.cpp's
+  parameter meanings (`appliance.runtime.sampling`), and streamed text through the tokenizer's own
+  streaming decoder.
+- The KV cache is kept after each generation with the ids it holds, so the next turn of a chat
+  only runs the new tokens: the past tensors are cut back to the common prefix (a slice).
+- Stop ids: generation_config.json's eos_token_id, the template's eos_token, and the
+  end-of-text special tokens llama.cpp also treats as end of generation (e.g. `<|endoftext|>`),
+  so both engines stop on the same tokens.
+- The context limit is config.json's max_position_embeddings (RoPE was trained up to there);
+  nothing is allocated up front, so no cap is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Generator
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import ApplianceError, ValidationError
+from appliance.runtime.engine import Artifact, EngineBase, Sampling, default_threads
+from appliance.runtime.template import ChatTemplate, special_tokens_from_config
+
+# Special tokens that end a generation whatever the configs say (llama.cpp's EOG list agrees).
+END_TOKENS = frozenset({"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>",
+                        "<end_of_turn>", "<|end_of_text|>"})
+PREFILL_CHUNK = 512
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
+
+
+def template_source(folder: Path, tokenizer_config: dict[str, Any]) -> str:
+    """The chat template of an exported folder: chat_template.jinja, else tokenizer_config.json's
+    (a string, or a list of named templates of which "default" is the one)."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    value = tokenizer_config.get("chat_template")
+    if isinstance(value, list):
+        value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"),
+                     None)
+    return value if isinstance(value, str) else ""
+
+
+def _providers(gpu: bool | None) -> list[str]:
+    import onnxruntime as ort
+
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if gpu and not has_cuda:
+        raise ApplianceError("onnxruntime has no CUDA execution provider here", title="No GPU",
+                             hint="install onnxruntime-gpu with the CUDA 12 libraries, or run on the CPU")
+    return ["CUDAExecutionProvider"] if has_cuda and gpu is not False else ["CPUExecutionProvider"]
+
+
+class OnnxEngine(EngineBase):
+    """An ONNX export (folder with model.onnx) behind the `ChatEngine` interface."""
+
+    kind = "onnx"
+
+    def __init__(self, artifact: Artifact, *, threads: int | None = None,
+                 context_length: int | None = None, gpu: bool | None = None) -> None:
+        from export.onnx import OnnxLM
+
+        super().__init__()
+        self.name, self.folder = artifact.name, Path(artifact.path)
+        if not (self.folder / "tokenizer.json").is_file():
+            raise ValidationError(f"{self.folder} has no tokenizer.json",
+                                  hint="the ONNX folder must be self-contained; export it again")
+        providers = _providers(gpu)
+        self.gpu = providers[0] == "CUDAExecutionProvider"
+        self.threads = threads or default_threads()
+        self.lm = OnnxLM(self.folder, threads=self.threads, providers=providers)
+        config = _read_json(self.folder / "tokenizer_config.json")
+        self.template = ChatTemplate(template_source(self.folder, config), special_tokens_from_config(config))
+        self.context_length = self._context(context_length)
+        self.stop_ids = frozenset(self._stop_ids())
+        self._cached: list[int] = []  # the ids whose keys/values self._cache holds
+        self._cache = self.lm.empty_cache()
+
+    def _context(self, asked: int | None) -> int:
+        trained = self.lm.config.get("max_position_embeddings")
+        if asked is None:
+            return int(trained or 2048)
+        if trained and asked > trained:
+            raise ValidationError(f"context_length {asked} is more than the model was trained on ({trained})",
+                                  hint=f"context_length: at most {trained}")
+        return asked
+
+    def _stop_ids(self) -> set[int]:
+        tokenizer = self.lm.tokenizer
+        special = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+        stops = set(self.lm.stop_ids) | {special[t] for t in END_TOKENS if t in special}
+        eos = self.template.variables.get("eos_token")
+        if eos and tokenizer.token_to_id(eos) is not None:
+            stops.add(int(tokenizer.token_to_id(eos)))
+        return stops
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.lm.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    # -- generation ----------------------------------------------------------------------------
+    def _resume(self, ids: list[int]) -> Any:
+        """The cache cut back to the longest prefix of `ids` it holds (leaving at least one id to run)."""
+        from export.onnx import KVCache
+
+        n = min(len(self._cached), len(ids) - 1)
+        keep = next((i for i in range(n) if self._cached[i] != ids[i]), max(n, 0))
+        if keep == self._cache.length:
+            return self._cache
+        if keep == 0:
+            return self.lm.empty_cache()
+        return KVCache({k: v[:, :, :keep] for k, v in self._cache.tensors.items()}, keep)
+
+    def _tokens(self, ids: list[int], sampling: Sampling,
+                cancel: threading.Event | None) -> Generator[int, None, None]:
+        import numpy as np
+
+        from appliance.runtime.sampling import Sampler
+
+        # seeded: the whole prompt again, so the seed reproduces whatever the cache held (see
+        # llama_engine: cached and fresh evaluations differ in the last bits)
+        cache = self.lm.empty_cache() if sampling.seed is not None else self._resume(ids)
+        self._cached, self._cache = ids[:cache.length], cache
+        sampler = Sampler(sampling, ids)
+        logits: Any = None
+        for start in range(cache.length, len(ids), PREFILL_CHUNK):
+            if cancel is not None and cancel.is_set():
+                return
+            chunk = ids[start:start + PREFILL_CHUNK]
+            logits, cache = self.lm.forward(chunk, cache)
+            self._cached, self._cache = self._cached + chunk, cache
+        row = logits[-1]
+        while True:
+            token = sampler(np.asarray(row, dtype=np.float32))
+            yield token
+            row, cache = self.lm.decode(token, cache)
+            self._cached.append(token)
+            self._cache = cache
+
+    def _decoder(self) -> tuple[Callable[[int], str], Callable[[], str]]:
+        from tokenizers.decoders import DecodeStream
+
+        stream = DecodeStream(skip_special_tokens=True)
+        tokenizer = self.lm.tokenizer
+
+        def piece(token: int) -> str:
+            return stream.step(tokenizer, token) or ""
+
+        return piece, lambda: ""
+
+    def close(self) -> None:
+        self._cache = self.lm.empty_cache()
+        self._cached = []
+
