@@ -4,7 +4,9 @@ At this stage: import the embedded SmolLM2-135M-Instruct (GGUF -> HF folder for 
 kept for inference) and the Dolly sample the repo ships, then a short QLoRA run on the CPU as a
 detached job (its progress followed here; Ctrl-C leaves it running), and eval perplexity before and
 after; then the adapter merged into the base, exported to GGUF (Q8_0, Q4_K_M) and ONNX (int4), each
-export scored by the parity gate against the merged model, and the parity table. Re-running it reuses
+export scored by the parity gate against the merged model, and the parity table; last, a short
+scripted chat with the fine-tuned Q8_0 model through the runtime's engine (the same one `appliance
+chat` and `appliance serve` use), and the commands to serve it. Re-running it reuses
 what is already in the workspace after checking it against its manifest, and picks up a training
 job that an earlier demo left running or interrupted.
 """
@@ -24,7 +26,9 @@ from appliance.workspace import ArtifactRecord, Workspace
 DATASET_NAME = "dolly-sample"
 RUN_NAME = "demo-qlora"
 RECIPE = "smollm2-cpu"
-STAGES = 5
+STAGES = 6
+CHAT_MODEL = f"{RUN_NAME}-gguf-q8_0"
+CHAT = ("Give me three tips for writing a clear email.", "Write a subject line for a meeting request.")
 EXPORTS = (("gguf", ["Q8_0", "Q4_K_M"]), ("onnx", ["int4"]))
 
 
@@ -137,6 +141,35 @@ def _parity_table(records: list[ArtifactRecord]) -> str:
     return parity.table(merged)
 
 
+def _chat(ws: Workspace, say: Callable[[str], None]) -> None:
+    """Two turns with the fine-tuned model, greedy, streamed to the terminal as they are generated."""
+    from appliance.runtime import engine as engines
+
+    say(f"[6/{STAGES}] chat with the fine-tuned model ({CHAT_MODEL}, greedy)")
+    engine = engines.open_engine(engines.resolve(CHAT_MODEL, ws), context_length=2048)
+    messages: list[dict[str, str]] = []
+    try:
+        for question in CHAT:
+            messages.append({"role": "user", "content": question})
+            print(f"      user> {question}\n      assistant> ", end="", flush=True)
+            parts = []
+            for item in engine.generate(messages, engines.Sampling(temperature=0, max_tokens=160)):
+                if isinstance(item, engines.Delta) and item.text:
+                    parts.append(item.text)
+                    print(item.text.replace("\n", "\n      "), end="", flush=True)
+            print(f"\n      ({item.completion_tokens} tokens, {item.reason})", flush=True)
+            messages.append({"role": "assistant", "content": "".join(parts)})
+    finally:
+        engine.close()
+
+
+def _serve_hint(ws: Workspace) -> str:
+    home = f" --home {ws.root}"
+    return (f"Serve it: `appliance{home} keys create me` (prints a key), then `appliance{home} serve "
+            f"{CHAT_MODEL}` (OpenAI-compatible API on http://127.0.0.1:8321/v1); chat in the "
+            f"terminal: `appliance{home} chat {CHAT_MODEL}`.")
+
+
 def run(ws: Workspace, say: Callable[[str], None]) -> int:
     from appliance.cli import human_count, print_dataset_report
 
@@ -159,6 +192,8 @@ def run(ws: Workspace, say: Callable[[str], None]) -> int:
     for record in exported:
         files = [f for f in record.path.iterdir() if f.suffix == ".gguf"] or [record.path / "onnx"]
         say(f"      {record.name}: {record.status} -> {files[0]}")
+    _chat(ws, say)
+    say(_serve_hint(ws))
     say(f"done in {time.monotonic() - started:.1f} s. Next: `appliance exports list`, `appliance "
         f"exports show {exported[-1].name}`, `appliance jobs list`.")
     return 0

@@ -1,6 +1,7 @@
 """`appliance demo` end to end on the real SmolLM2 (model copied in to skip its import): dataset
 import, a short QLoRA run on the CPU as a detached job, perplexity before and after, the merge,
-Q8_0 + Q4_K_M GGUF and int4 ONNX exports with the parity table; then a second run that finds
+Q8_0 + Q4_K_M GGUF and int4 ONNX exports with the parity table, a two-turn chat with the fine-tuned
+model and the command to serve it; then a second run that finds
 everything done and verified."""
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def test_demo_trains_and_is_idempotent(model_workspace: tuple[Workspace, Artifac
         assert re.search(rf"^{name} .* (pass|FAIL)", first.stdout, re.M), first.stdout[-2500:]
         assert (record.path / "parity.json").exists()
         assert {p["name"] for p in manifest.verify(record.path)["parents"]} == {"demo-qlora-merged"}
+    chat = re.findall(r"assistant> (.*)\n(?:.*\n)*?\s+\((\d+) tokens, (stop|length)\)", first.stdout)
+    assert len(chat) == 2 and all(answer.strip() and int(n) > 0 for answer, n, _ in chat), \
+        first.stdout[-2500:]
+    assert "serve demo-qlora-gguf-q8_0" in first.stdout
     second = demo(ws.root)
     assert second.returncode == 0
     assert "run 'demo-qlora' already trained" in second.stdout and "step 1/" not in second.stdout
