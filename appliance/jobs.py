@@ -229,7 +229,12 @@ def spawn(ws: Workspace, job_id: str) -> int:
     """Start `appliance jobs run ID` detached (new session, no terminal, output to a file).
 
     The runner's pid is recorded while the job is still queued, so a runner that dies before it
-    claims the job is noticed (`refresh`) instead of leaving the job queued forever."""
+    claims the job is noticed (`refresh`) instead of leaving the job queued forever. With
+    APPLIANCE_JOB_LAUNCHER=systemd the runner is the `appliance-job@ID` unit instead (no network at
+    all; `appliance systemd install`): systemd starts it, and it records its own pid when it claims
+    the job."""
+    if os.environ.get("APPLIANCE_JOB_LAUNCHER") == "systemd":
+        return _spawn_unit(ws, job_id)
     d = job_dir(ws, job_id)
     try:
         with open(d / "output.log", "ab") as out:
@@ -244,6 +249,24 @@ def spawn(ws: Workspace, job_id: str) -> int:
                              hint=f"fix the cause, then `appliance jobs resume {job_id}`") from exc
     _update_if_queued(ws, job_id, proc.pid)
     return proc.pid
+
+
+def _spawn_unit(ws: Workspace, job_id: str) -> int:
+    unit = f"appliance-job@{job_id}.service"
+    try:
+        done = subprocess.run(["systemctl", "start", "--no-block", unit], capture_output=True,
+                              text=True, timeout=60)
+        problem = done.stderr.strip() if done.returncode else ""
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        problem = str(exc)
+    if problem:
+        _transition(ws, job_id, ("queued",), "failed", finished=_now(),
+                    message=f"systemctl could not start {unit}: {problem}")
+        raise ApplianceError(f"could not start {unit}: {problem}", title="Job not started",
+                             hint="install the units (appliance systemd install), or unset "
+                                  f"APPLIANCE_JOB_LAUNCHER; then `appliance jobs resume {job_id}`")
+    append_event(job_dir(ws, job_id), {"type": "log", "message": f"started as {unit}"})
+    return 0
 
 
 def _update_if_queued(ws: Workspace, job_id: str, pid: int) -> None:
