@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance import manifest, parity
-from appliance.errors import ApplianceError, RefusedError, ValidationError
+from appliance.errors import ApplianceError, BusyError, RefusedError, ValidationError
 from appliance.fsutil import atomic_write_text
 from appliance.workspace import ArtifactRecord, Workspace, parent_ref
 
@@ -417,6 +417,10 @@ def _rewrite_parity(ws: Workspace, record: ArtifactRecord, data: dict[str, Any],
     from appliance.fsutil import link_or_copy, sha256_file
 
     with ws.writer("export", record.name, replace=True) as w:
+        now = manifest.read(record.path)
+        if now.get("created") != data.get("created") or now.get("files") != data.get("files"):
+            raise BusyError(f"export {record.name!r} changed while it was being verified",
+                            hint=f"verify it again: appliance verify {record.name}")
         for rel in data["files"]:
             if rel != "parity.json":
                 link_or_copy(record.path / rel, w.path / rel)

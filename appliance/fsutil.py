@@ -51,9 +51,15 @@ def exchange(a: Path, b: Path) -> bool:
         renameat2 = libc.renameat2
     except (OSError, AttributeError):
         return False
+    import errno
+
     at_fdcwd = -100
-    done = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), RENAME_EXCHANGE)
-    return done == 0
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EXDEV, errno.EOPNOTSUPP):
+        return False  # not supported here: the caller's fallback
+    raise OSError(code, f"swapping {a} and {b}: {os.strerror(code)}")
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -89,9 +89,19 @@ def read_tensors(path: Path) -> Iterator[tuple[str, Any]]:
                 yield entry.name, torch.empty(entry.shape, dtype=dtypes[entry.dtype])
                 continue
             buf = bytearray(size)
-            if os.preadv(fh.fileno(), [buf], start + entry.begin) != size:
-                raise ValidationError(f"{path}: short read of tensor {entry.name!r}")
+            _read_exactly(fh.fileno(), buf, start + entry.begin, path, entry.name)
             yield entry.name, torch.frombuffer(buf, dtype=dtypes[entry.dtype]).reshape(entry.shape)
+
+
+def _read_exactly(fd: int, buf: bytearray, offset: int, path: Path, name: str) -> None:
+    """Fill `buf` from `offset`; Linux returns at most ~2 GiB per read, and a 7B model's fp32
+    embedding is larger."""
+    view, done = memoryview(buf), 0
+    while done < len(buf):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise ValidationError(f"{path}: short read of tensor {name!r} (file truncated?)")
+        done += got
 
 
 class TensorFileWriter:

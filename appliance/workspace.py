@@ -265,6 +265,7 @@ class ArtifactWriter:
                     hint=f"choose another --name, or remove it first "
                     f"(appliance {KIND_DIRS[self.kind]} rm {self.name})",
                 )
+            self._restore_trash()
             for stale in self.final.parent.glob(f"{STAGING_PREFIX}{self.name}-*"):
                 if STAGING_RE.fullmatch(stale.name.removeprefix(STAGING_PREFIX + self.name)):
                     shutil.rmtree(stale, ignore_errors=True)  # a killed writer's; we hold its lock
@@ -273,6 +274,16 @@ class ArtifactWriter:
             self.lock.release()
             raise
         return self
+
+    def _restore_trash(self) -> None:
+        """A replace that died between its two renames (where the OS cannot swap atomically) left
+        the artifact only in a trash directory: put it back (we hold the artifact's lock)."""
+        if self.final.exists():
+            return
+        for trash in sorted(self.final.parent.glob(f".trash-{self.name}-*")):
+            if (trash / manifest.MANIFEST).is_file():
+                os.rename(trash, self.final)
+                return
 
     def commit(self, **fields: Any) -> dict[str, Any]:
         return self.commit_manifest(manifest.build(self.path, kind=self.kind, name=self.name, **fields))

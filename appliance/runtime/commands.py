@@ -25,6 +25,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from appliance.runtime import engine as engines
     from appliance.runtime import keys, server
 
+    for name, low in (("queue", 0), ("max_tokens", 1), ("max_body", 1024), ("port", 0)):
+        if getattr(args, name) < low:
+            raise ValidationError(f"--{name.replace('_', '-')} is {getattr(args, name)}; it must be "
+                                  f"at least {low}")
     ws = _workspace(args)
     loopback = args.host in ("127.0.0.1", "localhost", "::1")
     artifacts = [engines.resolve(ref, ws, allow_failed_parity=args.allow_failed_parity)
@@ -102,7 +106,7 @@ def register(sub: Any) -> None:
                    help="export names (appliance exports list), .gguf files or ONNX folders")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"(default: {DEFAULT_PORT})")
-    p.add_argument("--threads", type=int, help="CPU threads per model (default: all cores)")
+    p.add_argument("--threads", type=int, help="CPU threads per model (default: half the cores, at most 8)")
     p.add_argument("--context", type=int, help="context length to open models with")
     p.add_argument("--queue", type=int, default=16,
                    help="requests that may wait per model before 429 (default: 16)")

@@ -47,10 +47,10 @@ ANSWER_ROOM = 512
 def _stdin_line(prompt: str) -> str:
     if sys.stdin.isatty():
         return input(prompt)
-    line = sys.stdin.readline()
+    line = sys.stdin.buffer.readline()
     if not line:
         raise EOFError
-    return line.rstrip("\n")
+    return line.decode("utf-8", errors="replace").rstrip("\n")  # bad bytes: U+FFFD, not a crash
 
 
 def _stdout(text: str) -> None:
@@ -231,6 +231,9 @@ class ChatSession:
                         self.write(item.text)
             except KeyboardInterrupt:  # a second Ctrl-C while the first was being honoured
                 reason = "cancelled"
+            except Exception as exc:  # the engine failed mid-answer: say so, stay in the chat
+                reason = "cancelled"
+                self.notify(f"error: {getattr(exc, 'title', type(exc).__name__)}: {exc}")
             finally:
                 close = getattr(stream, "close", None)
                 if close:

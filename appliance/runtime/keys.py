@@ -80,8 +80,12 @@ def create(ws: Workspace, name: str) -> str:
 def revoke(ws: Workspace, name_or_id: str) -> KeyInfo:
     db = _db(ws)
     try:
-        row = db.execute("SELECT id FROM api_keys WHERE (name = ? OR id = ?) AND revoked IS NULL",
-                         (name_or_id, name_or_id)).fetchone()
+        rows = db.execute("SELECT id FROM api_keys WHERE (name = ? OR id = ?) AND revoked IS NULL",
+                          (name_or_id, name_or_id)).fetchall()
+        if len(rows) > 1:
+            raise ValidationError(f"{name_or_id!r} is both a key's name and another key's id",
+                                  hint="revoke by the id shown in `appliance keys list`")
+        row = rows[0] if rows else None
         if row is None:
             raise NotFoundError(f"no active key named {name_or_id!r}",
                                 hint="see the keys with `appliance keys list`")
@@ -106,7 +110,7 @@ def list_keys(ws: Workspace) -> list[KeyInfo]:
 
 class KeyChecker:
     """What the server asks for each request. One connection, opened on first use by the thread that
-    uses it (the event loop's); the table is created up front so a typo'd path fails at start."""
+    uses it (the event loop's); the table is created up front, so the first request finds it."""
 
     def __init__(self, ws: Workspace) -> None:
         self.ws = ws

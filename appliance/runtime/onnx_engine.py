@@ -114,7 +114,7 @@ class OnnxEngine(EngineBase):
         """The cache cut back to the longest prefix of `ids` it holds (leaving at least one id to run)."""
         from export.onnx import KVCache
 
-        n = min(len(self._cached), len(ids) - 1)
+        n = min(len(self._cached), self._cache.length, len(ids) - 1)
         keep = next((i for i in range(n) if self._cached[i] != ids[i]), max(n, 0))
         if keep == self._cache.length:
             return self._cache

@@ -97,13 +97,23 @@ class Request:
 
 # -- request parsing ---------------------------------------------------------------------------
 def _content(value: Any, i: int) -> str:
-    if isinstance(value, str):
-        return value
     if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                        and isinstance(p.get("text"), str) for p in value):
-        return "".join(p["text"] for p in value)
-    raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts",
-                   param=f"messages[{i}].content")
+        value = "".join(p["text"] for p in value)
+    if not isinstance(value, str):
+        raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts",
+                       param=f"messages[{i}].content")
+    _utf8(value, f"messages[{i}].content")
+    return value
+
+
+def _utf8(text: str, param: str) -> None:
+    """JSON can carry lone UTF-16 surrogates ("\\ud800") that no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, f"{param} is not valid Unicode text ({exc.reason} at {exc.start})",
+                       param=param) from None
 
 
 def parse_messages(value: Any, limit: int) -> list[dict[str, str]]:
@@ -116,7 +126,7 @@ def parse_messages(value: Any, limit: int) -> list[dict[str, str]]:
         if not isinstance(message, dict):
             raise ApiError(400, f"messages[{i}] must be an object", param=f"messages[{i}]")
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise ApiError(400, f"messages[{i}].role is {role!r}; supported roles: system, user, assistant",
                            param=f"messages[{i}].role")
         out.append({"role": ROLES[role], "content": _content(message.get("content"), i)})
@@ -155,23 +165,34 @@ def parse_sampling(body: dict[str, Any], config: ServerConfig) -> tuple[Sampling
     if max_tokens is not None and not 1 <= max_tokens <= config.max_tokens:
         raise ApiError(400, f"max_tokens is {max_tokens}; this server allows 1 to {config.max_tokens}",
                        param="max_tokens")
-    penalty = body.get("repeat_penalty", body.get("repetition_penalty", 1.0))
-    values = {"temperature": body.get("temperature", 1.0), "top_p": body.get("top_p", 1.0),
-              "top_k": body.get("top_k", 0), "repeat_penalty": penalty, "max_tokens": max_tokens,
+    def given(name: str, default: Any) -> Any:  # OpenAI clients send null for "not set"
+        value = body.get(name)
+        return default if value is None else value
+
+    penalty = given("repeat_penalty", given("repetition_penalty", 1.0))
+    values = {"temperature": given("temperature", 1.0), "top_p": given("top_p", 1.0),
+              "top_k": given("top_k", 0), "repeat_penalty": penalty, "max_tokens": max_tokens,
               "seed": body.get("seed"), "stop": body.get("stop") or ()}
     try:
         sampling = Sampling(**values).validated()
     except ValidationError as exc:
         param = (exc.hint or "").split(":")[0] or None
-        raise ApiError(400, f"{exc} ({exc.hint})" if exc.hint else str(exc), param=param) from None
-    return sampling, max_tokens or config.max_tokens_default
+        raise ApiError(400, _plain(exc), param=param) from None
+    for text in sampling.stop:
+        _utf8(text, "stop")
+    return sampling, max_tokens or min(config.max_tokens_default, config.max_tokens)
+
+
+def _plain(exc: ApplianceError) -> str:
+    return f"{exc.message} ({exc.hint})" if exc.hint else exc.message
 
 
 def parse_request(raw: bytes, models: dict[str, Model], config: ServerConfig) -> Request:
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, huge ints
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise ApiError(400, f"the request body is not valid JSON: {reason}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     name = body.get("model")
@@ -213,18 +234,24 @@ class Generation:
             loop.call_soon_threadsafe(put, exc)
 
     async def items(self) -> AsyncIterator[Any]:
-        count = 0
+        """The engine's items, cut at the cap: the engine thread runs ahead of this loop, so
+        tokens it made after the cap are dropped and the answer reports exactly `cap` tokens."""
+        count, cap, dropped = 0, self.request.cap, False
         while True:
             item = await self.queue.get()
             if isinstance(item, BaseException):
                 raise item
-            if isinstance(item, Delta) and item.token_id >= 0:
-                count += 1
-                if count >= self.request.cap and not self.capped:
-                    self.capped = True  # stop after this token; the engine ends with "cancelled"
+            if isinstance(item, Delta):
+                if item.token_id >= 0:
+                    count += 1
+                if count > cap or (dropped and item.token_id < 0):
+                    dropped = True
+                    continue
+                if count == cap and not self.capped:
+                    self.capped = True  # the engine stops at its next token ("cancelled")
                     self.cancel.set()
             if isinstance(item, Done) and self.capped and item.reason == "cancelled":
-                item = Done("length", item.prompt_tokens, item.completion_tokens)
+                item = Done("length", item.prompt_tokens, min(item.completion_tokens, cap))
             yield item
             if isinstance(item, Done):
                 return
@@ -232,11 +259,11 @@ class Generation:
 
 def _error_for(exc: BaseException) -> ApiError:
     if isinstance(exc, ContextOverflow):
-        return ApiError(400, f"{exc} ({exc.hint})", param="messages", code="context_length_exceeded")
+        return ApiError(400, _plain(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, ValidationError):
-        return ApiError(400, f"{exc} ({exc.hint})" if exc.hint else str(exc))
+        return ApiError(400, _plain(exc))
     if isinstance(exc, ApplianceError):
-        return ApiError(500, f"{exc.title}: {exc}", type_="server_error")
+        return ApiError(500, f"{exc.title}: {_plain(exc)}", type_="server_error")
     log.exception("generation failed", exc_info=exc)
     return ApiError(500, f"the engine failed: {type(exc).__name__}: {exc}", type_="server_error")
 
@@ -331,7 +358,7 @@ class Server:
         req = parse_request(await http.read(), self.models, self.config)
         http[MODEL_KEY] = req.model.name
         model = req.model
-        if model.waiting >= self.config.queue:
+        if model.slot.locked() and model.waiting >= self.config.queue:
             raise ApiError(429, f"{model.name} has {model.waiting} requests waiting; try again shortly",
                            type_="rate_limit_error", code="rate_limit_exceeded")
         gen = Generation(req)
@@ -390,10 +417,13 @@ class Server:
         parts, done = [], first
         if isinstance(first, Delta):
             parts.append(first.text)
-            async for item in items:
-                if isinstance(item, Delta):
-                    parts.append(item.text)
-                done = item
+            try:
+                async for item in items:
+                    if isinstance(item, Delta):
+                        parts.append(item.text)
+                    done = item
+            except Exception as exc:  # mid-answer engine failure: an error body, not a traceback
+                raise _error_for(exc) from None
         assert isinstance(done, Done)
         self._count(gen.request.model.name, done)
         body = {**self._envelope(gen, "chat.completion"),
@@ -432,7 +462,7 @@ class Server:
             return response
         except Exception as exc:  # mid-stream engine failure: say so in the stream, then end it
             error = _error_for(exc)
-            await response.write(b"data: " + json.dumps({"error": {
+            await response.write(b"".join(pending) + b"data: " + json.dumps({"error": {
                 "message": error.message, "type": error.type, "code": error.code}}).encode() + b"\n\n")
             await response.write(b"data: [DONE]\n\n")
             return response

@@ -40,12 +40,17 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
         if not isinstance(message, Mapping):
             raise ValidationError(f"message {i} is not an object with role and content")
         role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise ValidationError(f"message {i} has role {role!r}",
                                   hint="roles are " + ", ".join(ROLES))
         if not isinstance(content, str):
             raise ValidationError(f"message {i} ({role}) has content of type {type(content).__name__}",
                                   hint="content must be a string")
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError as exc:  # lone surrogates (JSON "\ud800", surrogateescape input)
+            raise ValidationError(f"message {i} ({role}) is not valid Unicode text: {exc.reason} at "
+                                  f"character {exc.start}", hint="send UTF-8 text") from None
         out.append({"role": role, "content": content})
     return out
 

@@ -135,6 +135,12 @@ def test_error_paths(live: tuple[server.ServerThread, str, str]) -> None:
     _error(*_post(live, {**ok, "n": 2}), 400, "n")
     _error(*_post(live, {**ok, "tools": [{"type": "function"}]}), 400, "tools")
     _error(*_post(live, {**ok, "stream": "yes"}), 400, "stream")
+    _error(*_post(live, {**ok, "messages": [{"role": ["user"], "content": "x"}]}), 400, "role")
+    _error(*_post(live, b"[" * 50000), 400, "invalid_json")  # nested too deeply for the parser
+    _error(*_post(live, b'{"seed": ' + b"1" * 5000 + b"}"), 400, "invalid_json")
+    _error(*_post(live, b'{"model": "%s", "messages": [{"role": "user", "content": "hi \\ud800"}]}'
+                  % name.encode()), 400, "Unicode")
+    assert _post(live, {**ok, "temperature": None, "top_p": None, "seed": None})[0] == 200  # null = unset
     long = [{"role": "user", "content": "word " * 600}]  # > the 512-token context
     _error(*_post(live, {**ok, "messages": long}), 400, "context_length_exceeded")
     _error(*_post(live, {**ok, "messages": long, "stream": True}), 400, "context_length_exceeded")
@@ -197,3 +203,20 @@ def _open_stream(st: server.ServerThread, key: str, payload: dict) -> http.clien
     assert response.status == 200
     assert response.read(8).startswith(b"data: ")  # generation has started (chunked, decoded)
     return conn
+
+
+def test_server_cap_without_max_tokens_and_an_empty_queue(live: tuple[server.ServerThread, str, str]
+                                                          ) -> None:
+    """With no max_tokens the answer is cut at the server's cap exactly (the engine thread runs
+    ahead; extra tokens are dropped, usage says the cap), and queue=0 still serves an idle model."""
+    st, key, name = live
+    config = server.ServerConfig(port=0, max_tokens=5, queue=0)
+    with server.ServerThread(server.Server(st.server.engines, keys.KeyChecker(st.server.keys.ws),
+                                           config)) as small:
+        client = openai.OpenAI(base_url=small.url + "/v1", api_key=key, max_retries=0)
+        story = [{"role": "user", "content": "Tell me a long story."}]
+        reply = client.chat.completions.create(model=name, messages=story, temperature=0)
+        assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 5
+        streamed = [c.choices[0].finish_reason for c in client.chat.completions.create(
+            model=name, messages=story, temperature=0, stream=True) if c.choices]
+        assert streamed[-1] == "length"

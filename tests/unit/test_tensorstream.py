@@ -80,3 +80,20 @@ def test_scoring_falls_back_to_bf16_when_fp32_copies_do_not_fit(tmp_path: Path,
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=9_000_000))
     assert scoring_dtype(tmp_path) == torch.float32  # 4 MB <= 4.5 MB
     assert scoring_dtype(tmp_path, copies=2) == torch.bfloat16  # 8 MB > 4.5 MB
+
+
+def test_short_reads_are_continued(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linux returns at most ~2 GiB per read: a bigger tensor arrives in pieces."""
+    import os
+
+    path = tmp_path / "p.safetensors"
+    expected = _sample()
+    save_file(expected, str(path))
+    real = os.preadv
+
+    def at_most_3_bytes(fd: int, buffers: list, offset: int) -> int:
+        return real(fd, [memoryview(buffers[0])[:3]], offset)
+
+    monkeypatch.setattr(tensorstream.os, "preadv", at_most_3_bytes)
+    got = dict(tensorstream.read_tensors(path))
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
