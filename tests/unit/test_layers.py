@@ -16,9 +16,9 @@ HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "optimum", "onnxruntim
 
 
 def _modules(package: str) -> list[str]:
-    path = ROOT / package
-    return [package] + [f"{package}.{m.name}" for m in pkgutil.walk_packages([str(path)])
-                        if m.name != "__main__"]
+    path = ROOT / package.replace(".", "/")
+    return [package] + [m.name for m in pkgutil.walk_packages([str(path)], prefix=f"{package}.")
+                        if not m.name.endswith("__main__")]
 
 
 def _loaded_after_import(modules: list[str]) -> set[str]:
@@ -40,6 +40,13 @@ def test_tui_does_not_import_the_ml_stack() -> None:
     loaded = _loaded_after_import(_modules("tui"))
     assert "textual" in loaded  # the check is live: the TUI really was imported
     assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
+
+
+def test_runtime_is_torch_free() -> None:
+    """The server and console load fast and small: no torch/transformers/peft in the runtime."""
+    loaded = _loaded_after_import(_modules("appliance.runtime"))
+    assert "aiohttp" in loaded  # the check is live: the server module really was imported
+    assert not loaded & {"torch", "transformers", "peft", "bitsandbytes", "optimum"}
 
 
 def test_cli_help_does_not_import_the_ml_stack() -> None:
