@@ -1,0 +1,132 @@
+"""Jobs: the UI attaches to jobs started from the CLI, tails their log, cancels and resumes them,
+and stays responsive while a job floods its events file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from textual.widgets import Log
+from tuikit import app_for, settle, wait_for
+
+from appliance import jobs
+from appliance.workspace import Workspace
+from tui.feed import EventTail, TrainProgress, collapse
+from tui.widgets import KeyedTable, LineChart
+
+
+def _cli(ws: Workspace, *args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "appliance", "--home", str(ws.root), *args],
+                         capture_output=True, text=True, timeout=60, check=True)
+    return out.stdout
+
+
+def _state(ws: Workspace, job_id: str) -> str:
+    return jobs.get(ws, job_id).state
+
+
+async def test_attaches_to_a_cli_job_tails_it_cancels_and_resumes(workspace: Workspace) -> None:
+    _cli(workspace, "jobs", "selftest", "--steps", "400", "--interval", "0.05")
+    job = jobs.list_jobs(workspace)[0]
+    app = app_for(workspace, poll_s=0.2)
+    try:
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.press("5")
+            await settle(app, pilot)
+            table = app.screen.query_one("#jobs", KeyedTable)
+            await wait_for(pilot, lambda: table.selected_key() == job.id, 10, "the CLI's job")
+            log = app.screen.query_one("#log", Log)
+            await wait_for(pilot, lambda: any(line.startswith("step ") for line in log.lines), 20,
+                           "progress lines in the log")
+            await pilot.press("c")
+            await wait_for(pilot, lambda: _state(workspace, job.id) == "cancelled", 20, "cancelled")
+            await wait_for(pilot, lambda: "cancelled" in str(table.get_row(job.id)), 10, "the row")
+            await pilot.press("u")
+            await wait_for(pilot, lambda: _state(workspace, job.id) == "running", 20, "resumed")
+            await wait_for(pilot, lambda: any("attempt 2" in line for line in log.lines), 20,
+                           "the second attempt's log")
+    finally:
+        if _state(workspace, job.id) in ("queued", "running"):
+            jobs.cancel(workspace, job.id)
+
+
+def _fake_running_train(ws: Workspace, job_id: str) -> Path:
+    """A train job row without a process (pid NULL: never judged dead) and its events file."""
+    ws.ensure()
+    with ws.connect() as db:
+        db.executescript(jobs.JOBS_SQL)
+        db.execute("INSERT INTO jobs (id, kind, params, state, created) VALUES (?, 'train', '{}', "
+                   "'running', '2026-11-22T10:00:00+00:00')", (job_id,))
+    folder = jobs.job_dir(ws, job_id)
+    folder.mkdir(parents=True)
+    return folder / "events.jsonl"
+
+
+def _flood(path: Path, steps: int, seconds: float) -> None:
+    per_burst = steps // 20
+    for burst in range(20):
+        with open(path, "a", encoding="utf-8") as fh:
+            for i in range(per_burst):
+                step = burst * per_burst + i + 1
+                fh.write(json.dumps({"ts": 0, "type": "progress", "done": step, "total": steps,
+                                     "step": step, "loss": 3.0 - step / steps, "lr": 1e-4,
+                                     "tokens_per_s": 1000.0, "eta_s": 1.0}) + "\n")
+        time.sleep(seconds / 20)
+
+
+async def test_ui_stays_responsive_while_a_job_floods_events(workspace: Workspace,
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    steps, job_id = 6000, "20261122-100000-train-f10f10"
+    events = _fake_running_train(workspace, job_id)
+    draws = []
+    real = LineChart.set_series
+    monkeypatch.setattr(LineChart, "set_series", lambda self, *a: (draws.append(1), real(self, *a)))
+    app = app_for(workspace, poll_s=0.25)
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.open_training(job_id)
+        await settle(app, pilot)
+        writer = threading.Thread(target=_flood, args=(events, steps, 3.0))
+        started = time.monotonic()
+        writer.start()
+        worst = 0.0
+        while writer.is_alive():  # a key press is handled promptly throughout
+            t0 = time.monotonic()
+            await pilot.press("ctrl+l")
+            worst = max(worst, time.monotonic() - t0)
+        writer.join()
+        screen = app.screen
+        await wait_for(pilot, lambda: screen.progress is not None and screen.progress.step == steps,
+                       20, "every event folded in")
+        elapsed = time.monotonic() - started
+    assert worst < 1.0, f"a key press took {worst:.2f} s during the flood"
+    assert len(screen.progress.loss) == steps
+    polls = elapsed / 0.25 + 4
+    assert len(draws) <= 2 * polls, f"{len(draws)} chart updates for {polls:.0f} polls"
+
+
+def test_progress_events_collapse_and_tail_reads_only_new_lines(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path / "ws")
+    path = _fake_running_train(ws, "j1")
+    path.write_text("".join(json.dumps({"type": "progress", "done": i, "total": 9, "step": i,
+                                        "loss": 1.0}) + "\n" for i in range(1, 10))
+                    + json.dumps({"type": "log", "message": "hello"}) + "\n"
+                    + '{"type": "progress", "do')  # a line being written
+    tail = EventTail(ws, "j1")
+    batch = tail.read()
+    assert len(batch) == 10
+    shown = collapse(batch)
+    assert [e["type"] for e in shown] == ["progress", "log"]
+    assert shown[0]["done"] == 9 and shown[0]["collapsed"] == 8
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write('ne": 10, "total": 10, "step": 10, "loss": 0.5}\n')
+    rest = tail.read()
+    assert [e.get("done") for e in rest] == [10]
+    progress = TrainProgress("j1")
+    progress.add(batch + rest)
+    assert progress.step == 10 and progress.loss[-1] == (10.0, 0.5)

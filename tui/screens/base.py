@@ -1,0 +1,280 @@
+"""What every top-level screen shares: header, navigation bar, footer, background reads, polling.
+
+`background(work, done)` is the one way a screen touches the core: `work` runs in a thread worker
+(disk, SQLite, a tokenizer, `nvidia-smi`), `done` runs on the UI thread with its result, and any
+failure reaches the operator through the app's error display with its title and hint. A newer
+read of the same group supersedes an older one, whose result is then dropped.
+
+Screens that follow something (jobs, the dashboard) poll on a timer only while they are visible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.css.query import NoMatches
+from textual.screen import Screen
+from textual.timer import Timer
+from textual.widgets import DataTable, Footer, Header, Static
+from textual.worker import Worker, get_current_worker
+
+from appliance import jobs
+from appliance.workspace import ArtifactRecord, Workspace
+from tui.dialogs import ConfirmDialog
+from tui.feed import last_events, summary_line
+from tui.widgets import KeyedTable, NavBar
+
+if TYPE_CHECKING:
+    from tui.app import ApplianceApp
+
+T = TypeVar("T")
+
+
+@dataclass
+class Activity:
+    """The jobs a screen follows: those of its kinds still running, and watched ones that ended."""
+
+    active: list[tuple[jobs.Job, str]] = field(default_factory=list)
+    finished: list[jobs.Job] = field(default_factory=list)
+
+
+def read_activity(ws: Workspace, kinds: tuple[str, ...], watched: set[str]) -> Activity:
+    if not ws.exists():
+        return Activity()
+    all_jobs = [j for j in jobs.list_jobs(ws) if j.kind in kinds or j.id in watched]
+    active = [(j, summary_line(last_events(ws, j.id))) for j in all_jobs
+              if j.state in ("queued", "running")]
+    return Activity(active, [j for j in all_jobs if j.id in watched and j.state in jobs.TERMINAL])
+
+
+def sorted_records(ws: Workspace, kind: str) -> list[ArtifactRecord]:
+    """A kind's artifacts by name (a stable order: a run's exports stay together); none, and
+    nothing created, when there is no workspace yet."""
+    return sorted(ws.list(kind), key=lambda r: r.name) if ws.exists() else []
+
+
+def record_names(ws: Workspace, kind: str) -> list[str]:
+    """A kind's artifact names as the workspace lists them; none when there is no workspace yet."""
+    return [r.name for r in ws.list(kind)] if ws.exists() else []
+
+
+def activity_text(activity: Activity) -> str:
+    if not activity.active:
+        return ""
+    return "\n".join(f"[b]{j.kind}[/] {j.id} {j.state}: {line}" for j, line in activity.active)
+
+
+class ApplianceScreen(Screen[None]):
+    MODE: ClassVar[str] = ""
+    POLL: ClassVar[bool] = False  # call `poll` on the app's poll interval while visible
+    JOB_KINDS: ClassVar[tuple[str, ...]] = ()  # jobs this screen starts and follows (#activity)
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("r", "reload", "Refresh", show=False),
+        Binding("escape", "leave_field", "Leave the field", show=False),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._timer: Timer | None = None
+        self._workers: dict[str, Worker[None]] = {}
+        self.watched: set[str] = set()  # jobs started here: their outcome is announced
+
+    @property
+    def appliance(self) -> ApplianceApp:
+        return self.app  # type: ignore[return-value]
+
+    @property
+    def ws(self) -> Workspace:
+        return self.appliance.workspace
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield NavBar(self.appliance.nav_items(), self.MODE)
+        yield from self.compose_body()
+        yield Footer(compact=True)
+
+    def compose_body(self) -> ComposeResult:
+        yield from ()
+
+    # -- data ----------------------------------------------------------------------------
+    def reload(self) -> None:
+        """Read what the screen shows (in workers); called on show, on `r`, and on each poll."""
+
+    def action_reload(self) -> None:
+        self.reload()
+
+    def action_leave_field(self) -> None:
+        """Unfocus a text field, so single-letter and number keys act again."""
+        self.set_focus(None)
+
+    def on_screen_resume(self) -> None:
+        self.reload()
+        if (self.POLL or self.JOB_KINDS) and self.appliance.settings.poll_s > 0:
+            if self._timer is None:
+                self._timer = self.set_interval(self.appliance.settings.poll_s, self.poll)
+            self._timer.resume()
+
+    def on_screen_suspend(self) -> None:
+        if self._timer is not None:
+            self._timer.pause()
+
+    def poll(self) -> None:
+        self.refresh_activity()
+
+    # -- jobs this screen starts -------------------------------------------------------------
+    def job_started(self, job: jobs.Job) -> None:
+        self.watched.add(job.id)
+        self.notify(f"{job.kind} job {job.id} started; it goes on if the UI closes (5 Jobs shows "
+                    "its log)", title="Job started")
+        self.refresh_activity()
+
+    def refresh_activity(self) -> None:
+        if not self.JOB_KINDS:
+            return
+        kinds, watched, ws = self.JOB_KINDS, set(self.watched), self.ws
+        self.background(lambda: read_activity(ws, kinds, watched), self._show_activity,
+                        group="activity", skip_if_busy=True)
+
+    def _show_activity(self, activity: Activity) -> None:
+        try:
+            line = self.query_one("#activity", Static)
+        except NoMatches:
+            pass
+        else:
+            line.update(activity_text(activity))
+            line.display = bool(activity.active)
+        for job in activity.finished:
+            self.watched.discard(job.id)
+            ok = job.state == "succeeded"
+            self.notify(f"{job.kind} job {job.id} {job.state}" + (f": {job.message}" if not ok else ""),
+                        title="Job finished" if ok else "Job did not succeed",
+                        severity="information" if ok else "error", timeout=12, markup=False)
+        if activity.finished:
+            self.reload()
+
+
+    def background(self, work: Callable[[], T], done: Callable[[T], Any] | None = None, *,
+                   group: str, title: str = "Could not read the workspace",
+                   modal: bool = False, skip_if_busy: bool = False) -> Worker[None] | None:
+        """Run `work` in a thread; `done(result)` on the UI thread unless superseded.
+
+        `skip_if_busy`: if a worker of this group still runs, start nothing (a poll must not
+        cancel the read before it, or a slow disk would starve the screen)."""
+        app = self.appliance
+        running = self._workers.get(group)
+        if skip_if_busy and running is not None and not running.is_finished:
+            return None
+
+        def run() -> None:
+            worker = get_current_worker()
+            try:
+                result = work()
+            except Exception as exc:  # every failure is shown; none kills the UI
+                if not worker.is_cancelled:
+                    app.call_from_thread(app.show_error, exc, title=title, modal=modal)
+                return
+            if done is not None and not worker.is_cancelled:
+                app.call_from_thread(done, result)
+
+        worker = self.run_worker(run, thread=True, group=group, exclusive=True,
+                                 exit_on_error=False, description=group)
+        self._workers[group] = worker
+        return worker
+
+
+def artifact_css(screen: str, list_width: int, details_id: str = "details") -> str:
+    """An `ArtifactScreen`'s layout: the table above its details, beside them when wide."""
+    return f"""
+    {screen} .list {{ height: auto; max-height: 10; }}
+    {screen}.-wide .list {{ width: {list_width}; height: 1fr; max-height: 100%; }}
+    {screen} #{details_id}-box {{ height: 1fr; border: round $panel; padding: 0 1; }}
+    """
+
+
+class ArtifactScreen(ApplianceScreen):
+    """The artifacts of one kind: a table of them beside (or above) the selected one's details,
+    the activity line below; `x` deletes the selected one after a confirmation."""
+
+    KIND: ClassVar[str] = ""
+    COLUMNS: ClassVar[tuple[str, ...]] = ()
+    DETAILS_ID: ClassVar[str] = "details"  # the details pane (in #<id>-box) and its read's group
+    DETAILS_MARKUP: ClassVar[bool] = True
+    EMPTY: ClassVar[str] = ""  # the details pane when there are none yet: how to make one
+    DELETE_NOTE: ClassVar[str] = ""  # what deleting removes, for the confirmation
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.select_after: str | None = None  # an artifact just made: selected once listed
+
+    @property
+    def table_id(self) -> str:
+        return f"{self.KIND}s"
+
+    def compose_body(self) -> ComposeResult:
+        with Horizontal(classes="split"):
+            with Vertical(classes="list"):
+                yield KeyedTable(*self.COLUMNS, id=self.table_id)
+            with VerticalScroll(id=f"{self.DETAILS_ID}-box"):
+                yield Static(f"no {self.KIND} selected", id=self.DETAILS_ID,
+                             markup=self.DETAILS_MARKUP)
+        yield Static("", id="activity")
+
+    def selected(self) -> str | None:
+        return self.query_one(f"#{self.table_id}", KeyedTable).selected_key()
+
+    def reload(self) -> None:
+        ws, kind = self.ws, self.KIND
+        self.background(lambda: sorted_records(ws, kind), self._show, group="list")
+        self.refresh_activity()
+
+    def row(self, record: ArtifactRecord) -> tuple[Any, ...]:
+        """The table's cells for one artifact."""
+        return (record.name,)
+
+    def read_details(self, path: Path) -> Any:
+        """What the details pane shows for the artifact at `path` (runs in a worker)."""
+        return path.name
+
+    def _show(self, records: list[ArtifactRecord]) -> None:
+        table = self.query_one(f"#{self.table_id}", KeyedTable)
+        table.fill([(r.name, self.row(r)) for r in records])
+        if self.select_after and table.select_key(self.select_after):
+            self.select_after = None
+        if not records:
+            self.query_one(f"#{self.DETAILS_ID}", Static).update(self.EMPTY)
+        self._details()
+
+    @on(DataTable.RowHighlighted)
+    def _highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.data_table.id == self.table_id:
+            self._details()
+
+    def _details(self) -> None:
+        name, ws, kind = self.selected(), self.ws, self.KIND
+        if name is not None:
+            self.background(lambda: self.read_details(ws.artifact_dir(kind, name)),
+                            self.query_one(f"#{self.DETAILS_ID}", Static).update,
+                            group=self.DETAILS_ID)
+
+    def action_delete(self) -> None:
+        name, kind = self.selected(), self.KIND
+        if name is None:
+            return
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                ws = self.ws
+                self.background(lambda: ws.remove(kind, name), lambda _: self.deleted(name),
+                                group="delete", title="Could not delete", modal=True)
+
+        self.app.push_screen(ConfirmDialog(f"Delete {kind} {name}?", self.DELETE_NOTE), answered)
+
+    def deleted(self, name: str) -> None:
+        self.reload()

@@ -1,0 +1,253 @@
+"""Exports: the deployable artifacts with their parity verdicts, and the merge / export / verify jobs
+that make and check them.
+
+Each export is its own artifact (`<run>-merged`, `<run>-gguf-<type>`, `<run>-onnx-<precision>`)
+whose `parity.json` holds the gate's numbers against the merged model; the table here is that file,
+pass or fail per artifact. Merges and exports are jobs (the same the CLI starts: `merge`, `export`,
+`verify`); their last log line shows while they run, and the list refreshes when they end.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from rich.console import Console, ConsoleOptions, Group, RenderResult
+from rich.table import Table
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.widgets import Input, Select, SelectionList
+
+from appliance import jobs
+from appliance.workspace import ArtifactRecord
+from tui.dialogs import FormDialog, dialog_css
+from tui.screens.base import ArtifactScreen, artifact_css, record_names
+
+# The common llama.cpp types and every ONNX precision (`export/onnx.py` PRECISIONS); the CLI takes
+# any llama.cpp type by name, and so does the dialog's "more types" field.
+GGUF_TYPES = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")
+ONNX_TYPES = ("fp32", "fp16", "int8", "int4")
+DEFAULT_TYPES = {"gguf": ("Q8_0", "Q4_K_M"), "onnx": ("int4",)}
+
+
+TABLE_MIN_WIDTH = 84  # narrower than this, each artifact is shown as a small card
+
+
+def _verdict(row: dict[str, Any]) -> Text:
+    if row.get("passed") is True:
+        return Text("pass", style="bold green")
+    if row.get("passed") is None:
+        return Text("reported", style="dim")
+    return Text("FAIL", style="bold red")
+
+
+def _numbers(r: dict[str, Any]) -> list[str]:
+    ids = {True: "same", False: "DIFF", None: "-"}[r.get("tokens_identical")]
+    return [f"{r['perplexity']:.3f}", f"{r['ppl_increase']:+.2%}", f"{r['kl']:.4f}",
+            f"{r['agreement']:.2%}", ids]
+
+
+def _reasons(r: dict[str, Any]) -> Text | None:
+    if r.get("passed") is not False:
+        return None
+    return Text(f"  {r['name']}: " + "; ".join(r.get("reasons", [])), style="red")
+
+
+class ParityTable:
+    """parity.json as a table with pass/fail per artifact, the reasons for each failure below;
+    on a narrow terminal, one card per artifact so no column is cut."""
+
+    def __init__(self, report: dict[str, Any]) -> None:
+        self.report = report
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        report, ref = self.report, self.report["reference"]
+        yield Text(f"parity on {report['conversations']} held-out conversations, {report['tokens']}"
+                   f" assistant tokens; reference {ref['name']} (perplexity "
+                   f"{ref['perplexity']:.3f})")
+        rows = report["artifacts"]
+        yield self._table(rows) if options.max_width >= TABLE_MIN_WIDTH else self._cards(rows)
+        yield from filter(None, map(_reasons, rows))
+
+    @staticmethod
+    def _table(rows: list[dict[str, Any]]) -> Table:
+        table = Table(box=None, padding=(0, 1), header_style="bold")
+        for column in ("artifact", "type", "ppl", "Δppl", "KL", "agree", "ids", "verdict"):
+            table.add_column(column, justify="left" if column in ("artifact", "type", "verdict")
+                             else "right", no_wrap=True)
+        for r in rows:
+            table.add_row(r["name"], r["kind"], *_numbers(r), _verdict(r))
+        return table
+
+    @staticmethod
+    def _cards(rows: list[dict[str, Any]]) -> Group:
+        cards = []
+        for r in rows:
+            ppl, delta, kl, agree, ids = _numbers(r)
+            cards.append(Text.assemble(_verdict(r), f" {r['name']} ({r['kind']})\n",
+                                       f"  ppl {ppl} ({delta}) · KL {kl} · agree {agree} · ids {ids}"))
+        return Group(*cards)
+
+
+def export_details(path: Path) -> Group:
+    from appliance import manifest
+
+    data = manifest.read(path)
+    lines = [f"{data['name']}  ({data.get('status', 'ready')})",
+             "parents  " + ", ".join(f"{p['kind']} {p['name']}" for p in data["parents"]),
+             "config   " + json.dumps(data["config"], sort_keys=True), ""]
+    report = path / "parity.json"
+    body: list[Any] = [Text("\n".join(lines))]
+    if report.exists():
+        body.append(ParityTable(json.loads(report.read_text(encoding="utf-8"))))
+    else:
+        body.append(Text("no parity report", style="dim"))
+    return Group(*body)
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    kind: str                 # merge | export
+    params: dict[str, Any]
+
+
+class RunDialog(FormDialog[ExportRequest]):
+    """A form about one of the finished runs (the newest preselected), then its options."""
+
+    def __init__(self, runs: list[str]) -> None:
+        super().__init__()
+        self.runs = runs
+
+    def compose_fields(self) -> ComposeResult:
+        yield Select([(r, r) for r in self.runs], value=self.runs[-1], allow_blank=False,
+                     id="run")
+        yield from self.compose_options()
+
+    def compose_options(self) -> ComposeResult:
+        yield from ()
+
+
+class MergeDialog(RunDialog):
+    HELP_TITLE = "merge a run"
+    DEFAULT_CSS = dialog_css("MergeDialog")
+    HEADING = "Merge a run's adapter into a full-precision copy of its base"
+    SUBMIT = "Merge"
+
+    def compose_options(self) -> ComposeResult:
+        yield Select([("full base (as imported)", "full"),
+                      ("NF4-rounded base (as training saw it)", "nf4")], value="full",
+                     allow_blank=False, id="base")
+        yield Select([(d, d) for d in ("auto", "fp32", "fp16", "bf16")], value="auto",
+                     allow_blank=False, id="dtype")
+
+    def submit(self) -> None:
+        values = {k: str(self.query_one(f"#{k}", Select).value) for k in ("run", "base", "dtype")}
+        self.dismiss(ExportRequest("merge", values))
+
+
+class ExportDialog(RunDialog):
+    HELP_TITLE = "export a run"
+    DEFAULT_CSS = dialog_css("ExportDialog") + "ExportDialog SelectionList { height: auto; }"
+    HEADING = "Export a run (merged first), each artifact parity-checked"
+    SUBMIT = "Export"
+
+    def compose_options(self) -> ComposeResult:
+        yield Select([("GGUF (llama.cpp, Ollama)", "gguf"), ("ONNX (onnxruntime)", "onnx")],
+                     value="gguf", allow_blank=False, id="format")
+        yield SelectionList[str](id="types")
+        yield Input(placeholder="more types, comma-separated (any llama.cpp type)", id="more")
+
+    def on_mount(self) -> None:
+        self._types("gguf")
+
+    def _types(self, fmt: str) -> None:
+        types = self.query_one("#types", SelectionList)
+        types.clear_options()
+        types.add_options([(t, t, t in DEFAULT_TYPES[fmt])
+                           for t in (GGUF_TYPES if fmt == "gguf" else ONNX_TYPES)])
+        self.query_one("#more", Input).display = fmt == "gguf"
+
+    @on(Select.Changed, "#format")
+    def _format(self, event: Select.Changed) -> None:
+        self._types(str(event.value))
+
+    def submit(self) -> None:
+        fmt = str(self.query_one("#format", Select).value)
+        types = list(self.query_one("#types", SelectionList).selected)
+        if fmt == "gguf":
+            types += [t.strip() for t in self.query_one("#more", Input).value.split(",") if t.strip()]
+        if not types:
+            self.notify("pick at least one type", severity="warning")
+            return
+        self.dismiss(ExportRequest("export", {"run": str(self.query_one("#run", Select).value),
+                                              "format": fmt, "types": types, "overrides": {}}))
+
+
+class ExportsScreen(ArtifactScreen):
+    MODE = "exports"
+    SUB_TITLE = "Exports"
+    JOB_KINDS = ("merge", "export", "verify")
+    HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (150, "-wide")]
+    DEFAULT_CSS = artifact_css("ExportsScreen", 62)
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("m", "merge", "Merge…"),
+        Binding("e", "export", "Export…"),
+        Binding("v", "verify", "Verify again"),
+        Binding("x,delete", "delete", "Delete"),
+    ]
+
+    KIND = "export"
+    COLUMNS = ("name", "status", "type", "parity")
+    EMPTY = ("No exports yet.\n\n  e  exports a finished run to GGUF or ONNX (merging it first)\n"
+             "  m  merges a run's adapter into its base")
+    DELETE_NOTE = "The artifact's files are removed from the workspace."
+
+    def row(self, record: ArtifactRecord) -> tuple[Any, ...]:
+        return (record.name, record.status, record.summary.get("type", "?"),
+                _parity_cell(record.summary.get("parity")))
+
+    def read_details(self, path: Path) -> Group:
+        return export_details(path)
+
+    # -- actions ---------------------------------------------------------------------------
+    def _with_runs(self, open_dialog: type[MergeDialog] | type[ExportDialog]) -> None:
+        ws = self.ws
+
+        def ask(runs: list[str]) -> None:
+            if not runs:
+                self.notify("no finished runs yet: train one (4 Train) first", title="Nothing to "
+                            "export", severity="warning")
+                return
+            self.app.push_screen(open_dialog(runs), self._start)
+
+        self.background(lambda: record_names(ws, "run"), ask, group="runs")
+
+    def action_merge(self) -> None:
+        self._with_runs(MergeDialog)
+
+    def action_export(self) -> None:
+        self._with_runs(ExportDialog)
+
+    def action_verify(self) -> None:
+        name = self.selected()
+        if name is not None:
+            self._start(ExportRequest("verify", {"export": name, "overrides": {}}))
+
+    def _start(self, request: ExportRequest | None) -> None:
+        if request is None:
+            return
+        ws = self.ws
+        self.background(lambda: jobs.start(ws, request.kind, request.params), self.job_started,
+                        group="start", title=f"Could not start the {request.kind}", modal=True)
+
+
+def _parity_cell(value: str | None) -> Text:
+    style = {"pass": "green", "FAIL": "bold red"}.get(value or "", "dim")
+    return Text(value or "-", style=style)
+
+
+DIALOGS = (MergeDialog, ExportDialog)

@@ -1,0 +1,177 @@
+"""Jobs: every job in the workspace (started here or from the CLI), the selected one's log, cancel
+and resume.
+
+Jobs are separate processes recorded in SQLite (`appliance.jobs`), so this screen only reads and
+asks: it lists them, follows the selected job's events file from where it last read, and writes
+the cancel / resume requests the CLI would. Closing the UI leaves every job running.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.widgets import DataTable, Log, Static
+
+from appliance import jobs
+from appliance.cli import format_event
+from appliance.workspace import Workspace
+from tui.feed import Event, EventTail, collapse, format_eta
+from tui.screens.base import ApplianceScreen
+from tui.widgets import KeyedTable, first_line
+
+LOG_LINES = 5000
+
+
+def progress_line(event: Event) -> str:
+    """A training step in a line that fits 80 columns; other progress as the CLI prints it."""
+    if not isinstance(event.get("loss"), int | float):
+        return format_event({k: v for k, v in event.items() if k != "collapsed"})
+    parts = [f"step {event.get('done')}/{event.get('total')}", f"loss {event['loss']:.4f}"]
+    if isinstance(event.get("lr"), int | float):
+        parts.append(f"lr {event['lr']:.1e}")
+    if isinstance(event.get("tokens_per_s"), int | float):
+        parts.append(f"{event['tokens_per_s']:.0f} tok/s")
+    if isinstance(event.get("eta_s"), int | float):
+        parts.append(f"ETA {format_eta(event['eta_s'])}")
+    return " ".join(parts)
+
+
+def event_lines(events: list[Event]) -> list[str]:
+    """Log lines for a batch of events; runs of progress events show as their last one."""
+    lines: list[str] = []
+    for event in collapse(events):
+        kind = event.get("type")
+        text = progress_line(event) if kind == "progress" else str(event.get("text", "")) \
+            if kind == "traceback" else format_event(event)
+        if event.get("collapsed"):
+            text += f" (+{event['collapsed']})"
+        lines.extend(text.splitlines() or [""])
+    return lines
+
+
+def job_line(job: jobs.Job) -> str:
+    pid = f", pid {job.pid}" if job.pid and job.state in ("queued", "running") else ""
+    message = f": {first_line(job.message, 200)}" if job.message else ""
+    return f"{job.id}  [b]{job.kind}[/] {job.state}, attempt {job.attempt}{pid}{message}"
+
+
+@dataclass
+class JobsRead:
+    jobs: list[jobs.Job]
+    tail: EventTail | None      # the tail that was read, from `start` to `end`
+    start: int
+    end: int
+    events: list[Event]
+
+
+def read_jobs(ws: Workspace, tail: EventTail | None) -> JobsRead:
+    if not ws.exists():
+        return JobsRead([], tail, 0, 0, [])
+    start = tail.offset if tail else 0
+    events, end = tail.read_from(start) if tail else ([], 0)
+    return JobsRead(jobs.list_jobs(ws), tail, start, end, events)
+
+
+class JobsScreen(ApplianceScreen):
+    MODE = "jobs"
+    SUB_TITLE = "Jobs"
+    POLL = True
+    DEFAULT_CSS = """
+    JobsScreen #jobs { max-height: 10; }
+    JobsScreen #job { height: auto; max-height: 3; padding: 0 1; background: $panel; }
+    JobsScreen Log { height: 1fr; border: round $panel; }
+    """
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("c", "cancel", "Cancel job"),
+        Binding("u", "resume", "Resume job"),
+        Binding("t", "train_view", "Training view"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tail: EventTail | None = None
+
+    def compose_body(self) -> ComposeResult:
+        yield KeyedTable("job", "kind", "state", "try", "message", id="jobs")
+        yield Static("no job selected", id="job")
+        yield Log(max_lines=LOG_LINES, highlight=False, id="log")
+
+    def selected(self) -> str | None:
+        return self.query_one("#jobs", KeyedTable).selected_key()
+
+    def reload(self) -> None:
+        tail, ws = self.tail, self.ws
+        self.background(lambda: read_jobs(ws, tail), self._show, group="jobs")
+
+    def poll(self) -> None:
+        tail, ws = self.tail, self.ws
+        self.background(lambda: read_jobs(ws, tail), self._show, group="jobs", skip_if_busy=True)
+
+    def _show(self, read: JobsRead) -> None:
+        table = self.query_one("#jobs", KeyedTable)
+        table.fill([(j.id, (j.id, j.kind, j.state, j.attempt, first_line(j.message, 60)))
+                    for j in read.jobs])
+        wanted = self.appliance.pending_job
+        if wanted and table.select_key(wanted):
+            self.appliance.pending_job = None
+            table.focus()
+        tail = self.tail
+        if tail is not None and read.tail is tail and tail.offset == read.start:
+            tail.offset = read.end
+            self.query_one("#log", Log).write_lines(event_lines(read.events))
+        self._describe(read.jobs)
+        if self.selected() != (tail.job_id if tail else None):
+            self._follow(self.selected())
+
+    def _describe(self, all_jobs: list[jobs.Job]) -> None:
+        job = next((j for j in all_jobs if j.id == self.selected()), None)
+        self.query_one("#job", Static).update(job_line(job) if job else "no jobs yet")
+
+    def _follow(self, job_id: str | None) -> None:
+        """Start tailing another job: its log is read from the beginning."""
+        self.query_one("#log", Log).clear()
+        self.tail = EventTail(self.ws, job_id) if job_id else None
+        if self.tail is not None:
+            self.reload()
+
+    @on(DataTable.RowHighlighted, "#jobs")
+    def _highlighted(self) -> None:
+        if self.selected() != (self.tail.job_id if self.tail else None):
+            self._follow(self.selected())
+
+    # -- actions ---------------------------------------------------------------------------
+    def _act(self, what: str, func: Callable[[Workspace, str], jobs.Job]) -> None:
+        job_id, ws = self.selected(), self.ws
+        if job_id is None:
+            self.notify("no job selected", severity="warning")
+            return
+
+        def work() -> jobs.Job:
+            return func(ws, job_id)
+
+        def done(job: jobs.Job) -> None:
+            self.notify(f"{job.id}: {job.state}" + (" (cancel requested; it saves its state "
+                        "first)" if what == "cancel" else ""), title=what.capitalize())
+            self.reload()
+
+        self.background(work, done, group=what, title=f"Could not {what} the job", modal=True)
+
+    def action_cancel(self) -> None:
+        self._act("cancel", jobs.cancel)
+
+    def action_resume(self) -> None:
+        self._act("resume", jobs.resume)
+
+    def action_train_view(self) -> None:
+        job_id = self.selected()
+        if job_id is None:
+            return
+        if self.query_one("#jobs", KeyedTable).get_row(job_id)[1] != "train":
+            self.notify("the training view follows training jobs", severity="warning")
+            return
+        self.appliance.open_training(job_id)

@@ -1,0 +1,169 @@
+"""Widgets every screen shares: the navigation bar, a braille line chart, text bars and histograms.
+
+The chart draws only when it is told its data changed (`set_series`), and its owner calls that at
+most once per poll, so a job emitting events at any rate costs the UI a bounded number of redraws.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.text import Text
+from textual.app import RenderResult
+from textual.widget import Widget
+from textual.widgets import DataTable, Static
+
+BRAILLE = 0x2800
+DOT = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))  # DOT[row][column] in one cell
+LABEL_WIDTH = 8
+Point = tuple[float, float]
+
+
+class NavBar(Static):
+    """`1 Dashboard  2 Models ...`: the screens and their keys, the current one highlighted."""
+
+    DEFAULT_CSS = "NavBar { height: 1; background: $panel; color: $text-muted; }"
+
+    def __init__(self, items: Sequence[tuple[str, str, str]], current: str) -> None:
+        super().__init__(self._markup(items, current), markup=True)
+
+    @staticmethod
+    def _markup(items: Sequence[tuple[str, str, str]], current: str) -> str:
+        parts = []
+        for key, mode, title in items:
+            style = "reverse bold" if mode == current else ""
+            label = f"[b $accent]{key}[/] {title}" if mode != current else f"{key} {title}"
+            text = f"[@click=app.switch_mode('{mode}')]{label}[/]"
+            parts.append(f"[{style}]{text}[/]" if style else text)
+        return " " + "  ".join(parts)
+
+
+def bar(fraction: float, width: int = 10) -> str:
+    """A text gauge: `███▌░░░░░░`."""
+    fraction = min(max(fraction, 0.0), 1.0)
+    full, part = divmod(round(fraction * width * 2), 2)
+    return ("█" * full + ("▌" if part else "")).ljust(width, "░")
+
+
+def histogram_lines(bins: Sequence[dict], width: int = 30) -> list[str]:
+    """Rows `  from-to  ████ count` for `datasets.length_stats` histogram bins, from the first
+    non-empty bin to the last."""
+    filled = [i for i, b in enumerate(bins) if b["count"]]
+    bins = bins[filled[0]:filled[-1] + 1] if filled else []
+    top = max((b["count"] for b in bins), default=0) or 1
+    label = max((len(f"{b['from']}-{b['to']}") for b in bins), default=0)
+    rows = []
+    for b in bins:
+        span = f"{b['from']}-{b['to']}"
+        rows.append(f"  {span:>{label}} {'█' * round(b['count'] / top * width):<{width}} {b['count']}")
+    return rows
+
+
+def _bucket(points: Sequence[Point], x0: float, x1: float, columns: int) -> list[tuple[int, float]]:
+    """At most one point per dot column (the mean of the points that fall in it)."""
+    sums: dict[int, list[float]] = {}
+    span = (x1 - x0) or 1.0
+    for x, y in points:
+        column = min(columns - 1, int((x - x0) / span * (columns - 1) + 0.5))
+        acc = sums.setdefault(column, [0.0, 0.0])
+        acc[0] += y
+        acc[1] += 1
+    return [(c, acc[0] / acc[1]) for c, acc in sorted(sums.items())]
+
+
+class LineChart(Widget):
+    """Several series on shared axes, drawn with braille dots; y labels on the left."""
+
+    DEFAULT_CSS = "LineChart { height: 8; }"
+
+    def __init__(self, styles: dict[str, str], *, empty: str = "no data yet", id: str | None = None
+                 ) -> None:
+        super().__init__(id=id)
+        self.styles_by_series = styles
+        self.series: dict[str, list[Point]] = {name: [] for name in styles}
+        self.empty = empty
+
+    def set_series(self, name: str, points: Sequence[Point]) -> None:
+        self.series[name] = list(points)
+        self.refresh()
+
+    def render(self) -> RenderResult:
+        points = [p for s in self.series.values() for p in s]
+        width, height = self.size.width - LABEL_WIDTH, self.size.height - 1
+        if not points or width < 4 or height < 2:
+            return Text(self.empty, style="dim")
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        bounds = (min(xs), max(xs), min(ys), max(ys))
+        grid = self._plot(width, height, bounds)
+        return self._text(grid, width, height, bounds)
+
+    def _plot(self, width: int, height: int, bounds: tuple[float, float, float, float]
+              ) -> list[list[tuple[int, str]]]:
+        x0, x1, y0, y1 = bounds
+        grid = [[(0, "")] * width for _ in range(height)]
+        rows = height * 4
+        for name, style in self.styles_by_series.items():
+            cells = _bucket(self.series[name], x0, x1, width * 2)
+            dots = [(c, round((y1 - y) / ((y1 - y0) or 1.0) * (rows - 1))) for c, y in cells]
+            for (ca, ra), (cb, rb) in zip(dots, dots[1:] or dots):
+                steps = max(abs(cb - ca), abs(rb - ra), 1)
+                for i in range(steps + 1):
+                    col, row = ca + (cb - ca) * i // steps, ra + (rb - ra) * i // steps
+                    code, _ = grid[row // 4][col // 2]
+                    grid[row // 4][col // 2] = (code | DOT[row % 4][col % 2], style)
+        return grid
+
+    def _text(self, grid: list[list[tuple[int, str]]], width: int, height: int,
+              bounds: tuple[float, float, float, float]) -> Text:
+        x0, x1, y0, y1 = bounds
+        labels = {0: f"{y1:.4g}", height - 1: f"{y0:.4g}", (height - 1) // 2: f"{(y0 + y1) / 2:.4g}"}
+        text = Text(no_wrap=True, overflow="crop")
+        for r, row in enumerate(grid):
+            text.append(f"{labels.get(r, ''):>{LABEL_WIDTH - 1}}┤", style="dim")
+            for code, style in row:
+                text.append(chr(BRAILLE + code) if code else " ", style=style or None)
+            text.append("\n")
+        left, right = f"{x0:g}", f"step {x1:g}"
+        text.append(" " * LABEL_WIDTH + left + right.rjust(width - len(left)), style="dim")
+        return text
+
+
+class KeyedTable(DataTable):
+    """A row-cursor table refilled in place: unchanged data is not redrawn, and the cursor stays on
+    the row with the same key when the rows change under it (a poll must not move the selection)."""
+
+    def __init__(self, *columns: str, id: str | None = None) -> None:
+        super().__init__(id=id, cursor_type="row", zebra_stripes=True)
+        self._columns = columns
+        self._rows: list[tuple[str, tuple[object, ...]]] | None = None
+
+    def on_mount(self) -> None:
+        self.add_columns(*self._columns)
+
+    def fill(self, rows: list[tuple[str, tuple[object, ...]]]) -> None:
+        if rows == self._rows:
+            return
+        current = self.selected_key()
+        self.clear()
+        for key, cells in rows:
+            self.add_row(*cells, key=key)
+        self._rows = rows
+        keys = [k for k, _ in rows]
+        if current in keys:
+            self.move_cursor(row=keys.index(current), animate=False)
+
+    def selected_key(self) -> str | None:
+        if not self.row_count:
+            return None
+        return str(self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value)
+
+    def select_key(self, key: str) -> bool:
+        keys = [k for k, _ in self._rows or []]
+        if key not in keys:
+            return False
+        self.move_cursor(row=keys.index(key), animate=False)
+        return True
+
+
+def first_line(text: str, width: int = 80) -> str:
+    return text.splitlines()[0][:width] if text else ""
