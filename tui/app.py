@@ -46,7 +46,7 @@ SCREENS = (
     ScreenEntry("train", "4", "Train", "tui.screens.train", "TrainScreen"),
     ScreenEntry("jobs", "5", "Jobs", "tui.screens.jobs", "JobsScreen"),
     ScreenEntry("exports", "6", "Exports", "tui.screens.exports", "ExportsScreen"),
-    ScreenEntry("chat", "7", "Chat", "tui.screens.placeholders", "ChatScreen"),
+    ScreenEntry("chat", "7", "Chat", "tui.screens.chat", "ChatScreen"),
     ScreenEntry("server", "8", "Server", "tui.screens.placeholders", "ServerScreen"),
 )
 

@@ -1,7 +1,7 @@
-"""Chat and Server: reachable from the navigation now, built when the runtime lands.
+"""Server: reachable from the navigation now; the screen itself is the next slice of the TUI.
 
-Both sit on `appliance/runtime/` (the chat engines and the OpenAI-compatible server), which is being
-written; until it is, these screens say so and point at what works today.
+It will sit on `appliance/runtime/server.py` (start/stop, address, keys, live metrics); until it is
+built, it says so and points at the CLI that does it today.
 """
 
 from __future__ import annotations
@@ -27,18 +27,9 @@ class _Placeholder(ApplianceScreen):
 
     def compose_body(self) -> ComposeResult:
         with Vertical(classes="placeholder"):
-            yield Static(f"{self.SUB_TITLE}: arrives with the runtime", classes="heading")
+            yield Static(f"{self.SUB_TITLE}: in the next release of the TUI", classes="heading")
             yield Static(self.WHAT)
             yield Static(self.TODAY, classes="muted")
-
-
-class ChatScreen(_Placeholder):
-    MODE = "chat"
-    SUB_TITLE = "Chat"
-    WHAT = ("Pick an exported artifact, chat with streaming answers over several turns, stop a "
-            "generation, set the system prompt and sampling, and compare two artifacts side by side "
-            "on the same prompt.")
-    TODAY = "Until then the exports' parity table (6 Exports) tells how faithful each artifact is."
 
 
 class ServerScreen(_Placeholder):
@@ -46,4 +37,5 @@ class ServerScreen(_Placeholder):
     SUB_TITLE = "Server"
     WHAT = ("Start and stop the local OpenAI-compatible API server, see its address, create and "
             "revoke API keys, and watch live request metrics.")
-    TODAY = "Until then jobs (5 Jobs) and exports (6 Exports) are where the work shows."
+    TODAY = ("Today: `appliance keys create NAME`, then `appliance serve EXPORT` (an OpenAI-compatible "
+             "API on 127.0.0.1:8321); Prometheus metrics at /metrics.")

@@ -1,0 +1,103 @@
+"""The Chat screen on real GGUF exports (the embedded SmolLM2 registered as two exports): an answer
+streams in, a long one is stopped from the keyboard, two artifacts answer the same prompt side by
+side, and a failed-parity export opens only when allowed."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+import pytest
+from textual.widgets import Checkbox, Input, Select, Static
+from tuikit import app_for, settle, wait_for
+
+from appliance import stack
+from appliance.workspace import Workspace
+from tui.screens.chat import ChatScreen
+
+pytestmark = pytest.mark.integration
+
+
+def _export(ws: Workspace, name: str, status: str = "ready") -> None:
+    gguf = stack.default_model_path()
+    with ws.writer("export", name) as w:
+        shutil.copy2(gguf, w.path / gguf.name)
+        verdict = "pass" if status == "ready" else "FAIL"
+        w.commit(config={"format": "gguf", "type": "Q4_1", "run": "base"}, status=status,
+                 info={"summary": {"format": "gguf", "type": "Q4_1", "run": "base", "file": gguf.name,
+                                   "parity": verdict}},
+                 metrics={"parity": {"passed": status == "ready"}})
+
+
+@pytest.fixture(scope="module")
+def chat_ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    ws = Workspace(tmp_path_factory.mktemp("chat") / "ws").ensure()
+    _export(ws, "smol-a")
+    _export(ws, "smol-b")
+    _export(ws, "smol-broken", status="failed")
+    return ws
+
+
+def _pane_text(screen: ChatScreen, pane: str) -> str:
+    return "\n".join(str(s.render()) for s in screen.query_one(f"#pane-{pane}").query(Static))
+
+
+async def _say(app: Any, pilot: Any, text: str) -> None:
+    prompt = app.screen.query_one("#prompt", Input)
+    prompt.focus()
+    prompt.value = text
+    await pilot.press("enter")
+
+
+async def test_answer_streams_and_stops(chat_ws: Workspace) -> None:
+    app = app_for(chat_ws)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("7")
+        await settle(app, pilot)
+        screen = app.screen
+        assert isinstance(screen, ChatScreen)
+        assert screen.query_one("#artifact", Select).value == "smol-a"
+        screen.query_one("#temperature", Input).value = "0"
+        await _say(app, pilot, "What is 2 + 2?")
+        await wait_for(pilot, lambda: "tokens" in _pane_text(screen, "a") and not screen.busy,
+                       timeout=120, what="an answer")
+        assert "smol-a> " in _pane_text(screen, "a") and "4" in _pane_text(screen, "a")
+        assert [m["role"] for m in screen.panes["a"].messages] == ["user", "assistant"]
+        screen.query_one("#max-tokens", Input).value = "400"
+        await _say(app, pilot, "Tell me a very long story about the sea.")
+        await wait_for(pilot, lambda: len(screen.panes["a"].messages) == 3 and
+                       _pane_text(screen, "a").count("smol-a> ") == 2, timeout=60, what="streaming")
+        await pilot.press("ctrl+t")
+        await wait_for(pilot, lambda: not screen.busy, timeout=60, what="the stop")
+        assert "[stopped]" in _pane_text(screen, "a")
+        await _say(app, pilot, "Thanks!")  # the chat goes on after a stop
+        await wait_for(pilot, lambda: len(screen.panes["a"].messages) == 6 and not screen.busy,
+                       timeout=120, what="a third answer")
+
+
+async def test_two_artifacts_side_by_side_and_the_parity_gate(chat_ws: Workspace) -> None:
+    app = app_for(chat_ws)
+    async with app.run_test(size=(120, 30)) as pilot:
+        await pilot.press("7")
+        await settle(app, pilot)
+        screen = app.screen
+        screen.query_one("#compare", Select).value = "smol-b"
+        screen.query_one("#temperature", Input).value = "0"
+        await settle(app, pilot)
+        assert screen.query_one("#pane-b").display
+        await _say(app, pilot, "What is 2 + 2?")
+        await wait_for(pilot, lambda: not screen.busy and "tokens" in _pane_text(screen, "b"),
+                       timeout=180, what="both answers")
+        answer_a = screen.panes["a"].messages[-1]["content"]
+        assert answer_a and answer_a == screen.panes["b"].messages[-1]["content"]  # same model, greedy
+        screen.query_one("#compare", Select).value = "smol-broken"
+        await settle(app, pilot)
+        await _say(app, pilot, "Hello")
+        await wait_for(pilot, lambda: not screen.busy, timeout=60, what="the refusal")
+        assert "failed its parity gate" in " ".join(str(s.render()) for s in app.screen.query(Static))
+        await pilot.press("escape")  # close the error dialog
+        await settle(app, pilot)
+        app.screen.query_one("#allow-failed", Checkbox).value = True
+        await _say(app, pilot, "Hello")
+        await wait_for(pilot, lambda: not app.screen.busy and "tokens" in _pane_text(app.screen, "b"),
+                       timeout=180, what="the allowed answer")

@@ -1,0 +1,228 @@
+"""Chat: talk to an exported artifact through the runtime's engine, or to two side by side.
+
+The engines are the ones `appliance chat` and `appliance serve` use (`appliance.runtime`), opened
+in a thread worker the first time an artifact is used and kept for the screen's life. An answer is
+generated in a thread worker that hands each piece of text to the UI thread, so typing, scrolling
+and `ctrl+t` (stop) stay responsive while it streams. With a second artifact chosen, the same
+prompt goes to both, one after the other (they share the CPU), each with its own conversation.
+An export whose parity gate failed opens only with "allow failed parity" ticked, as on the CLI.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, ClassVar
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, VerticalScroll
+from textual.widgets import Checkbox, Input, Select, Static
+
+from tui.screens.base import ApplianceScreen
+
+NONE = "(none)"
+CSS = """
+ChatScreen .settings { height: auto; }
+ChatScreen .settings Select { width: 1fr; }
+ChatScreen .settings Input { width: 11; }
+ChatScreen #system { width: 1fr; }
+ChatScreen .panes { height: 1fr; }
+ChatScreen .pane { width: 1fr; border: round $panel; padding: 0 1; }
+ChatScreen .user { color: $accent; margin-top: 1; }
+ChatScreen .note { color: $text-muted; }
+"""
+
+
+class Pane:
+    """One artifact's side of the screen: its name, conversation and scroll area."""
+
+    def __init__(self, box: VerticalScroll) -> None:
+        self.box = box
+        self.name: str | None = None
+        self.messages: list[dict[str, str]] = []
+
+    def add(self, text: str, classes: str = "") -> Static:
+        line = Static(text, classes=classes, markup=False)
+        self.box.mount(line)
+        self.box.scroll_end(animate=False)
+        return line
+
+
+class ChatScreen(ApplianceScreen):
+    MODE = "chat"
+    SUB_TITLE = "Chat"
+    DEFAULT_CSS = CSS
+    BINDINGS: ClassVar[list[BindingType]] = [
+        *ApplianceScreen.BINDINGS,
+        Binding("ctrl+t", "stop", "Stop the answer"),
+        Binding("ctrl+r", "reset", "New conversation"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.engines: dict[str, Any] = {}
+        self.cancel = threading.Event()
+        self.busy = False
+
+    def compose_body(self) -> ComposeResult:
+        with Horizontal(classes="settings"):
+            yield Select[str]([], prompt="artifact", id="artifact", allow_blank=True)
+            yield Select[str]([], prompt="compare with", id="compare", allow_blank=True)
+        with Horizontal(classes="settings"):
+            yield Input(placeholder="system prompt (optional)", id="system")
+            yield Input("0.7", placeholder="temp", id="temperature")
+            yield Input("256", placeholder="max tokens", id="max-tokens")
+            yield Checkbox("allow failed", id="allow-failed")
+        with Horizontal(classes="panes"):
+            yield VerticalScroll(classes="pane", id="pane-a")
+            yield VerticalScroll(classes="pane", id="pane-b")
+        yield Input(placeholder="type a message; Enter sends, ctrl+t stops, ctrl+r starts over",
+                    id="prompt")
+
+    def on_mount(self) -> None:
+        self.panes = {"a": Pane(self.query_one("#pane-a", VerticalScroll)),
+                      "b": Pane(self.query_one("#pane-b", VerticalScroll))}
+        self.query_one("#pane-b").display = False
+
+    # -- the artifacts -----------------------------------------------------------------------
+    def reload(self) -> None:
+        ws = self.ws
+
+        def read() -> list[tuple[str, str]]:
+            if not ws.exists():
+                return []
+            rows = []
+            records = sorted(ws.list("export"), key=lambda r: (r.status == "failed", r.name))
+            for record in records:
+                fmt = record.summary.get("format")
+                if fmt in ("gguf", "onnx"):
+                    failed = record.status == "failed"
+                    rows.append((record.name + (" (parity FAIL)" if failed else ""), record.name))
+            return rows
+
+        self.background(read, self._show_artifacts, group="artifacts")
+
+    def _show_artifacts(self, rows: list[tuple[str, str]]) -> None:
+        for widget_id in ("#artifact", "#compare"):
+            select = self.query_one(widget_id, Select)
+            keep = select.value
+            select.set_options(rows)
+            if keep in {v for _, v in rows}:
+                select.value = keep
+        first = self.query_one("#artifact", Select)
+        if rows and first.is_blank():
+            first.value = rows[0][1]
+        if not rows:
+            self.panes["a"].add("No GGUF or ONNX exports yet: export a run first (6 Exports).", "note")
+
+    @on(Select.Changed)
+    def _chosen(self) -> None:
+        compare = self.query_one("#compare", Select)
+        self.query_one("#pane-b").display = not compare.is_blank()
+        self.action_reset()
+
+    # -- talking -----------------------------------------------------------------------------
+    @on(Input.Submitted, "#prompt")
+    def _send(self, event: Input.Submitted) -> None:
+        text = event.value.strip()
+        if not text or self.busy:
+            return
+        targets = self._targets()
+        if not targets:
+            self.appliance.notify("pick an artifact first", title="No artifact", severity="warning")
+            return
+        try:
+            sampling = self._sampling()
+        except ValueError as exc:
+            self.appliance.notify(str(exc), title="Sampling settings", severity="error")
+            return
+        event.input.value = ""
+        system = self.query_one("#system", Input).value.strip()
+        allow = self.query_one("#allow-failed", Checkbox).value
+        for key, name in targets:
+            pane = self.panes[key]
+            pane.name = name
+            pane.messages.append({"role": "user", "content": text})
+            pane.add(f"you> {text}", "user")
+        self.busy = True
+        self.cancel.clear()
+        self._generate(targets, system, sampling, allow)
+
+    def _targets(self) -> list[tuple[str, str]]:
+        out = []
+        for key, widget_id in (("a", "#artifact"), ("b", "#compare")):
+            select = self.query_one(widget_id, Select)
+            if not select.is_blank():
+                out.append((key, str(select.value)))
+        return out
+
+    def _sampling(self) -> Any:
+        from appliance.errors import ValidationError
+        from appliance.runtime.engine import Sampling
+
+        try:
+            temperature = float(self.query_one("#temperature", Input).value or 0.7)
+            max_tokens = int(self.query_one("#max-tokens", Input).value or 256)
+            return Sampling(temperature=temperature, max_tokens=max_tokens).validated()
+        except ValidationError as exc:
+            raise ValueError(f"{exc.message} ({exc.hint})") from None
+
+    def _generate(self, targets: list[tuple[str, str]], system: str, sampling: Any, allow: bool) -> None:
+        app = self.appliance
+
+        def run() -> None:
+            try:
+                for key, name in targets:
+                    if self.cancel.is_set():
+                        break
+                    self._answer(self.panes[key], self._engine(name, allow), system, sampling)
+            finally:
+                app.call_from_thread(self._idle)
+
+        self.background(run, group="generate", title="The chat failed", modal=True)
+
+    def _idle(self) -> None:
+        self.busy = False
+
+    def _engine(self, name: str, allow: bool) -> Any:
+        from appliance.runtime import engine as engines
+
+        if name not in self.engines:
+            artifact = engines.resolve(name, self.ws, allow_failed_parity=allow)
+            self.engines[name] = engines.open_engine(artifact)
+        return self.engines[name]
+
+    def _answer(self, pane: Pane, engine: Any, system: str, sampling: Any) -> None:
+        from appliance.runtime.engine import Delta, Done
+
+        app = self.appliance
+        messages = ([{"role": "system", "content": system}] if system else []) + pane.messages
+        line = app.call_from_thread(pane.add, f"{pane.name}> ")
+        parts: list[str] = []
+        reason = "cancelled"
+        for item in engine.generate(messages, sampling, self.cancel):
+            if isinstance(item, Delta) and item.text:
+                parts.append(item.text)
+                app.call_from_thread(line.update, f"{pane.name}> {''.join(parts)}")
+            elif isinstance(item, Done):
+                reason = item.reason
+                note = {"cancelled": "[stopped]", "length": "[max tokens reached]"}.get(reason, "")
+                app.call_from_thread(pane.add, f"{item.completion_tokens} tokens {note}".strip(), "note")
+        pane.messages.append({"role": "assistant", "content": "".join(parts)})
+
+    def action_stop(self) -> None:
+        self.cancel.set()
+
+    def action_reset(self) -> None:
+        if self.busy:
+            self.cancel.set()
+        for pane in getattr(self, "panes", {}).values():
+            pane.messages.clear()
+            pane.box.remove_children()
+
+    def on_unmount(self) -> None:
+        self.cancel.set()
+        if not self.busy:  # a generating engine is left to its thread, which stops at once
+            for engine in self.engines.values():
+                engine.close()
