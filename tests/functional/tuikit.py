@@ -66,11 +66,12 @@ def app_for(ws: Workspace, *, probe: Callable[[Workspace], SystemStatus] = fixed
 async def settle(app: ApplianceApp, pilot: Pilot[Any], rounds: int = 3, limit: int = 40) -> None:
     """Let workers finish and their results reach the screen: at least `rounds` rounds, then more
     until no worker is pending and two renderings in a row are the same (a loaded machine can need
-    more rounds; results start new reads). A DirectoryTree's loader is a worker that never ends: it
+    more rounds; results start new reads; under load a DataTable's header widths were seen to lag
+    its rows by a round). A DirectoryTree's loader is a worker that never ends: it
     is not waited for."""
     previous = None
     for i in range(limit):
-        await pilot.pause()
+        await pilot.pause(0.02)  # a real pause: widgets finish some work on idle (DataTable widths)
         pending = [w for w in app.workers if not w.is_finished and not isinstance(w.node, DirectoryTree)]
         for worker in pending:
             with contextlib.suppress(Exception):  # a failure is the app's to show
