@@ -131,7 +131,9 @@ class TensorFileWriter:
             raise RuntimeError(f"{self.path}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
                                f"the header says {dtype} {tuple(shape)}")
         if tensor.numel():
-            self._fh.write(tensor.contiguous().view(-1).view(dtype=_byte_dtype()).numpy().data)
+            import torch
+
+            self._fh.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
         self._next += 1
 
     def close(self) -> None:
@@ -148,8 +150,3 @@ class TensorFileWriter:
             return
         self.close()
 
-
-def _byte_dtype() -> Any:
-    import torch
-
-    return torch.uint8

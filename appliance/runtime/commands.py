@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 DEFAULT_PORT = 8321
 
 
 def _workspace(args: argparse.Namespace) -> Any:
-    from appliance.workspace import Workspace
+    from appliance.cli import _workspace as workspace  # the CLI's one way to open --home
 
-    return Workspace(Path(args.home) if args.home else None)
+    return workspace(args)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

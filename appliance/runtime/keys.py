@@ -14,6 +14,8 @@ import hmac
 import re
 import secrets
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -48,12 +50,12 @@ def _digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def _db(ws: Workspace) -> sqlite3.Connection:
-    ws.ensure()
-    db = sqlite3.connect(ws.root / "appliance.db", timeout=30, isolation_level=None)
-    db.execute("PRAGMA busy_timeout=30000")
-    db.executescript(SCHEMA)
-    return db
+@contextmanager
+def _db(ws: Workspace) -> Iterator[sqlite3.Connection]:
+    """The workspace database (its own connection settings) with the keys table in it."""
+    with ws.ensure().connect() as db:
+        db.executescript(SCHEMA)
+        yield db
 
 
 def create(ws: Workspace, name: str) -> str:
@@ -64,76 +66,60 @@ def create(ws: Workspace, name: str) -> str:
                                    "a letter or digit")
     key_id = secrets.token_hex(4)
     key = f"apk_{key_id}_{secrets.token_urlsafe(32)}"
-    db = _db(ws)
     try:
-        db.execute("INSERT INTO api_keys(id, name, sha256) VALUES (?, ?, ?)", (key_id, name, _digest(key)))
+        with _db(ws) as db:
+            db.execute("INSERT INTO api_keys(id, name, sha256) VALUES (?, ?, ?)",
+                       (key_id, name, _digest(key)))
     except sqlite3.IntegrityError:
         raise ApplianceError(f"an active key named {name!r} exists", title="Already exists",
                              hint=f"revoke it first (appliance keys revoke {name}) or pick another name"
                              ) from None
-    finally:
-        db.close()
     ws.audit("key-create", id=key_id, name=name)
     return key
 
 
 def revoke(ws: Workspace, name_or_id: str) -> KeyInfo:
-    db = _db(ws)
-    try:
+    with _db(ws) as db:
         rows = db.execute("SELECT id FROM api_keys WHERE (name = ? OR id = ?) AND revoked IS NULL",
                           (name_or_id, name_or_id)).fetchall()
         if len(rows) > 1:
             raise ValidationError(f"{name_or_id!r} is both a key's name and another key's id",
                                   hint="revoke by the id shown in `appliance keys list`")
-        row = rows[0] if rows else None
-        if row is None:
+        if not rows:
             raise NotFoundError(f"no active key named {name_or_id!r}",
                                 hint="see the keys with `appliance keys list`")
+        key_id = rows[0][0]
         db.execute("UPDATE api_keys SET revoked = strftime('%Y-%m-%dT%H:%M:%SZ', 'now') WHERE id = ?",
-                   (row[0],))
-    finally:
-        db.close()
-    ws.audit("key-revoke", id=row[0])
-    return next(k for k in list_keys(ws) if k.id == row[0])
+                   (key_id,))
+    ws.audit("key-revoke", id=key_id)
+    return next(k for k in list_keys(ws) if k.id == key_id)
 
 
 def list_keys(ws: Workspace) -> list[KeyInfo]:
     if not ws.exists():
         return []
-    db = _db(ws)
-    try:
+    with _db(ws) as db:
         rows = db.execute("SELECT id, name, created, revoked FROM api_keys ORDER BY rowid").fetchall()
-    finally:
-        db.close()
     return [KeyInfo(*r) for r in rows]
 
 
 class KeyChecker:
-    """What the server asks for each request. One connection, opened on first use by the thread that
-    uses it (the event loop's); the table is created up front, so the first request finds it."""
+    """What the server asks for each request: a short read of the workspace database (a fresh
+    connection each time, so any thread may ask, and a revocation counts from the next request)."""
 
     def __init__(self, ws: Workspace) -> None:
         self.ws = ws
-        _db(ws).close()
-        self._conn: sqlite3.Connection | None = None
-
-    @property
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
-            self._conn = _db(self.ws)
-        return self._conn
+        with _db(ws):  # the table exists before the first request
+            pass
 
     def name_of(self, key: str | None) -> str | None:
         """The key's name if it is valid and active, else None."""
         match = KEY_RE.fullmatch(key or "")
         if match is None:
             return None
-        row = self._db.execute("SELECT name, sha256 FROM api_keys WHERE id = ? AND revoked IS NULL",
-                               (match[1],)).fetchone()
+        with self.ws.connect() as db:
+            row = db.execute("SELECT name, sha256 FROM api_keys WHERE id = ? AND revoked IS NULL",
+                             (match[1],)).fetchone()
         if row is None or not hmac.compare_digest(row[1], _digest(key or "")):
             return None
         return str(row[0])
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()

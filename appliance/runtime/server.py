@@ -390,9 +390,7 @@ class Server:
 
         if gen.future is None or gen.future.done():
             release()
-        else:
-            if not gen.cancel.is_set():
-                gen.cancel.set()
+        else:  # chat() has set its cancel: the engine thread stops at its next token
             gen.future.add_done_callback(release)
 
     async def _answer(self, http: web.Request, gen: Generation, started: float) -> web.StreamResponse:
