@@ -37,6 +37,9 @@ from typing import Any
 from appliance.errors import ApplianceError, NotFoundError
 from appliance.workspace import Workspace
 
+# Jobs that listen on a socket: never inside the job unit, whose PrivateNetwork=yes would leave
+# the server reachable from nowhere (under systemd, appliance-server.service is the server's unit).
+LISTENING = ("serve",)
 TERMINAL = ("succeeded", "failed", "cancelled", "interrupted")
 RESUMABLE = ("failed", "cancelled", "interrupted")
 
@@ -233,7 +236,7 @@ def spawn(ws: Workspace, job_id: str) -> int:
     APPLIANCE_JOB_LAUNCHER=systemd the runner is the `appliance-job@ID` unit instead (no network at
     all; `appliance systemd install`): systemd starts it, and it records its own pid when it claims
     the job."""
-    if os.environ.get("APPLIANCE_JOB_LAUNCHER") == "systemd":
+    if os.environ.get("APPLIANCE_JOB_LAUNCHER") == "systemd" and get(ws, job_id).kind not in LISTENING:
         return _spawn_unit(ws, job_id)
     d = job_dir(ws, job_id)
     try:
@@ -466,5 +469,13 @@ def _verify(ctx: JobContext) -> dict[str, Any]:
     return {"passed": report["passed"]}
 
 
+def _serve(ctx: JobContext) -> dict[str, Any]:
+    """The API server as a job: runs until cancelled (which is how it is stopped)."""
+    from appliance.runtime import service
+
+    return service.run_job(ctx)
+
+
 KINDS: dict[str, JobFunction] = {"import-model": _import_model, "selftest": _selftest,
-                                 "train": _train, "merge": _merge, "export": _export, "verify": _verify}
+                                 "train": _train, "merge": _merge, "export": _export, "verify": _verify,
+                                 "serve": _serve}

@@ -47,7 +47,7 @@ SCREENS = (
     ScreenEntry("jobs", "5", "Jobs", "tui.screens.jobs", "JobsScreen"),
     ScreenEntry("exports", "6", "Exports", "tui.screens.exports", "ExportsScreen"),
     ScreenEntry("chat", "7", "Chat", "tui.screens.chat", "ChatScreen"),
-    ScreenEntry("server", "8", "Server", "tui.screens.placeholders", "ServerScreen"),
+    ScreenEntry("server", "8", "Server", "tui.screens.server", "ServerScreen"),
 )
 
 
@@ -61,6 +61,9 @@ class Settings:
     workspace_label: str | None = None  # shown instead of the workspace path (snapshots)
     browse_from: Path | None = None     # where file pickers open (default: the current directory)
     probe: Probe = field(default=read_system)
+    # where a server not started from here (systemd's) is looked for; None: nowhere (snapshots)
+    server_probe: str | None = "http://127.0.0.1:8321"
+    server_metrics: Callable[[str], Any] | None = None  # None: the server's own /metrics
 
 
 def describe_error(error: BaseException, title: str) -> tuple[str, str, str | None]:

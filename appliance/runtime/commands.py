@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-DEFAULT_PORT = 8321
+DEFAULT_PORT = 8321  # = service.DEFAULT_PORT (not imported: --help stays light)
 
 
 def _workspace(args: argparse.Namespace) -> Any:
@@ -19,40 +19,43 @@ def _workspace(args: argparse.Namespace) -> Any:
     return workspace(args)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from appliance.errors import ValidationError
-    from appliance.runtime import engine as engines
-    from appliance.runtime import keys, server
+def _options(args: argparse.Namespace) -> Any:
+    from appliance.runtime.service import ServeOptions
 
-    for name, low in (("queue", 0), ("max_tokens", 1), ("max_body", 1024), ("port", 0)):
-        if getattr(args, name) < low:
-            raise ValidationError(f"--{name.replace('_', '-')} is {getattr(args, name)}; it must be "
-                                  f"at least {low}")
-    ws = _workspace(args)
-    loopback = args.host in ("127.0.0.1", "localhost", "::1")
-    artifacts = [engines.resolve(ref, ws, allow_failed_parity=args.allow_failed_parity)
-                 for ref in args.artifacts]
-    names = [a.name for a in artifacts]
-    if len(set(names)) != len(names):
-        raise ValidationError(f"the same artifact is named twice: {', '.join(names)}")
-    opened, info = {}, {}
-    for art in artifacts:
-        print(f"loading {art.name} ({art.kind}, parity {art.parity}) ...", flush=True)
-        opened[art.name] = engines.open_engine(art, threads=args.threads, context_length=args.context)
-        info[art.name] = {"format": art.kind, "parity": art.parity,
-                          "context_length": opened[art.name].context_length}
-    config = server.ServerConfig(host=args.host, port=args.port, queue=args.queue,
-                                 max_tokens=args.max_tokens, max_body=args.max_body)
+    return ServeOptions(tuple(args.artifacts), host=args.host, port=args.port, threads=args.threads,
+                        context=args.context, queue=args.queue, max_tokens=args.max_tokens,
+                        max_body=args.max_body, allow_failed_parity=args.allow_failed_parity
+                        ).validated()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from appliance.runtime import keys, service
+
+    options, ws = _options(args), _workspace(args)
+    if args.detach:
+        return _detach(ws, options, args)
+    srv = service.load(ws, options, lambda line: print(line, flush=True))
     active = [k for k in keys.list_keys(ws) if k.revoked is None]
-    srv = server.Server(opened, keys.KeyChecker(ws), config, info)
-    print(f"serving {', '.join(names)} at http://{args.host}:{args.port}/v1 "
+    print(f"serving {', '.join(srv.engines)} at {service.url_for(args.host, args.port)}/v1 "
           f"({len(active)} active API key{'s' if len(active) != 1 else ''})", flush=True)
     if not active:
         print("no API key yet: every request will get 401; create one with "
               f"`appliance{_home_flag(args)} keys create NAME`", flush=True)
-    if not loopback:
+    if not options.loopback:
         print(f"warning: listening on {args.host}, not only on this machine", file=sys.stderr)
     _run(srv)
+    return 0
+
+
+def _detach(ws: Any, options: Any, args: argparse.Namespace) -> int:
+    from appliance.runtime import service
+
+    job = service.start(ws, options)
+    home = _home_flag(args)
+    print(f"serve job {job.id} started; it loads its models, then listens on "
+          f"{service.url_for(options.host, options.port)}/v1")
+    print(f"  follow: appliance{home} jobs follow {job.id}\n  stop:   appliance{home} jobs cancel "
+          f"{job.id}\n  again:  appliance{home} jobs resume {job.id}")
     return 0
 
 
@@ -115,6 +118,9 @@ def register(sub: Any) -> None:
                    help="largest request body in bytes (default: 1 MiB)")
     p.add_argument("--allow-failed-parity", action="store_true",
                    help="serve an export whose parity gate failed")
+    p.add_argument("--detach", action="store_true",
+                   help="run as a background job that outlives this shell (stop it with "
+                        "`appliance jobs cancel ID`)")
     p.set_defaults(func=cmd_serve)
 
     k = sub.add_parser("keys", help="create, list and revoke API keys for the server")

@@ -4,37 +4,24 @@ side, and a failed-parity export opens only when allowed."""
 
 from __future__ import annotations
 
-import shutil
 from typing import Any
 
 import pytest
 from textual.widgets import Checkbox, Input, Select, Static
-from tuikit import app_for, settle, wait_for
+from tuikit import app_for, gguf_export, settle, wait_for
 
-from appliance import stack
 from appliance.workspace import Workspace
 from tui.screens.chat import ChatScreen
 
 pytestmark = pytest.mark.integration
 
 
-def _export(ws: Workspace, name: str, status: str = "ready") -> None:
-    gguf = stack.default_model_path()
-    with ws.writer("export", name) as w:
-        shutil.copy2(gguf, w.path / gguf.name)
-        verdict = "pass" if status == "ready" else "FAIL"
-        w.commit(config={"format": "gguf", "type": "Q4_1", "run": "base"}, status=status,
-                 info={"summary": {"format": "gguf", "type": "Q4_1", "run": "base", "file": gguf.name,
-                                   "parity": verdict}},
-                 metrics={"parity": {"passed": status == "ready"}})
-
-
 @pytest.fixture(scope="module")
 def chat_ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     ws = Workspace(tmp_path_factory.mktemp("chat") / "ws").ensure()
-    _export(ws, "smol-a")
-    _export(ws, "smol-b")
-    _export(ws, "smol-broken", status="failed")
+    gguf_export(ws, "smol-a")
+    gguf_export(ws, "smol-b")
+    gguf_export(ws, "smol-broken", status="failed")
     return ws
 
 

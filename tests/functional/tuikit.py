@@ -27,7 +27,7 @@ from rich.console import Console
 from textual.pilot import Pilot
 from textual.widgets import DirectoryTree
 
-from appliance import datasets, jobs
+from appliance import datasets, jobs, stack
 from appliance.workspace import Workspace, parent_ref
 from tui.app import ApplianceApp, Settings
 from tui.system import GpuStatus, SystemStatus
@@ -57,9 +57,23 @@ def no_gpu_probe(_: Workspace) -> SystemStatus:
 
 
 def app_for(ws: Workspace, *, probe: Callable[[Workspace], SystemStatus] = fixed_probe,
-            poll_s: float = 0.0, browse_from: Path | None = None) -> ApplianceApp:
+            poll_s: float = 0.0, browse_from: Path | None = None,
+            server_metrics: Callable[[str], Any] | None = None) -> ApplianceApp:
     return ApplianceApp(ws, Settings(poll_s=poll_s, workspace_label="/srv/appliance",
-                                     browse_from=browse_from, probe=probe))
+                                     browse_from=browse_from, probe=probe, server_probe=None,
+                                     server_metrics=server_metrics))
+
+
+def gguf_export(ws: Workspace, name: str, status: str = "ready") -> None:
+    """A real, servable export: the embedded SmolLM2 GGUF registered under `name`."""
+    gguf = stack.default_model_path()
+    with ws.writer("export", name) as w:
+        shutil.copy2(gguf, w.path / gguf.name)
+        verdict = "pass" if status == "ready" else "FAIL"
+        w.commit(config={"format": "gguf", "type": "Q4_1", "run": "base"}, status=status,
+                 info={"summary": {"format": "gguf", "type": "Q4_1", "run": "base", "file": gguf.name,
+                                   "parity": verdict}},
+                 metrics={"parity": {"passed": status == "ready"}})
 
 
 # -- waiting ---------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ systemctl on PATH records the call: there is no systemd in the test machine's se
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,20 @@ def test_a_unit_that_cannot_start_fails_the_job(workspace: Workspace, tmp_path: 
         jobs.start(workspace.ensure(), "selftest", {"steps": 1, "interval": 0.0})
     (job,) = jobs.list_jobs(workspace)
     assert job.state == "failed" and "systemctl could not start" in job.message
+
+
+def test_a_server_job_never_goes_into_the_network_less_unit(workspace: Workspace, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    log = _fake_systemctl(tmp_path / "bin", 0)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("APPLIANCE_JOB_LAUNCHER", "systemd")
+    job = jobs.submit(workspace.ensure(), "serve", {"artifacts": ["missing"], "port": 0})
+    assert jobs.spawn(workspace, job.id) > 0  # a detached process of its own, not systemctl
+    assert not log.exists()
+    done = jobs.get(workspace, job.id)
+    for _ in range(150):
+        if done.state in jobs.TERMINAL:
+            break
+        time.sleep(0.2)
+        done = jobs.get(workspace, job.id)
+    assert done.state == "failed" and "missing" in done.message

@@ -1,0 +1,320 @@
+"""The API server as a background job, and how others find it and read its metrics.
+
+`appliance serve` runs the server in the foreground (what the systemd unit runs). An operator at
+the TUI or a shell wants to start it and walk away: `appliance serve --detach` and the TUI's
+Server screen start the same server as a `serve` job. As a job it survives the terminal or UI that
+started it, shows in `appliance jobs list`, stops like any job (cancel: the job polls its cancel
+flag and shuts the server down cleanly) and starts again with `resume`.
+
+The job announces its address with a `listening` event once its socket is bound (port 0 picks a
+free one), so anything that reads the job's events knows where to connect. Live numbers come from
+the server's own `/metrics` over the loopback interface, parsed here (`read_metrics`), so the TUI
+shows exactly what Prometheus would scrape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import socket
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from appliance import jobs
+from appliance.errors import ApplianceError, ValidationError
+from appliance.workspace import Workspace
+
+DEFAULT_PORT = 8321
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+WILDCARD = ("0.0.0.0", "::", "")
+CANCEL_POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What a server is started with (the `serve` command's options; a serve job's params)."""
+
+    artifacts: tuple[str, ...]
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    threads: int | None = None
+    context: int | None = None
+    queue: int = 16
+    max_tokens: int = 2048
+    max_body: int = 1024 * 1024
+    allow_failed_parity: bool = False
+
+    def validated(self) -> ServeOptions:
+        if not self.artifacts:
+            raise ValidationError("no artifact to serve", hint="name one or more exports")
+        for name, low in (("queue", 0), ("max_tokens", 1), ("max_body", 1024), ("port", 0)):
+            if getattr(self, name) < low:
+                raise ValidationError(f"--{name.replace('_', '-')} is {getattr(self, name)}; it must "
+                                      f"be at least {low}")
+        if self.port > 65535:
+            raise ValidationError(f"--port is {self.port}; ports go up to 65535")
+        if not self.host.strip():
+            raise ValidationError("the address to listen on is empty", hint="127.0.0.1 keeps it on "
+                                  "this machine")
+        return replace(self, host=self.host.strip())
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in LOOPBACK
+
+    def params(self) -> dict[str, Any]:
+        return {**asdict(self), "artifacts": list(self.artifacts)}
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> ServeOptions:
+        known = {k: v for k, v in params.items() if k in cls.__dataclass_fields__}
+        return cls(**{**known, "artifacts": tuple(known.get("artifacts", ()))})
+
+
+def url_for(host: str, port: int) -> str:
+    """Where a client on this machine reaches a server listening on host:port."""
+    host = "127.0.0.1" if host in WILDCARD else host
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+# -- building and running the server ------------------------------------------------------------
+def load(ws: Workspace, options: ServeOptions, say: Callable[[str], None]) -> Any:
+    """Resolve and open every artifact and build the `Server` over them (not yet listening)."""
+    from appliance.runtime import engine as engines
+    from appliance.runtime import keys, server
+
+    artifacts = [engines.resolve(ref, ws, allow_failed_parity=options.allow_failed_parity)
+                 for ref in options.artifacts]
+    names = [a.name for a in artifacts]
+    if len(set(names)) != len(names):
+        raise ValidationError(f"the same artifact is named twice: {', '.join(names)}")
+    opened, info = {}, {}
+    for art in artifacts:
+        say(f"loading {art.name} ({art.kind}, parity {art.parity}) ...")
+        opened[art.name] = engines.open_engine(art, threads=options.threads,
+                                               context_length=options.context)
+        info[art.name] = {"format": art.kind, "parity": art.parity,
+                          "context_length": opened[art.name].context_length}
+    config = server.ServerConfig(host=options.host, port=options.port, queue=options.queue,
+                                 max_tokens=options.max_tokens, max_body=options.max_body)
+    return server.Server(opened, keys.KeyChecker(ws), config, info)
+
+
+def address_in_use(host: str, port: int) -> ApplianceError:
+    return ApplianceError(f"{host}:{port} is already in use (another server, or another program)",
+                          title="Address in use", hint="pick another port, or stop what listens "
+                          f"there (`ss -ltnp 'sport = :{port}'` names it)")
+
+
+def run_job(ctx: jobs.JobContext) -> dict[str, Any]:
+    """The `serve` job: serve until cancelled; the cancel stops it (the job ends `cancelled`)."""
+    options = ServeOptions.from_params(ctx.params).validated()
+    srv = load(ctx.ws, options, ctx.log)
+    asyncio.run(_serve_until_cancelled(srv, ctx))
+    raise jobs.JobCancelled()
+
+
+async def _serve_until_cancelled(srv: Any, ctx: jobs.JobContext) -> None:
+    from appliance.runtime import server
+
+    try:
+        runner, port = await server.start(srv)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise address_in_use(srv.config.host, srv.config.port) from None
+        raise ApplianceError(f"cannot listen on {srv.config.host}:{srv.config.port}: {exc.strerror}",
+                             title="Cannot listen", hint="check the address: it must be one of "
+                             "this machine's (127.0.0.1 for this machine only)") from None
+    url = url_for(srv.config.host, port)
+    ctx.emit("listening", url=url, host=srv.config.host, port=port, models=list(srv.engines))
+    ctx.log(f"serving {', '.join(srv.engines)} at {url}/v1")
+    try:
+        while not ctx.cancel_requested():
+            await asyncio.sleep(CANCEL_POLL_S)
+        ctx.log("stopping: finishing or cutting the answers in progress")
+    finally:
+        await runner.cleanup()
+
+
+def start(ws: Workspace, options: ServeOptions) -> jobs.Job:
+    """Check what can be checked at once (artifacts, a second server on the address, a busy
+    port), then start the serve job detached."""
+    from appliance.runtime import engine as engines
+
+    options = options.validated()
+    for ref in options.artifacts:
+        engines.resolve(ref, ws, allow_failed_parity=options.allow_failed_parity)
+    for other in running(ws):
+        if other.options.port == options.port and options.port != 0:
+            raise ApplianceError(f"serve job {other.job.id} already uses port {options.port}",
+                                 title="Already serving", hint="stop it first, or pick another port")
+    if options.port and not port_free(options.host, options.port):
+        raise address_in_use(options.host, options.port)
+    return jobs.start(ws, "serve", options.params())
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether host:port can be bound now (what the server will try; SO_REUSEADDR like it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return False
+            raise ApplianceError(f"cannot listen on {host}:{port}: {exc.strerror}",
+                                 title="Cannot listen", hint="check the address: it must be one of "
+                                 "this machine's (127.0.0.1 for this machine only)") from None
+    return True
+
+
+# -- finding servers -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServeJob:
+    """A serve job that is starting or serving; `url` once it listens."""
+
+    job: jobs.Job
+    options: ServeOptions
+    url: str | None
+    last: str  # its last log line (what it is doing while it loads)
+
+
+def running(ws: Workspace) -> list[ServeJob]:
+    """Serve jobs queued or running, newest first."""
+    if not ws.exists():
+        return []
+    return [describe(ws, j) for j in jobs.list_jobs(ws)
+            if j.kind == "serve" and j.state in ("queued", "running")]
+
+
+def describe(ws: Workspace, job: jobs.Job) -> ServeJob:
+    url, last = None, ""
+    for event in jobs.read_events(ws, job.id):
+        if event.get("type") == "listening" and isinstance(event.get("url"), str):
+            url = event["url"]
+        elif event.get("type") == "state":
+            url = None  # a state change ends the listening before it (a resumed job listens afresh)
+        elif event.get("type") == "log":
+            last = str(event.get("message", ""))
+    return ServeJob(job, ServeOptions.from_params(job.params), url, last)
+
+
+def health(url: str, timeout: float = 1.0) -> dict[str, Any] | None:
+    """The server's /health answer, or None when nothing answers there."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as response:
+            data = json.loads(response.read())
+    except (OSError, ValueError, urllib.error.URLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# -- metrics ----------------------------------------------------------------------------------
+@dataclass
+class ModelStats:
+    requests: int = 0
+    errors: int = 0  # 4xx and 5xx answers
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    running: int = 0
+    queued: int = 0
+    disconnects: int = 0
+    latency_sum: float = 0.0
+    latency_count: int = 0
+    ttft_sum: float = 0.0
+    ttft_count: int = 0
+
+    @property
+    def mean_latency(self) -> float | None:
+        return self.latency_sum / self.latency_count if self.latency_count else None
+
+    @property
+    def mean_ttft(self) -> float | None:
+        return self.ttft_sum / self.ttft_count if self.ttft_count else None
+
+
+@dataclass
+class MetricsSnapshot:
+    models: dict[str, ModelStats] = field(default_factory=dict)
+    requests: int = 0  # every HTTP request, models or not
+    unauthorized: int = 0
+
+
+Sample = tuple[str, dict[str, str], float]
+
+
+def parse_prometheus(text: str) -> list[Sample]:
+    """(name, labels, value) for each sample line of the text exposition format."""
+    samples = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        name, _, rest = head.partition("{")
+        try:
+            samples.append((name, _labels(rest.rstrip("}")), float(value)))
+        except ValueError:
+            continue
+    return samples
+
+
+def _labels(text: str) -> dict[str, str]:
+    labels, i = {}, 0
+    while i < len(text):
+        eq = text.index("=", i)
+        key, j, value = text[i:eq].strip(" ,"), eq + 2, []
+        while text[j] != '"':
+            if text[j] == "\\":
+                j += 1
+                value.append({"n": "\n"}.get(text[j], text[j]))
+            else:
+                value.append(text[j])
+            j += 1
+        labels[key] = "".join(value)
+        i = j + 1
+    return labels
+
+
+def summarize(samples: list[Sample]) -> MetricsSnapshot:
+    snap = MetricsSnapshot()
+    stats: dict[str, ModelStats] = defaultdict(ModelStats)
+    for name, labels, value in samples:
+        model, n = labels.get("model", ""), int(value)
+        if name == "appliance_requests_total":
+            snap.requests += n
+            snap.unauthorized += n if labels.get("status") == "401" else 0
+            if model:
+                stats[model].requests += n
+                stats[model].errors += n if labels.get("status", "")[:1] in "45" else 0
+        elif name == "appliance_tokens_total":
+            kind = "prompt_tokens" if labels.get("kind") == "prompt" else "completion_tokens"
+            setattr(stats[model], kind, getattr(stats[model], kind) + n)
+        elif name in _FIELDS and model:
+            kind = _FIELDS[name]
+            setattr(stats[model], kind, getattr(stats[model], kind) + (value if "sum" in kind else n))
+    snap.models = dict(stats)
+    return snap
+
+
+_FIELDS = {"appliance_queue_depth": "queued", "appliance_requests_running": "running",
+           "appliance_client_disconnects_total": "disconnects",
+           "appliance_request_seconds_sum": "latency_sum", "appliance_request_seconds_count":
+           "latency_count", "appliance_time_to_first_token_seconds_sum": "ttft_sum",
+           "appliance_time_to_first_token_seconds_count": "ttft_count"}
+
+
+def read_metrics(url: str, timeout: float = 2.0) -> MetricsSnapshot:
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=timeout) as response:
+            text = response.read().decode("utf-8", "replace")
+    except (OSError, urllib.error.URLError) as exc:
+        raise ApplianceError(f"no metrics from {url}: {exc}", title="Server not answering",
+                             hint="it may still be loading its models; see its job's log") from None
+    return summarize(parse_prometheus(text))

@@ -1,0 +1,161 @@
+"""The Server screen: on a real GGUF export, create a key, start the server from the UI, answer a
+real request with that key and see it counted, stop the server, revoke the key. Snapshots of a
+serving state come from a fixed workspace with a serve job row and fixed metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from textual.widgets import Input, SelectionList, Static
+from tuikit import app_for, build_fixed_workspace, check_snapshot, gguf_export, settle, wait_for
+
+from appliance import jobs
+from appliance.runtime import keys, service
+from appliance.workspace import Workspace
+from tui.screens.server import KeyShown, ServerScreen, StartDialog
+from tui.widgets import KeyedTable
+
+
+def _rows(screen: ServerScreen, table: str) -> list[list[str]]:
+    t = screen.query_one(f"#{table}", KeyedTable)
+    return [[str(c) for c in t.get_row_at(i)] for i in range(t.row_count)]
+
+
+def _chat(url: str, key: str, model: str) -> int:
+    body = json.dumps({"model": model, "max_tokens": 6, "temperature": 0,
+                       "messages": [{"role": "user", "content": "Hello"}]}).encode()
+    request = urllib.request.Request(f"{url}/v1/chat/completions", data=body, headers={
+        "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+@pytest.mark.integration
+async def test_keys_start_request_stop(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path / "ws").ensure()
+    gguf_export(ws, "smol-a")
+    app = app_for(ws, poll_s=0.3)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("8")
+        await settle(app, pilot)
+        screen = app.screen
+        assert isinstance(screen, ServerScreen)
+        assert "No server running" in str(screen.query_one("#status", Static).render())
+
+        await pilot.press("n")
+        await wait_for(pilot, lambda: isinstance(app.screen, type(app.screen)) and
+                       bool(app.screen.query("#name")))
+        app.screen.query_one("#name", Input).value = "helpdesk"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, KeyShown))
+        key = str(app.screen.query_one("#key", Static).render())
+        assert keys.KeyChecker(ws).name_of(key) == "helpdesk"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: _rows(screen, "keys") and _rows(screen, "keys")[0][3] == "active")
+
+        await pilot.press("s")
+        await wait_for(pilot, lambda: isinstance(app.screen, StartDialog))
+        dialog = app.screen
+        assert list(dialog.query_one("#exports", SelectionList).selected) == ["smol-a"]
+        dialog.query_one("#port", Input).value = "0"
+        await pilot.click("#go")
+        await wait_for(pilot, lambda: _rows(screen, "servers") and
+                       _rows(screen, "servers")[0][1] == "serving", timeout=90)
+        url = "http://" + _rows(screen, "servers")[0][0]
+        job_id = _rows(screen, "servers")[0][3]
+        assert jobs.get(ws, job_id).state == "running"
+
+        assert await asyncio.to_thread(_chat, url, key, "smol-a") == 200
+        assert await asyncio.to_thread(_chat, url, "apk_00000000_" + "x" * 40, "smol-a") == 401
+        await wait_for(pilot, lambda: _rows(screen, "metrics") and
+                       _rows(screen, "metrics")[0][1] == "1")
+        name, _, errors, run_wait, tokens = _rows(screen, "metrics")[0][:5]
+        assert (name, errors, run_wait) == ("smol-a", "0", "0/0") and tokens.split("/")[1] != "0"
+
+        screen.query_one("#servers", KeyedTable).focus()
+        await pilot.press("t")
+        await settle(app, pilot)
+        await pilot.press("y")
+        await wait_for(pilot, lambda: jobs.get(ws, job_id).state == "cancelled", timeout=30)
+        await wait_for(pilot, lambda: not _rows(screen, "servers"))
+        assert service.health(url, timeout=0.5) is None
+
+        screen.query_one("#keys", KeyedTable).focus()
+        await pilot.press("x")
+        await settle(app, pilot)
+        await pilot.press("y")
+        await wait_for(pilot, lambda: _rows(screen, "keys")[0][3].startswith("revoked"))
+        assert keys.KeyChecker(ws).name_of(key) is None
+
+
+async def test_start_needs_an_export(tmp_path: Path) -> None:
+    app = app_for(Workspace(tmp_path / "ws").ensure())
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("8", "s")
+        await settle(app, pilot)
+        assert isinstance(app.screen, ServerScreen)
+        assert any("Nothing to serve" in (n.title or "") for n in app._notifications)
+
+
+# -- snapshots --------------------------------------------------------------------------------------
+SERVE_JOB = "20261122-120000-serve-5e5e5e"
+
+
+def _fixed_metrics(url: str) -> service.MetricsSnapshot:
+    assert url == "http://127.0.0.1:8321"
+    return service.MetricsSnapshot(models={"support-run-gguf-q8_0": service.ModelStats(
+        requests=128, errors=3, prompt_tokens=10342, completion_tokens=20511, running=1, queued=2,
+        latency_sum=301.5, latency_count=125, ttft_sum=12.5, ttft_count=125)}, requests=140)
+
+
+@pytest.fixture(scope="module")
+def serving_ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    ws = build_fixed_workspace(tmp_path_factory.mktemp("serving"))
+    options = service.ServeOptions(("support-run-gguf-q8_0",))
+    with ws.connect() as db:  # a running job without a pid: shown as running, never judged dead
+        db.execute("INSERT INTO jobs (id, kind, params, state, created, attempt) VALUES "
+                   "(?, 'serve', ?, 'running', '2026-11-22T12:00:00+00:00', 1)",
+                   (SERVE_JOB, json.dumps(options.params())))
+        db.executescript(keys.SCHEMA)
+        db.executemany("INSERT INTO api_keys (id, name, sha256, created, revoked) VALUES (?,?,?,?,?)",
+                       [("0a1b2c3d", "helpdesk-bot", "0" * 64, "2026-11-20T09:00:00Z", None),
+                        ("4e5f6a7b", "old-script", "1" * 64, "2026-11-01T08:00:00Z",
+                         "2026-11-21T17:30:00Z")])
+    folder = jobs.job_dir(ws, SERVE_JOB)
+    folder.mkdir(parents=True)
+    events = [{"type": "state", "state": "running"},
+              {"type": "log", "message": "loading support-run-gguf-q8_0 (gguf, parity pass) ..."},
+              {"type": "listening", "url": "http://127.0.0.1:8321", "port": 8321}]
+    (folder / "events.jsonl").write_text("".join(json.dumps({"ts": 1795000000.0, **e}) + "\n"
+                                                 for e in events))
+    return ws
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
+async def test_snapshot_serving(serving_ws: Workspace, size: tuple[int, int], tmp_path: Path) -> None:
+    app = app_for(serving_ws, server_metrics=_fixed_metrics)
+    async with app.run_test(size=size) as pilot:
+        await pilot.press("8")
+        await settle(app, pilot)
+        check_snapshot(app, f"server-serving-{size[0]}x{size[1]}", tmp_path)
+
+
+async def test_snapshot_start_dialog(serving_ws: Workspace, tmp_path: Path) -> None:
+    app = app_for(serving_ws, server_metrics=_fixed_metrics)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("8")
+        await settle(app, pilot)
+        await pilot.press("s")
+        await settle(app, pilot)
+        for field in app.screen.query(Input):
+            field.cursor_blink = False
+        await pilot.pause()
+        check_snapshot(app, "server-start-80x24", tmp_path)

@@ -1,0 +1,389 @@
+"""Server: start and stop the local OpenAI-compatible API server, see where it listens, manage the
+API keys it accepts, and watch its requests live.
+
+The server runs as a `serve` job (`appliance.runtime.service`), a process of its own: it goes on
+when the UI closes, and `appliance serve --detach` or the Jobs screen see the same one. This
+screen only reads and asks: the servers are the running serve jobs (their address comes from the
+job's `listening` event), the numbers come from each server's own `/metrics` over loopback on
+every poll (tokens/s is the change in generated tokens between two polls), and the keys are the
+workspace's `api_keys` table. A server started elsewhere (systemd's `appliance-server`) is shown
+when it answers on the default address.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Checkbox, Input, Label, SelectionList, Static
+
+from appliance import jobs
+from appliance.runtime import keys, service
+from appliance.workspace import Workspace
+from tui.dialogs import ConfirmDialog, FormDialog, dialog_css
+from tui.screens.base import ApplianceScreen
+from tui.widgets import KeyedTable
+
+EXTERNAL = "external"  # the servers table's key for a server not started as a job here
+
+
+@dataclass
+class Served:
+    """A server the screen shows: a serve job here, or one answering on the default address."""
+
+    key: str
+    url: str | None
+    state: str
+    models: list[str]
+    job: jobs.Job | None = None
+    last: str = ""
+    metrics: service.MetricsSnapshot | None = None
+    problem: str = ""
+
+
+@dataclass
+class ServerRead:
+    servers: list[Served] = field(default_factory=list)
+    keys: list[keys.KeyInfo] = field(default_factory=list)
+    at: float = 0.0
+
+
+def _metrics(served: Served, read: Any) -> None:
+    if served.url is None:
+        return
+    try:
+        served.metrics = read(served.url)
+    except Exception as exc:  # not answering yet (loading) or gone: said on its row
+        served.problem = str(getattr(exc, "message", exc))
+
+
+def read_server(ws: Workspace, probe_url: str | None, read_metrics: Any) -> ServerRead:
+    out = ServerRead(at=time.monotonic())
+    if ws.exists():
+        out.keys = keys.list_keys(ws)
+        for s in service.running(ws):
+            state = "serving" if s.url else "starting"
+            out.servers.append(Served(s.job.id, s.url, state, list(s.options.artifacts), s.job, s.last))
+    mine = {s.url for s in out.servers}
+    if probe_url and probe_url not in mine and (health := service.health(probe_url, 0.3)):
+        out.servers.append(Served(EXTERNAL, probe_url, "external",
+                                  [str(m) for m in health.get("models", [])]))
+    for served in out.servers:
+        _metrics(served, read_metrics)
+    return out
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def server_rows(read: ServerRead) -> list[tuple[str, tuple[object, ...]]]:
+    rows = []
+    for s in read.servers:
+        where = s.url.removeprefix("http://") if s.url else "(loading)"
+        note = s.problem or (s.last if s.url is None else s.job.id if s.job else "-")
+        rows.append((s.key, (where, s.state, ", ".join(s.models), note)))
+    return rows
+
+
+def metric_rows(read: ServerRead, before: dict[str, tuple[int, float]]
+                ) -> list[tuple[str, tuple[object, ...]]]:
+    """A row per served model; tok/s from the change since the previous read (`before`)."""
+    rows = []
+    for s in read.servers:
+        for name, m in sorted((s.metrics.models if s.metrics else {}).items()):
+            key = f"{s.url} {name}"
+            rate = "-"
+            if key in before and read.at > before[key][1]:
+                rate = f"{(m.completion_tokens - before[key][0]) / (read.at - before[key][1]):.1f}"
+            before[key] = (m.completion_tokens, read.at)
+            rows.append((key, (name, m.requests, m.errors, f"{m.running}/{m.queued}",
+                               f"{m.prompt_tokens}/{m.completion_tokens}", rate,
+                               _seconds(m.mean_latency), _seconds(m.mean_ttft))))
+    return rows
+
+
+def key_rows(read: ServerRead) -> list[tuple[str, tuple[object, ...]]]:
+    return [(k.id, (k.name, k.id, k.created.replace("T", " ").rstrip("Z"),
+                    f"revoked {k.revoked.replace('T', ' ').rstrip('Z')}" if k.revoked else "active"))
+            for k in read.keys]
+
+
+def status_text(read: ServerRead) -> str:
+    active = sum(1 for k in read.keys if k.revoked is None)
+    keys_note = (f"{active} active API key{'s' if active != 1 else ''}" if active else
+                 "[b $warning]no active API key[/]: every request gets 401 until you create one (n)")
+    if not read.servers:
+        return f"No server running: [b]s[/] starts one. {keys_note}."
+    serving = [s for s in read.servers if s.url]
+    if not serving:
+        return f"Starting: loading the models. {keys_note}."
+    where = "" if serving[0].job else " (not started here: systemd's appliance-server?)"
+    return f"Clients use [b]{serving[0].url}/v1[/]{where} with a key as Bearer token. {keys_note}."
+
+
+class StartDialog(FormDialog[service.ServeOptions]):
+    """Which exports to serve, where, and whether a failed-parity export may be served."""
+
+    HELP_TITLE = "start the server"
+    DEFAULT_CSS = dialog_css("StartDialog") + """
+    StartDialog SelectionList { height: auto; max-height: 8; }
+    StartDialog .row { height: auto; }
+    StartDialog .row Input { width: 1fr; }
+    StartDialog .row Label { padding: 1 1 0 0; }
+    """
+    HEADING = "Serve exports through the OpenAI-compatible API"
+    SUBMIT = "Start"
+
+    def __init__(self, exports: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self.exports = exports
+
+    def compose_fields(self) -> ComposeResult:
+        yield SelectionList[str](*[(label, name, i == 0) for i, (label, name) in
+                                   enumerate(self.exports)], id="exports")
+        with Horizontal(classes="row"):
+            yield Label("address")
+            yield Input("127.0.0.1", id="host")
+            yield Label("port")
+            yield Input(str(service.DEFAULT_PORT), id="port")
+        yield Checkbox("allow exports whose parity gate failed", id="allow-failed")
+        yield Static("127.0.0.1: this machine only. Another address lets the network in.",
+                     classes="muted", id="host-note")
+
+    def submit(self) -> None:
+        names = tuple(self.query_one("#exports", SelectionList).selected)
+        if not names:
+            self.notify("pick at least one export (space ticks one)", severity="warning")
+            return
+        port = self.query_one("#port", Input).value.strip()
+        if not port.isdigit():
+            self.notify(f"the port must be a number, not {port!r}", severity="error")
+            return
+        self.dismiss(service.ServeOptions(
+            names, host=self.query_one("#host", Input).value.strip(), port=int(port),
+            allow_failed_parity=self.query_one("#allow-failed", Checkbox).value))
+
+    @on(Input.Changed, "#host")
+    def _host(self, event: Input.Changed) -> None:
+        local = event.value.strip() in service.LOOPBACK
+        self.query_one("#host-note", Static).update(
+            "127.0.0.1: this machine only." if local else
+            "[b $warning]not loopback[/]: other machines can reach it (a key is still required).")
+
+    @on(Input.Submitted)
+    def _entered(self) -> None:
+        self.submit()
+
+
+class KeyDialog(FormDialog[str]):
+    HELP_TITLE = "create an API key"
+    DEFAULT_CSS = dialog_css("KeyDialog")
+    HEADING = "A new API key"
+    SUBMIT = "Create"
+
+    def compose_fields(self) -> ComposeResult:
+        yield Input(placeholder="name (who or what uses it, e.g. helpdesk-bot)", id="name")
+
+    def submit(self) -> None:
+        name = self.query_one("#name", Input).value.strip()
+        if name:
+            self.dismiss(name)
+        else:
+            self.notify("give the key a name", severity="warning")
+
+    @on(Input.Submitted)
+    def _entered(self) -> None:
+        self.submit()
+
+
+class KeyShown(FormDialog[None]):
+    """The new key, once: the workspace keeps only its hash."""
+
+    HELP_TITLE = "a new API key"
+    DEFAULT_CSS = dialog_css("KeyShown") + "KeyShown #key { color: $success; text-style: bold; }"
+    HEADING = "API key created: copy it now, it is not shown again"
+    SUBMIT = "Done"
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,enter", "cancel", "Close"),
+                                             Binding("c", "copy", "Copy to the clipboard")]
+
+    def __init__(self, name: str, key: str) -> None:
+        super().__init__()
+        self.name_, self.key = name, key
+
+    def compose_fields(self) -> ComposeResult:
+        yield Static(self.key, id="key", markup=False)
+        yield Static(f"Key {self.name_!r}. Clients send it as `Authorization: Bearer KEY`. "
+                     "c copies it (through the terminal); the workspace keeps only its hash.",
+                     classes="muted")
+
+    def action_copy(self) -> None:
+        self.app.copy_to_clipboard(self.key)
+        self.notify("copied (if your terminal allows clipboard access)")
+
+    def submit(self) -> None:
+        self.dismiss(None)
+
+
+class ServerScreen(ApplianceScreen):
+    MODE = "server"
+    SUB_TITLE = "Server"
+    POLL = True
+    DEFAULT_CSS = """
+    ServerScreen #status { height: auto; padding: 0 1; }
+    ServerScreen .heading { padding: 0 1; }
+    ServerScreen #servers { max-height: 4; }
+    ServerScreen #metrics { max-height: 6; }
+    ServerScreen #keys { height: 1fr; max-height: 100%; }
+    ServerScreen Vertical { height: auto; }
+    ServerScreen #keys-box { height: 1fr; }
+    """
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("s", "start", "Start…"),
+        Binding("t", "stop", "Stop"),
+        Binding("n", "new_key", "New key…"),
+        Binding("x,delete", "revoke", "Revoke key"),
+        Binding("l", "log", "Log"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last = ServerRead()
+        self.rates: dict[str, tuple[int, float]] = {}
+
+    def compose_body(self) -> ComposeResult:
+        yield Static("", id="status")
+        with Vertical():
+            yield Label("Servers", classes="heading")
+            yield KeyedTable("address", "state", "models", "job", id="servers")
+            yield Label("Requests (run/q: generating/queued; tokens in/out; means in seconds)",
+                        classes="heading")
+            yield KeyedTable("model", "reqs", "errs", "run/q", "tokens", "tok/s", "lat s",
+                             "ttft s", id="metrics")
+        with Vertical(id="keys-box"):
+            yield Label("API keys", classes="heading")
+            yield KeyedTable("name", "id", "created", "state", id="keys")
+
+    def reload(self) -> None:
+        self._read(skip_if_busy=False)
+
+    def poll(self) -> None:
+        self._read(skip_if_busy=True)
+
+    def _read(self, *, skip_if_busy: bool) -> None:
+        ws, settings = self.ws, self.appliance.settings
+        reader = settings.server_metrics or service.read_metrics
+        self.background(lambda: read_server(ws, settings.server_probe, reader), self._show,
+                        group="server", skip_if_busy=skip_if_busy)
+
+    def _show(self, read: ServerRead) -> None:
+        self.last = read
+        self.query_one("#status", Static).update(status_text(read))
+        self.query_one("#servers", KeyedTable).fill(server_rows(read))
+        self.query_one("#metrics", KeyedTable).fill(metric_rows(read, self.rates))
+        self.query_one("#keys", KeyedTable).fill(key_rows(read))
+
+    # -- the server -----------------------------------------------------------------------------
+    def action_start(self) -> None:
+        ws = self.ws
+
+        def servable() -> list[tuple[str, str]]:
+            records = sorted(ws.list("export"), key=lambda r: (r.status == "failed", r.name)) \
+                if ws.exists() else []
+            return [(r.name + (" (parity FAIL)" if r.status == "failed" else ""), r.name)
+                    for r in records if r.summary.get("format") in ("gguf", "onnx")]
+
+        def ask(exports: list[tuple[str, str]]) -> None:
+            if not exports:
+                self.appliance.notify("no GGUF or ONNX export to serve yet: 6 Exports makes one",
+                                      title="Nothing to serve", severity="warning")
+                return
+            self.app.push_screen(StartDialog(exports), self._start)
+
+        self.background(servable, ask, group="exports")
+
+    def _start(self, options: service.ServeOptions | None) -> None:
+        if options is None:
+            return
+        ws = self.ws
+
+        def started(job: jobs.Job) -> None:
+            self.job_started(job)
+            self.reload()
+
+        self.background(lambda: service.start(ws, options), started, group="start",
+                        title="Could not start the server", modal=True)
+
+    def _selected_server(self) -> Served | None:
+        key = self.query_one("#servers", KeyedTable).selected_key()
+        return next((s for s in self.last.servers if s.key == key), None)
+
+    def action_stop(self) -> None:
+        served = self._selected_server()
+        if served is None:
+            self.notify("no server running", severity="warning")
+            return
+        if served.job is None:
+            self.appliance.notify("this server was not started here: stop it where it was started "
+                                  "(under systemd: systemctl stop appliance-server)",
+                                  title="Not started here", severity="warning")
+            return
+        job_id, ws = served.job.id, self.ws
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.background(lambda: jobs.cancel(ws, job_id), lambda _: self.reload(),
+                                group="stop", title="Could not stop the server", modal=True)
+
+        where = served.url or "(still loading)"
+        self.app.push_screen(ConfirmDialog(f"Stop the server at {where}?", "Answers in progress are "
+                                           "cut off. Starting it again: s, or resume its job.",
+                                           confirm="Stop"), answered)
+
+    def action_log(self) -> None:
+        served = self._selected_server()
+        if served is not None and served.job is not None:
+            self.appliance.open_job(served.job.id)
+
+    # -- keys -------------------------------------------------------------------------------------
+    def action_new_key(self) -> None:
+        ws = self.ws
+
+        def named(name: str | None) -> None:
+            if name:
+                self.background(lambda: keys.create(ws, name),
+                                lambda key: self._created(name, key),
+                                group="key", title="Could not create the key", modal=True)
+
+        self.app.push_screen(KeyDialog(), named)
+
+    def _created(self, name: str, key: str) -> None:
+        self.reload()
+        self.app.push_screen(KeyShown(name, key))
+
+    def action_revoke(self) -> None:
+        key_id = self.query_one("#keys", KeyedTable).selected_key()
+        info = next((k for k in self.last.keys if k.id == key_id), None)
+        if info is None:
+            self.notify("no key selected", severity="warning")
+            return
+        if info.revoked:
+            self.notify(f"{info.name} is already revoked", severity="warning")
+            return
+        ws = self.ws
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.background(lambda: keys.revoke(ws, info.id), lambda _: self.reload(),
+                                group="revoke", title="Could not revoke the key", modal=True)
+
+        self.app.push_screen(ConfirmDialog(f"Revoke key {info.name} ({info.id})?",
+                                           "Running servers refuse it from their next request. "
+                                           "This cannot be undone.", confirm="Revoke"), answered)
+
+DIALOGS = (StartDialog, KeyDialog, KeyShown)
