@@ -22,12 +22,14 @@ out-of-sample points from `bench/train_throughput.py` (the 1B and 7B shapes). Tr
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from appliance.errors import ValidationError
+from appliance.gpus import GpuStatus, has_nvidia_smi, read_gpus
 from appliance.trainconfig import TrainConfig
 
 GIB = 2**30
@@ -204,8 +206,26 @@ def target_named(name: str) -> GpuSpec:
     return TARGETS[name]
 
 
+def spec_for(gpu: GpuStatus) -> GpuSpec:
+    """A GPU as nvidia-smi reports it, with the memory free on it now (what other processes, a
+    server or a job, leave us). Drivers too old to report the compute capability get 8.0."""
+    return GpuSpec(f"{gpu.name} (free now)", gpu.free_gib, gpu.compute_capability or "8.0")
+
+
 def detected_target() -> GpuSpec | None:
-    """The first CUDA GPU, if any (imports torch)."""
+    """The GPU a run started here would train on (the first one), with its memory free now; None
+    without one.
+
+    Asks nvidia-smi (milliseconds, no torch import); an nvidia-smi that finds no GPU, or fails, means
+    none. torch is imported only where nvidia-smi is absent, or where CUDA_VISIBLE_DEVICES is set:
+    nvidia-smi ignores that variable, so only CUDA knows which GPU is then device 0."""
+    if has_nvidia_smi() and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        gpus, _ = read_gpus()
+        return spec_for(gpus[0]) if gpus else None
+    return _torch_target()
+
+
+def _torch_target() -> GpuSpec | None:
     import torch
 
     if not torch.cuda.is_available():

@@ -2,72 +2,24 @@
 
 A job appends JSON lines to `jobs/<id>/events.jsonl` (see `appliance.jobs`); a training step can emit
 hundreds a second. The UI never receives them one by one: a screen polls on a timer, a worker reads
-only the bytes added since the last poll (`EventTail`), consecutive progress events collapse into the
-last one (`collapse`), and the live view folds the batch into a `TrainProgress` that the chart
-redraws once per poll. The redraw rate is therefore bounded by the poll interval, whatever the job
-emits.
+only the bytes added since the last poll (`EventTail`, from `appliance.events`), consecutive progress
+events collapse into the last one (`collapse`), and the live view folds the batch into a
+`TrainProgress` that the chart redraws once per poll. The redraw rate is therefore bounded by the
+poll interval, whatever the job emits.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from appliance.jobs import job_dir
-from appliance.workspace import Workspace
+# Reading the file is the core's (`appliance.events`); these names stay importable from here.
+from appliance.events import TAIL_BYTES, Event, EventTail, last_events
 
-Event = dict[str, Any]
-TAIL_BYTES = 16384
+__all__ = ["TAIL_BYTES", "Event", "EventTail", "TrainProgress", "collapse", "format_eta", "last_events",
+           "summary_line"]
+
 MAX_POINTS = 20000  # loss points kept per run; beyond that every other one is dropped
-
-
-def _parse(line: bytes) -> Event:
-    try:
-        event = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {"type": "log", "message": f"(unreadable event line skipped: {line[:60]!r})"}
-    return event if isinstance(event, dict) else {"type": "log", "message": str(event)}
-
-
-class EventTail:
-    """Reads a job's events from a byte offset, complete lines only (a line being written waits)."""
-
-    def __init__(self, ws: Workspace, job_id: str) -> None:
-        self.job_id = job_id
-        self.path: Path = job_dir(ws, job_id) / "events.jsonl"
-        self.offset = 0
-
-    def read_from(self, offset: int) -> tuple[list[Event], int]:
-        """The complete events after byte `offset`, and the offset after them (pure: a read
-        whose result is dropped loses nothing)."""
-        if not self.path.exists():
-            return [], offset
-        with open(self.path, "rb") as fh:
-            fh.seek(offset)
-            data = fh.read()
-        end = data.rfind(b"\n") + 1
-        return [_parse(line) for line in data[:end].splitlines() if line.strip()], offset + end
-
-    def read(self) -> list[Event]:
-        events, self.offset = self.read_from(self.offset)
-        return events
-
-
-def last_events(ws: Workspace, job_id: str, max_bytes: int = TAIL_BYTES) -> list[Event]:
-    """The events in the last `max_bytes` of a job's file (what a summary line needs)."""
-    path = job_dir(ws, job_id) / "events.jsonl"
-    if not path.exists():
-        return []
-    with open(path, "rb") as fh:
-        size = fh.seek(0, 2)
-        fh.seek(max(0, size - max_bytes))
-        data = fh.read()
-    lines = data.splitlines()
-    if size > max_bytes:
-        lines = lines[1:]  # the first one is probably cut
-    return [_parse(line) for line in lines if line.strip()]
 
 
 def collapse(events: list[Event]) -> list[Event]:

@@ -12,15 +12,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance import jobs, planner, trainconfig
+from appliance import jobs, planner, runs, trainconfig
 from appliance.errors import ApplianceError, ValidationError
+from appliance.gpus import GpuStatus
 from appliance.workspace import Workspace, check_name
-from tui.system import GpuStatus
 
 FORM_KEYS = ("max_steps", "learning_rate", "lora_r", "lora_alpha", "batch_size", "grad_accum",
              "max_seq_len", "warmup_steps", "eval_every", "save_every")
 HERE = "here"  # the target value meaning "the GPU of this machine, if any"
-BUSY_STATES = ("queued", "running", "interrupted")
 
 
 @dataclass(frozen=True)
@@ -57,10 +56,8 @@ def load_choices(ws: Workspace, gpus: tuple[GpuStatus, ...]) -> TrainChoices:
         return TrainChoices(recipes=recipes, gpus=gpus)
     models = [ModelChoice(r.name, r.summary.get("context_length"), _shape(r.path))
               for r in ws.list("model")]
-    busy = frozenset(j.params.get("name", "") for j in jobs.list_jobs(ws)
-                     if j.kind == "train" and j.state in BUSY_STATES)
     return TrainChoices(models, {r.name: r.summary.get("model", "") for r in ws.list("dataset")},
-                        recipes, frozenset(r.name for r in ws.list("run")), busy, gpus)
+                        recipes, frozenset(r.name for r in ws.list("run")), runs.busy_names(ws), gpus)
 
 
 @dataclass
@@ -125,10 +122,7 @@ def _config_problems(error: ValidationError) -> dict[str, str]:
 def target_spec(target: str, gpus: tuple[GpuStatus, ...]) -> planner.GpuSpec | None:
     if target != HERE:
         return planner.target_named(target)
-    if not gpus:
-        return None
-    g = gpus[0]
-    return planner.GpuSpec(f"{g.name} (free now)", g.free_gib, g.compute_capability or "8.0")
+    return planner.spec_for(gpus[0]) if gpus else None
 
 
 def _selection_problems(form: FormState, choices: TrainChoices, out: Checked) -> None:
@@ -193,14 +187,7 @@ def start(ws: Workspace, form: FormState, checked: Checked) -> jobs.Job:
     if not checked.ok:
         raise ValidationError("\n".join(f"{k}: {v}" for k, v in checked.problems.items()),
                               title="The form has problems")
-    if ws.artifact_dir("run", checked.name).exists():
-        raise ApplianceError(f"run {checked.name!r} already exists", title="Already exists",
-                             hint="pick another name")
-    for job in jobs.list_jobs(ws):
-        if job.kind == "train" and job.params.get("name") == checked.name and job.state in BUSY_STATES:
-            raise ApplianceError(f"job {job.id} ({job.state}) will publish run {checked.name!r}",
-                                 title="Name in use", hint="pick another name, or resume/cancel "
-                                 "that job (5 Jobs)")
+    runs.check_new_run(ws, checked.name, rename="pick another name", jobs_at=" (5 Jobs)")
     return jobs.start(ws, "train", {"model": form.model, "dataset": form.dataset,
                                     "config": checked.values, "source": checked.source,
                                     "name": checked.name})

@@ -29,13 +29,14 @@ async def test_number_keys_reach_every_screen_and_nothing_creates_the_workspace(
     assert not (tmp_path / "none").exists()  # looking does not create a workspace
 
 
-async def test_server_placeholder_points_at_the_cli(tmp_path: Path) -> None:
+async def test_server_screen_on_a_new_box(tmp_path: Path) -> None:
     app = app_for(Workspace(tmp_path / "none"), probe=no_gpu_probe)
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.press("8")
         await settle(app, pilot)
         texts = " ".join(str(s.render()) for s in app.screen.query(Static))
-        assert "next release" in texts and "appliance serve" in texts
+        assert "No server running" in texts and "no active API key" in texts
+    assert not (tmp_path / "none").exists()  # looking does not create a workspace
 
 
 def test_help_lists_every_key_of_every_screen() -> None:
