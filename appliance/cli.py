@@ -205,8 +205,7 @@ def load_config(args: argparse.Namespace, model: Any) -> tuple[dict[str, Any], s
 
 def train_params(ws: Any, args: argparse.Namespace) -> dict[str, Any]:
     """Validate everything before a job is queued, so mistakes show at once, all of them."""
-    from appliance import jobs
-    from appliance.workspace import check_name
+    from appliance.runs import check_new_run
 
     model = ws.get("model", args.model)
     ws.get("dataset", args.dataset)
@@ -219,16 +218,7 @@ def train_params(ws: Any, args: argparse.Namespace) -> dict[str, Any]:
                                  title="Does not fit", hint="apply the proposed values with --set, "
                                  "or --force to try anyway")
     name = args.name or f"{args.model}-{args.dataset}"
-    check_name(name, "run name")
-    if ws.artifact_dir("run", name).exists():
-        raise ApplianceError(f"run {name!r} already exists", title="Already exists",
-                             hint="pick another --name")
-    for job in jobs.list_jobs(ws):
-        if job.kind == "train" and job.params.get("name") == name and \
-                job.state in ("queued", "running", "interrupted"):
-            raise ApplianceError(f"job {job.id} ({job.state}) will publish run {name!r}",
-                                 title="Name in use", hint="pick another --name, or resume/cancel "
-                                 "that job")
+    check_new_run(ws, name, rename="pick another --name")
     return {"model": args.model, "dataset": args.dataset, "config": values, "source": source,
             "name": name}
 
@@ -373,7 +363,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # -- jobs ------------------------------------------------------------------------------------
 def format_event(event: dict[str, Any]) -> str:
+    from appliance import progress
+
     kind = event.get("type")
+    if progress.is_staged(event):  # merge / export / verify: the stage, and what is counted
+        return progress.describe(event)
     if kind == "progress":
         extra = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in event.items() if k not in ("ts", "type", "done", "total", "step"))

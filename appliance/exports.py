@@ -9,11 +9,16 @@ Every GGUF/ONNX artifact is scored against the merged model before it is committ
 `parity.json` holds the verdict and a failing one is registered with status `failed`.
 
 Each step is idempotent: an artifact that exists and still matches its manifest is reused.
+
+Besides `say` (log lines), each public function takes `progress`: structured, staged progress
+(`appliance.progress`: which artifact, which stage, counts only where they are really known), which
+the job functions pass `JobContext.progress` for, so the CLI and the TUI can draw it.
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import re
 import shutil
@@ -25,6 +30,7 @@ from typing import Any
 from appliance import manifest, parity
 from appliance.errors import ApplianceError, BusyError, RefusedError, ValidationError
 from appliance.fsutil import atomic_write_text
+from appliance.progress import Progress, Stages
 from appliance.workspace import ArtifactRecord, Workspace, parent_ref
 
 Say = Callable[[str], None]
@@ -161,21 +167,41 @@ class AdapterScorer(HFScorer):
 
 class Checked:
     """A scorer that checks for a cancel request before each conversation it scores, so a cancel
-    during a long parity run stops within one forward pass."""
+    during a long parity run stops within one forward pass, and says when it has scored one."""
 
-    def __init__(self, scorer: Any, check_cancel: Callable[[], None]) -> None:
-        self.scorer, self.check_cancel = scorer, check_cancel
+    def __init__(self, scorer: Any, check_cancel: Callable[[], None],
+                 scored: Callable[[], None] = lambda: None) -> None:
+        self.scorer, self.check_cancel, self.scored = scorer, check_cancel, scored
 
     def logits(self, ids: list[int]) -> Any:
         self.check_cancel()
-        return self.scorer.logits(ids)
+        out = self.scorer.logits(ids)
+        self.scored()
+        return out
+
+
+def _scoring(stages: Stages, label: str, total: int) -> Callable[[], None]:
+    """A `score` stage of `total` conversations, counted one call at a time."""
+    count, done = stages.counter("score", label, "conversations", total), itertools.count(1)
+    return lambda: count(next(done), total)
 
 
 # -- merge ---------------------------------------------------------------------------------------
 def merge(ws: Workspace, run: str, *, dtype: str | None = None, base: str | None = None,
-          say: Say = _quiet, check_cancel: Callable[[], None] = lambda: None) -> ArtifactRecord:
+          say: Say = _quiet, check_cancel: Callable[[], None] = lambda: None,
+          progress: Progress | None = None) -> ArtifactRecord:
     """The `<run>-merged` artifact (made once; a later call finds and reuses it). dtype/base None:
     whatever an earlier merge used, else auto / full."""
+    stages = Stages(progress, artifacts_total=1)
+    record = _merge(ws, run, dtype=dtype, base=base, say=say, check_cancel=check_cancel,
+                    stages=stages)
+    stages.finished(record.name)
+    stages.done()
+    return record
+
+
+def _merge(ws: Workspace, run: str, *, dtype: str | None, base: str | None, say: Say,
+           check_cancel: Callable[[], None], stages: Stages) -> ArtifactRecord:
     from appliance import merge as merging
     from appliance.models import load_tokenizer
 
@@ -190,7 +216,9 @@ def merge(ws: Workspace, run: str, *, dtype: str | None = None, base: str | None
                                  title="Already merged differently",
                                  hint=f"remove it first (appliance exports rm {name}) to merge again")
         say(f"{name} exists and matches its manifest: reused")
+        stages.reused(name)
         return existing
+    stages.start(name)
     dtype, base = dtype or "auto", base or "full"
     record, model, dataset = run_inputs(ws, run)
     run_config = manifest.read(record.path)["config"]
@@ -200,19 +228,21 @@ def merge(ws: Workspace, run: str, *, dtype: str | None = None, base: str | None
         say(f"merging {run} into {model.name} ({base} base, {dtype})")
         summary = merging.merge_folder(model.path, record.path / "adapter", w.path, dtype=dtype,
                                        base=base, train_dtype=train_dtype, say=say,
-                                       check_cancel=check_cancel)
+                                       check_cancel=check_cancel, counts=stages.counter(
+                                           "merge", f"merging into {model.name}", "tensors"))
         tokenizer = load_tokenizer(w.path)
         data, _ = parity_data(model, dataset, tokenizer)
         prompts = [s.input_ids[:128] for s in data[:GAP_PROMPTS]]
         check_cancel()
         say("checking merged vs adapter logits")
+        stages.emit("check-merge", "checking merged vs adapter logits")
         gap = merging.logits_gap(w.path, model.path, record.path / "adapter", prompts, base=base,
                                  train_dtype=train_dtype)
         (w.path / "merge_check.json").write_text(json.dumps({**summary, **gap}, indent=2))
         say("scoring the adapter model (as trained) against the merged model")
         report = _parity_report(w.path, data, {"adapter": ("adapter", AdapterScorer(
             model.path, record.path / "adapter", run_config.get("train", {})))}, None, {}, say,
-            reference_name=name, gating=False, check_cancel=check_cancel)
+            reference_name=name, gating=False, check_cancel=check_cancel, stages=stages)
         (w.path / "parity.json").write_text(json.dumps(report, indent=2))
         w.commit(parents=[parent_ref(record), parent_ref(model)],
                  config={"dtype": dtype, "base": base, "run": run},
@@ -227,33 +257,63 @@ def merge(ws: Workspace, run: str, *, dtype: str | None = None, base: str | None
 def _parity_report(reference_dir: Path, data: list[parity.Sample],
                    artifacts: dict[str, tuple[str, parity.Scorer]], token_check: dict[str, bool] | None,
                    overrides: dict[str, float], say: Say, *, reference_name: str = "",
-                   gating: bool = True, check_cancel: Callable[[], None] = lambda: None
-                   ) -> dict[str, Any]:
-    reference = HFScorer(reference_dir)
-    rows = parity.reference_rows(Checked(reference, check_cancel), data)
-    say(f"reference scored: {len(data)} held-out conversations")
+                   gating: bool = True, check_cancel: Callable[[], None] = lambda: None,
+                   stages: Stages) -> dict[str, Any]:
+    rows, dtype = _reference_rows(reference_dir, data, say, check_cancel, stages, keep=gating)
     ref = parity.Score()
     for s, r in zip(data, rows, strict=True):
         ref.add(r, r, s.targets)
     results = []
     for name, (kind, scorer) in artifacts.items():
         say(f"scoring {name}")
-        score = parity.score(Checked(scorer, check_cancel), data, rows)
+        scored = _scoring(stages, f"scoring {kind}", len(data))
+        score = parity.score(Checked(scorer, check_cancel, scored), data, rows)
         result = parity.judge(name, kind, score, ref, (token_check or {}).get(name), overrides)
         if not gating:  # reported, not judged: e.g. the adapter model as trained vs the merged one
             result.passed, result.reasons = None, ["informational"]
         results.append(result)
     return {"reference": {"name": reference_name or reference_dir.name,
                           "perplexity": round(ref.perplexity, 4),
-                          "dtype": str(reference.dtype).removeprefix("torch.")},
+                          "dtype": dtype},
             "conversations": len(data), "tokens": ref.count,
             "artifacts": [r.__dict__ for r in results],
             "passed": all(r.passed is not False for r in results)}
 
 
+# The reference's logits for the artifacts of one export job: the merged model is scored once,
+# not once per artifact. One entry, dropped when the job's artifacts are done (`_each`, `verify`).
+_REFERENCE_ROWS: dict[tuple[str, str], tuple[list[Any], str]] = {}
+
+
+def _reference_rows(reference_dir: Path, data: list[parity.Sample], say: Say,
+                    check_cancel: Callable[[], None], stages: Stages, *, keep: bool
+                    ) -> tuple[list[Any], str]:
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for sample in data:
+        digest.update(np.asarray(sample.input_ids, dtype=np.int64).tobytes())
+        digest.update(np.asarray(sample.positions, dtype=np.int64).tobytes())
+    key = (str(reference_dir), digest.hexdigest())
+    if key in _REFERENCE_ROWS:
+        say("reference: scored earlier in this job, reused")
+        return _REFERENCE_ROWS[key]
+    scored = _scoring(stages, "scoring the reference (merged)", len(data))
+    reference = HFScorer(reference_dir)
+    rows = parity.reference_rows(Checked(reference, check_cancel, scored), data)
+    say(f"reference scored: {len(data)} held-out conversations")
+    found = rows, str(reference.dtype).removeprefix("torch.")
+    _REFERENCE_ROWS.clear()
+    if keep:
+        _REFERENCE_ROWS[key] = found
+    return found
+
+
 def _gate(ws: Workspace, merged: ArtifactRecord, artifact_name: str, kind: str, scorer: Any,
           runtime_ids: Callable[[str], list[int]], overrides: dict[str, float], say: Say,
-          check_cancel: Callable[[], None] = lambda: None) -> dict[str, Any]:
+          check_cancel: Callable[[], None], stages: Stages) -> dict[str, Any]:
     from appliance.models import load_tokenizer
 
     run = manifest.read(merged.path)["config"]["run"]
@@ -262,7 +322,8 @@ def _gate(ws: Workspace, merged: ArtifactRecord, artifact_name: str, kind: str, 
     data, text = parity_data(model, dataset, tokenizer)
     same = runtime_ids(text) == tokenizer(text, add_special_tokens=False)["input_ids"]
     return _parity_report(merged.path, data, {artifact_name: (kind, scorer)}, {artifact_name: same},
-                          overrides, say, reference_name=merged.name, check_cancel=check_cancel)
+                          overrides, say, reference_name=merged.name, check_cancel=check_cancel,
+                          stages=stages)
 
 
 def _commit_gated(w: Any, report: dict[str, Any], merged: ArtifactRecord, config: dict[str, Any],
@@ -278,53 +339,70 @@ def _commit_gated(w: Any, report: dict[str, Any], merged: ArtifactRecord, config
 # -- GGUF ----------------------------------------------------------------------------------------
 def export_gguf(ws: Workspace, run: str, quants: list[str], *, scratch: Path,
                 overrides: dict[str, float] | None = None, say: Say = _quiet,
-                check_cancel: Callable[[], None] = lambda: None) -> list[ArtifactRecord]:
+                check_cancel: Callable[[], None] = lambda: None,
+                progress: Progress | None = None) -> list[ArtifactRecord]:
     from export import gguf
 
     names = [gguf.resolve_quant_type(q)[0] for q in quants]  # unknown types fail before any work
-    merged = merge(ws, run, say=say)
+    todo = {f"{run}-gguf-{q.lower()}": q for q in names}
+    stages = Stages(progress, artifacts_total=len(todo))
+    merged = _merge(ws, run, dtype=None, base=None, say=say, check_cancel=lambda: None,
+                    stages=stages)
     base = scratch / f"{run}-F16.gguf"
 
     def make(qtype: str) -> ArtifactRecord:
         if not base.exists():  # converted once, for every type of this job
             scratch.mkdir(parents=True, exist_ok=True)
-            gguf.convert(merged.path, base, progress=tool_lines(say))
-        return _one_gguf(ws, merged, run, qtype, base, overrides or {}, say, check_cancel)
+            gguf.convert(merged.path, base, progress=tool_lines(say),
+                         counts=stages.counter("convert", "converting to GGUF F16", "%"))
+        return _one_gguf(ws, merged, run, qtype, base, overrides or {}, say, check_cancel, stages)
 
-    return _each(ws, merged, {f"{run}-gguf-{q.lower()}": q for q in names}, make, say, check_cancel,
-                 overrides)
+    return _each(ws, merged, todo, make, say, check_cancel, overrides, stages)
 
 
 def _each(ws: Workspace, merged: ArtifactRecord, todo: dict[str, str],
           make: Callable[[str], ArtifactRecord], say: Say, check_cancel: Callable[[], None],
-          overrides: dict[str, float] | None) -> list[ArtifactRecord]:
+          overrides: dict[str, float] | None, stages: Stages) -> list[ArtifactRecord]:
     """{artifact name: type} -> the artifacts, reusing those that exist, verify and were made from
     this merged model; a failed one asked for again with thresholds is gated again."""
     out = []
-    for name, kind in todo.items():
-        existing = _existing(ws, name)
-        if existing is not None:
-            parents = manifest.read(existing.path)["parents"]
-            if not parents or parents[0]["manifest_sha256"] != merged.manifest_sha256:
-                raise ApplianceError(f"{name} was made from an earlier {merged.name}",
-                                     title="Stale export",
-                                     hint=f"remove it (appliance exports rm {name}) and export again")
-            if existing.status == "failed" and overrides:
-                say(f"{name} exists: gating it again with the given thresholds")
-                verify(ws, name, overrides=overrides, say=say, check_cancel=check_cancel)
-                existing = ws.get("export", name)
-            else:
-                say(f"{name} exists and matches its manifest: reused")
-            out.append(existing)
-            continue
-        check_cancel()
-        with disk_errors(f"exporting {name}"):
-            out.append(make(kind))
+    try:
+        for name, kind in todo.items():
+            stages.start(name)
+            out.append(_one(ws, merged, name, kind, make, say, check_cancel, overrides, stages))
+            stages.finished(name)
+    finally:
+        _REFERENCE_ROWS.clear()
+    stages.done()
     return out
 
 
+def _one(ws: Workspace, merged: ArtifactRecord, name: str, kind: str,
+         make: Callable[[str], ArtifactRecord], say: Say, check_cancel: Callable[[], None],
+         overrides: dict[str, float] | None, stages: Stages) -> ArtifactRecord:
+    """One artifact of `_each`: found and reused (or gated again), else made."""
+    existing = _existing(ws, name)
+    if existing is not None:
+        parents = manifest.read(existing.path)["parents"]
+        if not parents or parents[0]["manifest_sha256"] != merged.manifest_sha256:
+            raise ApplianceError(f"{name} was made from an earlier {merged.name}",
+                                 title="Stale export",
+                                 hint=f"remove it (appliance exports rm {name}) and export again")
+        if existing.status == "failed" and overrides:
+            say(f"{name} exists: gating it again with the given thresholds")
+            _verify(ws, name, overrides, say, check_cancel, stages)
+            return ws.get("export", name)
+        say(f"{name} exists and matches its manifest: reused")
+        stages.reused(name)
+        return existing
+    check_cancel()
+    with disk_errors(f"exporting {name}"):
+        return make(kind)
+
+
 def _one_gguf(ws: Workspace, merged: ArtifactRecord, run: str, qtype: str, base: Path,
-              overrides: dict[str, float], say: Say, check_cancel: Callable[[], None]) -> ArtifactRecord:
+              overrides: dict[str, float], say: Say, check_cancel: Callable[[], None],
+              stages: Stages) -> ArtifactRecord:
     from export import gguf
 
     name = f"{run}-gguf-{qtype.lower()}"
@@ -333,13 +411,16 @@ def _one_gguf(ws: Workspace, merged: ArtifactRecord, run: str, qtype: str, base:
         if qtype == "F16":
             shutil.copy2(base, path)
         else:
-            gguf.quantize(base, path, qtype, progress=tool_lines(say))
+            gguf.quantize(base, path, qtype, progress=tool_lines(say),
+                          counts=stages.counter("quantize", f"quantizing to {qtype}", "tensors"))
         say(f"checking {path.name}")
+        stages.emit("check", f"checking {path.name}")
         check = gguf.check_gguf(path, merged.path)
         gguf.write_modelfile(path, merged.path, out=w.path / "Modelfile")
         (w.path / "gguf_check.json").write_text(json.dumps(check, indent=2, default=str))
         with gguf.GgufLM(path, n_ctx=PARITY_MAX_TOKENS + 16) as lm:
-            report = _gate(ws, merged, name, qtype.lower(), lm, lm.tokenize, overrides, say, check_cancel)
+            report = _gate(ws, merged, name, qtype.lower(), lm, lm.tokenize, overrides, say, check_cancel,
+                           stages)
         _commit_gated(w, report, merged, {"format": "gguf", "type": qtype, "run": run},
                       {"format": "gguf", "type": qtype, "run": run, "file": path.name}, say)
     return ws.get("export", name)
@@ -348,21 +429,25 @@ def _one_gguf(ws: Workspace, merged: ArtifactRecord, run: str, qtype: str, base:
 # -- ONNX ----------------------------------------------------------------------------------------
 def export_onnx(ws: Workspace, run: str, precisions: list[str], *, scratch: Path,
                 overrides: dict[str, float] | None = None, say: Say = _quiet,
-                check_cancel: Callable[[], None] = lambda: None) -> list[ArtifactRecord]:
+                check_cancel: Callable[[], None] = lambda: None,
+                progress: Progress | None = None) -> list[ArtifactRecord]:
     from export import onnx
 
     bad = [p for p in precisions if p not in onnx.PRECISIONS]
     if bad:
         raise ValidationError(f"unknown ONNX precision {bad[0]!r}; valid: {', '.join(onnx.PRECISIONS)}")
-    merged = merge(ws, run, say=say)
-    return _each(ws, merged, {f"{run}-onnx-{p}": p for p in precisions},
-                 lambda p: _one_onnx(ws, merged, run, p, scratch, overrides or {}, say, check_cancel), say,
-                 check_cancel,
-                 overrides)
+    todo = {f"{run}-onnx-{p}": p for p in precisions}
+    stages = Stages(progress, artifacts_total=len(todo))
+    merged = _merge(ws, run, dtype=None, base=None, say=say, check_cancel=lambda: None,
+                    stages=stages)
+    return _each(ws, merged, todo,
+                 lambda p: _one_onnx(ws, merged, run, p, scratch, overrides or {}, say, check_cancel,
+                                     stages), say, check_cancel, overrides, stages)
 
 
 def _one_onnx(ws: Workspace, merged: ArtifactRecord, run: str, precision: str, scratch: Path,
-              overrides: dict[str, float], say: Say, check_cancel: Callable[[], None]) -> ArtifactRecord:
+              overrides: dict[str, float], say: Say, check_cancel: Callable[[], None],
+              stages: Stages) -> ArtifactRecord:
     from export import onnx
 
     name = f"{run}-onnx-{precision}"
@@ -370,15 +455,19 @@ def _one_onnx(ws: Workspace, merged: ArtifactRecord, run: str, precision: str, s
     with ws.writer("export", name) as w:
         target = w.path / "onnx"
         if precision in ("int4", "int8"):
-            if not (fp32 / onnx.MODEL_FILE).exists():
+            if not (fp32 / onnx.MODEL_FILE).exists():  # exported once, for every type of this job
                 shutil.rmtree(fp32, ignore_errors=True)
+                stages.emit("export-onnx", "exporting the fp32 ONNX graph")
                 onnx.export_onnx(merged.path, fp32, "fp32", progress=say)
+            stages.emit("quantize", f"quantizing the ONNX graph to {precision}")
             details = onnx.quantize_onnx(fp32, target, precision, progress=say)
         else:
+            stages.emit("export-onnx", f"exporting the {precision} ONNX graph")
             details = onnx.export_onnx(merged.path, target, precision, progress=say)
         (w.path / "onnx_export.json").write_text(json.dumps(details, indent=2, default=str))
         lm = onnx.OnnxLM(target)
-        report = _gate(ws, merged, name, precision, lm, lm.tokenize, overrides, say, check_cancel)
+        report = _gate(ws, merged, name, precision, lm, lm.tokenize, overrides, say, check_cancel,
+                       stages)
         _commit_gated(w, report, merged, {"format": "onnx", "precision": precision, "run": run},
                       {"format": "onnx", "type": precision, "run": run}, say)
     return ws.get("export", name)
@@ -386,8 +475,22 @@ def _one_onnx(ws: Workspace, merged: ArtifactRecord, run: str, precision: str, s
 
 # -- verify again, and the gate for consumers ----------------------------------------------------
 def verify(ws: Workspace, name: str, *, overrides: dict[str, float] | None = None, say: Say = _quiet,
-           check_cancel: Callable[[], None] = lambda: None) -> dict[str, Any]:
+           check_cancel: Callable[[], None] = lambda: None,
+           progress: Progress | None = None) -> dict[str, Any]:
     """Re-run the parity gate of an existing export and update its parity.json, status and manifest."""
+    stages = Stages(progress, artifacts_total=1)
+    stages.start(name)
+    try:
+        report = _verify(ws, name, overrides or {}, say, check_cancel, stages)
+    finally:
+        _REFERENCE_ROWS.clear()
+    stages.finished(name)
+    stages.done()
+    return report
+
+
+def _verify(ws: Workspace, name: str, overrides: dict[str, float], say: Say,
+            check_cancel: Callable[[], None], stages: Stages) -> dict[str, Any]:
     from export import gguf, onnx
 
     record = ws.get("export", name)
@@ -400,12 +503,12 @@ def verify(ws: Workspace, name: str, *, overrides: dict[str, float] | None = Non
     if config["format"] == "gguf":
         path = record.path / f"{config['run']}-{config['type']}.gguf"
         with gguf.GgufLM(path, n_ctx=PARITY_MAX_TOKENS + 16) as lm:
-            report = _gate(ws, merged, name, config["type"].lower(), lm, lm.tokenize, overrides or {}, say,
-                           check_cancel)
+            report = _gate(ws, merged, name, config["type"].lower(), lm, lm.tokenize, overrides, say,
+                           check_cancel, stages)
     else:
         lm = onnx.OnnxLM(record.path / "onnx")
-        report = _gate(ws, merged, name, config["precision"], lm, lm.tokenize, overrides or {}, say,
-                       check_cancel)
+        report = _gate(ws, merged, name, config["precision"], lm, lm.tokenize, overrides, say,
+                       check_cancel, stages)
     _rewrite_parity(ws, record, data, report)
     return report
 

@@ -439,7 +439,7 @@ def _merge(ctx: JobContext) -> dict[str, Any]:
 
     p = ctx.params
     record = exports.merge(ctx.ws, p["run"], dtype=p.get("dtype"), base=p.get("base"),
-                           say=ctx.log, check_cancel=ctx.check_cancel)
+                           say=ctx.log, check_cancel=ctx.check_cancel, progress=ctx.progress)
     return {"export": record.name, "path": str(record.path)}
 
 
@@ -451,7 +451,8 @@ def _export(ctx: JobContext) -> dict[str, Any]:
     func = exports.export_gguf if p["format"] == "gguf" else exports.export_onnx
     try:
         records = func(ctx.ws, p["run"], p["types"], scratch=ctx.dir / "work",
-                       overrides=p.get("overrides"), say=ctx.log, check_cancel=ctx.check_cancel)
+                       overrides=p.get("overrides"), say=ctx.log, check_cancel=ctx.check_cancel,
+                       progress=ctx.progress)
     except JobCancelled:
         raise  # resumable: keep the intermediate files
     except BaseException:
@@ -465,7 +466,7 @@ def _verify(ctx: JobContext) -> dict[str, Any]:
     from appliance import exports
 
     report = exports.verify(ctx.ws, ctx.params["export"], overrides=ctx.params.get("overrides"),
-                            say=ctx.log, check_cancel=ctx.check_cancel)
+                            say=ctx.log, check_cancel=ctx.check_cancel, progress=ctx.progress)
     return {"passed": report["passed"]}
 
 

@@ -124,8 +124,10 @@ def _out_spec(entry: tensorstream.Entry, out_type: Any) -> tensorstream.Entry:
 
 def merge_folder(base_dir: Path, adapter_dir: Path, out_dir: Path, *, dtype: str = "auto",
                  base: str = "full", train_dtype: str = "bf16", say: Say = _quiet,
-                 check_cancel: Callable[[], None] = lambda: None) -> dict[str, Any]:
-    """Write the merged HF folder into `out_dir` (which must exist, empty). Returns its summary."""
+                 check_cancel: Callable[[], None] = lambda: None,
+                 counts: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Write the merged HF folder into `out_dir` (which must exist, empty). Returns its summary.
+    `counts` gets the tensors written of the model's total (all shards) as they are written."""
     import torch
 
     if dtype not in DTYPES or base not in BASES:
@@ -135,10 +137,11 @@ def merge_folder(base_dir: Path, adapter_dir: Path, out_dir: Path, *, dtype: str
     shards = check_shards(base_dir)
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[train_dtype]
     out_type = _first_float_dtype(shards, dtype)
+    tables = [tensorstream.entries(shard)[0] for shard in shards]  # headers only: cheap
+    total, written = sum(map(len, tables)), 0
     used: set[str] = set()
-    for i, shard in enumerate(shards, 1):
+    for i, (shard, table) in enumerate(zip(shards, tables, strict=True), 1):
         check_cancel()
-        table, _ = tensorstream.entries(shard)
         specs = [_out_spec(e, out_type) for e in table]
         with tensorstream.TensorFileWriter(out_dir / shard.name, specs, {"format": "pt"}) as out:
             for key, value in tensorstream.read_tensors(shard):
@@ -147,6 +150,9 @@ def merge_folder(base_dir: Path, adapter_dir: Path, out_dir: Path, *, dtype: str
                 out.write(key, value)
                 used.add(key)
                 del value
+                written += 1
+                if counts is not None:
+                    counts(written, total)
         say(f"merged shard {i}/{len(shards)} ({shard.name})")
     unused = sorted(set(deltas) - used)
     if unused:

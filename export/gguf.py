@@ -46,6 +46,7 @@ from appliance.errors import ApplianceError, IntegrityError, RefusedError, Valid
 from export.ollama import write_modelfile
 
 Progress = Callable[[str], None]
+Counts = Callable[[int, int], None]  # (done, total), from the tools' own output
 
 OUTTYPES = ("f16", "bf16", "f32", "q8_0")
 DEFAULT_QUANTS = ("Q4_K_M",)
@@ -160,6 +161,27 @@ def _run_python(code: str, args: Sequence[str], progress: Progress, *, what: str
     return ChildResult(proc.returncode, list(tail))
 
 
+# The only counts the tools print: the converter's tqdm bar while it writes (`Writing:  42%|...`;
+# before that it reads and plans, with no total) and the quantizer's line per tensor (`[  12/ 272]`).
+_WRITING = re.compile(r"^Writing:\s*(\d+)%")
+_TENSOR = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
+
+
+def _counting(say: Progress, counts: Counts | None) -> Progress:
+    """`say` every line, and pass the counts a line carries to `counts`."""
+    if counts is None:
+        return say
+
+    def inner(line: str) -> None:
+        if written := _WRITING.match(line):
+            counts(int(written[1]), 100)
+        elif tensor := _TENSOR.match(line):
+            counts(int(tensor[1]), int(tensor[2]))
+        say(line)
+
+    return inner
+
+
 def _partial(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
@@ -260,8 +282,9 @@ def _conversion_error(model_dir: Path, result: ChildResult) -> ApplianceError:
 
 
 def convert(model_dir: Path, out: Path, *, outtype: str = "f16", progress: Progress | None = None,
-            timeout: float | None = None) -> Path:
-    """Convert an HF folder to one GGUF file with llama.cpp's converter; returns `out`."""
+            timeout: float | None = None, counts: Counts | None = None) -> Path:
+    """Convert an HF folder to one GGUF file with llama.cpp's converter; returns `out`. `counts`
+    gets the percentage written (of 100) once the converter starts writing."""
     outtype = outtype.lower()
     if outtype not in OUTTYPES:
         raise ValidationError(f"unknown GGUF output type {outtype!r}", hint="one of " + ", ".join(OUTTYPES))
@@ -275,7 +298,8 @@ def convert(model_dir: Path, out: Path, *, outtype: str = "f16", progress: Progr
     with _writing(out) as partial, _converter_source(model_dir, out.parent) as source:
         say(f"converting {model_dir} to GGUF ({outtype})")
         args = [str(script), str(source), "--outfile", str(partial), "--outtype", outtype]
-        result = _run_python(_CONVERT_CODE, args, say, what="llama.cpp's GGUF converter", timeout=timeout)
+        result = _run_python(_CONVERT_CODE, args, _counting(say, counts),
+                             what="llama.cpp's GGUF converter", timeout=timeout)
         if result.returncode != 0:
             raise _conversion_error(model_dir, result)
     return out
@@ -315,8 +339,10 @@ def resolve_quant_type(name: str) -> tuple[str, int]:
 
 
 def quantize(src: Path, dst: Path, qtype: str, *, nthread: int | None = None,
-             progress: Progress | None = None, timeout: float | None = None) -> Path:
-    """Quantize a GGUF (F16/BF16/F32) to `qtype` with llama.cpp's C API; returns `dst`.
+             progress: Progress | None = None, timeout: float | None = None,
+             counts: Counts | None = None) -> Path:
+    """Quantize a GGUF (F16/BF16/F32) to `qtype` with llama.cpp's C API; returns `dst`. `counts`
+    gets the tensors done of the file's total, as llama.cpp goes.
 
     K-quant rows whose width is not a multiple of 256 fall back to a nearby type (llama.cpp warns
     per tensor); that is expected on small models."""
@@ -330,7 +356,8 @@ def quantize(src: Path, dst: Path, qtype: str, *, nthread: int | None = None,
     with _writing(dst) as partial:
         say(f"quantizing {src.name} to {name}")
         args = [str(src), str(partial), str(ftype), str(nthread or 0)]
-        result = _run_python(_QUANTIZE_CODE, args, say, what=f"quantization to {name}", timeout=timeout)
+        result = _run_python(_QUANTIZE_CODE, args, _counting(say, counts),
+                             what=f"quantization to {name}", timeout=timeout)
         if result.returncode != 0:
             raise ApplianceError(f"{src}: llama.cpp could not quantize it to {name} (exit code "
                                  f"{result.returncode}); its last output:\n{result.text()}",

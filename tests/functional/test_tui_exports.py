@@ -1,17 +1,23 @@
-"""Exports: verdicts in the list, the parity table per artifact, and the merge / export / verify
-jobs the dialogs queue (the job runner itself is tested in tests/integration)."""
+"""Exports: verdicts in the list, the parity table per artifact, the merge / export / verify
+jobs the dialogs queue, and the progress of a running export (the job runner itself is tested in
+tests/integration; here a job's events are written the way the job functions write them)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from textual.widgets import Select, SelectionList, Static
-from tuikit import RUN, app_for, build_fixed_workspace, screen_text, settle, wait_for
+from tuikit import RUN, app_for, build_fixed_workspace, check_snapshot, screen_text, settle, wait_for
 
 from appliance import jobs
+from appliance.progress import Stages
 from appliance.workspace import Workspace
 from tui.widgets import KeyedTable
+
+EXPORT_JOB = "20261122-120000-export-c0ffee"
+Q8, Q4 = f"{RUN}-gguf-q8_0", f"{RUN}-gguf-q4_k_m"
 
 
 @pytest.fixture
@@ -90,3 +96,79 @@ async def test_delete_asks_first(fixed_ws: Workspace) -> None:
         await pilot.press("r")
         await settle(app, pilot)
         assert table.row_count == 2
+
+
+# -- a running export's progress ---------------------------------------------------------------------
+def _running_export(ws: Workspace) -> Stages:
+    """A running export job of fixed id (no process: never judged interrupted), and the `Stages`
+    that write its progress events exactly as `exports.export_gguf` would through the job."""
+    with ws.connect() as db:
+        db.execute("INSERT INTO jobs (id, kind, params, state, created, started, attempt) VALUES "
+                   "(?, 'export', ?, 'running', '2026-11-22T12:00:00+00:00', "
+                   "'2026-11-22T12:00:01+00:00', 1)",
+                   (EXPORT_JOB, json.dumps({"run": RUN, "format": "gguf", "types": ["Q8_0", "Q4_K_M"],
+                                            "overrides": {}})))
+    folder = jobs.job_dir(ws, EXPORT_JOB)
+    folder.mkdir(parents=True)
+    for event in ({"type": "state", "state": "queued", "kind": "export"},
+                  {"type": "state", "state": "running"}):
+        jobs.append_event(folder, event)
+    ctx = jobs.JobContext(ws, jobs.get(ws, EXPORT_JOB))
+    stages = Stages(ctx.progress, artifacts_total=2)
+    stages.reused(f"{RUN}-merged")
+    stages.start(Q8)
+    ctx.log("converting /srv/appliance/exports/support-run-merged to GGUF (f16)")
+    stages.counter("convert", "converting to GGUF F16", "%")
+    return stages
+
+
+def _activity(app: object) -> str:
+    return str(app.screen.query_one("#activity", Static).render())  # type: ignore[attr-defined]
+
+
+def _scoring_q4(stages: Stages) -> None:
+    """The first artifact done; the second quantized, checked, and 5 of 16 conversations scored."""
+    stages.finished(Q8)
+    stages.start(Q4)
+    count = stages.counter("quantize", "quantizing to Q4_K_M", "tensors")
+    for tensor in range(1, 273):
+        count(tensor, 272)
+    stages.emit("check", "checking support-run-Q4_K_M.gguf")
+    count = stages.counter("score", "scoring q4_k_m", "conversations", 16)
+    for conversation in range(1, 6):
+        count(conversation, 16)
+
+
+async def test_a_running_export_shows_its_stage_and_a_gauge(fixed_ws: Workspace) -> None:
+    """The artifact and stage of a running export, a gauge once the stage's size is known, updated
+    on the screen's poll; the lines go when the job ends."""
+    stages = _running_export(fixed_ws)
+    app = app_for(fixed_ws, poll_s=0.2)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("6")
+        await settle(app, pilot)
+        activity = app.screen.query_one("#activity", Static)
+        assert activity.display
+        assert _activity(app).splitlines() == [f"export {EXPORT_JOB} · {Q8} (0/2 done)",
+                                               "  converting to GGUF F16…"]  # size unknown: no gauge
+        count = stages.counter("quantize", "quantizing to Q8_0", "tensors")
+        count(136, 272)
+        await wait_for(pilot, lambda: "quantizing" in _activity(app), 10, "the next poll")
+        assert _activity(app).splitlines()[1] == f"  {'█' * 10}{'░' * 10} quantizing to Q8_0 136/272 tensors"
+        _scoring_q4(stages)
+        await wait_for(pilot, lambda: "scoring" in _activity(app), 10, "the next poll")
+        assert _activity(app).splitlines() == [f"export {EXPORT_JOB} · {Q4} (1/2 done)",
+                                               f"  {'█' * 6}{'░' * 14} scoring q4_k_m 5/16 conversations"]
+        assert "export" in screen_text(app).splitlines()[-3]  # above the footer, fits 80 columns
+        jobs._transition(fixed_ws, EXPORT_JOB, ("running",), "succeeded", message="done")
+        await wait_for(pilot, lambda: not activity.display, 10, "the activity lines to go")
+
+
+async def test_snapshot_of_a_running_export(fixed_ws: Workspace, tmp_path: Path) -> None:
+    """Exports at 80x24 while an export scores its second artifact."""
+    _scoring_q4(_running_export(fixed_ws))
+    app = app_for(fixed_ws)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("6")
+        await settle(app, pilot)
+        check_snapshot(app, "exports-progress-80x24", tmp_path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -170,15 +171,147 @@ def test_missing_base_model_is_named(tmp_path: Path, smol_run: Workspace) -> Non
 
 def test_a_second_architecture_merges_and_exports_losslessly(tmp_path: Path, tiny_qwen2_source: Path
                                                               ) -> None:
-    """Qwen2 family (attention biases, tied embeddings): F16 GGUF and fp32 ONNX pass their gates."""
+    """Qwen2 family (attention biases, tied embeddings): F16 GGUF and fp32 ONNX pass their gates.
+    Each step also reports its stages, with honest counts (`_check_*` below)."""
     ws = Workspace(tmp_path / "ws")
     model = models.import_path(ws, tiny_qwen2_source, name="tiny-qwen2")
     run = _trained(ws, model, tmp_path)
-    merged = exports.merge(ws, run)
+    merge_events, progress = _recorder()
+    merged = exports.merge(ws, run, progress=progress)
     assert json.loads((merged.path / "merge_check.json").read_text())["max_abs_logit_diff"] < 1e-3
-    (gguf_record,) = exports.export_gguf(ws, run, ["F16"], scratch=tmp_path / "scratch")
-    (onnx_record,) = exports.export_onnx(ws, run, ["fp32"], scratch=tmp_path / "scratch")
+    _check_merge_progress(merge_events, merged)
+    gguf_events, progress = _recorder()
+    gguf_record, q8_record = exports.export_gguf(ws, run, ["F16", "Q8_0"], scratch=tmp_path / "scratch",
+                                                 progress=progress)
+    _check_gguf_progress(gguf_events, merged, [gguf_record, q8_record])
+    onnx_events, progress = _recorder()
+    (onnx_record,) = exports.export_onnx(ws, run, ["fp32"], scratch=tmp_path / "scratch",
+                                         progress=progress)
+    assert _stages(onnx_events) == ["reuse", "export-onnx", "score", "done"]
     for record in (gguf_record, onnx_record):
         row = json.loads((record.path / "parity.json").read_text())["artifacts"][0]
         assert record.status == "ready", row
         assert row["tokens_identical"] is True and row["agreement"] > 0.97
+    _check_job_progress(ws, run, gguf_record)
+    _check_gated_again(ws, run, gguf_record, tmp_path / "scratch")
+
+
+# -- staged progress -------------------------------------------------------------------------------
+def _recorder() -> tuple[list[dict], Callable[..., None]]:
+    events: list[dict] = []
+
+    def progress(done: float, total: float, **fields: object) -> None:
+        events.append({"done": done, "total": total, **fields})
+
+    return events, progress
+
+
+def _stages(events: list[dict]) -> list[str]:
+    """The stages in order, each run of one stage once (the reference's and the artifact's
+    scoring, one after the other, are one `score`)."""
+    return [e["stage"] for i, e in enumerate(events) if i == 0 or events[i - 1]["stage"] != e["stage"]]
+
+
+def _runs(events: list[dict], stage: str) -> list[list[dict]]:
+    """The events of each run of `stage` (a new run starts at each new label or done=0)."""
+    runs: list[list[dict]] = []
+    for i, e in enumerate(events):
+        if e["stage"] != stage:
+            continue
+        before = events[i - 1] if i else None
+        if before is None or before["stage"] != stage or before["label"] != e["label"]:
+            runs.append([])
+        runs[-1].append(e)
+    return runs
+
+
+def _check_counts(events: list[dict]) -> None:
+    """Counts never go back within a stage, never pass their total, and a stage of unknown size
+    (total 0) claims nothing done."""
+    for run in (r for stage in {e["stage"] for e in events} for r in _runs(events, stage)):
+        done = [e["done"] for e in run]
+        assert done == sorted(done), run
+        assert all(0 <= e["done"] <= e["total"] for e in run), run
+
+
+def _check_scores(events: list[dict], labels: list[str], conversations: int) -> None:
+    runs = _runs(events, "score")
+    assert [r[0]["label"] for r in runs] == labels
+    for run in runs:
+        assert run[0]["done"] == 0 and run[-1]["done"] == run[-1]["total"] == conversations
+        assert {e["unit"] for e in run} == {"conversations"}
+
+
+def _check_merge_progress(events: list[dict], merged: ArtifactRecord) -> None:
+    from appliance import tensorstream
+
+    assert _stages(events) == ["merge", "check-merge", "score", "done"]
+    assert {e["artifact"] for e in events} == {merged.name}
+    assert {e["artifacts_total"] for e in events} == {1}
+    _check_counts(events)
+    tensors = sum(len(tensorstream.entries(p)[0]) for p in merged.path.glob("*.safetensors"))
+    (merging,) = _runs(events, "merge")
+    assert merging[0]["total"] == 0  # announced before the headers are read
+    assert merging[-1]["done"] == merging[-1]["total"] == tensors and merging[-1]["unit"] == "tensors"
+    assert len(merging) <= 22  # about one per 1/20th: a large model cannot flood the event file
+    conversations = json.loads((merged.path / "parity.json").read_text())["conversations"]
+    _check_scores(events, ["scoring the reference (merged)", "scoring adapter"], conversations)
+    assert events[-1] == {"done": 1, "total": 1, "stage": "done", "label": "done", "unit": "artifacts",
+                          "artifact": merged.name, "artifacts_done": 1, "artifacts_total": 1}
+
+
+def _check_gguf_progress(events: list[dict], merged: ArtifactRecord, records: list[ArtifactRecord]
+                         ) -> None:
+    f16, q8 = (r.name for r in records)
+    assert _stages(events) == ["reuse", "convert", "check", "score", "quantize", "check", "score",
+                               "done"]
+    _check_counts(events)
+    assert events[0] == {"done": 1, "total": 1, "stage": "reuse", "unit": "", "artifact": merged.name,
+                         "label": "exists and matches its manifest: reused", "artifacts_done": 0,
+                         "artifacts_total": 2}
+    (convert,) = _runs(events, "convert")
+    assert convert[0]["total"] == 0 and convert[-1]["done"] == convert[-1]["total"] == 100
+    (quantize,) = _runs(events, "quantize")
+    assert quantize[0]["label"] == "quantizing to Q8_0" and quantize[-1]["unit"] == "tensors"
+    assert quantize[-1]["done"] == quantize[-1]["total"] > 0
+    assert {e["artifact"] for e in convert} == {f16} and {e["artifact"] for e in quantize} == {q8}
+    assert {(e["artifact"], e["artifacts_done"]) for e in events[1:-1]} == {(f16, 0), (q8, 1)}
+    conversations = json.loads((records[0].path / "parity.json").read_text())["conversations"]
+    # the reference is scored once for both artifacts, and both reports carry the same numbers
+    _check_scores(events, ["scoring the reference (merged)", "scoring f16", "scoring q8_0"],
+                  conversations)
+    refs = [json.loads((r.path / "parity.json").read_text())["reference"] for r in records]
+    assert refs[0] == refs[1]
+    assert events[-1]["stage"] == "done" and events[-1]["done"] == events[-1]["total"] == 2
+
+
+def _check_job_progress(ws: Workspace, run: str, record: ArtifactRecord) -> None:
+    """The job functions pass `JobContext.progress`: the stages land in the job's events, and
+    `appliance jobs logs` prints them as one readable line each. (The verify job's impossible
+    threshold leaves the export failed, for `_check_gated_again`.)"""
+    from appliance.cli import format_event
+
+    job = jobs.submit(ws, "verify", {"export": record.name, "overrides": {"agreement": 1.01}})
+    assert jobs.run(ws, job.id).result == {"passed": False}
+    staged = [e for e in jobs.read_events(ws, job.id) if e["type"] == "progress"]
+    assert _stages(staged) == ["score", "done"] and {e["artifact"] for e in staged} == {record.name}
+    conversations = staged[-2]["total"]
+    assert format_event(staged[-2]) == f"{record.name}: scoring f16 {conversations}/{conversations} " \
+                                       "conversations"
+    job = jobs.submit(ws, "merge", {"run": run})
+    assert jobs.run(ws, job.id).state == "succeeded"
+    lines = [format_event(e) for e in jobs.read_events(ws, job.id) if e["type"] == "progress"]
+    assert lines == [f"{run}-merged: exists and matches its manifest: reused", "done 1/1 artifacts"]
+
+
+def _check_gated_again(ws: Workspace, run: str, record: ArtifactRecord, scratch: Path) -> None:
+    """A failed artifact asked for again with thresholds is gated again, inside the export's
+    stages (and counted as that export's artifact)."""
+    assert ws.get("export", record.name).status == "failed"
+    events, progress = _recorder()
+    (again,) = exports.export_gguf(ws, run, ["F16"], scratch=scratch, overrides={"agreement": 0.5},
+                                   progress=progress)
+    assert again.status == "ready"
+    assert _stages(events) == ["reuse", "score", "done"]
+    assert {e["artifact"] for e in events[1:]} == {record.name}
+    assert events[-1]["done"] == events[-1]["total"] == 1

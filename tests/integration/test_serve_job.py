@@ -5,8 +5,10 @@ and refuses a second server on a port in use."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,8 +46,18 @@ def _chat(url: str, key: str) -> dict:
         return json.loads(response.read())
 
 
-def test_serve_job_lifecycle(tmp_path: Path) -> None:
+@pytest.fixture
+def ws(tmp_path: Path) -> Iterator[Workspace]:
+    """A workspace whose serve jobs are stopped at the end, whatever the test did."""
     ws = Workspace(tmp_path / "ws").ensure()
+    yield ws
+    for job in jobs.list_jobs(ws):
+        if job.state in ("queued", "running"):
+            jobs.cancel(ws, job.id)
+            _wait("a left-over server to stop", lambda j=job: jobs.get(ws, j.id).state in jobs.TERMINAL, 30)
+
+
+def test_serve_job_lifecycle(ws: Workspace) -> None:
     key = keys.create(ws, "tests")
     options = service.ServeOptions((str(stack.default_model_path()),), port=0, threads=1, context=512)
     job = service.start(ws, options)
@@ -76,11 +88,8 @@ def test_serve_job_lifecycle(tmp_path: Path) -> None:
     _wait("the job to stop again", lambda: jobs.get(ws, job.id).state == "cancelled", 30)
 
 
-def test_serve_job_fails_clearly_when_its_port_is_taken(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_serve_job_fails_clearly_when_its_port_is_taken(ws: Workspace, capsys: pytest.CaptureFixture[str]
                                                         ) -> None:
-    import socket
-
-    ws = Workspace(tmp_path / "ws").ensure()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen()

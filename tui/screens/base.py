@@ -6,6 +6,9 @@ failure reaches the operator through the app's error display with its title and 
 read of the same group supersedes an older one, whose result is then dropped.
 
 Screens that follow something (jobs, the dashboard) poll on a timer only while they are visible.
+A running job that reports stages (merge, export, verify: `appliance.progress`) is shown on two
+lines, the artifact it works on, then a text gauge of its current stage when that stage's size is
+known (its name alone when not); other jobs keep a one-line summary.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -25,11 +29,11 @@ from textual.timer import Timer
 from textual.widgets import DataTable, Footer, Header, Static
 from textual.worker import Worker, get_current_worker
 
-from appliance import jobs
+from appliance import jobs, progress
 from appliance.workspace import ArtifactRecord, Workspace
 from tui.dialogs import ConfirmDialog
-from tui.feed import last_events, summary_line
-from tui.widgets import KeyedTable, NavBar
+from tui.feed import Event, last_events, summary_line
+from tui.widgets import KeyedTable, NavBar, bar
 
 if TYPE_CHECKING:
     from tui.app import ApplianceApp
@@ -37,20 +41,47 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+GAUGE_WIDTH = 20
+
+
+@dataclass(frozen=True)
+class Running:
+    """A queued or running job: its summary line, and its current stage if it reports stages."""
+
+    job: jobs.Job
+    line: str
+    stage: Event | None = None
+
+
 @dataclass
 class Activity:
     """The jobs a screen follows: those of its kinds still running, and watched ones that ended."""
 
-    active: list[tuple[jobs.Job, str]] = field(default_factory=list)
+    active: list[Running] = field(default_factory=list)
     finished: list[jobs.Job] = field(default_factory=list)
+
+
+def current_stage(events: list[Event]) -> Event | None:
+    """The last staged progress event of the job's current attempt (none before a state change:
+    a resumed job's old stage is not shown as if it were now)."""
+    for event in reversed(events):
+        if event.get("type") == "state":
+            return None
+        if progress.is_staged(event):
+            return event
+    return None
+
+
+def _running(ws: Workspace, job: jobs.Job) -> Running:
+    events = last_events(ws, job.id)
+    return Running(job, summary_line(events), current_stage(events))
 
 
 def read_activity(ws: Workspace, kinds: tuple[str, ...], watched: set[str]) -> Activity:
     if not ws.exists():
         return Activity()
     all_jobs = [j for j in jobs.list_jobs(ws) if j.kind in kinds or j.id in watched]
-    active = [(j, summary_line(last_events(ws, j.id))) for j in all_jobs
-              if j.state in ("queued", "running")]
+    active = [_running(ws, j) for j in all_jobs if j.state in ("queued", "running")]
     return Activity(active, [j for j in all_jobs if j.id in watched and j.state in jobs.TERMINAL])
 
 
@@ -65,10 +96,24 @@ def record_names(ws: Workspace, kind: str) -> list[str]:
     return [r.name for r in ws.list(kind)] if ws.exists() else []
 
 
-def activity_text(activity: Activity) -> str:
-    if not activity.active:
-        return ""
-    return "\n".join(f"[b]{j.kind}[/] {j.id} {j.state}: {line}" for j, line in activity.active)
+def stage_lines(run: Running) -> Text:
+    """`export ID · ARTIFACT (1/2 done)`, then `  ████░░░░ quantizing to Q8_0 120/272 tensors`
+    (no gauge while the stage's size is unknown)."""
+    event = run.stage or {}
+    text = Text.assemble((run.job.kind, "bold"), f" {run.job.id}")
+    if what := progress.artifacts(event):
+        text.append(f" · {what}")
+    label, share = str(event.get("label") or event.get("stage", "")), progress.fraction(event)
+    if share is None:
+        return text.append(f"\n  {label}…")
+    return text.append(f"\n  {bar(share, GAUGE_WIDTH)} {label} {progress.counts(event)}")
+
+
+def activity_text(activity: Activity) -> Text:
+    lines = [stage_lines(r) if r.stage is not None
+             else Text.assemble((r.job.kind, "bold"), f" {r.job.id} {r.job.state}: {r.line}")
+             for r in activity.active]
+    return Text("\n").join(lines)
 
 
 class ApplianceScreen(Screen[None]):

@@ -4,7 +4,10 @@ that make and check them.
 Each export is its own artifact (`<run>-merged`, `<run>-gguf-<type>`, `<run>-onnx-<precision>`)
 whose `parity.json` holds the gate's numbers against the merged model; the table here is that file,
 pass or fail per artifact. Merges and exports are jobs (the same the CLI starts: `merge`, `export`,
-`verify`); their last log line shows while they run, and the list refreshes when they end.
+`verify`); while they run, the line below the table names the artifact each works on and draws a
+gauge of its current stage (merging tensors, quantizing tensors, scoring conversations; a stage of
+unknown size, such as llama.cpp's converter before it writes, is named without one), refreshed on
+the screen's poll; the list refreshes when they end.
 """
 
 from __future__ import annotations
