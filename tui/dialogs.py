@@ -15,9 +15,12 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, DirectoryTree, Input, Label, Static
+from textual.widget import Widget
+from textual.widgets import Button, DirectoryTree, Input, Label, Select, Static
+from textual.widgets._select import SelectCurrent
 
 R = TypeVar("R")
+W = TypeVar("W", bound=Widget)
 
 DIALOG_CSS = """
 {name} {{ align: center middle; }}
@@ -27,12 +30,32 @@ DIALOG_CSS = """
 }}
 {name} .title {{ text-style: bold; margin-bottom: 1; }}
 {name} .buttons {{ height: auto; align-horizontal: right; margin-top: 1; }}
-{name} Button {{ margin-left: 1; }}
+{name} Button {{ margin-left: 1; width: auto; min-width: 16; }}
 """
 
 
 def dialog_css(name: str) -> str:
     return DIALOG_CSS.format(name=name)
+
+
+def named(widget: W, name: str) -> W:
+    """A field's name in its top border: a prefilled field's placeholder is hidden by its value."""
+    widget.border_title = name
+    return widget
+
+
+class NamedSelect(Select[str]):
+    """A Select whose name stays visible once a value hides its prompt (in its box's border)."""
+
+    def __init__(self, *args: object, field_name: str, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.field_name = field_name
+
+    def compose(self) -> ComposeResult:
+        for child in super().compose():
+            if isinstance(child, SelectCurrent):
+                child.border_title = self.field_name
+            yield child
 
 
 class ConfirmDialog(ModalScreen[bool]):
@@ -172,21 +195,22 @@ class FilePicker(ModalScreen[Path | None]):
 class FormDialog(ModalScreen[R | None]):
     """A form: a title, the fields of `compose_fields`, then a primary button and Cancel.
 
-    The primary button (id `SUBMIT_ID`) calls `submit`, which dismisses with the answer or
-    notifies what is missing; Escape and Cancel dismiss with None."""
+    The primary button (id `SUBMIT_ID`) and ctrl+s, from any field, call `submit`, which
+    dismisses with the answer or notifies what is missing; Escape and Cancel dismiss with None."""
 
     HEADING: ClassVar[str] = ""
     SUBMIT: ClassVar[str] = "OK"
     SUBMIT_ID: ClassVar[str] = "go"
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("ctrl+s", "submit", "Submit the form"),
+                                             Binding("escape", "cancel", "Cancel")]
 
     def compose(self) -> ComposeResult:
         with Vertical():
             yield Label(self.HEADING, classes="title")
             yield from self.compose_fields()
             with Horizontal(classes="buttons"):
-                yield Button(self.SUBMIT, variant="primary", id=self.SUBMIT_ID)
-                yield Button("Cancel", id="cancel")
+                yield Button(f"{self.SUBMIT} (ctrl+s)", variant="primary", id=self.SUBMIT_ID)
+                yield Button("Cancel (esc)", id="cancel")
 
     def compose_fields(self) -> ComposeResult:
         yield from ()
@@ -196,6 +220,9 @@ class FormDialog(ModalScreen[R | None]):
 
     def action_cancel(self) -> None:
         self.dismiss(None)
+
+    def action_submit(self) -> None:
+        self.submit()
 
     @on(Button.Pressed)
     def _form_button(self, event: Button.Pressed) -> None:

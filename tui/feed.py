@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Reading the file is the core's (`appliance.events`); these names stay importable from here.
+from appliance import progress
 from appliance.events import TAIL_BYTES, Event, EventTail, last_events
 
 __all__ = ["TAIL_BYTES", "Event", "EventTail", "TrainProgress", "collapse", "format_eta", "last_events",
@@ -38,6 +39,8 @@ def summary_line(events: list[Event]) -> str:
     """One line for a job: its last progress, else its last log or state message."""
     for event in reversed(events):
         kind = event.get("type")
+        if progress.is_staged(event):  # merge / export / verify: the stage and its count
+            return progress.describe(event)[:120]
         if kind == "progress":
             extra = f" loss {event['loss']:.4f}" if isinstance(event.get("loss"), float) else ""
             return f"{_num(event.get('done'))}/{_num(event.get('total'))}{extra}"

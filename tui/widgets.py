@@ -165,5 +165,14 @@ class KeyedTable(DataTable):
         return True
 
 
+def middle(text: str, width: int) -> str:
+    """`text` cut in the middle to fit `width` (names differ at their ends: a run's exports share
+    the run's name and end in their type)."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return f"{text[:head]}…{text[len(text) - (width - 1 - head):]}"
+
+
 def first_line(text: str, width: int = 80) -> str:
     return text.splitlines()[0][:width] if text else ""

@@ -36,7 +36,7 @@ async def test_list_verdicts_and_parity_table(fixed_ws: Workspace) -> None:
         await pilot.press("6")
         await settle(app, pilot)
         table = app.screen.query_one("#exports", KeyedTable)
-        verdicts = {str(table.get_row_at(i)[0]): str(table.get_row_at(i)[3])
+        verdicts = {str(table.get_row_at(i)[0]): str(table.get_row_at(i)[1])
                     for i in range(table.row_count)}
         assert verdicts == {f"{RUN}-gguf-q4_k_m": "FAIL", f"{RUN}-gguf-q8_0": "pass",
                             f"{RUN}-merged": "reference", f"{RUN}-onnx-int4": "pass"}

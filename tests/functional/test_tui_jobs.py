@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from textual.widgets import Log
+from textual.widgets import RichLog
 from tuikit import app_for, settle, wait_for
 
 from appliance import jobs
@@ -40,15 +40,15 @@ async def test_attaches_to_a_cli_job_tails_it_cancels_and_resumes(workspace: Wor
             await settle(app, pilot)
             table = app.screen.query_one("#jobs", KeyedTable)
             await wait_for(pilot, lambda: table.selected_key() == job.id, 10, "the CLI's job")
-            log = app.screen.query_one("#log", Log)
-            await wait_for(pilot, lambda: any(line.startswith("step ") for line in log.lines), 20,
+            log = app.screen.query_one("#log", RichLog)
+            await wait_for(pilot, lambda: any(line.text.startswith("step ") for line in log.lines), 20,
                            "progress lines in the log")
             await pilot.press("c")
             await wait_for(pilot, lambda: _state(workspace, job.id) == "cancelled", 20, "cancelled")
             await wait_for(pilot, lambda: "cancelled" in str(table.get_row(job.id)), 10, "the row")
             await pilot.press("u")
             await wait_for(pilot, lambda: _state(workspace, job.id) == "running", 20, "resumed")
-            await wait_for(pilot, lambda: any("attempt 2" in line for line in log.lines), 20,
+            await wait_for(pilot, lambda: any("attempt 2" in line.text for line in log.lines), 20,
                            "the second attempt's log")
     finally:
         if _state(workspace, job.id) in ("queued", "running"):

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,10 +40,23 @@ def _chat(url: str, key: str, model: str) -> int:
         return exc.code
 
 
-@pytest.mark.integration
-async def test_keys_start_request_stop(tmp_path: Path) -> None:
+@pytest.fixture
+def ws(tmp_path: Path) -> Iterator[Workspace]:
+    """A workspace with a servable export; any server still running at the end is stopped."""
     ws = Workspace(tmp_path / "ws").ensure()
     gguf_export(ws, "smol-a")
+    yield ws
+    for job in jobs.list_jobs(ws):
+        if job.state in ("queued", "running"):
+            jobs.cancel(ws, job.id)
+            for _ in range(150):
+                if jobs.get(ws, job.id).state in jobs.TERMINAL:
+                    break
+                time.sleep(0.2)
+
+
+@pytest.mark.integration
+async def test_keys_start_request_stop(ws: Workspace) -> None:
     app = app_for(ws, poll_s=0.3)
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.press("8")
@@ -70,7 +85,7 @@ async def test_keys_start_request_stop(tmp_path: Path) -> None:
         await wait_for(pilot, lambda: _rows(screen, "servers") and
                        _rows(screen, "servers")[0][1] == "serving", timeout=90)
         url = "http://" + _rows(screen, "servers")[0][0]
-        job_id = _rows(screen, "servers")[0][3]
+        (job_id,) = [s.job.id for s in screen.last.servers if s.job]
         assert jobs.get(ws, job_id).state == "running"
 
         assert await asyncio.to_thread(_chat, url, key, "smol-a") == 200

@@ -19,13 +19,14 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Checkbox, Input, Select, Static
 
+from tui.dialogs import NamedSelect, named
 from tui.screens.base import ApplianceScreen
 
 NONE = "(none)"
 CSS = """
 ChatScreen .settings { height: auto; }
 ChatScreen .settings Select { width: 1fr; }
-ChatScreen .settings Input { width: 11; }
+ChatScreen .settings Input { width: 13; }
 ChatScreen #system { width: 1fr; }
 ChatScreen .panes { height: 1fr; }
 ChatScreen .pane { width: 1fr; border: round $panel; padding: 0 1; }
@@ -52,6 +53,7 @@ class Pane:
 class ChatScreen(ApplianceScreen):
     MODE = "chat"
     SUB_TITLE = "Chat"
+    AUTO_FOCUS = "#prompt"  # typing is what this screen is for (escape, then 1-8, leaves it)
     DEFAULT_CSS = CSS
     BINDINGS: ClassVar[list[BindingType]] = [
         *ApplianceScreen.BINDINGS,
@@ -67,12 +69,14 @@ class ChatScreen(ApplianceScreen):
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(classes="settings"):
-            yield Select[str]([], prompt="artifact", id="artifact", allow_blank=True)
-            yield Select[str]([], prompt="compare with", id="compare", allow_blank=True)
+            yield NamedSelect([], prompt="artifact", id="artifact", allow_blank=True,
+                              field_name="artifact")
+            yield NamedSelect([], prompt="compare with", id="compare", allow_blank=True,
+                              field_name="compare with (optional)")
         with Horizontal(classes="settings"):
             yield Input(placeholder="system prompt (optional)", id="system")
-            yield Input("0.7", placeholder="temp", id="temperature")
-            yield Input("256", placeholder="max tokens", id="max-tokens")
+            yield named(Input("0.7", placeholder="temp", id="temperature"), "temp")
+            yield named(Input("256", placeholder="max tokens", id="max-tokens"), "max tok")
             yield Checkbox("allow failed", id="allow-failed")
         with Horizontal(classes="panes"):
             yield VerticalScroll(classes="pane", id="pane-a")

@@ -23,7 +23,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Input, Select, Static
 
 from appliance.workspace import ArtifactRecord, Workspace
-from tui.dialogs import PathFormDialog, dialog_css
+from tui.dialogs import NamedSelect, PathFormDialog, dialog_css, named
 from tui.screens.base import ArtifactScreen, artifact_css, record_names
 from tui.widgets import histogram_lines
 
@@ -104,12 +104,15 @@ class ImportDatasetDialog(PathFormDialog[DatasetImport]):
         self.models = models
 
     def compose_options(self) -> ComposeResult:
-        yield Select([(m, m) for m in self.models], prompt="model (tokenizer + template)",
-                     value=self.models[0] if len(self.models) == 1 else Select.NULL, id="model")
+        yield NamedSelect([(m, m) for m in self.models], prompt="model (tokenizer + template)",
+                          value=self.models[0] if len(self.models) == 1 else Select.NULL, id="model",
+                          field_name="for model (its tokenizer and template)")
         yield Input(placeholder="name (default: from the file name)", id="name")
         with Horizontal(classes="row"):
-            yield Select([(f, f) for f in FORMATS], value="auto", allow_blank=False, id="form")
-            yield Input("0.1", placeholder="eval fraction", id="eval")
+            yield NamedSelect([(f, f) for f in FORMATS], value="auto", allow_blank=False, id="form",
+                              field_name="format")
+            yield named(Input("0.1", placeholder="eval fraction", id="eval"),
+                        "held out for eval (fraction)")
 
     def submit(self) -> None:
         path = self.path()
@@ -173,7 +176,8 @@ class PreviewScreen(ModalScreen[None]):
         self.ws, self.dataset, self.index = ws, dataset, 0
 
     def compose(self) -> ComposeResult:
-        with VerticalScroll():
+        with VerticalScroll() as box:
+            box.border_subtitle = "n / → next · b / ← previous · esc closes"
             yield Static("loading the model's tokenizer…", id="preview")
 
     def on_mount(self) -> None:

@@ -27,8 +27,9 @@ from textual.widgets import Input, Select, SelectionList
 
 from appliance import jobs
 from appliance.workspace import ArtifactRecord
-from tui.dialogs import FormDialog, dialog_css
+from tui.dialogs import FormDialog, NamedSelect, dialog_css
 from tui.screens.base import ArtifactScreen, artifact_css, record_names
+from tui.widgets import middle
 
 # The common llama.cpp types and every ONNX precision (`export/onnx.py` PRECISIONS); the CLI takes
 # any llama.cpp type by name, and so does the dialog's "more types" field.
@@ -126,8 +127,8 @@ class RunDialog(FormDialog[ExportRequest]):
         self.runs = runs
 
     def compose_fields(self) -> ComposeResult:
-        yield Select([(r, r) for r in self.runs], value=self.runs[-1], allow_blank=False,
-                     id="run")
+        yield NamedSelect([(r, r) for r in self.runs], value=self.runs[-1], allow_blank=False,
+                          id="run", field_name="run")
         yield from self.compose_options()
 
     def compose_options(self) -> ComposeResult:
@@ -141,11 +142,11 @@ class MergeDialog(RunDialog):
     SUBMIT = "Merge"
 
     def compose_options(self) -> ComposeResult:
-        yield Select([("full base (as imported)", "full"),
-                      ("NF4-rounded base (as training saw it)", "nf4")], value="full",
-                     allow_blank=False, id="base")
-        yield Select([(d, d) for d in ("auto", "fp32", "fp16", "bf16")], value="auto",
-                     allow_blank=False, id="dtype")
+        yield NamedSelect([("full base (as imported)", "full"),
+                           ("NF4-rounded base (as training saw it)", "nf4")], value="full",
+                          allow_blank=False, id="base", field_name="merge into")
+        yield NamedSelect([(d, d) for d in ("auto", "fp32", "fp16", "bf16")], value="auto",
+                          allow_blank=False, id="dtype", field_name="dtype of the merged model")
 
     def submit(self) -> None:
         values = {k: str(self.query_one(f"#{k}", Select).value) for k in ("run", "base", "dtype")}
@@ -159,8 +160,8 @@ class ExportDialog(RunDialog):
     SUBMIT = "Export"
 
     def compose_options(self) -> ComposeResult:
-        yield Select([("GGUF (llama.cpp, Ollama)", "gguf"), ("ONNX (onnxruntime)", "onnx")],
-                     value="gguf", allow_blank=False, id="format")
+        yield NamedSelect([("GGUF (llama.cpp, Ollama)", "gguf"), ("ONNX (onnxruntime)", "onnx")],
+                          value="gguf", allow_blank=False, id="format", field_name="format")
         yield SelectionList[str](id="types")
         yield Input(placeholder="more types, comma-separated (any llama.cpp type)", id="more")
 
@@ -204,14 +205,15 @@ class ExportsScreen(ArtifactScreen):
     ]
 
     KIND = "export"
-    COLUMNS = ("name", "status", "type", "parity")
+    COLUMNS = ("name", "parity", "status", "type")
+    NAME_WIDTH = 36  # 80 columns hold every column; the details pane shows the whole name
     EMPTY = ("No exports yet.\n\n  e  exports a finished run to GGUF or ONNX (merging it first)\n"
              "  m  merges a run's adapter into its base")
     DELETE_NOTE = "The artifact's files are removed from the workspace."
 
     def row(self, record: ArtifactRecord) -> tuple[Any, ...]:
-        return (record.name, record.status, record.summary.get("type", "?"),
-                _parity_cell(record.summary.get("parity")))
+        return (middle(record.name, self.NAME_WIDTH), _parity_cell(record.summary.get("parity")),
+                record.status, record.summary.get("type", "?"))
 
     def read_details(self, path: Path) -> Group:
         return export_details(path)

@@ -15,7 +15,7 @@ from typing import ClassVar
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.widgets import DataTable, Log, Static
+from textual.widgets import DataTable, RichLog, Static
 
 from appliance import jobs
 from appliance.cli import format_event
@@ -84,7 +84,7 @@ class JobsScreen(ApplianceScreen):
     DEFAULT_CSS = """
     JobsScreen #jobs { max-height: 10; }
     JobsScreen #job { height: auto; max-height: 3; padding: 0 1; background: $panel; }
-    JobsScreen Log { height: 1fr; border: round $panel; }
+    JobsScreen RichLog { height: 1fr; border: round $panel; }
     """
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("c", "cancel", "Cancel job"),
@@ -99,7 +99,8 @@ class JobsScreen(ApplianceScreen):
     def compose_body(self) -> ComposeResult:
         yield KeyedTable("job", "kind", "state", "try", "message", id="jobs")
         yield Static("no job selected", id="job")
-        yield Log(max_lines=LOG_LINES, highlight=False, id="log")
+        # wrapped, not cut at the edge: at 80 columns a stage line or an error is longer
+        yield RichLog(max_lines=LOG_LINES, wrap=True, markup=False, highlight=False, id="log")
 
     def selected(self) -> str | None:
         return self.query_one("#jobs", KeyedTable).selected_key()
@@ -123,7 +124,9 @@ class JobsScreen(ApplianceScreen):
         tail = self.tail
         if tail is not None and read.tail is tail and tail.offset == read.start:
             tail.offset = read.end
-            self.query_one("#log", Log).write_lines(event_lines(read.events))
+            log = self.query_one("#log", RichLog)
+            for line in event_lines(read.events):
+                log.write(line)
         self._describe(read.jobs)
         if self.selected() != (tail.job_id if tail else None):
             self._follow(self.selected())
@@ -134,7 +137,7 @@ class JobsScreen(ApplianceScreen):
 
     def _follow(self, job_id: str | None) -> None:
         """Start tailing another job: its log is read from the beginning."""
-        self.query_one("#log", Log).clear()
+        self.query_one("#log", RichLog).clear()
         self.tail = EventTail(self.ws, job_id) if job_id else None
         if self.tail is not None:
             self.reload()

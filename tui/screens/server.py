@@ -20,16 +20,18 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
-from textual.widgets import Checkbox, Input, Label, SelectionList, Static
+from textual.screen import ModalScreen
+from textual.widgets import Button, Checkbox, Input, Label, SelectionList, Static
 
 from appliance import jobs
 from appliance.runtime import keys, service
 from appliance.workspace import Workspace
-from tui.dialogs import ConfirmDialog, FormDialog, dialog_css
+from tui.dialogs import ConfirmDialog, FormDialog, dialog_css, named
 from tui.screens.base import ApplianceScreen
-from tui.widgets import KeyedTable
+from tui.widgets import KeyedTable, first_line, middle
 
 EXTERNAL = "external"  # the servers table's key for a server not started as a job here
+MODEL_WIDTH = 24  # the metrics table fits 80 columns; the servers table shows whole names
 
 
 @dataclass
@@ -83,11 +85,13 @@ def _seconds(value: float | None) -> str:
 
 
 def server_rows(read: ServerRead) -> list[tuple[str, tuple[object, ...]]]:
+    """address, state (or what it is doing / what is wrong), models; `l` opens a row's job."""
     rows = []
     for s in read.servers:
-        where = s.url.removeprefix("http://") if s.url else "(loading)"
-        note = s.problem or (s.last if s.url is None else s.job.id if s.job else "-")
-        rows.append((s.key, (where, s.state, ", ".join(s.models), note)))
+        where = s.url.removeprefix("http://") if s.url else "-"
+        state = f"{s.state}: {s.problem}" if s.problem else \
+            f"{s.state}: {first_line(s.last, 40)}" if s.url is None and s.last else s.state
+        rows.append((s.key, (where, state, ", ".join(s.models))))
     return rows
 
 
@@ -102,7 +106,7 @@ def metric_rows(read: ServerRead, before: dict[str, tuple[int, float]]
             if key in before and read.at > before[key][1]:
                 rate = f"{(m.completion_tokens - before[key][0]) / (read.at - before[key][1]):.1f}"
             before[key] = (m.completion_tokens, read.at)
-            rows.append((key, (name, m.requests, m.errors, f"{m.running}/{m.queued}",
+            rows.append((key, (middle(name, MODEL_WIDTH), m.requests, m.errors, f"{m.running}/{m.queued}",
                                f"{m.prompt_tokens}/{m.completion_tokens}", rate,
                                _seconds(m.mean_latency), _seconds(m.mean_ttft))))
     return rows
@@ -135,7 +139,6 @@ class StartDialog(FormDialog[service.ServeOptions]):
     StartDialog SelectionList { height: auto; max-height: 8; }
     StartDialog .row { height: auto; }
     StartDialog .row Input { width: 1fr; }
-    StartDialog .row Label { padding: 1 1 0 0; }
     """
     HEADING = "Serve exports through the OpenAI-compatible API"
     SUBMIT = "Start"
@@ -148,10 +151,8 @@ class StartDialog(FormDialog[service.ServeOptions]):
         yield SelectionList[str](*[(label, name, i == 0) for i, (label, name) in
                                    enumerate(self.exports)], id="exports")
         with Horizontal(classes="row"):
-            yield Label("address")
-            yield Input("127.0.0.1", id="host")
-            yield Label("port")
-            yield Input(str(service.DEFAULT_PORT), id="port")
+            yield named(Input("127.0.0.1", id="host"), "listen on address")
+            yield named(Input(str(service.DEFAULT_PORT), id="port"), "port")
         yield Checkbox("allow exports whose parity gate failed", id="allow-failed")
         yield Static("127.0.0.1: this machine only. Another address lets the network in.",
                      classes="muted", id="host-note")
@@ -202,32 +203,44 @@ class KeyDialog(FormDialog[str]):
         self.submit()
 
 
-class KeyShown(FormDialog[None]):
+class KeyShown(ModalScreen[None]):
     """The new key, once: the workspace keeps only its hash."""
 
     HELP_TITLE = "a new API key"
     DEFAULT_CSS = dialog_css("KeyShown") + "KeyShown #key { color: $success; text-style: bold; }"
-    HEADING = "API key created: copy it now, it is not shown again"
-    SUBMIT = "Done"
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,enter", "cancel", "Close"),
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,enter", "close", "Close"),
                                              Binding("c", "copy", "Copy to the clipboard")]
 
     def __init__(self, name: str, key: str) -> None:
         super().__init__()
         self.name_, self.key = name, key
 
-    def compose_fields(self) -> ComposeResult:
-        yield Static(self.key, id="key", markup=False)
-        yield Static(f"Key {self.name_!r}. Clients send it as `Authorization: Bearer KEY`. "
-                     "c copies it (through the terminal); the workspace keeps only its hash.",
-                     classes="muted")
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label("API key created: copy it now, it is not shown again", classes="title")
+            yield Static(self.key, id="key", markup=False)
+            yield Static(f"Key {self.name_!r}. Clients send it as `Authorization: Bearer KEY`; "
+                         "the workspace keeps only its hash.", classes="muted")
+            with Horizontal(classes="buttons"):
+                yield Button("Copy (c)", id="copy")
+                yield Button("Close (esc)", variant="primary", id="close")
+
+    def on_mount(self) -> None:
+        self.query_one("#close", Button).focus()
 
     def action_copy(self) -> None:
-        self.app.copy_to_clipboard(self.key)
-        self.notify("copied (if your terminal allows clipboard access)")
+        self.app.copy_to_clipboard(self.key)  # OSC 52: through the terminal, over SSH too
+        self.notify("copied, if your terminal lets programs set the clipboard")
 
-    def submit(self) -> None:
+    def action_close(self) -> None:
         self.dismiss(None)
+
+    @on(Button.Pressed)
+    def _pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "copy":
+            self.action_copy()
+        else:
+            self.dismiss(None)
 
 
 class ServerScreen(ApplianceScreen):
@@ -260,7 +273,7 @@ class ServerScreen(ApplianceScreen):
         yield Static("", id="status")
         with Vertical():
             yield Label("Servers", classes="heading")
-            yield KeyedTable("address", "state", "models", "job", id="servers")
+            yield KeyedTable("address", "state", "models", id="servers")
             yield Label("Requests (run/q: generating/queued; tokens in/out; means in seconds)",
                         classes="heading")
             yield KeyedTable("model", "reqs", "errs", "run/q", "tokens", "tok/s", "lat s",
