@@ -149,20 +149,12 @@ def append_event(directory: Path, event: dict[str, Any]) -> None:
 
 
 def read_events(ws: Workspace, job_id: str, start: int = 0) -> list[dict[str, Any]]:
-    path = job_dir(ws, job_id) / "events.jsonl"
-    if not path.exists():
-        return []
-    with open(path, encoding="utf-8") as fh:
-        lines = fh.readlines()[start:]
-    events = []
-    for i, line in enumerate(lines):
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1 and not line.endswith("\n"):
-                break  # being written right now: read it next time
-            events.append({"type": "log", "message": f"(unreadable event line skipped: {line[:60]!r})"})
-    return events
+    """The job's complete events from the `start`-th on (a line being written waits; see
+    `appliance.events` for the rules every reader shares)."""
+    from appliance.events import EventTail
+
+    events, _ = EventTail(ws, job_id).read_from(0)
+    return events[start:]
 
 
 def _ensure(ws: Workspace) -> None:
