@@ -174,5 +174,10 @@ def middle(text: str, width: int) -> str:
     return f"{text[:head]}…{text[len(text) - (width - 1 - head):]}"
 
 
+def clip(text: str, width: int) -> str:
+    """`text` cut at `width` with an ellipsis (a table cell that must not widen its table)."""
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
 def first_line(text: str, width: int = 80) -> str:
     return text.splitlines()[0][:width] if text else ""

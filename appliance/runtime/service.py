@@ -132,7 +132,7 @@ async def _serve_until_cancelled(srv: Any, ctx: jobs.JobContext) -> None:
                              "this machine's (127.0.0.1 for this machine only)") from None
     url = url_for(srv.config.host, port)
     ctx.emit("listening", url=url, host=srv.config.host, port=port, models=list(srv.engines))
-    ctx.log(f"serving {', '.join(srv.engines)} at {url}/v1")
+    ctx.log(f"listening at {url}/v1, serving {', '.join(srv.engines)}")
     try:
         while not ctx.cancel_requested():
             await asyncio.sleep(CANCEL_POLL_S)

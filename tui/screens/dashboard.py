@@ -22,7 +22,7 @@ from appliance.workspace import KIND_DIRS, Workspace
 from tui.feed import last_events, summary_line
 from tui.screens.base import ApplianceScreen
 from tui.system import SystemStatus
-from tui.widgets import KeyedTable, bar, first_line
+from tui.widgets import KeyedTable, bar, clip, first_line
 
 RECENT_JOBS = 8
 
@@ -97,9 +97,9 @@ class DashboardScreen(ApplianceScreen):
             yield Static("reading…", id="system")
             yield Static("", id="counts")
             yield Static("Running jobs", classes="heading")
-            yield KeyedTable("job", "kind", "state", "progress", id="running")
+            yield KeyedTable("job", "state", "progress", id="running")
             yield Static("Recent jobs", classes="heading")
-            yield KeyedTable("job", "kind", "state", "message", id="recent")
+            yield KeyedTable("job", "state", "message", id="recent")
 
     def reload(self) -> None:
         self.background(lambda: read_counts(self.ws), self._show_counts, group="counts")
@@ -118,10 +118,14 @@ class DashboardScreen(ApplianceScreen):
         self.query_one("#counts", Static).update(counts_line(counts))
 
     def _show_jobs(self, view: JobsView) -> None:
+        # the id names the kind; the last column gets what is left of the width, never more
+        widest = max((len(j.id) for j, _ in view.running), default=0)
+        widest = max([widest, *(len(j.id) for j in view.recent)])
+        room = max(16, self.size.width - widest - len("succeeded") - 9)
         self.query_one("#running", KeyedTable).fill(
-            [(j.id, (j.id, j.kind, j.state, progress)) for j, progress in view.running])
+            [(j.id, (j.id, j.state, clip(progress, room))) for j, progress in view.running])
         self.query_one("#recent", KeyedTable).fill(
-            [(j.id, (j.id, j.kind, j.state, first_line(j.message))) for j in view.recent])
+            [(j.id, (j.id, j.state, clip(first_line(j.message, 200), room))) for j in view.recent])
 
     def action_open_job(self) -> None:
         table = self.focused if isinstance(self.focused, KeyedTable) else \

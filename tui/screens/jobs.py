@@ -22,7 +22,7 @@ from appliance.cli import format_event
 from appliance.workspace import Workspace
 from tui.feed import Event, EventTail, collapse, format_eta
 from tui.screens.base import ApplianceScreen
-from tui.widgets import KeyedTable, first_line
+from tui.widgets import KeyedTable, clip, first_line
 
 LOG_LINES = 5000
 
@@ -95,9 +95,10 @@ class JobsScreen(ApplianceScreen):
     def __init__(self) -> None:
         super().__init__()
         self.tail: EventTail | None = None
+        self.kinds: dict[str, str] = {}  # job id -> kind, as last read
 
     def compose_body(self) -> ComposeResult:
-        yield KeyedTable("job", "kind", "state", "try", "message", id="jobs")
+        yield KeyedTable("job", "state", "message", id="jobs")  # the id names the kind
         yield Static("no job selected", id="job")
         # wrapped, not cut at the edge: at 80 columns a stage line or an error is longer
         yield RichLog(max_lines=LOG_LINES, wrap=True, markup=False, highlight=False, id="log")
@@ -115,8 +116,10 @@ class JobsScreen(ApplianceScreen):
 
     def _show(self, read: JobsRead) -> None:
         table = self.query_one("#jobs", KeyedTable)
-        table.fill([(j.id, (j.id, j.kind, j.state, j.attempt, first_line(j.message, 60)))
-                    for j in read.jobs])
+        widest = max((len(j.id) for j in read.jobs), default=0)
+        room = max(16, self.size.width - widest - len("interrupted") - 9)  # no sideways scrolling
+        table.fill([(j.id, (j.id, j.state, clip(first_line(j.message, 200), room))) for j in read.jobs])
+        self.kinds = {j.id: j.kind for j in read.jobs}
         wanted = self.appliance.pending_job
         if wanted and table.select_key(wanted):
             self.appliance.pending_job = None
@@ -174,7 +177,7 @@ class JobsScreen(ApplianceScreen):
         job_id = self.selected()
         if job_id is None:
             return
-        if self.query_one("#jobs", KeyedTable).get_row(job_id)[1] != "train":
+        if self.kinds.get(job_id) != "train":
             self.notify("the training view follows training jobs", severity="warning")
             return
         self.appliance.open_training(job_id)
