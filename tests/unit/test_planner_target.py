@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_gpus import fake_nvidia_smi
 
 from appliance import gpus, planner
 
@@ -18,14 +19,6 @@ ROOT = Path(__file__).resolve().parents[2]
 TORCH_SENTINEL = planner.GpuSpec("from torch", 1.0, "7.0")
 H100 = "0, NVIDIA H100 80GB HBM3, 0, 81559, 0, 9.0\n"  # nvidia-smi's CSV (see test_gpus.py)
 OLD_T4 = "0, Tesla T4, 1024, 15360, [N/A], [N/A]\n"      # a driver that reports no compute_cap
-
-
-def fake_nvidia_smi(folder: Path, script: str) -> Path:
-    """A folder holding an `nvidia-smi` that runs `script` (sh), to put on PATH."""
-    exe = folder / "nvidia-smi"
-    exe.write_text(f"#!/bin/sh\n{script}\n", encoding="utf-8")
-    exe.chmod(0o755)
-    return folder
 
 
 def test_spec_for_names_the_gpu_by_its_free_memory_now() -> None:
