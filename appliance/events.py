@@ -65,7 +65,7 @@ def last_events(ws: Workspace, job_id: str, max_bytes: int = TAIL_BYTES) -> list
         size = fh.seek(0, 2)
         fh.seek(max(0, size - max_bytes))
         data = fh.read()
-    lines = data.splitlines()
+    lines = data[:data.rfind(b"\n") + 1].splitlines()  # a line being written waits
     if size > max_bytes:
         lines = lines[1:]  # the first one is probably cut
     return [_parse(line) for line in lines if line.strip()]

@@ -44,9 +44,10 @@ def _quiet(_: str) -> None:
 
 
 def tool_lines(say: Say) -> Say:
-    """llama.cpp's converter and quantizer print a line per tensor: keep the rest."""
+    """llama.cpp's converter and quantizer print a line per tensor, and the converter a progress
+    bar many times a second (the staged progress counts it): keep the rest."""
     def inner(line: str) -> None:
-        if ("-->" in line or "falling back to" in line or line.startswith("llama_")
+        if ("-->" in line or "falling back to" in line or line.startswith(("llama_", "Writing:"))
                 or re.match(r"\s*\[\s*\d+/\s*\d+\]", line)
                 or (line.startswith("INFO:") and not re.search(r"architecture|successfully", line))):
             return

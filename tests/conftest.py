@@ -3,7 +3,11 @@ non-loopback address fails, unless it is marked `network_probe` (tests of the gu
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -110,3 +114,26 @@ def tiny_qwen2_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_llama(tmp_path: Path, tiny_llama_source: Path) -> Path:
     """A private copy of the tiny model folder that a test may damage."""
     return Path(shutil.copytree(tiny_llama_source, tmp_path / "tiny-llama"))
+
+
+@pytest.fixture
+def stop_jobs_after() -> Iterator[Callable[[Workspace], Workspace]]:
+    """Register a workspace: whatever the test did, its jobs still queued or running at the end
+    are cancelled, and a process that has not stopped 30 s later is killed (a server job runs
+    until it is stopped: a failing test must not leave one behind)."""
+    from appliance import jobs
+
+    seen: list[Workspace] = []
+    yield lambda ws: seen.append(ws) or ws
+    for ws in seen:
+        left = [j for j in jobs.list_jobs(ws) if j.state in ("queued", "running")]
+        for job in left:
+            jobs.cancel(ws, job.id)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(
+                jobs.get(ws, j.id).state in ("queued", "running") for j in left):
+            time.sleep(0.2)
+        for job in (jobs.get(ws, j.id) for j in left):
+            if jobs.is_alive(job.pid, job.pid_start):
+                os.killpg(job.pid, signal.SIGKILL)  # the job leads its own session
+                pytest.fail(f"job {job.id} did not stop when cancelled; killed")

@@ -17,7 +17,6 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widget import Widget
 from textual.widgets import Button, DirectoryTree, Input, Label, Select, Static
-from textual.widgets._select import SelectCurrent
 
 R = TypeVar("R")
 W = TypeVar("W", bound=Widget)
@@ -51,11 +50,8 @@ class NamedSelect(Select[str]):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.field_name = field_name
 
-    def compose(self) -> ComposeResult:
-        for child in super().compose():
-            if isinstance(child, SelectCurrent):
-                child.border_title = self.field_name
-            yield child
+    def on_mount(self) -> None:
+        self.query_one("SelectCurrent").border_title = self.field_name  # the box Select draws
 
 
 class ConfirmDialog(ModalScreen[bool]):

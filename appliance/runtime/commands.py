@@ -38,11 +38,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     active = [k for k in keys.list_keys(ws) if k.revoked is None]
     print(f"serving {', '.join(srv.engines)} at {service.url_for(args.host, args.port)}/v1 "
           f"({len(active)} active API key{'s' if len(active) != 1 else ''})", flush=True)
-    if not active:
-        print("no API key yet: every request will get 401; create one with "
-              f"`appliance{_home_flag(args)} keys create NAME`", flush=True)
-    if not options.loopback:
-        print(f"warning: listening on {args.host}, not only on this machine", file=sys.stderr)
+    _warnings(ws, options, args)
     _run(srv)
     return 0
 
@@ -52,11 +48,23 @@ def _detach(ws: Any, options: Any, args: argparse.Namespace) -> int:
 
     job = service.start(ws, options)
     home = _home_flag(args)
-    print(f"serve job {job.id} started; it loads its models, then listens on "
-          f"{service.url_for(options.host, options.port)}/v1")
+    where = f"{service.url_for(options.host, options.port)}/v1" if options.port else \
+        "a free port (its log says which)"
+    print(f"serve job {job.id} started; it loads its models, then listens on {where}")
     print(f"  follow: appliance{home} jobs follow {job.id}\n  stop:   appliance{home} jobs cancel "
           f"{job.id}\n  again:  appliance{home} jobs resume {job.id}")
+    _warnings(ws, options, args)
     return 0
+
+
+def _warnings(ws: Any, options: Any, args: argparse.Namespace) -> None:
+    from appliance.runtime import keys
+
+    if not any(k.revoked is None for k in keys.list_keys(ws)):
+        print("no API key yet: every request will get 401; create one with "
+              f"`appliance{_home_flag(args)} keys create NAME`", flush=True)
+    if not options.loopback:
+        print(f"warning: listening on {options.host}, not only on this machine", file=sys.stderr)
 
 
 def _run(srv: Any) -> None:

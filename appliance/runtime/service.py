@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import http.client
 import json
+import os
 import socket
 import urllib.error
 import urllib.request
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from appliance import jobs
@@ -31,8 +34,11 @@ from appliance.workspace import Workspace
 
 DEFAULT_PORT = 8321
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-WILDCARD = ("0.0.0.0", "::", "")
 CANCEL_POLL_S = 0.2
+MAX_ANSWER = 1 << 20  # bytes read of a /health or /metrics answer
+# Probes of our own servers never go through an HTTP proxy (urllib honours http_proxy even for
+# 127.0.0.1): the answer must come from the server itself, and nothing may leave the machine.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 @dataclass(frozen=True)
@@ -54,10 +60,11 @@ class ServeOptions:
             raise ValidationError("no artifact to serve", hint="name one or more exports")
         for name, low in (("queue", 0), ("max_tokens", 1), ("max_body", 1024), ("port", 0)):
             if getattr(self, name) < low:
-                raise ValidationError(f"--{name.replace('_', '-')} is {getattr(self, name)}; it must "
-                                      f"be at least {low}")
+                raise ValidationError(f"{name.replace('_', ' ')} is {getattr(self, name)}; it must "
+                                      f"be at least {low}", hint=f"--{name.replace('_', '-')} on "
+                                      "the command line")
         if self.port > 65535:
-            raise ValidationError(f"--port is {self.port}; ports go up to 65535")
+            raise ValidationError(f"port is {self.port}; ports go up to 65535")
         if not self.host.strip():
             raise ValidationError("the address to listen on is empty", hint="127.0.0.1 keeps it on "
                                   "this machine")
@@ -77,14 +84,17 @@ class ServeOptions:
 
 
 def url_for(host: str, port: int) -> str:
-    """Where a client on this machine reaches a server listening on host:port."""
-    host = "127.0.0.1" if host in WILDCARD else host
+    """Where a client on this machine reaches a server listening on host:port (a wildcard
+    address through loopback of its own family: asyncio binds "::" IPv6-only)."""
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 # -- building and running the server ------------------------------------------------------------
-def load(ws: Workspace, options: ServeOptions, say: Callable[[str], None]) -> Any:
-    """Resolve and open every artifact and build the `Server` over them (not yet listening)."""
+def load(ws: Workspace, options: ServeOptions, say: Callable[[str], None],
+         check_cancel: Callable[[], None] = lambda: None) -> Any:
+    """Resolve and open every artifact and build the `Server` over them (not yet listening);
+    `check_cancel` is asked before each model is opened (a stop while loading stops there)."""
     from appliance.runtime import engine as engines
     from appliance.runtime import keys, server
 
@@ -95,6 +105,7 @@ def load(ws: Workspace, options: ServeOptions, say: Callable[[str], None]) -> An
         raise ValidationError(f"the same artifact is named twice: {', '.join(names)}")
     opened, info = {}, {}
     for art in artifacts:
+        check_cancel()
         say(f"loading {art.name} ({art.kind}, parity {art.parity}) ...")
         opened[art.name] = engines.open_engine(art, threads=options.threads,
                                                context_length=options.context)
@@ -114,7 +125,8 @@ def address_in_use(host: str, port: int) -> ApplianceError:
 def run_job(ctx: jobs.JobContext) -> dict[str, Any]:
     """The `serve` job: serve until cancelled; the cancel stops it (the job ends `cancelled`)."""
     options = ServeOptions.from_params(ctx.params).validated()
-    srv = load(ctx.ws, options, ctx.log)
+    srv = load(ctx.ws, options, ctx.log, ctx.check_cancel)
+    ctx.check_cancel()
     asyncio.run(_serve_until_cancelled(srv, ctx))
     raise jobs.JobCancelled()
 
@@ -146,7 +158,12 @@ def start(ws: Workspace, options: ServeOptions) -> jobs.Job:
     port), then start the serve job detached."""
     from appliance.runtime import engine as engines
 
-    options = options.validated()
+    options = _absolute(options.validated())
+    if not options.loopback and os.environ.get("APPLIANCE_JOB_LAUNCHER") == "systemd":
+        raise ApplianceError(f"a background server on {options.host} would run outside the "
+                             "hardened units this machine uses", title="Not here",
+                             hint="serve beyond this machine through appliance-server.service "
+                             "(appliance systemd install --allow-remote), or listen on 127.0.0.1")
     for ref in options.artifacts:
         engines.resolve(ref, ws, allow_failed_parity=options.allow_failed_parity)
     for other in running(ws):
@@ -158,11 +175,21 @@ def start(ws: Workspace, options: ServeOptions) -> jobs.Job:
     return jobs.start(ws, "serve", options.params())
 
 
+def _absolute(options: ServeOptions) -> ServeOptions:
+    """Artifact paths made absolute: the job (and a later resume) may run from elsewhere."""
+    refs = tuple(str(Path(r).expanduser().resolve()) if Path(r).expanduser().exists() else r
+                 for r in options.artifacts)
+    return replace(options, artifacts=refs)
+
+
 def port_free(host: str, port: int) -> bool:
-    """Whether host:port can be bound now (what the server will try; SO_REUSEADDR like it)."""
+    """Whether host:port can be bound now, bound as the server will (SO_REUSEADDR, and an IPv6
+    socket IPv6-only, as asyncio makes it)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
@@ -208,10 +235,10 @@ def describe(ws: Workspace, job: jobs.Job) -> ServeJob:
 def health(url: str, timeout: float = 1.0) -> dict[str, Any] | None:
     """The server's /health answer, or None when nothing answers there."""
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as response:
-            data = json.loads(response.read())
-    except (OSError, ValueError, urllib.error.URLError):
-        return None
+        with _DIRECT.open(f"{url}/health", timeout=timeout) as response:
+            data = json.loads(response.read(MAX_ANSWER))
+    except (OSError, ValueError, urllib.error.URLError, http.client.HTTPException):
+        return None  # nothing there, or something that is not our server
     return data if isinstance(data, dict) else None
 
 
@@ -256,18 +283,28 @@ def parse_prometheus(text: str) -> list[Sample]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        head, _, value = line.rpartition(" ")
-        name, _, rest = head.partition("{")
         try:
-            samples.append((name, _labels(rest.rstrip("}")), float(value)))
-        except ValueError:
+            samples.append(_sample(line))
+        except (ValueError, IndexError):  # not a sample line: skipped, like Prometheus would
             continue
     return samples
 
 
-def _labels(text: str) -> dict[str, str]:
+def _sample(line: str) -> Sample:
+    """`name{labels} value [timestamp]` (label values may hold spaces and braces)."""
+    brace, space = line.find("{"), line.find(" ")
+    if brace != -1 and (space == -1 or brace < space):
+        labels, end = _labels(line[brace + 1:])
+        name, tail = line[:brace], line[brace + end + 2:].split()
+    else:
+        (name, *tail), labels = line.split(), {}
+    return name, labels, float(tail[0])
+
+
+def _labels(text: str) -> tuple[dict[str, str], int]:
+    """The labels at the start of `text` (after the `{`) and where their closing `}` is."""
     labels, i = {}, 0
-    while i < len(text):
+    while text[i] != "}":
         eq = text.index("=", i)
         key, j, value = text[i:eq].strip(" ,"), eq + 2, []
         while text[j] != '"':
@@ -279,13 +316,17 @@ def _labels(text: str) -> dict[str, str]:
             j += 1
         labels[key] = "".join(value)
         i = j + 1
-    return labels
+        while text[i] in ", ":
+            i += 1
+    return labels, i
 
 
 def summarize(samples: list[Sample]) -> MetricsSnapshot:
     snap = MetricsSnapshot()
     stats: dict[str, ModelStats] = defaultdict(ModelStats)
     for name, labels, value in samples:
+        if value != value or value in (float("inf"), float("-inf")):
+            continue  # NaN / infinities: not counts this screen can show
         model, n = labels.get("model", ""), int(value)
         if name == "appliance_requests_total":
             snap.requests += n
@@ -312,9 +353,9 @@ _FIELDS = {"appliance_queue_depth": "queued", "appliance_requests_running": "run
 
 def read_metrics(url: str, timeout: float = 2.0) -> MetricsSnapshot:
     try:
-        with urllib.request.urlopen(f"{url}/metrics", timeout=timeout) as response:
-            text = response.read().decode("utf-8", "replace")
-    except (OSError, urllib.error.URLError) as exc:
+        with _DIRECT.open(f"{url}/metrics", timeout=timeout) as response:
+            text = response.read(MAX_ANSWER).decode("utf-8", "replace")
+    except (OSError, urllib.error.URLError, http.client.HTTPException) as exc:
         raise ApplianceError(f"no metrics from {url}: {exc}", title="Server not answering",
                              hint="it may still be loading its models; see its job's log") from None
     return summarize(parse_prometheus(text))

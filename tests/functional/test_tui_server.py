@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,18 +40,11 @@ def _chat(url: str, key: str, model: str) -> int:
 
 
 @pytest.fixture
-def ws(tmp_path: Path) -> Iterator[Workspace]:
+def ws(tmp_path: Path, stop_jobs_after: Callable[[Workspace], Workspace]) -> Workspace:
     """A workspace with a servable export; any server still running at the end is stopped."""
-    ws = Workspace(tmp_path / "ws").ensure()
+    ws = stop_jobs_after(Workspace(tmp_path / "ws").ensure())
     gguf_export(ws, "smol-a")
-    yield ws
-    for job in jobs.list_jobs(ws):
-        if job.state in ("queued", "running"):
-            jobs.cancel(ws, job.id)
-            for _ in range(150):
-                if jobs.get(ws, job.id).state in jobs.TERMINAL:
-                    break
-                time.sleep(0.2)
+    return ws
 
 
 @pytest.mark.integration
@@ -109,6 +101,30 @@ async def test_keys_start_request_stop(ws: Workspace) -> None:
         await pilot.press("y")
         await wait_for(pilot, lambda: _rows(screen, "keys")[0][3].startswith("revoked"))
         assert keys.KeyChecker(ws).name_of(key) is None
+
+
+@pytest.mark.integration
+async def test_a_server_that_fails_to_start_says_why(ws: Workspace) -> None:
+    gguf_export(ws, "smol-bad")
+    model = next(ws.get("export", "smol-bad").path.glob("*.gguf"))
+    with open(model, "r+b") as fh:  # same size, so the manifest's quick check passes; not a GGUF
+        fh.write(b"\0" * 64)
+    app = app_for(ws, poll_s=0.3)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("8")
+        await settle(app, pilot)
+        await pilot.press("s")
+        await wait_for(pilot, lambda: isinstance(app.screen, StartDialog))
+        choices = app.screen.query_one("#exports", SelectionList)
+        choices.deselect_all()
+        choices.select("smol-bad")
+        app.screen.query_one("#port", Input).value = "0"
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: any(n.title == "Job did not succeed" for n in app._notifications),
+                       timeout=60)
+        (note,) = [n for n in app._notifications if n.title == "Job did not succeed"]
+        assert "failed" in note.message and "cannot load" in note.message
+        assert not _rows(app.screen, "servers")
 
 
 async def test_start_needs_an_export(tmp_path: Path) -> None:

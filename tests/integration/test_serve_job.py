@@ -8,7 +8,7 @@ import json
 import socket
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -47,14 +47,8 @@ def _chat(url: str, key: str) -> dict:
 
 
 @pytest.fixture
-def ws(tmp_path: Path) -> Iterator[Workspace]:
-    """A workspace whose serve jobs are stopped at the end, whatever the test did."""
-    ws = Workspace(tmp_path / "ws").ensure()
-    yield ws
-    for job in jobs.list_jobs(ws):
-        if job.state in ("queued", "running"):
-            jobs.cancel(ws, job.id)
-            _wait("a left-over server to stop", lambda j=job: jobs.get(ws, j.id).state in jobs.TERMINAL, 30)
+def ws(tmp_path: Path, stop_jobs_after: Callable[[Workspace], Workspace]) -> Workspace:
+    return stop_jobs_after(Workspace(tmp_path / "ws").ensure())
 
 
 def test_serve_job_lifecycle(ws: Workspace) -> None:

@@ -77,6 +77,13 @@ def test_last_events_reads_the_whole_of_a_small_file(tmp_path: Path) -> None:
     assert last_events(ws, JOB) == events
 
 
+def test_last_events_leaves_a_half_written_line_for_later(tmp_path: Path) -> None:
+    ws, path = _file(tmp_path)
+    whole = {"type": "log", "message": "whole"}
+    _append(path, _line(whole) + '{"type": "progress", "do')
+    assert last_events(ws, JOB) == [whole]
+
+
 def test_last_events_of_a_larger_file_drops_the_line_it_cut(tmp_path: Path) -> None:
     ws, path = _file(tmp_path)
     lines = [_line({"type": "progress", "done": i, "total": 99}) for i in range(10)]

@@ -85,3 +85,77 @@ def test_health_of_nothing_is_none() -> None:
     assert service.health(f"http://127.0.0.1:{port}", timeout=0.5) is None
     with pytest.raises(ApplianceError, match="no metrics"):
         service.read_metrics(f"http://127.0.0.1:{port}", timeout=0.5)
+
+
+def test_prometheus_text_from_elsewhere_never_breaks_the_reader() -> None:
+    text = ('# HELP x\nappliance_requests_total{path="/v1/chat/completions",model="a b}c",'
+            'status="200"} 5 1795000000000\nappliance_queue_depth{model="a"} NaN\n'
+            'appliance_requests_running{model="a"} +Inf\nbroken{model="unterminated} 1\n'
+            'appliance_client_disconnects_total 2\n\n')
+    samples = service.parse_prometheus(text)
+    assert samples[0] == ("appliance_requests_total", {"path": "/v1/chat/completions",
+                                                       "model": "a b}c", "status": "200"}, 5.0)
+    assert ("appliance_client_disconnects_total", {}, 2.0) in samples
+    assert all(name != "broken" for name, _, _ in samples)
+    snap = service.summarize(samples)
+    assert snap.models["a b}c"].requests == 5 and "a" not in snap.models  # NaN, +Inf: skipped
+
+
+def test_probes_ignore_proxies_and_foreign_listeners(monkeypatch: pytest.MonkeyPatch) -> None:
+    import http.server
+    import threading
+
+    class Proxy(http.server.BaseHTTPRequestHandler):  # answers anything: as if it were our server
+        def do_GET(self) -> None:
+            body = b'{"status": "ok", "models": ["from-the-proxy"]}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    proxy = http.server.HTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.server_address[1]}")
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        with socket.socket() as sock:  # nothing serves here: the answer may only be "none"
+            sock.bind(("127.0.0.1", 0))
+            free = sock.getsockname()[1]
+        assert service.health(f"http://127.0.0.1:{free}", timeout=2) is None
+        with socket.socket() as sock:  # an SSH-like listener: not HTTP at all
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+            port = sock.getsockname()[1]
+
+            def answer() -> None:
+                conn, _ = sock.accept()
+                conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+                conn.close()
+
+            threading.Thread(target=answer, daemon=True).start()
+            assert service.health(f"http://127.0.0.1:{port}", timeout=2) is None
+    finally:
+        proxy.shutdown()
+    assert service.url_for("::", 80) == "http://[::1]:80"
+
+
+def test_start_stores_absolute_paths_and_keeps_systemd_hosts_local(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance import stack
+
+    ws = Workspace(tmp_path / "ws").ensure()
+    started: list[dict] = []
+    monkeypatch.setattr(jobs, "start", lambda _ws, kind, params: started.append(params))
+    model = stack.default_model_path()
+    monkeypatch.chdir(model.parent)
+    service.start(ws, service.ServeOptions((model.name,), port=0))
+    assert started[0]["artifacts"] == [str(model.resolve())]  # a resume elsewhere finds it
+    monkeypatch.setenv("APPLIANCE_JOB_LAUNCHER", "systemd")
+    with pytest.raises(ApplianceError, match="hardened units"):
+        service.start(ws, service.ServeOptions((model.name,), host="0.0.0.0", port=0))
+    service.start(ws, service.ServeOptions((model.name,), port=0))  # loopback: allowed
+    assert len(started) == 2

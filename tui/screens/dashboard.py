@@ -121,7 +121,7 @@ class DashboardScreen(ApplianceScreen):
         # the id names the kind; the last column gets what is left of the width, never more
         widest = max((len(j.id) for j, _ in view.running), default=0)
         widest = max([widest, *(len(j.id) for j in view.recent)])
-        room = max(16, self.size.width - widest - len("succeeded") - 9)
+        room = max(16, self.app.size.width - widest - len("succeeded") - 9)
         self.query_one("#running", KeyedTable).fill(
             [(j.id, (j.id, j.state, clip(progress, room))) for j, progress in view.running])
         self.query_one("#recent", KeyedTable).fill(

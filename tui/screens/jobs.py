@@ -117,7 +117,7 @@ class JobsScreen(ApplianceScreen):
     def _show(self, read: JobsRead) -> None:
         table = self.query_one("#jobs", KeyedTable)
         widest = max((len(j.id) for j in read.jobs), default=0)
-        room = max(16, self.size.width - widest - len("interrupted") - 9)  # no sideways scrolling
+        room = max(16, self.app.size.width - widest - len("interrupted") - 9)  # no sideways scrolling
         table.fill([(j.id, (j.id, j.state, clip(first_line(j.message, 200), room))) for j in read.jobs])
         self.kinds = {j.id: j.kind for j in read.jobs}
         wanted = self.appliance.pending_job

@@ -28,10 +28,11 @@ from appliance.runtime import keys, service
 from appliance.workspace import Workspace
 from tui.dialogs import ConfirmDialog, FormDialog, dialog_css, named
 from tui.screens.base import ApplianceScreen
-from tui.widgets import KeyedTable, first_line, middle
+from tui.widgets import KeyedTable, clip, first_line, middle
 
 EXTERNAL = "external"  # the servers table's key for a server not started as a job here
 MODEL_WIDTH = 24  # the metrics table fits 80 columns; the servers table shows whole names
+STATE_WIDTH = 30  # the servers table's state (or what is wrong) fits 80 columns beside its address
 
 
 @dataclass
@@ -90,8 +91,8 @@ def server_rows(read: ServerRead) -> list[tuple[str, tuple[object, ...]]]:
     for s in read.servers:
         where = s.url.removeprefix("http://") if s.url else "-"
         state = f"{s.state}: {s.problem}" if s.problem else \
-            f"{s.state}: {first_line(s.last, 40)}" if s.url is None and s.last else s.state
-        rows.append((s.key, (where, state, ", ".join(s.models))))
+            f"{s.state}: {s.last}" if s.url is None and s.last else s.state
+        rows.append((s.key, (where, clip(first_line(state, 200), STATE_WIDTH), ", ".join(s.models))))
     return rows
 
 
@@ -103,7 +104,8 @@ def metric_rows(read: ServerRead, before: dict[str, tuple[int, float]]
         for name, m in sorted((s.metrics.models if s.metrics else {}).items()):
             key = f"{s.url} {name}"
             rate = "-"
-            if key in before and read.at > before[key][1]:
+            if key in before and read.at > before[key][1] and m.completion_tokens >= before[key][0]:
+                # (fewer tokens than before: a new server on the same address; no rate yet)
                 rate = f"{(m.completion_tokens - before[key][0]) / (read.at - before[key][1]):.1f}"
             before[key] = (m.completion_tokens, read.at)
             rows.append((key, (middle(name, MODEL_WIDTH), m.requests, m.errors, f"{m.running}/{m.queued}",
@@ -136,7 +138,7 @@ class StartDialog(FormDialog[service.ServeOptions]):
 
     HELP_TITLE = "start the server"
     DEFAULT_CSS = dialog_css("StartDialog") + """
-    StartDialog SelectionList { height: auto; max-height: 8; }
+    StartDialog SelectionList { height: auto; max-height: 7; }
     StartDialog .row { height: auto; }
     StartDialog .row Input { width: 1fr; }
     """
@@ -247,6 +249,8 @@ class ServerScreen(ApplianceScreen):
     MODE = "server"
     SUB_TITLE = "Server"
     POLL = True
+    JOB_KINDS = ("serve",)  # a server started here that fails (a port taken, a model that does
+    # not load) is announced with its reason; one stopped here is not
     DEFAULT_CSS = """
     ServerScreen #status { height: auto; padding: 0 1; }
     ServerScreen .heading { padding: 0 1; }
@@ -284,9 +288,11 @@ class ServerScreen(ApplianceScreen):
 
     def reload(self) -> None:
         self._read(skip_if_busy=False)
+        self.refresh_activity()
 
     def poll(self) -> None:
         self._read(skip_if_busy=True)
+        self.refresh_activity()
 
     def _read(self, *, skip_if_busy: bool) -> None:
         ws, settings = self.ws, self.appliance.settings
@@ -350,6 +356,7 @@ class ServerScreen(ApplianceScreen):
 
         def answered(yes: bool | None) -> None:
             if yes:
+                self.watched.discard(job_id)  # stopped on purpose: not announced as a failure
                 self.background(lambda: jobs.cancel(ws, job_id), lambda _: self.reload(),
                                 group="stop", title="Could not stop the server", modal=True)
 
