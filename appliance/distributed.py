@@ -126,7 +126,10 @@ def _outcome(ctx: JobContext, rc: int) -> dict[str, Any]:
     main = found.get(0, {})
     if main.get("state") == "cancelled":
         raise JobCancelled()
-    if main.get("state") == "succeeded" and rc == 0:
+    if main.get("state") == "succeeded":
+        if rc != 0:  # rank 0 finished, so every rank took part in the last step: the run is whole
+            ctx.log(f"a worker exited with status {rc} while shutting down after training finished "
+                    f"(torch's teardown; see workers.log); the run is complete")
         return main["result"]
     raise ApplianceError(f"the data-parallel workers stopped (torchrun exit status {rc}) without "
                          "saying why", title="Distributed training failed",
