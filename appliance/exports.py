@@ -347,7 +347,7 @@ def export_gguf(ws: Workspace, run: str, quants: list[str], *, scratch: Path,
     names = [gguf.resolve_quant_type(q)[0] for q in quants]  # unknown types fail before any work
     todo = {f"{run}-gguf-{q.lower()}": q for q in names}
     stages = Stages(progress, artifacts_total=len(todo))
-    merged = _merge(ws, run, dtype=None, base=None, say=say, check_cancel=lambda: None,
+    merged = _merge(ws, run, dtype=None, base=None, say=say, check_cancel=check_cancel,
                     stages=stages)
     base = scratch / f"{run}-F16.gguf"
 
@@ -439,7 +439,7 @@ def export_onnx(ws: Workspace, run: str, precisions: list[str], *, scratch: Path
         raise ValidationError(f"unknown ONNX precision {bad[0]!r}; valid: {', '.join(onnx.PRECISIONS)}")
     todo = {f"{run}-onnx-{p}": p for p in precisions}
     stages = Stages(progress, artifacts_total=len(todo))
-    merged = _merge(ws, run, dtype=None, base=None, say=say, check_cancel=lambda: None,
+    merged = _merge(ws, run, dtype=None, base=None, say=say, check_cancel=check_cancel,
                     stages=stages)
     return _each(ws, merged, todo,
                  lambda p: _one_onnx(ws, merged, run, p, scratch, overrides or {}, say, check_cancel,

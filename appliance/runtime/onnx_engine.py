@@ -149,17 +149,30 @@ class OnnxEngine(EngineBase):
             self._cache = cache
 
     def _decoder(self) -> tuple[Callable[[int], str], Callable[[], str]]:
-        from tokenizers.decoders import DecodeStream
-
-        stream = DecodeStream(skip_special_tokens=True)
-        tokenizer = self.lm.tokenizer
-
-        def piece(token: int) -> str:
-            return stream.step(tokenizer, token) or ""
-
-        return piece, lambda: ""
+        return stream_decoder(self.lm.tokenizer)
 
     def close(self) -> None:
         self._cache = self.lm.empty_cache()
         self._cached = []
 
+
+
+def stream_decoder(tokenizer: Any) -> tuple[Callable[[int], str], Callable[[], str]]:
+    """(text of the next token, text still held at the end) through the tokenizer's streaming
+    decoder, which holds a character split over tokens until it is whole. What it still holds when
+    the answer ends (cut by max_tokens mid-character) comes out as U+FFFD, as llama.cpp's engine
+    does, instead of vanishing."""
+    from tokenizers.decoders import DecodeStream
+
+    stream = DecodeStream(skip_special_tokens=True)
+    held: list[int] = []
+
+    def piece(token: int) -> str:
+        text = stream.step(tokenizer, token) or ""
+        held[:] = [] if text else [*held, token]
+        return text
+
+    def tail() -> str:
+        return tokenizer.decode(held, skip_special_tokens=True) if held else ""
+
+    return piece, tail

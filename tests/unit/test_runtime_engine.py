@@ -247,3 +247,20 @@ def test_loose_files_and_folders(tmp_path: Path) -> None:
     empty.mkdir()
     with pytest.raises(ValidationError, match="no GGUF file and no ONNX model"):
         resolve(str(empty))
+
+
+def test_onnx_stream_decoder_gives_back_a_character_cut_at_the_end() -> None:
+    """A character split over tokens comes out whole with the token that completes it; cut off
+    at the end (max_tokens), it comes out as U+FFFD, as llama.cpp's engine does, not nothing."""
+    from tokenizers import Tokenizer
+
+    from appliance.runtime.onnx_engine import stream_decoder
+
+    tokenizer = Tokenizer.from_file(str(Path(__file__).parents[1] / "fixtures" / "smollm2-tokenizer"
+                                        / "tokenizer.json"))
+    ids = tokenizer.encode("🙂", add_special_tokens=False).ids
+    assert len(ids) == 2  # the emoji's four bytes span two tokens
+    piece, tail = stream_decoder(tokenizer)
+    assert [piece(i) for i in ids] == ["", "🙂"] and tail() == ""
+    piece, tail = stream_decoder(tokenizer)
+    assert piece(ids[0]) == "" and tail() == "\ufffd"
