@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from rich.text import Text
+from textual import events
 from textual.app import RenderResult
 from textual.widget import Widget
 from textual.widgets import DataTable, Static
@@ -139,6 +140,17 @@ class KeyedTable(DataTable):
 
     def on_mount(self) -> None:
         self.add_columns(*self._columns)
+
+    async def _on_idle(self, event: events.Idle) -> None:
+        """DataTable sizes its columns on idle, but a line it rendered before that (the header,
+        drawn while the rows were being added) stays cached at the old widths until the data
+        changes again: seen as a header out of line with its rows. Drop those lines once the
+        widths are new. (Textual then runs DataTable's own idle handler: nothing left to do.)"""
+        resized = self._require_update_dimensions or bool(self._updated_cells)
+        await super()._on_idle(event)
+        if resized:
+            self._clear_caches()
+            self.refresh()
 
     def fill(self, rows: list[tuple[str, tuple[object, ...]]]) -> None:
         if rows == self._rows:
