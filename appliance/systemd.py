@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import ApplianceError, ValidationError
+from appliance.runtime import DEFAULT_PORT
 
 SERVER_UNIT = "appliance-server.service"
 JOB_UNIT = "appliance-job@.service"
@@ -40,7 +41,6 @@ UNITS = (SERVER_UNIT, JOB_UNIT)
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "systemd"
 DEFAULT_DEST = Path("/etc/systemd/system")
 DEFAULT_USER = "appliance"
-DEFAULT_PORT = 8321
 # ProtectHome= hides these; what the units need from them is bound back read-only.
 HOME_DIRS = (Path("/home"), Path("/root"), Path("/run/user"))
 # PrivateTmp= replaces these with empty private directories: a workspace there would vanish.
@@ -196,7 +196,7 @@ def _check_address(config: UnitConfig) -> None:
         raise ValidationError(f"--port {config.port} is not a TCP port", hint="use 1024-65535")
     if config.port < 1024:
         raise ValidationError(f"--port {config.port} needs a privilege the unit does not have",
-                              hint="use a port from 1024 up (default 8321)")
+                              hint=f"use a port from 1024 up (default {DEFAULT_PORT})")
     if not (is_loopback(config.host) or config.allow_remote):
         raise ValidationError(
             f"--host {config.host} is not a loopback address: the server would be reachable "
@@ -443,7 +443,7 @@ def _add_render_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", help="the service group (default: same as --user)")
     p.add_argument("--artifacts", metavar="A,B", help="exports the server serves")
     p.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="server port (default 8321)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"server port (default {DEFAULT_PORT})")
     p.add_argument("--allow-remote", action="store_true",
                    help="allow a non-loopback --host and open the unit's IP allow-list")
     p.add_argument("--allow-from", metavar="CIDR,...",

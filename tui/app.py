@@ -23,6 +23,7 @@ from textual.binding import Binding, BindingType
 from textual.screen import Screen
 
 from appliance.errors import ApplianceError
+from appliance.runtime import DEFAULT_PORT
 from appliance.workspace import Workspace
 from tui.system import Probe, read_system
 
@@ -62,7 +63,7 @@ class Settings:
     browse_from: Path | None = None     # where file pickers open (default: the current directory)
     probe: Probe = field(default=read_system)
     # where a server not started from here (systemd's) is looked for; None: nowhere (snapshots)
-    server_probe: str | None = "http://127.0.0.1:8321"
+    server_probe: str | None = f"http://127.0.0.1:{DEFAULT_PORT}"
     server_metrics: Callable[[str], Any] | None = None  # None: the server's own /metrics
 
 

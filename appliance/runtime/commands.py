@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-DEFAULT_PORT = 8321  # = service.DEFAULT_PORT (not imported: --help stays light)
+from appliance.runtime import DEFAULT_PORT
 
 
 def _workspace(args: argparse.Namespace) -> Any:

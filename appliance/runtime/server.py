@@ -34,6 +34,7 @@ from typing import Any
 from aiohttp import web
 
 from appliance.errors import ApplianceError, ValidationError
+from appliance.runtime import DEFAULT_PORT
 from appliance.runtime.engine import ChatEngine, ContextOverflow, Delta, Done, Sampling
 from appliance.runtime.keys import KeyChecker
 from appliance.runtime.metrics import Metrics
@@ -50,7 +51,7 @@ UNSUPPORTED = {"tools": "tool calling", "tool_choice": "tool calling", "function
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
-    port: int = 8321
+    port: int = DEFAULT_PORT
     max_body: int = 1024 * 1024  # bytes of JSON per request
     max_messages: int = 512
     max_tokens: int = 2048  # the most a request may ask for

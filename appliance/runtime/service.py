@@ -30,9 +30,9 @@ from typing import Any
 
 from appliance import jobs
 from appliance.errors import ApplianceError, ValidationError
+from appliance.runtime import DEFAULT_PORT
 from appliance.workspace import Workspace
 
-DEFAULT_PORT = 8321
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 CANCEL_POLL_S = 0.2
 MAX_ANSWER = 1 << 20  # bytes read of a /health or /metrics answer

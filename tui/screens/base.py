@@ -42,6 +42,13 @@ T = TypeVar("T")
 
 
 GAUGE_WIDTH = 20
+STATE_WIDTH = max(len(s) for s in ("queued", "running", *jobs.TERMINAL))
+
+
+def message_room(width: int, job_ids: list[str]) -> int:
+    """What the last column of a (job, state, text) table may take at terminal `width`, cell
+    padding included, so the table never scrolls sideways (the whole text is shown elsewhere)."""
+    return max(16, width - max((len(i) for i in job_ids), default=0) - STATE_WIDTH - 9)
 
 
 @dataclass(frozen=True)

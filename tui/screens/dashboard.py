@@ -20,7 +20,7 @@ from textual.widgets import DataTable, Static
 from appliance import jobs
 from appliance.workspace import KIND_DIRS, Workspace
 from tui.feed import last_events, summary_line
-from tui.screens.base import ApplianceScreen
+from tui.screens.base import ApplianceScreen, message_room
 from tui.system import SystemStatus
 from tui.widgets import KeyedTable, bar, clip, first_line
 
@@ -119,9 +119,8 @@ class DashboardScreen(ApplianceScreen):
 
     def _show_jobs(self, view: JobsView) -> None:
         # the id names the kind; the last column gets what is left of the width, never more
-        widest = max((len(j.id) for j, _ in view.running), default=0)
-        widest = max([widest, *(len(j.id) for j in view.recent)])
-        room = max(16, self.app.size.width - widest - len("succeeded") - 9)
+        room = message_room(self.app.size.width, [j.id for j, _ in view.running] +
+                            [j.id for j in view.recent])
         self.query_one("#running", KeyedTable).fill(
             [(j.id, (j.id, j.state, clip(progress, room))) for j, progress in view.running])
         self.query_one("#recent", KeyedTable).fill(

@@ -21,7 +21,7 @@ from appliance import jobs
 from appliance.cli import format_event
 from appliance.workspace import Workspace
 from tui.feed import Event, EventTail, collapse, format_eta
-from tui.screens.base import ApplianceScreen
+from tui.screens.base import ApplianceScreen, message_room
 from tui.widgets import KeyedTable, clip, first_line
 
 LOG_LINES = 5000
@@ -116,8 +116,7 @@ class JobsScreen(ApplianceScreen):
 
     def _show(self, read: JobsRead) -> None:
         table = self.query_one("#jobs", KeyedTable)
-        widest = max((len(j.id) for j in read.jobs), default=0)
-        room = max(16, self.app.size.width - widest - len("interrupted") - 9)  # no sideways scrolling
+        room = message_room(self.app.size.width, [j.id for j in read.jobs])
         table.fill([(j.id, (j.id, j.state, clip(first_line(j.message, 200), room))) for j in read.jobs])
         self.kinds = {j.id: j.kind for j in read.jobs}
         wanted = self.appliance.pending_job
