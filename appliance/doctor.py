@@ -1,21 +1,37 @@
 """`appliance doctor`: what this box has, what is missing, and how to fix it.
 
 Everything is read locally: package metadata, /proc, torch's CUDA probe, onnxruntime's providers.
+
+It also lists the unfinished writes a killed process left in the workspace: hidden `.staging-*`
+folders (an import killed halfway leaves the default model's 94 MB there) and `.trash-*` folders
+of a replace whose cleanup died. A leftover is only ever one whose writer is dead: a writer holds
+its artifact's lock (flock, dropped by the kernel when the process dies) for as long as it runs,
+so a folder whose lock is free has no writer. `remove_leftovers` (`appliance doctor --clean`)
+removes those, each while holding that same lock, and records each removal in the audit log.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import platform
+import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from appliance import offline, stack
 from appliance.errors import ApplianceError
+from appliance.fsutil import FileLock
 from appliance.versions import stack_versions
-from appliance.workspace import Workspace
+from appliance.workspace import KIND_DIRS, STAGING_PREFIX, Workspace
+
+LEFTOVER_RE = re.compile(rf"^(?:{re.escape(STAGING_PREFIX)}(?P<name>.+)-\d+-[0-9a-f]{{8}}"
+                         r"|\.trash-(?P<trashed>.+)-[0-9a-f]{8})$")
+CLEAN_COMMAND = "appliance doctor --clean"
 
 REQUIRED = ("torch", "transformers", "tokenizers", "peft", "bitsandbytes", "accelerate",
             "optimum", "optimum-onnx", "onnxruntime", "onnx-ir", "llama_cpp_python", "gguf",
@@ -95,6 +111,102 @@ def _check_file(what: str, finder: Callable[[], Path], missing: list[dict[str, s
         return None
 
 
+# -- unfinished writes ------------------------------------------------------------------------------
+def _writer_alive(lock_path: Path) -> bool:
+    """Whether a process holds the artifact's writer lock (never taken here, only tested)."""
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False  # no writer of that name ever ran
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the shared lock, if it was granted
+    return False
+
+
+def _size_and_age(path: Path) -> tuple[int, float]:
+    size, newest = 0, path.lstat().st_mtime
+    for top, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(top, name))
+                size += st.st_size
+                newest = max(newest, st.st_mtime)
+    return size, max(0.0, time.time() - newest)
+
+
+def find_leftovers(ws: Workspace) -> list[dict[str, Any]]:
+    """Unfinished writes whose writer is dead: path, kind, name, size_bytes, age_s. A `.trash-*`
+    counts only when its artifact is in place (otherwise it may be the only copy, which the next
+    writer of that name restores)."""
+    found = []
+    for kind, sub in KIND_DIRS.items():
+        folder = ws.root / sub
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            match = LEFTOVER_RE.match(path.name)
+            if match is None or not path.is_dir() or path.is_symlink():
+                continue
+            name = match["name"] or match["trashed"]
+            if match["trashed"] and not (folder / name).is_dir():
+                continue
+            if _writer_alive(ws._lock_path(kind, name)):
+                continue
+            size, age = _size_and_age(path)
+            found.append({"path": str(path), "kind": kind, "name": name, "size_bytes": size,
+                          "age_s": round(age)})
+    return found
+
+
+def remove_leftovers(ws: Workspace) -> list[Path]:
+    """Remove the unfinished writes of dead writers (each under its artifact's lock, as a writer
+    would), record each in the audit log, and return their paths."""
+    removed = []
+    for item in find_leftovers(ws):
+        path = Path(item["path"])
+        lock = FileLock(ws._lock_path(item["kind"], item["name"]))
+        if not lock.try_acquire():
+            continue  # a writer of that name started meanwhile: it cleans up itself
+        try:
+            if not path.is_dir():
+                continue
+            shutil.rmtree(path)
+        finally:
+            lock.release()
+        removed.append(path)
+        ws.audit("leftover-removed", path=str(path), kind=item["kind"], name=item["name"],
+                 size_bytes=item["size_bytes"])
+    return removed
+
+
+def _human_size(n: int) -> str:
+    return f"{n / 10**9:.1f} GB" if n >= 10**9 else f"{n / 10**6:.0f} MB" if n >= 10**6 \
+        else f"{n / 10**3:.0f} kB"
+
+
+def _human_age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def print_leftovers(leftovers: list[dict[str, Any]], say: Callable[[str], None]) -> None:
+    if not leftovers:
+        say("leftovers   none")
+        return
+    total = sum(item["size_bytes"] for item in leftovers)
+    say(f"leftovers   {len(leftovers)} unfinished write(s) of killed processes hold "
+        f"{_human_size(total)}; remove them with `{CLEAN_COMMAND}`")
+    for item in leftovers:
+        say(f"  - {item['path']} ({item['kind']} {item['name']!r}, "
+            f"{_human_size(item['size_bytes'])}, {_human_age(item['age_s'])} old)")
+
+
 def collect(ws: Workspace) -> dict[str, Any]:
     versions = stack_versions()
     missing = [{"what": name, "problem": "not installed", "fix": stack.SETUP_HINT}
@@ -116,6 +228,7 @@ def collect(ws: Workspace) -> dict[str, Any]:
         "offline": offline.status(),
         "default_model": default_model,
         "converter": converter,
+        "leftovers": find_leftovers(ws),
         "missing": missing,
     }
 
@@ -143,6 +256,7 @@ def print_report(report: dict[str, Any], say: Callable[[str], None]) -> None:
         f"{'set' if off['offline_env'] else 'missing: ' + ', '.join(off['missing_env'])}")
     say(f"default     {report['default_model'] or 'missing'}")
     say(f"converter   {report['converter'] or 'missing'}")
+    print_leftovers(report.get("leftovers") or [], say)
     if report["missing"]:
         say("problems:")
         for m in report["missing"]:

@@ -89,3 +89,16 @@ class DiskFullError(ApplianceError):
 
     title = "Disk full"
     exit_code = ExitCode.DISK_FULL
+
+
+class JobFailedError(ApplianceError):
+    """A job that was followed to its end did not succeed (failed, cancelled or interrupted)."""
+
+    title = "Job did not finish"
+    exit_code = ExitCode.JOB_FAILED
+
+
+class AlreadyExistsError(ValidationError):
+    """The name asked for is taken (an artifact, a run, a key)."""
+
+    title = "Already exists"

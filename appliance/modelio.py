@@ -3,6 +3,8 @@
 safetensors files start with an 8-byte length and a JSON header describing every tensor; reading
 that header gives names, shapes and dtypes, so shard checks and parameter counts need no torch.
 GGUF metadata is read with llama.cpp's own gguf-py (the version-locked copy setup installs).
+A tokenizer.model is checked with the SentencePiece library itself, the parser llama.cpp's
+converter uses, so what passes here also passes there.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from appliance.errors import ValidationError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 MAX_HEADER = 100 * 1024 * 1024
+MAX_SENTENCEPIECE = 64 * 1024 * 1024  # real ones are a few MB; a GGUF under that name is GBs
+GGUF_MAGIC = b"GGUF"
 
 
 @dataclass(frozen=True)
@@ -130,3 +134,30 @@ def gguf_metadata(path: Path) -> dict[str, Any]:
     meta["_tensor_count"] = len(reader.tensors)
     meta["_parameters"] = int(sum(int(prod(t.shape)) for t in reader.tensors))
     return meta
+
+
+def sentencepiece_problem(path: Path) -> str | None:
+    """Why `path` is not a SentencePiece model, or None if SentencePiece loads it with pieces.
+
+    A GGUF is recognised by its magic (transformers saves the GGUF it loaded a tokenizer from
+    under this name); anything else must parse as a ModelProto in SentencePiece's own loader,
+    which is what llama.cpp's converter calls ("could not parse ModelProto" otherwise)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(len(GGUF_MAGIC))
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror})"
+    if head == GGUF_MAGIC:
+        return "it is a GGUF file"
+    if size == 0:
+        return "it is empty"
+    if size > MAX_SENTENCEPIECE:
+        return f"it is {size // 2**20} MiB, far larger than any SentencePiece model"
+    import sentencepiece
+
+    try:
+        processor = sentencepiece.SentencePieceProcessor(model_proto=path.read_bytes())
+    except (RuntimeError, OSError, TypeError):
+        return "SentencePiece cannot parse it as a ModelProto"
+    return None if processor.get_piece_size() > 0 else "it holds no pieces"

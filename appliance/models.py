@@ -4,29 +4,44 @@ Import is where the appliance decides whether it can be faithful to a model, so 
 and refuses with a reason rather than failing halfway through training or export:
 - only safe weights (safetensors, GGUF); pickle checkpoints are refused, never loaded;
 - no custom code (`auto_map`), ever; tokenizers load with `trust_remote_code=False`;
-- shards complete and matching their index; a supported architecture;
+- shards complete and matching their index; a supported architecture; every tensor's shape and
+  the layer count agree with config.json (transformers would otherwise fail at load, or silently
+  fill missing layers with random weights);
+- a `tokenizer.model` that is a SentencePiece model (llama.cpp's converter parses it); one that is
+  not (a GGUF saved under that name) is left out when tokenizer.json is complete, else refused;
 - a chat template (or one supplied with --chat-template) that renders, that is prefix-stable, and
-  whose assistant turns end with one of the model's stop tokens.
+  whose assistant turns end with one of the model's stop tokens;
+- no link followed out of the imported folder (see `source_files`), and room on the disk.
 
 A GGUF file is dequantized into an HF folder (transformers reads GGUF) for training, and kept as
 `gguf/<file>` as a ready inference artifact. Its tokenizer is rebuilt from the GGUF's own metadata
 (special tokens, BOS policy, template) and checked token-for-token against llama.cpp's.
+
+Both kinds of import report their stages (`appliance.progress.Stages`: read, copy, dequantize,
+save, tokenizer, check, hash, with counts where there are some) to an optional `progress`, so a
+40-second dequantization is a named, counted stage rather than silence.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
-import shutil
-from collections.abc import Callable
+import os
+import re
+import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from appliance import chat, modelio, stack
+from appliance import chat, fsutil, modelio, stack
 from appliance.errors import RefusedError, ValidationError
-from appliance.fsutil import sha256_file
+from appliance.progress import Progress, Stages
 from appliance.workspace import ArtifactRecord, Workspace, check_name, slugify
 
 Say = Callable[[str], None]
+Count = Callable[[int, int], None]
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -47,6 +62,31 @@ PROBE = [
     {"role": "assistant", "content": "Green, like grass."},
 ]
 LARGE_MODEL_PARAMS = 1_000_000_000
+MIB = 2**20
+LAYER_RE = re.compile(r"model\.layers\.(\d+)\.")
+# What sets each dimension of a tensor, by the end of its name (first match wins), to name the
+# config field a wrong shape comes from. The expected shapes themselves come from transformers.
+DIM_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("q_norm.weight", ("head_dim",)),
+    ("k_norm.weight", ("head_dim",)),
+    ("embed_tokens.weight", ("vocab_size", "hidden_size")),
+    ("lm_head.weight", ("vocab_size", "hidden_size")),
+    ("qkv_proj.weight", ("(num_attention_heads + 2 × num_key_value_heads) × head_dim", "hidden_size")),
+    ("q_proj.weight", ("num_attention_heads × head_dim", "hidden_size")),
+    ("q_proj.bias", ("num_attention_heads × head_dim",)),
+    ("k_proj.weight", ("num_key_value_heads × head_dim", "hidden_size")),
+    ("k_proj.bias", ("num_key_value_heads × head_dim",)),
+    ("v_proj.weight", ("num_key_value_heads × head_dim", "hidden_size")),
+    ("v_proj.bias", ("num_key_value_heads × head_dim",)),
+    ("o_proj.weight", ("hidden_size", "num_attention_heads × head_dim")),
+    ("o_proj.bias", ("hidden_size",)),
+    ("gate_up_proj.weight", ("2 × intermediate_size", "hidden_size")),
+    ("gate_proj.weight", ("intermediate_size", "hidden_size")),
+    ("up_proj.weight", ("intermediate_size", "hidden_size")),
+    ("down_proj.weight", ("hidden_size", "intermediate_size")),
+    ("norm.weight", ("hidden_size",)),
+)
+FIELD_RE = re.compile(r"[a-z_]+")
 
 
 def _quiet(*_: Any) -> None:
@@ -63,6 +103,86 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValidationError(f"{path} must hold a JSON object")
     return data
+
+
+# -- what is read from the source ---------------------------------------------------------------
+def hf_cache_repo(folder: Path) -> Path | None:
+    """The repository folder (`models--ORG--NAME`) when `folder` is one of its snapshots in the
+    Hugging Face hub cache (`models--ORG--NAME/snapshots/REV/`), else None."""
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent
+    return None
+
+
+def _refuse_cache_repo(folder: Path) -> None:
+    """A hub cache repository folder itself holds no model: name the snapshot to import."""
+    if folder.name.startswith("models--") and (folder / "snapshots").is_dir() \
+            and not (folder / "config.json").exists():
+        snapshots = sorted((folder / "snapshots").iterdir(), key=lambda p: p.stat().st_mtime)
+        example = snapshots[-1] if snapshots else folder / "snapshots" / "REVISION"
+        raise ValidationError(f"{folder} is a Hugging Face cache repository, not a model folder",
+                              hint=f"import one of its snapshots, e.g. {example}")
+
+
+def _default_name(folder: Path) -> str:
+    repo = hf_cache_repo(folder)
+    return slugify(repo.name.split("--", 2)[-1] if repo else folder.name)
+
+
+def source_files(folder: Path) -> dict[str, Path]:
+    """The files at the top of an imported folder, by name, with the path each is read from.
+
+    Links are never followed out of the folder. A link is accepted only when it resolves to a
+    regular file inside the folder itself or, for a snapshot of the Hugging Face hub cache
+    (`models--ORG--NAME/snapshots/REV/FILE -> ../../blobs/SHA256`), inside that same repository's
+    `blobs/`, where the cache keeps every file's content. Any other link (to a file elsewhere, to
+    another repository's blobs, to a directory, to nothing) is refused, naming the link and its
+    target; so is a FIFO, socket or device. Subfolders are neither read nor copied. The folder
+    itself, the path the operator named, may be a link (like `cp -rH`)."""
+    repo = hf_cache_repo(folder)
+    roots = [folder.resolve(), *([(repo / "blobs").resolve()] if repo else [])]
+    files: dict[str, Path] = {}
+    for entry in sorted(folder.iterdir()):
+        mode = entry.lstat().st_mode
+        if stat.S_ISDIR(mode):
+            continue
+        if stat.S_ISREG(mode):
+            files[entry.name] = entry
+        elif stat.S_ISLNK(mode):
+            files[entry.name] = _accepted_link(entry, roots)
+        else:
+            raise RefusedError(f"{entry} is not a regular file (a FIFO, socket or device)",
+                               hint="a model folder holds files only: remove it from the folder")
+    return files
+
+
+def _accepted_link(entry: Path, roots: list[Path]) -> Path:
+    target = os.readlink(entry)
+    try:
+        real = entry.resolve(strict=True)
+        regular = stat.S_ISREG(real.stat().st_mode)
+    except (OSError, RuntimeError):
+        raise RefusedError(f"{entry} is a link to {target}, which does not exist",
+                           hint="copy the complete model folder, or remove the link") from None
+    if not regular or not any(real.is_relative_to(root) for root in roots):
+        where = "a directory" if real.is_dir() else "outside the model folder"
+        raise RefusedError(
+            f"{entry} is a link to {target} ({real}), {where}; the appliance never follows links "
+            "out of an imported folder",
+            hint="copy the file itself into the folder (cp -L), or remove the link")
+    return real
+
+
+def _regular_file(path: Path) -> Path:
+    """The file a path named by the operator stands for (a link is followed): a regular file."""
+    try:
+        real = path.resolve(strict=True)
+        regular = stat.S_ISREG(real.stat().st_mode)
+    except (OSError, RuntimeError):
+        raise ValidationError(f"{path} does not exist") from None
+    if not regular:
+        raise ValidationError(f"{path} is not a regular file")
+    return real
 
 
 def _refuse_custom_code(folder: Path) -> None:
@@ -99,6 +219,105 @@ def _architecture(config: dict[str, Any], folder: Path) -> str:
     return arch
 
 
+# -- tensors against config.json ----------------------------------------------------------------
+def _expected_tensors(arch: str, config: dict[str, Any], folder: Path) -> tuple[Any, dict, set]:
+    """transformers' own view of the model config.json describes: its config object (defaults
+    filled in: head_dim, num_key_value_heads, tie_word_embeddings), every tensor's shape, and the
+    tensors a checkpoint must hold (a tied output layer need not be stored). Built on the meta
+    device: no memory, no weights."""
+    import torch
+    import transformers
+
+    cls = getattr(transformers, arch)
+    try:
+        cfg = cls.config_class.from_dict(config)
+        with torch.device("meta"):
+            model = cls(cfg)
+    except Exception as exc:  # an inconsistent config: transformers' own message says why
+        raise ValidationError(f"{folder / 'config.json'}: transformers cannot build a {arch} "
+                              f"from it: {exc}") from None
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    return cfg, shapes, {name for name, _ in model.named_parameters()}
+
+
+def _field_value(cfg: Any, field: str) -> Any:
+    if field == "head_dim":
+        return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return getattr(cfg, field, None)
+
+
+def _explain(name: str, shape: tuple[int, ...], expected: tuple[int, ...], cfg: Any) -> str:
+    """`dim 1 should be hidden_size = 64` for each dimension that differs."""
+    fields = next((dims for end, dims in DIM_FIELDS if name.endswith(end)), ())
+    parts = []
+    for i, (have, want) in enumerate(zip(shape, expected, strict=False)):
+        if have == want:
+            continue
+        expr = fields[i] if i < len(fields) else "?"
+        names = list(dict.fromkeys(FIELD_RE.findall(expr)))
+        values = ", ".join(f"{f} = {_field_value(cfg, f)}" for f in names)
+        parts.append(f"dim {i} should be {expr} = {want}" + (f" ({values})" if len(names) > 1
+                                                             or expr not in names else ""))
+    if len(shape) != len(expected):
+        parts.append(f"{len(expected)} dimensions expected")
+    return "; ".join(parts)
+
+
+def _check_layers(folder: Path, cfg: Any, names: set[str]) -> None:
+    want = int(cfg.num_hidden_layers)
+    have = {int(m[1]) for n in names if (m := LAYER_RE.match(n))}
+    missing, extra = sorted(set(range(want)) - have), sorted(have - set(range(want)))
+    stated = f"{folder / 'config.json'} says num_hidden_layers = {want}"
+    if missing:
+        raise ValidationError(
+            f"{stated}, but the weights hold no tensors for model.layers.{missing[0]} "
+            f"({len(missing)} of {want} layers missing; transformers would fill them with random "
+            "weights)", hint="the config does not belong to these weights: copy both from the "
+            "same model")
+    if extra:
+        raise ValidationError(
+            f"{stated}, but the weights also hold model.layers.{extra[0]} ({len(extra)} more "
+            "layer(s), which would be ignored)",
+            hint="the config does not belong to these weights: copy both from the same model")
+
+
+def check_tensors(folder: Path, config: dict[str, Any], shards: list[Path]) -> None:
+    """Refuse weights that disagree with config.json: a layer count, a missing tensor, a shape.
+
+    The names and shapes come from the safetensors headers (nothing is loaded); what they should be
+    comes from transformers building the architecture from this config on the meta device, so
+    head_dim, grouped-query heads, tied embeddings, Phi-3's fused qkv/gate_up and Qwen3's q/k norms
+    are exactly transformers' own. Tensors the model does not have are left alone (transformers
+    ignores them). Pre-quantized checkpoints (`quantization_config`) store other tensors and are
+    not checked here."""
+    if config.get("quantization_config"):
+        return
+    arch = _architecture(config, folder)
+    cfg, shapes, required = _expected_tensors(arch, config, folder)
+    found: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for shard in shards:
+        for name, info in modelio.read_safetensors_header(shard).items():
+            found[name] = (shard, tuple(info.shape))
+    _check_layers(folder, cfg, set(found))
+    for name, expected in shapes.items():
+        if name not in found:
+            if name in required:
+                tied = " and config.json has tie_word_embeddings = false" \
+                    if name == "lm_head.weight" else ""
+                raise ValidationError(
+                    f"{folder}: tensor {name} is missing from the weights{tied} (transformers "
+                    "would fill it with random weights)",
+                    hint="copy the complete model folder; its config must belong to its weights")
+            continue
+        shard, shape = found[name]
+        if shape != expected:
+            raise ValidationError(
+                f"{shard}: tensor {name} has shape {list(shape)}, but {folder / 'config.json'} "
+                f"gives {list(expected)}: {_explain(name, shape, expected, cfg)}",
+                hint="the config does not belong to these weights: copy both from the same model")
+
+
+# -- tokenizer ----------------------------------------------------------------------------------
 def load_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
@@ -109,6 +328,38 @@ def load_tokenizer(folder: Path) -> Any:
                                              local_files_only=True)
     except Exception as exc:
         raise ValidationError(f"{folder}: the tokenizer does not load: {exc}") from exc
+
+
+def _tokenizer_json_problem(path: Path) -> str | None:
+    """Why tokenizer.json cannot stand in for the whole tokenizer (None: it can)."""
+    if not path.is_file():
+        return "there is no tokenizer.json to use instead"
+    from tokenizers import Tokenizer
+
+    try:
+        size = Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+    except Exception as exc:  # tokenizers raises its own Exception type on a bad file
+        return f"tokenizer.json does not load either ({exc})"
+    return None if size > 0 else "tokenizer.json holds no vocabulary"
+
+
+def tokenizer_model_left_out(folder: Path) -> dict[str, str] | None:
+    """A tokenizer.model that is not a SentencePiece model: what to record when it is left out
+    (tokenizer.json is complete, and is what transformers loads), or a ValidationError naming it
+    (there is no complete tokenizer.json). None when there is no such file or it is fine."""
+    path = folder / "tokenizer.model"
+    if not path.is_file():
+        return None
+    problem = modelio.sentencepiece_problem(path)
+    if problem is None:
+        return None
+    instead = _tokenizer_json_problem(folder / "tokenizer.json")
+    if instead is not None:
+        raise ValidationError(f"{path} is not a SentencePiece model: {problem}; {instead}",
+                              hint="copy the model's original tokenizer.model or tokenizer.json")
+    return {"file": "tokenizer.model",
+            "reason": f"not a SentencePiece model ({problem}); tokenizer.json is complete and is "
+                      "what the tokenizer loads, and llama.cpp's converter would fail on it"}
 
 
 def _ids(value: Any) -> list[int]:
@@ -151,14 +402,23 @@ def _probe_template(tokenizer: Any, stops: list[str], folder: Path) -> dict[str,
     return {"supports_system": supports_system, "probe_tokens": len(rendered.input_ids)}
 
 
-def inspect_folder(folder: Path, chat_template: str | None = None) -> dict[str, Any]:
-    """Every check of an HF model folder; returns what the manifest records about it."""
+# -- the checks, together -----------------------------------------------------------------------
+def check_model_files(folder: Path) -> tuple[dict[str, Any], list[Path]]:
+    """config.json, custom code, weights and their shapes: everything but the tokenizer, from
+    headers only (cheap even for a large model). Returns the config and the weight files."""
     if not folder.is_dir():
         raise ValidationError(f"{folder} is not a directory")
     config = _read_json(folder / "config.json")
     _refuse_custom_code(folder)
     shards = _check_weights(folder)
-    arch = _architecture(config, folder)
+    _architecture(config, folder)
+    check_tensors(folder, config, shards)
+    return config, shards
+
+
+def check_tokenizer(folder: Path, config: dict[str, Any],
+                    chat_template: str | None = None) -> dict[str, Any]:
+    """The tokenizer loads, has a chat template that passes the probe, and knows the stop tokens."""
     tokenizer = load_tokenizer(folder)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
@@ -169,6 +429,25 @@ def inspect_folder(folder: Path, chat_template: str | None = None) -> dict[str, 
     stops = stop_token_ids(folder, config, tokenizer)
     stop_strings = tokenizer.convert_ids_to_tokens(stops)
     probe = _probe_template(tokenizer, stop_strings, folder)
+    return {
+        "vocab_size": config.get("vocab_size") or len(tokenizer),
+        "tokenizer_size": len(tokenizer),
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token,
+        "stop_token_ids": stops,
+        "stop_tokens": stop_strings,
+        "chat_template": tokenizer.chat_template,
+        **probe,
+    }
+
+
+def inspect_folder(folder: Path, chat_template: str | None = None) -> dict[str, Any]:
+    """Every check of an HF model folder; returns what the manifest records about it."""
+    config, shards = check_model_files(folder)
+    tokenizer_model_left_out(folder)  # raises if it is bad and nothing can replace it
+    arch = _architecture(config, folder)
+    tok = check_tokenizer(folder, config, chat_template)
     weights = modelio.weights_summary(shards)
     context = next((int(config[k]) for k in CONTEXT_KEYS if config.get(k)), None)
     return {
@@ -179,24 +458,78 @@ def inspect_folder(folder: Path, chat_template: str | None = None) -> dict[str, 
         "dtype": config.get("torch_dtype") or config.get("dtype") or weights["dtype"],
         "weights_dtype": weights["dtype"],
         "context_length": context,
-        "vocab_size": config.get("vocab_size") or len(tokenizer),
-        "tokenizer_size": len(tokenizer),
-        "bos_token": tokenizer.bos_token,
-        "eos_token": tokenizer.eos_token,
-        "pad_token": tokenizer.pad_token,
-        "stop_token_ids": stops,
-        "stop_tokens": stop_strings,
-        "chat_template": tokenizer.chat_template,
+        **tok,
         "tied_embeddings": bool(config.get("tie_word_embeddings", False)),
-        **probe,
     }
 
 
-def _copy(src: Path, dst: Path, say: Say) -> None:
-    size = src.stat().st_size
-    if size > 50 * 1024 * 1024:
-        say(f"  copying {src.name} ({size / 2**20:.0f} MiB)")
-    shutil.copyfile(src, dst)
+# -- copying ------------------------------------------------------------------------------------
+def check_space(ws: Workspace, files: list[Path], extra: int = 0) -> None:
+    """Refuse an import that cannot fit, before copying anything: `files` plus `extra` bytes."""
+    needs = sum(p.stat().st_size for p in files) + extra
+    free = fsutil.free_bytes(ws.root)
+    if 0 <= free < needs:
+        raise fsutil.disk_full_error(ws.root, f"the import needs about {-(-needs // 10**6)} MB")
+
+
+def _copy(src: Path, dst: Path, count: Count | None = None, *, digest: bool = False) -> str:
+    """Copy a regular file (never through a link) to a new 0600 file; its sha256 if asked for."""
+    try:  # O_NONBLOCK: a FIFO put in the folder must not hang the open (regular files ignore it)
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise RefusedError(f"{src} became a symbolic link while it was imported",
+                           hint="links are never followed out of an imported folder") from exc
+    sha = hashlib.sha256() if digest else None
+    with os.fdopen(fd, "rb") as fin:
+        size = os.fstat(fin.fileno()).st_size
+        if not stat.S_ISREG(os.fstat(fin.fileno()).st_mode):
+            raise RefusedError(f"{src} is not a regular file")
+        with open(dst, "xb", opener=lambda p, flags: os.open(p, flags, 0o600)) as fout:
+            done = 0
+            while chunk := fin.read(fsutil.CHUNK * 8):
+                fout.write(chunk)
+                if sha is not None:
+                    sha.update(chunk)
+                done += len(chunk)
+                if count:
+                    count(done // MIB, max(size // MIB, 1))
+    if count:
+        count(max(size // MIB, 1), max(size // MIB, 1))
+    return sha.hexdigest() if sha is not None else ""
+
+
+def _copier(files: dict[str, Path], dst: Path, say: Say, stages: Stages) -> Callable[[str], None]:
+    """Copies `files` one name at a time into `dst`, counting MiB over all of them."""
+    total = max(sum(p.stat().st_size for p in files.values()) // MIB, 1)
+    count = stages.counter("copy", "copying the model's files", "MiB", total)
+    done = [0]
+
+    def copy(name: str) -> None:
+        path = files[name]
+        size = path.stat().st_size
+        if size > 50 * MIB:
+            say(f"  copying {name} ({size / MIB:.0f} MiB)")
+        _copy(path, dst / name, lambda d, _t: count(min(done[0] + d, total), total))
+        done[0] += size // MIB
+        if name == next(reversed(files)):
+            count(total, total)
+
+    return copy
+
+
+def _hash_count(stages: Stages, folder: Path) -> Callable[[int], None]:
+    """manifest.build's progress (bytes hashed) as a counted `hash` stage in MiB."""
+    total = max(sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) // MIB, 1)
+    count = stages.counter("hash", "hashing files", "MiB", total)
+    done = [0]
+
+    def add(n: int) -> None:
+        done[0] += n
+        count(min(done[0] // MIB, total), total)
+
+    return add
 
 
 def _install_template(folder: Path, template: str) -> None:
@@ -214,27 +547,55 @@ def _summary(info: dict[str, Any]) -> dict[str, Any]:
     return {k: info.get(k) for k in keys}
 
 
+def _select(files: dict[str, Path], left_out: dict[str, str] | None) -> tuple[dict, list[str]]:
+    """The files an import copies (small ones first, weights last) and the names it skips."""
+    keep, skipped = {}, []
+    for name, path in files.items():
+        if Path(name).suffix in SKIP_SUFFIXES or name.startswith(".") or \
+                (left_out and name == left_out["file"]):
+            skipped.append(name)
+        else:
+            keep[name] = path
+    weights_last = sorted(keep, key=lambda n: (n.endswith(".safetensors"), n))
+    return {n: keep[n] for n in weights_last}, skipped
+
+
 def import_folder(ws: Workspace, src: Path, *, name: str | None = None,
-                  chat_template_file: Path | None = None, say: Say = _quiet) -> ArtifactRecord:
+                  chat_template_file: Path | None = None, say: Say = _quiet,
+                  progress: Progress | None = None) -> ArtifactRecord:
     src = src.expanduser().resolve()
+    _refuse_cache_repo(src)
     template = _read_template(chat_template_file)
+    name = check_name(name or _default_name(src))
+    stages = Stages(progress, artifact=name)
     say(f"checking {src}")
-    info = inspect_folder(src, template)
-    name = check_name(name or slugify(src.name))
+    stages.emit("read", f"checking {src.name}")
+    files = source_files(src)
+    config, _ = check_model_files(src)
+    left_out = tokenizer_model_left_out(src)
+    if left_out:
+        say(f"  left out {left_out['file']}: {left_out['reason']}")
+    keep, skipped = _select(files, left_out)
+    check_space(ws, list(keep.values()))
     with ws.writer("model", name) as w:
-        skipped = []
-        for path in sorted(src.iterdir()):
-            if not path.is_file() or path.suffix in SKIP_SUFFIXES or path.name.startswith("."):
-                skipped.append(path.name)
-                continue
-            _copy(path, w.path / path.name, say)
+        copy = _copier(keep, w.path, say, stages)
+        small = [n for n in keep if not n.endswith(".safetensors")]
+        for file in small:
+            copy(file)
         if template is not None:
             _install_template(w.path, template)
-        inspect_folder(w.path)  # the copy must pass the same checks as the source
+        check_tokenizer(w.path, config)  # before the weights: a bad tokenizer or template fails fast
+        for file in keep:
+            if file not in small:
+                copy(file)
+        stages.emit("check", "checking the copy")
+        info = inspect_folder(w.path)  # the copy must pass every check
         say("hashing files")
         w.commit(parents=[], config={"source": {"type": "hf-folder", "path": str(src)},
                                      "chat_template_file": str(chat_template_file or "")},
-                 info={**info, "skipped_files": skipped, "summary": _summary(info)})
+                 info={**info, "skipped_files": skipped, "left_out": [left_out] if left_out else [],
+                       "summary": _summary(info)},
+                 progress=_hash_count(stages, w.path))
     return ws.get("model", name)
 
 
@@ -291,6 +652,9 @@ def check_tokenizer_parity(gguf_path: Path, tokenizer: Any, text: str) -> dict[s
         import llama_cpp
     except ImportError:
         return {"checked": False, "reason": "llama-cpp-python is not installed"}
+    from appliance.runtime.template import check_gguf_templates
+
+    check_gguf_templates(gguf_path)  # Llama() compiles the file's templates with unbounded Jinja
     llm = llama_cpp.Llama(str(gguf_path), vocab_only=True, verbose=False)
     theirs = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
     ours = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -304,68 +668,127 @@ def check_tokenizer_parity(gguf_path: Path, tokenizer: Any, text: str) -> dict[s
     return {"checked": True, "tokens": len(ours), "runtime": f"llama.cpp {llama_cpp.__version__}"}
 
 
+@contextlib.contextmanager
+def _counting_gguf_tensors(start: Callable[[int], Count]) -> Iterator[None]:
+    """Count the tensors transformers dequantizes: `start(n)` when its loop over the n tensors
+    begins (after it has read the file's metadata, most of the wait on a small model), then the
+    returned counter after each tensor. transformers walks them under a tqdm bar named `tqdm` in
+    `transformers.modeling_gguf_pytorch_utils`; while this block runs, that name counts instead
+    (and keeps the bar out of the job's log). A transformers without that name counts nothing:
+    the stage is still named, only its count is missing."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+
+    def counting(iterable: Any = None, *_: Any, **__: Any) -> Iterator[Any]:
+        items = list(iterable or ())
+        count = start(len(items))
+        for i, item in enumerate(items, 1):
+            yield item
+            count(i, len(items))
+
+    gguf_utils.tqdm = counting
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def import_gguf(ws: Workspace, src: Path, *, name: str | None = None,
                 chat_template_file: Path | None = None, say: Say = _quiet,
-                source: str = "gguf") -> ArtifactRecord:
+                source: str = "gguf", progress: Progress | None = None) -> ArtifactRecord:
+    """Import a GGUF file. A link named by the operator is followed (the hub cache's
+    snapshots/REV/x.gguf -> ../../blobs/SHA); the copy keeps the name it was given."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    src = src.expanduser().resolve()
-    if not src.is_file():
-        raise ValidationError(f"{src} is not a file")
-    meta = modelio.gguf_metadata(src)
+    given = src.expanduser()
+    real = _regular_file(given)
+    name = check_name(name or slugify(given.stem))
+    stages = Stages(progress, artifact=name)
+    stages.emit("read", f"reading {given.name}")
+    meta = modelio.gguf_metadata(real)
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
-        raise RefusedError(f"{src}: GGUF architecture {arch!r} is not supported",
+        raise RefusedError(f"{given}: GGUF architecture {arch!r} is not supported",
                            hint="supported GGUF architectures: " + ", ".join(GGUF_ARCHITECTURES))
     template = _read_template(chat_template_file) or meta.get("tokenizer.chat_template")
     if not template:
-        raise RefusedError(f"{src} carries no chat template (tokenizer.chat_template)",
+        raise RefusedError(f"{given} carries no chat template (tokenizer.chat_template)",
                            hint="supply one with --chat-template FILE")
-    name = check_name(name or slugify(src.stem))
     big = meta["_parameters"] >= LARGE_MODEL_PARAMS
     dtype = torch.bfloat16 if big else torch.float32
+    check_space(ws, [real], extra=meta["_parameters"] * (2 if big else 4))
     with ws.writer("model", name) as w:
-        (w.path / "gguf").mkdir()
-        _copy(src, w.path / "gguf" / src.name, say)
-        say(f"dequantizing {src.name} to an HF folder ({str(dtype).removeprefix('torch.')})")
-        model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name,
-                                                     dtype=dtype)
+        (w.path / "gguf").mkdir(mode=0o700)
+        copy = w.path / "gguf" / given.name
+        size = real.stat().st_size
+        if size > 50 * MIB:
+            say(f"  copying {given.name} ({size / MIB:.0f} MiB)")
+        sha256 = _copy(real, copy, stages.counter("copy", f"copying {given.name}", "MiB",
+                                                  max(size // MIB, 1)), digest=True)
+        kind = str(dtype).removeprefix("torch.")
+        label = f"dequantizing {given.name} to an HF folder ({kind})"
+        say(label)
+        stages.emit("dequantize", f"{label}: reading its metadata")
+
+        def start(tensors: int) -> Count:
+            return stages.counter("dequantize", label, "tensors", tensors)
+
+        with _counting_gguf_tensors(start):  # read from the copy: no stray files beside it
+            model = AutoModelForCausalLM.from_pretrained(str(copy.parent), gguf_file=copy.name,
+                                                         dtype=dtype)
+        stages.emit("save", "writing model.safetensors")
         model.save_pretrained(str(w.path), safe_serialization=True)
         del model
         context = meta.get(f"{arch}.context_length")
-        tokenizer = _gguf_tokenizer(src, meta, template, context)
+        say("rebuilding the tokenizer from the GGUF")
+        stages.emit("tokenizer", "rebuilding the tokenizer from the GGUF")
+        tokenizer = _gguf_tokenizer(copy, meta, template, context)
         tokenizer.save_pretrained(str(w.path))
         say("checking the result")
+        stages.emit("check", "checking the result")
         info = inspect_folder(w.path)
         saved = load_tokenizer(w.path)  # what training will load, not the object we built
-        parity = check_tokenizer_parity(w.path / "gguf" / src.name, saved,
-                                        chat.render(saved, PROBE[1:]))
+        parity = check_tokenizer_parity(copy, saved, chat.render(saved, PROBE[1:]))
         say("hashing files")
-        w.commit(parents=[], config={"source": {"type": source, "path": str(src),
-                                                "sha256": sha256_file(src)},
-                                     "dequantized_dtype": str(dtype).removeprefix("torch.")},
-                 info={**info, "gguf_file": f"gguf/{src.name}",
+        w.commit(parents=[], config={"source": {"type": source, "path": str(given.absolute()),
+                                                "sha256": sha256},
+                                     "dequantized_dtype": kind},
+                 info={**info, "gguf_file": f"gguf/{given.name}",
                        "gguf_file_type": meta.get("general.file_type"),
-                       "tokenizer_parity": parity, "summary": _summary(info)})
+                       "tokenizer_parity": parity, "summary": _summary(info)},
+                 progress=_hash_count(stages, w.path))
     return ws.get("model", name)
 
 
-def import_default(ws: Workspace, *, say: Say = _quiet) -> ArtifactRecord:
+def import_default(ws: Workspace, *, say: Say = _quiet,
+                   progress: Progress | None = None) -> ArtifactRecord:
     path = stack.default_model_path(verify=True)
-    return import_gguf(ws, path, name=stack.DEFAULT_MODEL_NAME, say=say, source="default")
+    return import_gguf(ws, path, name=stack.DEFAULT_MODEL_NAME, say=say, source="default",
+                       progress=progress)
 
 
 def import_path(ws: Workspace, src: Path, *, name: str | None = None,
-                chat_template_file: Path | None = None, say: Say = _quiet) -> ArtifactRecord:
-    """Dispatch on what `src` is: a GGUF file, an HF folder, or something refused."""
+                chat_template_file: Path | None = None, say: Say = _quiet,
+                progress: Progress | None = None) -> ArtifactRecord:
+    """Dispatch on what `src` is: a GGUF file, an HF folder, or something refused. `progress`
+    gets the import's stages (see the module docstring)."""
     src = src.expanduser()
     if not src.exists():
         raise ValidationError(f"{src} does not exist")
     if src.is_dir():
-        return import_folder(ws, src, name=name, chat_template_file=chat_template_file, say=say)
+        return import_folder(ws, src, name=name, chat_template_file=chat_template_file, say=say,
+                             progress=progress)
     if src.suffix == ".gguf":
-        return import_gguf(ws, src, name=name, chat_template_file=chat_template_file, say=say)
+        return import_gguf(ws, src, name=name, chat_template_file=chat_template_file, say=say,
+                           progress=progress)
     if src.suffix in modelio.PICKLE_SUFFIXES:
         raise RefusedError(f"{src} is a pickle checkpoint; the appliance never unpickles weights",
                            hint="get .safetensors weights or a GGUF file from the publisher")

@@ -10,7 +10,7 @@ the CLI's user renames with `--name` and the TUI's in a field.
 from __future__ import annotations
 
 from appliance import jobs
-from appliance.errors import ApplianceError
+from appliance.errors import AlreadyExistsError, ApplianceError
 from appliance.workspace import Workspace, check_name
 
 TRAIN_BUSY_STATES = ("queued", "running", "interrupted")  # train jobs that will still publish a run
@@ -34,7 +34,7 @@ def check_new_run(ws: Workspace, name: str, *, rename: str = "pick another name"
     user manages jobs (" (5 Jobs)"), appended to the hint of a name a job holds."""
     check_name(name, "run name")
     if ws.artifact_dir("run", name).exists():
-        raise ApplianceError(f"run {name!r} already exists", title="Already exists", hint=rename)
+        raise AlreadyExistsError(f"run {name!r} already exists", hint=rename)
     for job in busy_train_jobs(ws):
         if job.params.get("name") == name:
             raise ApplianceError(f"job {job.id} ({job.state}) will publish run {name!r}",

@@ -9,6 +9,16 @@ The directories are the truth; the database is an index rebuilt from manifests w
 (`reconcile`). Artifacts are written by `ArtifactWriter`: into a hidden staging directory under a
 per-artifact lock, then renamed into place with their manifest, so a half-written artifact is never
 visible and two processes never write the same one.
+
+The workspace is private to its owner (it holds models, data and the API keys' hashes): 0700
+directories, 0600 files (the database, its WAL and index, the audit log, every artifact file), so
+nothing copied into it (a model folder's files) is readable by anyone else. `ensure` tightens a
+workspace an older version left wider, once.
+
+A full disk is translated here, once for every command: inside an artifact writer, in the database
+connection and in the audit log it becomes one DiskFullError, "disk full at PATH: free N MB".
+`.reserve` is a small file kept while there is room; revoking an API key may spend it
+(`spend_reserve`), so a revocation still works when the disk has filled up.
 """
 
 from __future__ import annotations
@@ -21,20 +31,48 @@ import re
 import secrets
 import shutil
 import sqlite3
-from collections.abc import Iterator
+import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from appliance import manifest
-from appliance.errors import ApplianceError, BusyError, NotFoundError, ValidationError
-from appliance.fsutil import FileLock, blocking_lock, exchange, fsync_dir
+from appliance import cancellation, fsutil, manifest
+from appliance.errors import (
+    AlreadyExistsError,
+    ApplianceError,
+    BusyError,
+    DiskFullError,
+    NotFoundError,
+    ValidationError,
+)
+from appliance.fsutil import (
+    FileLock,
+    blocking_lock,
+    disk_full_as_error,
+    disk_full_error,
+    exchange,
+    fsync_dir,
+    is_disk_full,
+    make_private,
+)
+
+T = TypeVar("T")
 
 KIND_DIRS = {"model": "models", "dataset": "datasets", "run": "runs", "export": "exports",
              "bundle": "bundles"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 STAGING_PREFIX = ".staging-"
 STAGING_RE = re.compile(r"-\d+-[0-9a-f]{8}")  # what follows ".staging-<name>": -<pid>-<hex>
+DB = "appliance.db"
+# What the workspace itself creates at its root: the only entries `ensure` changes modes of (a
+# workspace set up in a directory that also holds other things leaves those alone).
+OWN_DIRS = (*KIND_DIRS.values(), ".locks", "jobs")
+OWN_FILES = (DB, f"{DB}-wal", f"{DB}-shm", f"{DB}-journal", "audit.log", ".reserve")
+RESERVE = ".reserve"
+RESERVE_BYTES = 2 * 2**20  # a key revocation needs a few database pages, SQLite's 32 KiB index, a log line
+RESERVE_MIN_FREE = 32 * 2**20  # the reserve is (re)made only while this much is free
+LOW_FREE = 8 * 2**20  # below this, a write error ("disk I/O error") is taken as a full disk
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS artifacts (
@@ -92,15 +130,76 @@ class Workspace:
         return (self.root / "appliance.db").exists()
 
     def ensure(self) -> Workspace:
-        for sub in KIND_DIRS.values():
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        (self.root / ".locks").mkdir(exist_ok=True)
+        with disk_full_as_error(self.root, "creating the workspace's folders"):
+            fresh = not self.root.exists()
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._make_private(own_root=fresh or (self.root / DB).exists())
+            for sub in KIND_DIRS.values():
+                (self.root / sub).mkdir(mode=0o700, exist_ok=True)
+            (self.root / ".locks").mkdir(mode=0o700, exist_ok=True)
         # Switching to WAL needs an exclusive lock that SQLite's busy handler does not wait for,
         # so creating the database is serialised between processes (WAL then persists in the file).
         with blocking_lock(self.root / ".locks" / "db.lock"), self.connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA_SQL)
+        self._keep_reserve()
         return self
+
+    def _make_private(self, *, own_root: bool) -> None:
+        """0700/0600 for the root (once it is a workspace: created here, or holding the database)
+        and for what the workspace made in it. Those are walked to the bottom only while the root
+        is still wider than 0700 (a workspace from before this rule, tightened once); after that,
+        the root's own mode keeps everyone else out, and new files are made private."""
+        try:
+            wide = bool(stat.S_IMODE(self.root.stat().st_mode) & 0o077)
+        except OSError:
+            return
+        for name in (*OWN_DIRS, *OWN_FILES):
+            path = self.root / name
+            if path.exists():
+                make_private(path, recursive=own_root and wide)
+        if own_root:
+            make_private(self.root, recursive=False)
+
+    # -- the reserve ------------------------------------------------------------------------------
+    def _keep_reserve(self) -> None:
+        """Make `.reserve` while there is plenty of room (never on a filling disk)."""
+        path = self.root / RESERVE
+        if path.exists() or fsutil.free_bytes(self.root) < RESERVE_MIN_FREE:
+            return
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError:
+            return  # another process made it, or the root is not writable
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.write(fd, bytes(RESERVE_BYTES))
+        finally:
+            os.close(fd)
+
+    def spend_reserve(self) -> bool:
+        """Delete `.reserve` to give its space to an operation that must not fail on a full disk;
+        False if there was none. It comes back once the disk has room again."""
+        try:
+            (self.root / RESERVE).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def even_when_full(self, operation: Callable[[], T], *, hint: str) -> T:
+        """Run `operation`; if the disk is full, spend the reserve and run it once more. A full disk
+        with no reserve left is a DiskFullError whose hint is `hint` (what to do meanwhile)."""
+        try:
+            return operation()
+        except DiskFullError as first:
+            if not self.spend_reserve():
+                raise DiskFullError(first.message, hint=hint) from first
+        try:
+            return operation()
+        except DiskFullError as second:
+            raise DiskFullError(second.message, hint=hint) from second
 
     def kind_dir(self, kind: str) -> Path:
         if kind not in KIND_DIRS:
@@ -113,14 +212,36 @@ class Workspace:
     # -- database ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def connect(self) -> Iterator[sqlite3.Connection]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.root / "appliance.db", timeout=30, isolation_level=None)
+        """A connection to the workspace database. It is created 0600 (SQLite gives its WAL and
+        index files the same mode); a full disk, in here or in the caller's block, is one
+        DiskFullError (SQLite needs room even to read: its shared-memory index is a file)."""
+        path = self.root / DB
+        with self._database_errors(path):
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not path.exists():
+                with contextlib.suppress(FileExistsError):
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            db = sqlite3.connect(path, timeout=30, isolation_level=None)
         try:
-            db.execute("PRAGMA busy_timeout=30000")
-            db.execute("PRAGMA synchronous=NORMAL")
-            yield db
+            with self._database_errors(path):
+                db.execute("PRAGMA busy_timeout=30000")
+                db.execute("PRAGMA synchronous=NORMAL")
+                yield db
         finally:
             db.close()
+
+    @contextlib.contextmanager
+    def _database_errors(self, path: Path) -> Iterator[None]:
+        try:
+            yield
+        except (sqlite3.OperationalError, OSError) as exc:
+            name = str(getattr(exc, "sqlite_errorname", ""))
+            low = name.startswith(("SQLITE_IOERR", "SQLITE_CANTOPEN")) and \
+                0 <= fsutil.free_bytes(path) < LOW_FREE
+            if not (is_disk_full(exc) or low):
+                raise
+            raise disk_full_error(path, "the workspace database needs room for its journal, "
+                                  "even to read") from exc
 
     def _upsert(self, db: sqlite3.Connection, kind: str, path: Path, data: dict) -> None:
         sha = hashlib.sha256((path / manifest.MANIFEST).read_bytes()).hexdigest()
@@ -208,15 +329,26 @@ class Workspace:
     def audit(self, event: str, **fields: Any) -> None:
         """Append a hash-chained line: each entry carries the sha256 of the previous line."""
         log = self.root / "audit.log"
-        with blocking_lock(self.root / ".locks" / "audit.lock"):
+        undone = f"{event!r} was carried out, but its audit log entry could not be written"
+        with blocking_lock(self.root / ".locks" / "audit.lock"), disk_full_as_error(log, undone):
             prev = "0" * 64
             if log.exists() and log.stat().st_size:
                 prev = hashlib.sha256(_last_line(log)).hexdigest()
             entry = {"ts": manifest.now_iso(), "event": event, "prev": prev, **fields}
-            with open(log, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(entry, sort_keys=True, default=str) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
+            line = (json.dumps(entry, sort_keys=True, default=str) + "\n").encode("utf-8")
+            fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                size = os.fstat(fd).st_size
+                try:
+                    while line:
+                        line = line[os.write(fd, line):]
+                    os.fsync(fd)
+                except OSError:
+                    with contextlib.suppress(OSError):  # no half line to break the chain
+                        os.ftruncate(fd, size)
+                    raise
+            finally:
+                os.close(fd)
 
 
 def _last_line(path: Path) -> bytes:
@@ -236,10 +368,12 @@ def _last_line(path: Path) -> bytes:
 class ArtifactWriter:
     """Write an artifact atomically: `with ws.writer("model", "x") as w: ...; w.commit(...)`.
 
-    Files go into `w.path` (a hidden staging directory). `commit` hashes them into manifest.json
-    and renames the directory into place. Leaving the block without committing (an exception, a
-    cancel) removes the staging directory; a killed process leaves it behind hidden, and the next
-    writer of that name removes it.
+    Files go into `w.path` (a hidden staging directory, 0700). `commit` makes them private (no
+    group or other bits), hashes them into manifest.json and renames the directory into place.
+    Leaving the block without committing (an exception, a cancel) removes the staging directory; a
+    killed process leaves it behind hidden, and the next writer of that name removes it
+    (`appliance doctor` lists such leftovers). An error that means the disk is full (whatever the
+    library that hit it) leaves the block as one DiskFullError.
     """
 
     def __init__(self, ws: Workspace, kind: str, name: str, *, replace: bool = False) -> None:
@@ -259,9 +393,8 @@ class ArtifactWriter:
             )
         try:
             if self.final.exists() and not self.replace:
-                raise ApplianceError(
+                raise AlreadyExistsError(
                     f"{self.kind} {self.name!r} already exists at {self.final}",
-                    title="Already exists",
                     hint=f"choose another --name, or remove it first "
                     f"(appliance {KIND_DIRS[self.kind]} rm {self.name})",
                 )
@@ -269,7 +402,8 @@ class ArtifactWriter:
             for stale in self.final.parent.glob(f"{STAGING_PREFIX}{self.name}-*"):
                 if STAGING_RE.fullmatch(stale.name.removeprefix(STAGING_PREFIX + self.name)):
                     shutil.rmtree(stale, ignore_errors=True)  # a killed writer's; we hold its lock
-            self.path.mkdir(parents=True)
+            with disk_full_as_error(self.final.parent, f"starting to write {self.kind} {self.name!r}"):
+                self.path.mkdir(mode=0o700)
         except BaseException:
             self.lock.release()
             raise
@@ -291,33 +425,49 @@ class ArtifactWriter:
     def commit_manifest(self, data: dict[str, Any]) -> dict[str, Any]:
         """Write `data` as the manifest (its file table must already match the staged files) and put
         the artifact in place; an existing one is swapped out atomically where the OS allows."""
-        manifest.write(self.path, data)
-        fsync_dir(self.path)
-        trash = None
-        if self.final.exists():
-            if exchange(self.path, self.final):
-                trash = self.path
+        with cancellation.deferred():  # a cancel must not land between the rename and the index
+            make_private(self.path)
+            manifest.write(self.path, data)
+            fsync_dir(self.path)
+            trash = None
+            if self.final.exists():
+                if exchange(self.path, self.final):
+                    trash = self.path
+                else:
+                    trash = self.final.with_name(f".trash-{self.name}-{secrets.token_hex(4)}")
+                    os.rename(self.final, trash)
+                    os.rename(self.path, self.final)
             else:
-                trash = self.final.with_name(f".trash-{self.name}-{secrets.token_hex(4)}")
-                os.rename(self.final, trash)
                 os.rename(self.path, self.final)
-        else:
-            os.rename(self.path, self.final)
-        fsync_dir(self.final.parent)
-        self.committed = True
-        self.ws.register(self.kind, self.final)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-        self.ws.audit("commit", kind=self.kind, name=self.name,
-                      files=len(data["files"]), parents=data["parents"])
+            fsync_dir(self.final.parent)
+            self.committed = True
+            self.ws.register(self.kind, self.final)
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
+            self.ws.audit("commit", kind=self.kind, name=self.name,
+                          files=len(data["files"]), parents=data["parents"])
         return data
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        full = exc is not None and not self.committed and self._disk_full(exc)
         try:
             if not self.committed:
                 shutil.rmtree(self.path, ignore_errors=True)
         finally:
             self.lock.release()
+        if full:
+            raise disk_full_error(self.final.parent, f"writing {self.kind} {self.name!r}; its "
+                                  "partial files were removed") from exc
+
+    def _disk_full(self, exc: BaseException) -> bool:
+        """An error that says the disk is full, or a write error (torch's "file write failed"
+        names no cause) while the staging directory's disk has next to no room left."""
+        if isinstance(exc, ApplianceError):
+            return False
+        if is_disk_full(exc):
+            return True
+        return isinstance(exc, OSError | RuntimeError) and 0 <= fsutil.free_bytes(self.path) < LOW_FREE
 
 
 def parent_ref(record: ArtifactRecord) -> dict[str, str]:

@@ -19,6 +19,10 @@ Why it is built this way:
   up the `<0x0A>` token). The converter therefore reads a staging view of the folder whose
   tokenizer.json is put back into the plain byte-level form when, and only when, that is provably
   the same tokenizer (the vocabulary has no `<0xNN>` tokens, so byte fallback can never fire).
+- The converter parses any `tokenizer.model` it finds as SentencePiece and stops ("could not parse
+  ModelProto") on one that is not (a GGUF that transformers saved under that name). Import leaves
+  such a file out; for folders made before that, the staging view leaves it out too, so the
+  converter reads tokenizer.json instead (`appliance.modelio.sentencepiece_problem` decides).
 - The Ollama Modelfile written beside each GGUF comes from `export.ollama` (see there for how its
   TEMPLATE is checked against the model's Jinja template).
 
@@ -243,20 +247,27 @@ def normalized_tokenizer_json(data: dict[str, Any]) -> dict[str, Any] | None:
 
 @contextlib.contextmanager
 def _converter_source(model_dir: Path, scratch: Path) -> Iterator[Path]:
-    """The folder the converter reads: `model_dir` itself, or a staging view of it (symlinks) whose
-    tokenizer.json is normalized (see the module docstring). The model folder is never modified."""
+    """The folder the converter reads: `model_dir` itself, or a staging view of it (symlinks)
+    whose tokenizer.json is normalized, or that leaves out a tokenizer.model that is not
+    SentencePiece (see the module docstring). The model folder is never modified."""
     tok_path = model_dir / "tokenizer.json"
     fixed = normalized_tokenizer_json(json.loads(tok_path.read_text(encoding="utf-8"))) \
         if tok_path.is_file() else None
-    if fixed is None:
+    sp_path = model_dir / "tokenizer.model"
+    hidden = {"tokenizer.model"} if sp_path.is_file() and tok_path.is_file() \
+        and modelio.sentencepiece_problem(sp_path) is not None else set()
+    if fixed is None and not hidden:
         yield model_dir
         return
+    replaced = hidden | ({"tokenizer.json"} if fixed is not None else set())
     with tempfile.TemporaryDirectory(prefix=".gguf-src-", dir=scratch) as tmp:
         stage = Path(tmp)
         for item in model_dir.iterdir():
-            if item.is_file() and item.name != "tokenizer.json":
+            if item.is_file() and item.name not in replaced:
                 (stage / item.name).symlink_to(item.resolve())
-        (stage / "tokenizer.json").write_text(json.dumps(fixed, ensure_ascii=False), encoding="utf-8")
+        if fixed is not None:
+            (stage / "tokenizer.json").write_text(json.dumps(fixed, ensure_ascii=False),
+                                                  encoding="utf-8")
         yield stage
 
 
@@ -554,6 +565,9 @@ class GgufLM:
 
         self.path = Path(path)
         self.n_ctx = n_ctx
+        from appliance.runtime.template import check_gguf_templates
+
+        check_gguf_templates(self.path)  # Llama() compiles the file's templates with unbounded Jinja
         try:
             self._llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=n_threads,
                                         n_threads_batch=n_threads, logits_all=True, verbose=False)

@@ -5,6 +5,10 @@ once, when created; the database keeps its id, name and the SHA-256 of the whole
 256-bit secret needs no slow password hash: nobody can guess it from its hash, and checking a
 request costs one indexed lookup and one constant-time compare. The server reads the table on each
 request, so a revocation takes effect on the next request without a restart.
+
+On a full disk a revocation still goes through: it may spend the workspace's small reserve
+(`Workspace.even_when_full`); with none left, its DiskFullError says to stop the server until there
+is room, so the key cannot be used meanwhile. Creating a key gets no such help.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from appliance.errors import ApplianceError, NotFoundError, ValidationError
+from appliance.errors import AlreadyExistsError, DiskFullError, NotFoundError, ValidationError
 
 if TYPE_CHECKING:
     from appliance.workspace import Workspace
 
 KEY_RE = re.compile(r"apk_([0-9a-f]{8})_[A-Za-z0-9_-]{20,100}")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+FREE_LATER = "free some space so that the audit log can record what is done"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
     id TEXT PRIMARY KEY,
@@ -71,14 +76,34 @@ def create(ws: Workspace, name: str) -> str:
             db.execute("INSERT INTO api_keys(id, name, sha256) VALUES (?, ?, ?)",
                        (key_id, name, _digest(key)))
     except sqlite3.IntegrityError:
-        raise ApplianceError(f"an active key named {name!r} exists", title="Already exists",
+        raise AlreadyExistsError(f"an active key named {name!r} exists",
                              hint=f"revoke it first (appliance keys revoke {name}) or pick another name"
                              ) from None
-    ws.audit("key-create", id=key_id, name=name)
+    try:
+        ws.audit("key-create", id=key_id, name=name)
+    except DiskFullError as exc:  # a key nobody was shown must not stay valid
+        _withdraw(ws, key_id, exc)
     return key
 
 
-def revoke(ws: Workspace, name_or_id: str) -> KeyInfo:
+def _withdraw(ws: Workspace, key_id: str, exc: DiskFullError) -> None:
+    try:
+        with _db(ws) as db:
+            db.execute("DELETE FROM api_keys WHERE id = ?", (key_id,))
+    except DiskFullError:
+        raise DiskFullError(f"{exc.message}; key {key_id} was created but not shown",
+                            hint=f"revoke it once there is room (appliance keys revoke {key_id}); "
+                                 f"{exc.hint}") from exc
+    raise DiskFullError(f"{exc.message}; no key was created", hint=exc.hint) from exc
+
+
+def _stop_server_hint(ws: Workspace) -> str:
+    return (f"free space at {ws.root} and revoke again; until then the key still works: stop the "
+            "server meanwhile (systemctl stop appliance-server, or `appliance jobs cancel` its "
+            "serve job) so that it cannot be used")
+
+
+def _revoke_row(ws: Workspace, name_or_id: str) -> KeyInfo:
     with _db(ws) as db:
         rows = db.execute("SELECT id FROM api_keys WHERE (name = ? OR id = ?) AND revoked IS NULL",
                           (name_or_id, name_or_id)).fetchall()
@@ -91,8 +116,39 @@ def revoke(ws: Workspace, name_or_id: str) -> KeyInfo:
         key_id = rows[0][0]
         db.execute("UPDATE api_keys SET revoked = strftime('%Y-%m-%dT%H:%M:%SZ', 'now') WHERE id = ?",
                    (key_id,))
-    ws.audit("key-revoke", id=key_id)
-    return next(k for k in list_keys(ws) if k.id == key_id)
+        row = db.execute("SELECT id, name, created, revoked FROM api_keys WHERE id = ?",
+                         (key_id,)).fetchone()
+    return KeyInfo(*row)
+
+
+def _revoked_row(ws: Workspace, name_or_id: str) -> KeyInfo | None:
+    with _db(ws) as db:
+        row = db.execute("SELECT id, name, created, revoked FROM api_keys WHERE (name = ? OR id = ?)"
+                         " AND revoked IS NOT NULL ORDER BY revoked DESC LIMIT 1",
+                         (name_or_id, name_or_id)).fetchone()
+    return None if row is None else KeyInfo(*row)
+
+
+def revoke(ws: Workspace, name_or_id: str) -> KeyInfo:
+    """Revoke an active key by name or id; works on a full disk while the reserve lasts."""
+    hint = _stop_server_hint(ws)
+    attempts: list[int] = []
+
+    def attempt() -> KeyInfo:
+        attempts.append(1)
+        try:
+            return _revoke_row(ws, name_or_id)
+        except NotFoundError:
+            # the first try may have committed before the disk filled: then the key is revoked
+            done = _revoked_row(ws, name_or_id) if len(attempts) > 1 else None
+            if done is None:
+                raise
+            return done
+
+    info = ws.even_when_full(attempt, hint=hint)
+    ws.even_when_full(lambda: ws.audit("key-revoke", id=info.id),
+                      hint=f"the key is revoked (from the next request on); {FREE_LATER}")
+    return info
 
 
 def list_keys(ws: Workspace) -> list[KeyInfo]:

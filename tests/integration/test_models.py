@@ -213,12 +213,12 @@ def test_cli_models_lifecycle(tmp_path: Path, tiny_llama: Path) -> None:
     show = _cli("--home", home, "models", "show", "tiny", "--verify")
     assert show.returncode == 0 and "sha256 verified" in show.stdout
     again = _cli("--home", home, "models", "import", str(tiny_llama), "--name", "tiny")
-    assert again.returncode == 2 and "Already exists" in again.stderr
+    assert again.returncode == 5 and "Already exists" in again.stderr
     refused = _cli("--home", home, "models", "rm", "tiny")  # no tty, no --yes
     assert refused.returncode == 2 and "--yes" in refused.stderr
     assert _cli("--home", home, "models", "rm", "tiny", "--yes").returncode == 0
     missing = _cli("--home", home, "models", "show", "tiny")
-    assert missing.returncode == 2 and "no model named 'tiny'" in missing.stderr
+    assert missing.returncode == 4 and "no model named 'tiny'" in missing.stderr
 
 
 def test_cli_reports_a_changed_byte(tmp_path: Path, tiny_llama: Path) -> None:
@@ -228,7 +228,7 @@ def test_cli_reports_a_changed_byte(tmp_path: Path, tiny_llama: Path) -> None:
     text = config.read_text()
     config.write_text(text.replace('"llama"', '"llamb"'))
     out = _cli("--home", str(home), "models", "show", "t", "--verify")
-    assert out.returncode == 2 and "content changed (sha256 mismatch): config.json" in out.stderr
+    assert out.returncode == 5 and "content changed (sha256 mismatch): config.json" in out.stderr
 
 
 def test_cli_imports_a_gguf_file_by_path(tmp_path: Path) -> None:
@@ -242,3 +242,224 @@ def test_cli_imports_a_gguf_file_by_path(tmp_path: Path) -> None:
     assert data["config"]["source"]["sha256"] == stack.DEFAULT_MODEL_SHA256
     assert data["info"]["tokenizer_parity"]["checked"] is True
     assert (home / "models" / "g" / "gguf" / stack.DEFAULT_MODEL_FILE).is_file()
+
+
+# -- links inside an imported folder (never followed out of it) ---------------------------------
+def _nothing_of(workspace: Workspace, secret: bytes) -> bool:
+    """No file in the workspace holds `secret` (a copied link target would)."""
+    files = [p for p in workspace.root.rglob("*") if p.is_file()] if workspace.root.exists() else []
+    return not any(secret in p.read_bytes() for p in files)
+
+
+@pytest.mark.parametrize("target", ["/etc/shadow", "secret"])
+def test_a_link_out_of_the_folder_is_refused_naming_file_and_target(
+        workspace: Workspace, tiny_llama: Path, tmp_path: Path, target: str) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"root:$6$not-a-real-hash:19000::::::")
+    pointed = Path(target) if target.startswith("/") else secret
+    (tiny_llama / "extra.txt").symlink_to(pointed)
+    with pytest.raises(RefusedError) as err:
+        models.import_path(workspace, tiny_llama)
+    assert "extra.txt" in str(err.value) and str(pointed) in str(err.value)
+    assert workspace.list("model") == []
+    assert _nothing_of(workspace, secret.read_bytes())
+
+
+def test_a_weight_file_linked_from_outside_is_refused(workspace: Workspace, tiny_llama: Path,
+                                                     tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    weights = (tiny_llama / "model.safetensors").rename(outside / "model.safetensors")
+    (tiny_llama / "model.safetensors").symlink_to(weights)
+    with pytest.raises(RefusedError, match=r"model\.safetensors.*elsewhere"):
+        models.import_path(workspace, tiny_llama)
+    assert workspace.list("model") == []
+
+
+def test_a_dangling_link_is_refused(workspace: Workspace, tiny_llama: Path) -> None:
+    (tiny_llama / "notes.md").symlink_to(tiny_llama / "gone.md")
+    with pytest.raises(RefusedError, match=r"notes\.md"):
+        models.import_path(workspace, tiny_llama)
+
+
+def _hf_cache(tmp_path: Path, folder: Path, repo: str = "models--org--Tiny-Chat") -> Path:
+    """`folder` laid out as the Hugging Face hub cache does: snapshots/<rev>/<file> are relative
+    links to blobs/<sha256>; returns the snapshot folder."""
+    import hashlib
+
+    root = tmp_path / "hub" / repo
+    blobs, snapshot = root / "blobs", root / "snapshots" / "0123abcd"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for path in sorted(folder.iterdir()):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        os.replace(path, blobs / digest)
+        (snapshot / path.name).symlink_to(Path("..") / ".." / "blobs" / digest)
+    return snapshot
+
+
+def test_a_hugging_face_cache_snapshot_imports_as_regular_private_files(
+        workspace: Workspace, tiny_llama: Path, tmp_path: Path) -> None:
+    snapshot = _hf_cache(tmp_path, tiny_llama)
+    record = models.import_path(workspace, snapshot)
+    assert record.name == "tiny-chat"  # named after the repo, not the revision hash
+    data = manifest.verify(record.path)
+    assert "model.safetensors" in data["files"] and "config.json" in data["files"]
+    for rel in data["files"]:
+        path = record.path / rel
+        assert not path.is_symlink()
+        assert os.stat(path).st_mode & 0o077 == 0, f"{rel} is readable by others"
+
+
+def test_a_cache_link_that_leaves_the_repo_is_refused(workspace: Workspace, tiny_llama: Path,
+                                                      tmp_path: Path) -> None:
+    snapshot = _hf_cache(tmp_path, tiny_llama)
+    other = tmp_path / "hub" / "models--someone--else" / "blobs"
+    other.mkdir(parents=True)
+    (other / "x").write_text("not this repo's")
+    (snapshot / "extra.txt").symlink_to(Path("..") / ".." / ".." / "models--someone--else" / "blobs" / "x")
+    with pytest.raises(RefusedError, match=r"extra\.txt"):
+        models.import_path(workspace, snapshot)
+
+
+def test_copied_files_are_private(workspace: Workspace, tiny_llama: Path) -> None:
+    for path in tiny_llama.iterdir():
+        path.chmod(0o644)
+    record = models.import_path(workspace, tiny_llama, name="tiny")
+    modes = {p.name: os.stat(p).st_mode & 0o777 for p in record.path.rglob("*")}
+    assert modes and all(mode & 0o077 == 0 for mode in modes.values()), modes
+
+
+# -- config.json against the tensors -------------------------------------------------------------
+def _edit_config(folder: Path, **fields: object) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(fields)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_a_hidden_size_that_disagrees_with_the_tensors_is_refused(workspace: Workspace,
+                                                                 tmp_path: Path) -> None:
+    from tests.conftest import TINY_SHAPE, build_random_llama
+
+    folder = build_random_llama(tmp_path / "wide", **{**TINY_SHAPE, "hidden_size": 96})
+    _edit_config(folder, hidden_size=64)
+    with pytest.raises(ValidationError) as err:
+        models.import_path(workspace, folder)
+    message = str(err.value)
+    assert "model.embed_tokens.weight" in message and "[49152, 96]" in message
+    assert "hidden_size" in message and "config.json" in message
+    assert workspace.list("model") == []
+
+
+@pytest.mark.parametrize(("layers", "named"), [(4, "model.layers.2"), (1, "model.layers.1")])
+def test_a_layer_count_that_disagrees_with_the_tensors_is_refused(
+        workspace: Workspace, tiny_llama: Path, layers: int, named: str) -> None:
+    _edit_config(tiny_llama, num_hidden_layers=layers)  # the tensors hold layers 0 and 1
+    with pytest.raises(ValidationError) as err:
+        models.import_path(workspace, tiny_llama)
+    assert f"num_hidden_layers = {layers}" in str(err.value) and named in str(err.value)
+
+
+def _tiny(arch: str, folder: Path, **extra: object) -> Path:
+    """A tiny random model of a supported architecture, weights and config only."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cls = getattr(transformers, arch)
+    shape = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+    cls(cls.config_class(**{**shape, **extra})).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+ARCH_CASES = [
+    # architecture, extra config, edit that makes the config wrong, tensor named, field named
+    ("LlamaForCausalLM", {}, {"num_key_value_heads": 1}, "self_attn.k_proj.weight",
+     "num_key_value_heads"),
+    ("LlamaForCausalLM", {"tie_word_embeddings": False}, {"vocab_size": 300},
+     "model.embed_tokens.weight", "vocab_size"),
+    ("MistralForCausalLM", {}, {"intermediate_size": 128}, "mlp.gate_proj.weight",
+     "intermediate_size"),
+    ("Qwen2ForCausalLM", {"tie_word_embeddings": True}, {"num_attention_heads": 2, "head_dim": 16},
+     "self_attn.q_proj.weight", "num_attention_heads"),
+    ("Qwen3ForCausalLM", {"head_dim": 32}, {"head_dim": 16}, "self_attn.q_proj.weight", "head_dim"),
+    ("Phi3ForCausalLM", {"pad_token_id": 0}, {"num_key_value_heads": 4},
+     "self_attn.qkv_proj.weight", "num_key_value_heads"),
+    ("Phi3ForCausalLM", {"pad_token_id": 0}, {"intermediate_size": 64}, "mlp.gate_up_proj.weight",
+     "intermediate_size"),
+]
+
+
+@pytest.mark.parametrize(("arch", "extra", "edit", "tensor", "field"), ARCH_CASES)
+def test_the_tensor_check_knows_each_supported_architecture(
+        tmp_path: Path, arch: str, extra: dict, edit: dict, tensor: str, field: str) -> None:
+    folder = _tiny(arch, tmp_path / "m", **extra)
+    config = json.loads((folder / "config.json").read_text())
+    models.check_tensors(folder, config, [folder / "model.safetensors"])  # as saved: accepted
+    with pytest.raises(ValidationError) as err:
+        models.check_tensors(folder, {**config, **edit}, [folder / "model.safetensors"])
+    assert tensor in str(err.value) and field in str(err.value)
+
+
+def test_a_missing_output_layer_of_an_untied_model_is_refused(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = _tiny("LlamaForCausalLM", tmp_path / "m", tie_word_embeddings=False)
+    weights = load_file(str(folder / "model.safetensors"))
+    del weights["lm_head.weight"]
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    with pytest.raises(ValidationError, match=r"lm_head\.weight.*tie_word_embeddings"):
+        models.check_tensors(folder, config, [folder / "model.safetensors"])
+
+
+def test_tiny_qwen2_still_imports(workspace: Workspace, tiny_qwen2_source: Path) -> None:
+    record = models.import_path(workspace, tiny_qwen2_source, name="q")
+    assert record.summary["architecture"] == "Qwen2ForCausalLM"
+
+
+# -- tokenizer.model that is not SentencePiece ----------------------------------------------------
+def test_a_gguf_posing_as_tokenizer_model_is_left_out_when_tokenizer_json_is_complete(
+        workspace: Workspace, tiny_llama: Path) -> None:
+    _write_gguf(tiny_llama / "tokenizer.model", "llama")  # what transformers saves from a GGUF
+    said: list[str] = []
+    record = models.import_path(workspace, tiny_llama, name="t", say=said.append)
+    data = manifest.verify(record.path)
+    assert "tokenizer.model" not in data["files"]
+    assert data["info"]["left_out"] == [{"file": "tokenizer.model", "reason": pytest.approx(
+        data["info"]["left_out"][0]["reason"])}]
+    assert "GGUF" in data["info"]["left_out"][0]["reason"]
+    assert any("tokenizer.model" in line and "left out" in line for line in said), said
+
+
+def test_a_gguf_posing_as_tokenizer_model_is_refused_without_tokenizer_json(
+        workspace: Workspace, tiny_llama: Path) -> None:
+    _write_gguf(tiny_llama / "tokenizer.model", "llama")
+    (tiny_llama / "tokenizer.json").unlink()
+    with pytest.raises(ValidationError, match=r"tokenizer\.model.*not a SentencePiece model"):
+        models.import_path(workspace, tiny_llama)
+
+
+# -- progress of a GGUF import --------------------------------------------------------------------
+def test_a_gguf_import_reports_its_stages_and_counts_tensors(workspace: Workspace, tiny_llama: Path,
+                                                             tmp_path: Path) -> None:
+    from appliance import modelio
+    from export import gguf
+
+    made = gguf.convert(tiny_llama, tmp_path / "tiny.gguf", outtype="f32")
+    link = tmp_path / "cache" / "tiny-f32.gguf"  # a link named by the operator is followed
+    link.parent.mkdir()
+    link.symlink_to(made)
+    events: list[dict] = []
+    record = models.import_path(workspace, link, say=lambda _: None,
+                                progress=lambda done, total, **f: events.append(
+                                    {"done": done, "total": total, **f}))
+    assert record.name == "tiny-f32"
+    assert (record.path / "gguf" / "tiny-f32.gguf").is_file()
+    stages = list(dict.fromkeys(e["stage"] for e in events))
+    assert stages == ["read", "copy", "dequantize", "save", "tokenizer", "check", "hash"]
+    tensors = modelio.gguf_metadata(made)["_tensor_count"]
+    counted = [e for e in events if e["stage"] == "dequantize" and e["total"]]
+    assert counted and counted[-1]["done"] == counted[-1]["total"] == tensors
+    assert all(e["label"] for e in events)

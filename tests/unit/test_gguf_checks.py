@@ -82,3 +82,44 @@ def test_export_module_imports_no_heavy_library() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "[]"
+
+
+# -- what the converter sees --------------------------------------------------------------------
+def _sentencepiece_model() -> bytes:
+    import io
+
+    import sentencepiece as spm
+
+    lines = [f"the quick brown fox {i} jumps over the lazy dog" for i in range(200)]
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=out, vocab_size=40,
+                                   minloglevel=2)
+    return out.getvalue()
+
+
+def _merged_folder(tmp_path: Path, tokenizer_model: bytes) -> Path:
+    import json
+
+    folder = tmp_path / "merged"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    (folder / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": {"a": 0}}}))
+    (folder / "tokenizer.model").write_bytes(tokenizer_model)
+    return folder
+
+
+def test_the_converter_never_sees_a_tokenizer_model_that_is_not_sentencepiece(tmp_path: Path) -> None:
+    folder = _merged_folder(tmp_path, b"GGUF\x03\x00\x00\x00" + bytes(64))
+    with gguf._converter_source(folder, tmp_path) as source:
+        assert source != folder
+        assert not (source / "tokenizer.model").exists()
+        assert (source / "config.json").read_text() == (folder / "config.json").read_text()
+        assert (source / "tokenizer.json").read_text() == (folder / "tokenizer.json").read_text()
+    assert (folder / "tokenizer.model").exists()  # the model folder itself is never changed
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # the view is gone
+
+
+def test_a_sentencepiece_tokenizer_model_is_what_the_converter_reads(tmp_path: Path) -> None:
+    folder = _merged_folder(tmp_path, _sentencepiece_model())
+    with gguf._converter_source(folder, tmp_path) as source:
+        assert source == folder

@@ -56,4 +56,4 @@ def test_cli_create_list_revoke(workspace: Workspace, capsys: pytest.CaptureFixt
     listed = capsys.readouterr().out
     assert "ops" in listed and "active" in listed and key not in listed
     assert main(["--home", str(workspace.root), "keys", "revoke", "ops"]) == 0
-    assert main(["--home", str(workspace.root), "keys", "revoke", "ops"]) == 2
+    assert main(["--home", str(workspace.root), "keys", "revoke", "ops"]) == 4

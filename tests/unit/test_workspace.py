@@ -282,3 +282,36 @@ def test_check_name_accepts(name: str) -> None:
 def test_check_name_rejects_a_trailing_newline() -> None:
     with pytest.raises(ValidationError):
         check_name("x\n")
+
+
+# -- 11. a private workspace -----------------------------------------------------------------------
+def _modes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): os.lstat(p).st_mode & 0o777 for p in [root, *root.rglob("*")]}
+
+
+def _wide(modes: dict[str, int]) -> dict[str, str]:
+    return {rel: oct(mode) for rel, mode in modes.items() if mode & 0o077}
+
+
+def test_a_new_workspace_is_private(workspace: Workspace) -> None:
+    make(workspace, "m", {"a.bin": b"a", "sub/b.txt": b"b"})
+    workspace.audit("note", text="x")
+    with workspace.connect() as db:  # while a connection is open the WAL and its index exist
+        db.execute("SELECT count(*) FROM artifacts").fetchone()
+        modes = _modes(workspace.root)
+    assert {"appliance.db", "appliance.db-wal", "appliance.db-shm", "audit.log"} <= set(modes)
+    assert _wide(modes) == {}
+    assert modes["."] == modes["models"] == modes["models/m"] == 0o700
+    assert modes["appliance.db"] == modes["audit.log"] == 0o600
+
+
+def test_an_existing_workspace_is_tightened_when_opened(workspace: Workspace) -> None:
+    make(workspace, "m", {"a.bin": b"a", "sub/b.txt": b"b"})
+    for path in [workspace.root, *workspace.root.rglob("*")]:  # as an older version left it
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    assert _wide(_modes(workspace.root))
+
+    Workspace(workspace.root).ensure()
+    assert _wide(_modes(workspace.root)) == {}
+    assert manifest.verify(workspace.get("model", "m").path)["name"] == "m"  # still readable
+    make(workspace, "n", {"a.bin": b"a"})  # and writable
