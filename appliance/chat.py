@@ -2,6 +2,8 @@
 
 `render_and_mask` is the single function that turns `messages` into token ids and labels. Training
 uses it, dataset import measures lengths with it, and exports are checked against the same ids.
+Every render goes through the runtime's bounded `ChatTemplate` (transformers' semantics, but with
+limits on output, memory and work), never through transformers' unbounded Jinja environment.
 The loss mask keeps exactly the assistant tokens and the stop token that ends each assistant turn;
 everything else (system, user, the template's role headers, anything after the stop token such as a
 trailing newline) is -100.
@@ -27,7 +29,14 @@ ROLES = ("system", "user", "assistant")
 
 
 class TemplateError(ValidationError):
+    """A template that fails or is refused; `bound` names the render limit that stopped it, if any
+    (a `RenderLimits` field such as "output_chars")."""
+
     title = "Chat template problem"
+
+    def __init__(self, message: str, *, hint: str | None = None, bound: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.bound = bound
 
 
 @dataclass
@@ -43,26 +52,37 @@ class Rendered:
 
 
 def render(tokenizer: Any, messages: Sequence[dict[str, str]], *, generation_prompt: bool = False,
-           template: str | None = None) -> str:
+           template: str | None = None, origin: str | None = None) -> str:
+    """`tokenizer.apply_chat_template(messages, tokenize=False)`, rendered by the runtime's bounded
+    ChatTemplate (same environment, same variables, so the same text; transformers' own Jinja
+    environment has no bound on output or work, and a template is untrusted input). `origin` names
+    the template in errors (default: the tokenizer's folder)."""
+    from appliance.runtime.template import ChatTemplate, TemplateRenderError
+
+    origin = origin or ("the given chat template" if template is not None else
+                        f"the chat template of {getattr(tokenizer, 'name_or_path', '') or 'the tokenizer'}")
     try:
-        return tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=generation_prompt,
-            chat_template=template,
-        )
-    except Exception as exc:  # jinja errors, raise_exception() inside templates, ...
-        raise TemplateError(f"the chat template failed to render: {exc}") from exc
+        source = tokenizer.get_chat_template(template)
+    except ValueError as exc:  # no template at all, or a named one that does not exist
+        raise TemplateError(f"{origin}: {exc}") from None
+    try:
+        return ChatTemplate(source, tokenizer.special_tokens_map, origin=origin).render(
+            messages, generation_prompt=generation_prompt)
+    except TemplateRenderError as exc:
+        raise TemplateError(exc.message, hint=exc.hint, bound=exc.bound) from None
 
 
 def assistant_spans(tokenizer: Any, messages: Sequence[dict[str, str]], stop_tokens: Sequence[str],
-                    template: str | None = None) -> tuple[str, list[tuple[int, int]]]:
+                    template: str | None = None, origin: str | None = None
+                    ) -> tuple[str, list[tuple[int, int]]]:
     """The full text and, per assistant turn, the [start, end) characters trained on."""
-    full = render(tokenizer, messages, template=template)
+    full = render(tokenizer, messages, template=template, origin=origin)
     spans: list[tuple[int, int]] = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prefix = render(tokenizer, messages[:i], generation_prompt=True, template=template)
-        upto = render(tokenizer, messages[: i + 1], template=template)
+        prefix = render(tokenizer, messages[:i], generation_prompt=True, template=template, origin=origin)
+        upto = render(tokenizer, messages[: i + 1], template=template, origin=origin)
         if not (upto.startswith(prefix) and full.startswith(upto)):
             raise TemplateError(
                 f"the chat template is not prefix-stable at message {i} (assistant): rendering "
@@ -84,9 +104,10 @@ def assistant_spans(tokenizer: Any, messages: Sequence[dict[str, str]], stop_tok
 
 
 def render_and_mask(tokenizer: Any, messages: Sequence[dict[str, str]],
-                    stop_tokens: Sequence[str], template: str | None = None) -> Rendered:
+                    stop_tokens: Sequence[str], template: str | None = None,
+                    origin: str | None = None) -> Rendered:
     """Token ids of the rendered conversation and labels that train only assistant turns."""
-    text, spans = assistant_spans(tokenizer, messages, stop_tokens, template)
+    text, spans = assistant_spans(tokenizer, messages, stop_tokens, template, origin)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = list(encoded["input_ids"])
     labels = [IGNORE_INDEX] * len(ids)

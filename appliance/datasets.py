@@ -7,14 +7,24 @@ Forms (detected from the first record, or named with --format):
 - dolly:    {"instruction", "context" (optional), "response"} user = instruction [+ blank line + context]
 
 Every line is accounted for: kept, removed as an exact duplicate of an earlier conversation, or
-rejected with its line number and a reason (bad JSON, not UTF-8, missing field, unknown role, empty
-content, roles out of order, longer than the context, ...). The kept conversations are split into
-train/eval with a seeded shuffle, and measured in tokens with the chosen model's chat template.
+rejected with its line number and a reason (bad JSON, not UTF-8, text that is not valid Unicode,
+missing field, unknown role, empty content, roles out of order, longer than the context, ...). No
+single line can stop the import: whatever a line holds (a lone surrogate, 100,000 nested brackets, a
+5,000-digit number, a NUL byte, 500 MB without a newline), it is rejected on its own. The kept
+conversations are split into train/eval with a seeded shuffle, and measured in tokens with the
+chosen model's chat template.
+
+Huge lines cost little: `LengthCheck` knows the most bytes one token of the model's tokenizer can
+stand for, so a line longer than any conversation that fits the context could be as JSON is skipped
+while it is read (in bounded chunks, never held whole), and a rendered conversation whose text is
+longer than the context could hold is refused before it is tokenized.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import random
 import statistics
 from collections import Counter
@@ -24,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance import chat
-from appliance.errors import ValidationError
+from appliance.errors import NotFoundError, ValidationError
 from appliance.fsutil import sha256_file, write_jsonl
 from appliance.workspace import ArtifactRecord, Workspace, check_name, parent_ref, slugify
 
@@ -53,10 +63,33 @@ class ImportResult:
 
 
 # -- reading ---------------------------------------------------------------------------------
-def read_lines(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed object) for every line; rejected lines yield a `Rejected` instead."""
+_SKIP_CHUNK = 1 << 20
+
+
+def read_lines(path: Path, max_bytes: int | None = None) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) for every line; rejected lines yield a `Rejected` instead.
+
+    A line longer than `max_bytes` is not read into memory: it is skipped in 1 MiB chunks up to
+    its newline and rejected as too long.
+    """
+    limit = -1 if max_bytes is None else max_bytes + 1
     with open(path, "rb") as fh:
-        for number, raw in enumerate(fh, start=1):
+        for number in itertools.count(1):
+            raw = fh.readline(limit)
+            if not raw:
+                return
+            if max_bytes is not None and len(raw.rstrip(b"\n")) > max_bytes:
+                size = len(raw)
+                while not raw.endswith(b"\n"):
+                    raw = fh.readline(_SKIP_CHUNK)
+                    if not raw:
+                        break
+                    size += len(raw)
+                size -= raw.endswith(b"\n")
+                yield number, Rejected("too_long", f"line of {size:,} bytes: longer than any "
+                                       f"conversation that fits the context can be as JSON "
+                                       f"(at most {max_bytes:,} bytes); not parsed")
+                continue
             yield number, _parse_line(raw)
 
 
@@ -73,9 +106,22 @@ def _parse_line(raw: bytes) -> Any:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         return Rejected("bad_json", f"bad JSON: {exc.msg} (column {exc.colno})")
+    except RecursionError:
+        return Rejected("bad_json", "bad JSON: nested too deeply")
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        return Rejected("bad_json", f"bad JSON: {_short(str(exc), 120)}")
     if not isinstance(obj, dict):
         return Rejected("bad_json", f"bad JSON: expected an object, got {type(obj).__name__}")
     return obj
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _shown(value: Any) -> str:
+    """repr of a value from the file, cut short for a report line (escapes lone surrogates)."""
+    return _short(repr(value))
 
 
 def detect_form(obj: dict[str, Any]) -> str | None:
@@ -138,7 +184,7 @@ def _from_sharegpt(obj: dict[str, Any]) -> Messages:
             raise Rejected("wrong_type", f"turn {i} must be an object")
         who = _text(_field(msg, "from", where), "from", where)
         if who not in SHAREGPT_ROLES:
-            raise Rejected("unknown_role", f"unknown role {who!r}{where} (known: "
+            raise Rejected("unknown_role", f"unknown role {_shown(who)}{where} (known: "
                                            f"{', '.join(SHAREGPT_ROLES)})")
         out.append({"role": SHAREGPT_ROLES[who],
                     "content": _text(_field(msg, "value", where), "value", where)})
@@ -159,10 +205,11 @@ def check_conversation(messages: Messages) -> None:
         raise Rejected("missing_field", "the conversation has no messages")
     for i, msg in enumerate(messages, start=1):
         if msg["role"] not in chat.ROLES:
-            raise Rejected("unknown_role", f"unknown role {msg['role']!r} in message {i} "
+            raise Rejected("unknown_role", f"unknown role {_shown(msg['role'])} in message {i} "
                                            f"(known: {', '.join(chat.ROLES)})")
         if not msg["content"].strip():
             raise Rejected("empty_content", f"empty content in message {i} ({msg['role']})")
+        _check_unicode(msg["content"], i, msg["role"])
     start = 1 if messages[0]["role"] == "system" else 0
     for i, msg in enumerate(messages[start:], start=start):
         expected = "user" if (i - start) % 2 == 0 else "assistant"
@@ -176,6 +223,17 @@ def check_conversation(messages: Messages) -> None:
                                      "assistant message")
 
 
+def _check_unicode(text: str, i: int, role: str) -> None:
+    """JSON can spell a lone surrogate ("\\ud800"): a str no tokenizer can encode and no UTF-8
+    file can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise Rejected("bad_text", f"message {i} ({role}) is not valid Unicode text: a lone "
+                                   f"surrogate \\u{ord(text[exc.start]):04x} at character "
+                                   f"{exc.start + 1}") from None
+
+
 def convert(obj: dict[str, Any], form: str) -> Messages:
     messages = CONVERTERS[form](obj)
     check_conversation(messages)
@@ -184,27 +242,68 @@ def convert(obj: dict[str, Any], form: str) -> Messages:
 
 # -- the import ------------------------------------------------------------------------------
 class LengthCheck:
-    """Counts tokens with the model's template and rejects conversations over the limit."""
+    """Counts tokens with the model's template and rejects conversations over the limit.
+
+    The cheap bounds rest on one fact about the tokenizer: no token stands for more than
+    `token_bytes` bytes of text (the longest token in its vocabulary, decoded; tripled when the
+    tokenizer normalizes text first, since Unicode normalization can shrink text about 3x, e.g.
+    Hangul jamo composing into syllables). So a text of B bytes is at least B / token_bytes tokens:
+    - a rendered conversation longer than max_tokens * token_bytes bytes is refused untokenized;
+    - a file line is refused unread when it is longer than that text could be as JSON
+      (`max_line_bytes`: an escape such as \\u0001 spells one byte with six) plus 1 MiB for keys
+      and roles. This assumes the template renders each message's text, as chat templates do.
+    """
 
     def __init__(self, tokenizer: Any, max_tokens: int) -> None:
         self.tokenizer, self.max_tokens = tokenizer, max_tokens
+        self.token_bytes = longest_token_bytes(tokenizer)
+        self.max_text_bytes = max_tokens * self.token_bytes
+        self.max_line_bytes = 6 * self.max_text_bytes + (1 << 20)
 
     def __call__(self, messages: Messages) -> int:
+        self._check_bytes(sum(len(m["content"].encode("utf-8")) for m in messages), "message text")
         try:
-            n = chat.count_tokens(self.tokenizer, messages)
+            text = chat.render(self.tokenizer, messages)
         except chat.TemplateError as exc:
+            if exc.bound == "output_chars":
+                raise Rejected("too_long", f"longer than the context: {exc.message}") from None
             raise Rejected("template_error", f"the model's chat template rejects this "
                                              f"conversation: {exc.message}") from None
+        self._check_bytes(len(text.encode("utf-8")), "text")
+        try:
+            n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        except (TypeError, ValueError) as exc:  # text the tokenizer cannot take
+            raise Rejected("tokenizer_error", f"the model's tokenizer rejects this conversation: "
+                                              f"{_short(str(exc), 200)}") from None
         if n > self.max_tokens:
             raise Rejected("too_long", f"longer than the context: {n} tokens > {self.max_tokens}")
         return n
 
 
+    def _check_bytes(self, size: int, what: str) -> None:
+        if size > self.max_text_bytes:
+            raise Rejected("too_long", f"longer than the context: {size:,} bytes of {what} are at "
+                                       f"least {math.ceil(size / self.token_bytes):,} tokens > "
+                                       f"{self.max_tokens}")
+
+
+def longest_token_bytes(tokenizer: Any) -> int:
+    """The most bytes of text one token of `tokenizer` can stand for (see LengthCheck)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow tokenizer: its vocabulary strings, in UTF-8, bound their text
+        return 3 * max((len(t.encode("utf-8", "replace")) for t in tokenizer.get_vocab()), default=1)
+    ids = [[i] for i in range(backend.get_vocab_size(with_added_tokens=True))]
+    pieces = backend.decode_batch(ids, skip_special_tokens=False)
+    longest = max((len(p.encode("utf-8", "replace")) for p in pieces), default=1) + 1
+    return longest * (3 if backend.normalizer is not None else 1)
+
+
 def parse_file(path: Path, form: str, measure: Callable[[Messages], int],
-               progress: Callable[[int], None] | None = None) -> ImportResult:
+               progress: Callable[[int], None] | None = None, *,
+               max_line_bytes: int | None = None) -> ImportResult:
     result = ImportResult(form=form)
     seen: dict[str, int] = {}
-    for number, obj in read_lines(path):
+    for number, obj in read_lines(path, max_line_bytes):
         result.lines = number
         if progress and number % 200 == 0:
             progress(number)
@@ -230,9 +329,9 @@ def parse_file(path: Path, form: str, measure: Callable[[Messages], int],
 def _detect_or_reject(obj: dict[str, Any]) -> str:
     form = detect_form(obj)
     if form is None:
-        raise Rejected("missing_field", "cannot tell the format from the keys "
-                                        f"{sorted(obj)[:6]}; expected one of {', '.join(FORMS)} "
-                                        "(name it with --format)")
+        keys = ", ".join(_shown(k) for k in sorted(obj)[:6])
+        raise Rejected("missing_field", f"cannot tell the format from the keys [{keys}]; expected "
+                                        f"one of {', '.join(FORMS)} (name it with --format)")
     return form
 
 
@@ -293,6 +392,8 @@ def import_file(ws: Workspace, src: Path, model: ArtifactRecord, *, name: str | 
     from appliance.models import load_tokenizer
 
     src = src.expanduser().resolve()
+    if not src.exists():
+        raise NotFoundError(f"{src} does not exist", hint="give the path of a JSONL file")
     if not src.is_file():
         raise ValidationError(f"{src} is not a file")
     if form != "auto" and form not in FORMS:
@@ -303,7 +404,7 @@ def import_file(ws: Workspace, src: Path, model: ArtifactRecord, *, name: str | 
     limit = min(max_tokens or context, context)
     name = check_name(name or slugify(src.stem))
     measure = LengthCheck(load_tokenizer(model.path), limit)
-    result = parse_file(src, form, measure, progress)
+    result = parse_file(src, form, measure, progress, max_line_bytes=measure.max_line_bytes)
     train_rows, eval_rows = split(result.train, eval_fraction, seed)
     report = build_report(result, eval_rows, train_rows)
     if not train_rows:

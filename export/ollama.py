@@ -5,10 +5,18 @@ text/template given in the Modelfile's TEMPLATE (falling back to its own reading
 template otherwise). A TEMPLATE that renders a prompt even slightly different from the one the model
 was trained on degrades it silently, so the TEMPLATE is not guessed from the Jinja source:
 - A family's Go template (chatml, llama3, mistral) is emitted only if it renders exactly what the
-  model's Jinja template renders on probe conversations, with and without a system prompt and over
-  several turns. A small interpreter here executes the subset of Go's text/template those templates
-  use, and `render_ollama` feeds it what Ollama's chat endpoint would (consecutive messages of one
-  role merged, system text in .System).
+  model's Jinja template renders on probe conversations: with and without a system prompt, over
+  several turns, and with the edges where templates differ (leading and trailing spaces and
+  newlines, an empty system prompt, non-ASCII text). A small interpreter here executes the subset
+  of Go's text/template those templates use, and `render_ollama` feeds it what Ollama's chat
+  endpoint would (consecutive messages of one role merged, system text in .System).
+- Ollama's templates cannot trim text: Go's text/template has no trim function and Ollama adds only
+  json, currentDate, yesterdayDate and toTypeScriptType (template/template.go). A Jinja template
+  that trims messages (Llama 3: `message['content'] | trim`) can therefore only be matched for
+  messages that arrive trimmed. Such a match is kept, because without a TEMPLATE Ollama picks a
+  built-in template of its own, which does not trim either, but the Modelfile says exactly which
+  roles the model's template trims and that the prompts are the same only for text without
+  leading or trailing whitespace (`OllamaTemplate.trimmed_roles`).
 - A default system prompt the Jinja template inserts when none is given becomes the SYSTEM line.
 - Otherwise the Modelfile leaves TEMPLATE out and says so, and Ollama falls back to the template
   inside the GGUF.
@@ -270,31 +278,20 @@ def render_ollama(template: str, messages: Sequence[dict[str, str]]) -> str:
 
 
 # -- Ollama ---------------------------------------------------------------------------------------
-OLLAMA_TEMPLATES = {
-    "chatml": """{{- if .System }}<|im_start|>system
-{{ .System }}<|im_end|>
-{{ end }}
-{{- range $i, $_ := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1 }}
-{{- if ne .Role "system" }}<|im_start|>{{ .Role }}
+OLLAMA_TEMPLATES = {  # every message in place (an empty system prompt too), a trailing assistant open
+    "chatml": """{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}<|im_start|>{{ .Role }}
 {{ .Content }}
 {{- if or (ne .Role "assistant") (not $last) }}<|im_end|>
 {{ end }}
-{{- end }}
 {{- if and $last (ne .Role "assistant") }}<|im_start|>assistant
 {{ end }}
 {{- end }}""",
-    "llama3": """{{- if .System }}<|start_header_id|>system<|end_header_id|>
-
-{{ .System }}<|eot_id|>
-{{- end }}
-{{- range $i, $_ := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1 }}
-{{- if ne .Role "system" }}<|start_header_id|>{{ .Role }}<|end_header_id|>
+    "llama3": """{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}<|start_header_id|>{{ .Role }}<|end_header_id|>
 
 {{ .Content }}
 {{- if or (ne .Role "assistant") (not $last) }}<|eot_id|>
-{{- end }}
 {{- end }}
 {{- if and $last (ne .Role "assistant") }}<|start_header_id|>assistant<|end_header_id|>
 
@@ -302,9 +299,10 @@ OLLAMA_TEMPLATES = {
 {{- end }}""",
     "mistral": """{{- range $i, $_ := .Messages }}
 {{- $last := eq (len (slice $.Messages $i)) 1 }}
-{{- if eq .Role "user" }}[INST] {{ if and $.System $last }}{{ $.System }}
+{{- if eq .Role "user" }}[INST] {{ if $last }}{{ range $j, $m := slice $.Messages 0 1 }}
+{{- if eq $m.Role "system" }}{{ $m.Content }}
 
-{{ end }}{{ .Content }}[/INST]
+{{ end }}{{ end }}{{ end }}{{ .Content }}[/INST]
 {{- else if eq .Role "assistant" }} {{ .Content }}
 {{- if not $last }}</s>
 {{- end }}
@@ -319,7 +317,18 @@ _PROBES: tuple[list[dict[str, str]], ...] = (
      {"role": "user", "content": "Another one?\nJust one word."}],
     [{"role": "system", "content": PROBE_SYSTEM}, {"role": "user", "content": "Name a colour."},
      {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another one?"}],
+    # the edges: padded text (spaces, tabs, newlines), an empty system prompt, non-ASCII text
+    [{"role": "user", "content": "  Hello. \n"}],
+    [{"role": "system", "content": "\n You answer briefly.\t"}, {"role": "user", "content": "\tHi\n\n"}],
+    [{"role": "user", "content": " Name a colour."}, {"role": "assistant", "content": "\nBlue. "},
+     {"role": "user", "content": "Another one? \n"}],
+    [{"role": "system", "content": ""}, {"role": "user", "content": "Hello."}],
+    [{"role": "user", "content": "Ça va ? 😀 東京 مرحبا e\u0301"}, {"role": "assistant", "content": "Oui ✓"},
+     {"role": "user", "content": "\u00a0Et\u200b toi ?\u00a0"}],
 )
+_ROLE_SETS: tuple[tuple[str, ...], ...] = (  # which roles the Jinja template may trim, fewest first
+    (), ("assistant",), ("user",), ("system",), ("user", "assistant"), ("system", "assistant"),
+    ("system", "user"), ("system", "user", "assistant"))
 
 
 @dataclass(frozen=True)
@@ -327,6 +336,8 @@ class OllamaTemplate:
     family: str
     template: str
     system: str | None  # the system prompt the Jinja template inserts when none is given
+    # roles whose text the Jinja template trims: the prompts match only if clients send them trimmed
+    trimmed_roles: tuple[str, ...] = ()
 
 
 def _jinja(render: Render, messages: list[dict[str, str]], strip: str | None) -> str | None:
@@ -352,13 +363,20 @@ def _default_system(template: str, render: Render, strip: str | None) -> tuple[b
     return False, None
 
 
-def _matches(template: str, render: Render, strip: str | None) -> tuple[bool, str | None]:
+def _trimmed(messages: list[dict[str, str]], roles: tuple[str, ...]) -> list[dict[str, str]]:
+    """What a client sends when it trims the text of `roles` (Jinja's trim is Python's str.strip)."""
+    return [{**m, "content": m["content"].strip()} if m["role"] in roles else m for m in messages]
+
+
+def _matches(template: str, render: Render, strip: str | None,
+             roles: tuple[str, ...]) -> tuple[bool, str | None]:
     ok, system = _default_system(template, render, strip)
     if not ok:
         return False, None
     for probe in _PROBES:
         has_system = any(m["role"] == "system" for m in probe)
-        sent = probe if has_system or system is None else [{"role": "system", "content": system}, *probe]
+        sent = _trimmed(probe, roles)
+        sent = sent if has_system or system is None else [{"role": "system", "content": system}, *sent]
         if _jinja(render, probe, strip) != render_ollama(template, sent):
             return False, None
     return True, system
@@ -367,11 +385,14 @@ def _matches(template: str, render: Render, strip: str | None) -> tuple[bool, st
 def ollama_template(render: Render, *, strip_prefix: str | None = None) -> OllamaTemplate | None:
     """The Ollama template family that renders exactly what `render` (the model's Jinja template
     with add_generation_prompt) renders on the probe conversations, or None. `strip_prefix` is a
-    BOS text the Jinja template writes but the runtime adds as a token instead."""
-    for family, template in OLLAMA_TEMPLATES.items():
-        ok, system = _matches(template, render, strip_prefix)
-        if ok:
-            return OllamaTemplate(family, template, system)
+    BOS text the Jinja template writes but the runtime adds as a token instead. When the Jinja
+    template trims some roles' text, the match holds for that text sent trimmed, and
+    `trimmed_roles` says which roles."""
+    for roles in _ROLE_SETS:  # an exact match first; then the fewest roles trimmed
+        for family, template in OLLAMA_TEMPLATES.items():
+            ok, system = _matches(template, render, strip_prefix, roles)
+            if ok:
+                return OllamaTemplate(family, template, system, roles)
     return None
 
 
@@ -390,6 +411,19 @@ def _triple(value: str, what: str) -> str:
 
 def _number(value: Any) -> str:
     return str(value) if isinstance(value, int) else f"{float(value):g}"
+
+
+def _claim(template: OllamaTemplate) -> str:
+    """What the TEMPLATE line may claim, as Modelfile comment text."""
+    if not template.trimmed_roles:
+        return (f"renders the same prompts as the model's Jinja template (checked on {len(_PROBES)} "
+                "conversations,\n#   including messages with leading and trailing whitespace, an empty "
+                "system prompt and non-ASCII text).")
+    roles = ", ".join(template.trimmed_roles)
+    return ("renders the same prompts as the model's Jinja template only for messages without leading "
+            f"or trailing whitespace:\n#   the Jinja template trims {roles} messages (| trim) and "
+            "Ollama's Go templates have no trim function,\n#   so send that text trimmed (as Python's "
+            "str.strip() does) to get the prompts the model was trained on.")
 
 
 def generation_parameters(model_dir: Path) -> dict[str, Any]:
@@ -414,7 +448,7 @@ def modelfile_text(gguf_name: str, *, template: OllamaTemplate | None, stop_toke
         lines += ["# TEMPLATE left out: the model's chat template is not one the appliance can translate",
                   "# exactly, so Ollama uses the chat template stored in the GGUF (tokenizer.chat_template)."]
     else:
-        lines += [f"# TEMPLATE: {template.family}; renders the same prompts as the model's Jinja template.",
+        lines += [f"# TEMPLATE: {template.family}; {_claim(template)}",
                   f"TEMPLATE {_triple(template.template, 'template')}"]
         if template.system is not None:
             lines += ["# SYSTEM: the default system prompt the model's template adds when none is given.",

@@ -1,9 +1,10 @@
 """The GGUF chat engine: llama-cpp-python, CPU or GPU offload, llama.cpp's own sampler chain.
 
 Why it is built this way:
-- Sampling is llama.cpp's sampler chain (C API: penalties -> top-k -> top-p -> temperature ->
-  dist, or penalties -> greedy), built per generation from `Sampling`, so the knobs mean what
-  they mean in llama.cpp and `appliance.runtime.sampling` mirrors them for ONNX. The penalty
+- Sampling is llama.cpp's sampler chain (C API: logit bias -> penalties -> top-k -> top-p ->
+  temperature -> dist, or logit bias -> penalties -> greedy), built per generation from
+  `Sampling`, so the knobs mean what they mean in llama.cpp and `appliance.runtime.sampling`
+  mirrors them for ONNX. The penalty
   window is fed the prompt's last 64 tokens first (llama-cpp-python's `generate` would only see
   generated ones), and the dist sampler takes the seed, so a seed reproduces a generation.
 - The KV cache is reused across turns: a new prompt that starts with what the context already
@@ -36,8 +37,9 @@ from typing import Any, BinaryIO
 from appliance.errors import ApplianceError, IntegrityError, ValidationError
 from appliance.runtime.engine import DEFAULT_MAX_CONTEXT, Artifact, EngineBase, Sampling, default_threads
 from appliance.runtime.sampling import PENALTY_WINDOW
-from appliance.runtime.template import ChatTemplate
+from appliance.runtime.template import ChatTemplate, TemplateRenderError, check_gguf_templates
 
+_REEXPORT = "the file is truncated or not a model llama.cpp supports; export it again"
 # GGUF value types -> byte sizes of the fixed-size ones (8 = string, 9 = array)
 _SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _INTS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q"}
@@ -128,16 +130,23 @@ class LlamaEngine(EngineBase):
         self.threads = threads or default_threads()
         self._llm: Any = None
         try:
+            check_gguf_templates(self.path)  # Llama() compiles them with unbounded Jinja
+        except TemplateRenderError:
+            raise
+        except ValidationError as exc:  # not a readable GGUF header
+            raise IntegrityError(f"llama.cpp cannot load it: {exc.message}", hint=_REEXPORT) from None
+        try:
             self._llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=self.context_length,
                                         n_threads=self.threads, n_threads_batch=self.threads,
                                         n_gpu_layers=layers, logits_all=False, verbose=False)
         except ValueError as exc:
             raise IntegrityError(f"{self.path}: llama.cpp cannot load it: {exc}",
-                                 hint="the file is truncated or not a model llama.cpp supports; "
-                                      "export it again") from None
+                                 hint=_REEXPORT) from None
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
+        self.vocab_size = int(self._llm.n_vocab())
         self._reuse = not llama_cpp.llama_model_is_recurrent(self._llm.model)
-        self.template = ChatTemplate(self._chat_template(), self._special_tokens())
+        self.template = ChatTemplate(self._chat_template(), self._special_tokens(),
+                                     origin=f"{self.path}: tokenizer.chat_template")
         self.stop_ids = frozenset(self._recorded_stop_ids())
 
     def _chat_template(self) -> str:
@@ -204,8 +213,14 @@ class LlamaEngine(EngineBase):
         import llama_cpp
 
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        steps = [llama_cpp.llama_sampler_init_penalties(self._llm.n_vocab(), PENALTY_WINDOW,
-                                                        sampling.repeat_penalty, 0.0, 0.0)]
+        steps = []
+        if sampling.logit_bias:  # first, as llama.cpp's own sampler chain puts it (it copies the array)
+            biases = (llama_cpp.llama_logit_bias * len(sampling.logit_bias))(
+                *(llama_cpp.llama_logit_bias(token=t, bias=b) for t, b in sampling.logit_bias))
+            steps.append(llama_cpp.llama_sampler_init_logit_bias(
+                self.vocab_size, len(sampling.logit_bias), biases))
+        steps.append(llama_cpp.llama_sampler_init_penalties(self.vocab_size, PENALTY_WINDOW,
+                                                            sampling.repeat_penalty, 0.0, 0.0))
         if sampling.temperature == 0.0:
             steps.append(llama_cpp.llama_sampler_init_greedy())
         else:

@@ -82,8 +82,10 @@ class OnnxEngine(EngineBase):
         self.threads = threads or default_threads()
         self.lm = OnnxLM(self.folder, threads=self.threads, providers=providers)
         config = _read_json(self.folder / "tokenizer_config.json")
-        self.template = ChatTemplate(template_source(self.folder, config), special_tokens_from_config(config))
+        self.template = ChatTemplate(template_source(self.folder, config), special_tokens_from_config(config),
+                                     origin=f"{self.folder}: chat template")
         self.context_length = self._context(context_length)
+        self.vocab_size = int(self.lm.config.get("vocab_size") or self.lm.tokenizer.get_vocab_size())
         self.stop_ids = frozenset(self._stop_ids())
         self._cached: list[int] = []  # the ids whose keys/values self._cache holds
         self._cache = self.lm.empty_cache()

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from appliance import datasets
-from appliance.errors import ValidationError
+from appliance.errors import ExitCode, ValidationError
 from appliance.workspace import ArtifactRecord, Workspace
 
 pytestmark = pytest.mark.integration
@@ -114,7 +114,7 @@ def test_cli_end_to_end(model_workspace: tuple[Workspace, ArtifactRecord], tmp_p
     assert listed.returncode == 0, listed.stderr
     assert "mixed" in listed.stdout and "dolly" in listed.stdout
     missing = cli(ws, "data", "import", str(tmp_path / "absent.jsonl"), "--model", model.name)
-    assert missing.returncode == 2
+    assert missing.returncode == ExitCode.NOT_FOUND
     assert missing.stderr.startswith("error:") and "absent.jsonl" in missing.stderr
 
 
@@ -124,3 +124,33 @@ def test_shipped_dolly_sample(model_workspace: tuple[Workspace, ArtifactRecord])
     assert (report["form"], report["lines"], report["rejected"]) == ("dolly", 401, 0)
     assert report["train"] + report["eval"] == 401 == report["tokens"]["count"]
     assert len(datasets.load_rows(record, "train")) == report["train"]
+
+
+HUGE_LINE_BYTES = 50_000_000
+
+
+def test_bad_and_huge_lines_are_rejected_and_the_rest_imported(
+        model_workspace: tuple[Workspace, ArtifactRecord], smol_tokenizer: Any, tmp_path: Path) -> None:
+    """With the real tokenizer: a lone surrogate (was a tokenizer TypeError), 100,000 nested brackets
+    (was a RecursionError) and a 50 MB line (was tokenized whole: 198 s, 4.5 GB) are each rejected
+    with their line number and reason, and the other lines are imported."""
+    ws, model = model_workspace
+    path = tmp_path / "nasty.jsonl"
+    write(path, [LINES[0],
+                 b'{"instruction": "Say \\ud800", "response": "No."}',
+                 b'{"instruction": ' + b"[" * 100_000 + b"]" * 100_000 + b', "response": "x"}',
+                 LINES[3]])
+    huge = b'{"instruction": "' + b"x" * HUGE_LINE_BYTES + b'", "response": "R"}'
+    with open(path, "ab") as fh:
+        fh.write(huge + b"\n")
+        fh.write(json.dumps({"instruction": "Name a tree.", "response": "Oak."}).encode() + b"\n")
+    _, report = datasets.import_file(ws, path, model, eval_fraction=0)
+    codes = [(r["line"], r["code"]) for r in report["rejections"]]
+    assert codes == [(2, "bad_text"), (3, "bad_json"), (5, "too_long")]
+    reasons = [r["reason"] for r in report["rejections"]]
+    assert "lone surrogate \\ud800" in reasons[0] and "nested too deeply" in reasons[1]
+    assert reasons[2].startswith(f"line of {len(huge):,} bytes: longer than any")
+    assert report["kept"] == 3 and report["tokens"]["count"] == 3
+    rows = datasets.load_rows(ws.get("dataset", "nasty"))
+    assert [r["line"] for r in rows] == [1, 4, 6]
+    assert all(r["tokens"] == count(smol_tokenizer, r["messages"]) for r in rows)

@@ -61,3 +61,33 @@ def test_template_that_raises_becomes_a_template_error() -> None:
     template = "{{ raise_exception('no system role') }}"
     with pytest.raises(chat.TemplateError, match="no system role"):
         chat.render(make_tokenizer(template), [{"role": "system", "content": "hi"}])
+
+
+def test_render_is_bounded_before_transformers_would_render() -> None:
+    """Training, import and export render through the bounded ChatTemplate: a template bomb stops
+    at a named bound (transformers' environment built the 100 MB string, or 10 GB for 10**10)."""
+    bomb = make_tokenizer("{{ 'x' * 10**8 }}")
+    with pytest.raises(chat.TemplateError, match=r"chat template of .* \(limit value_size\)"):
+        chat.render(bomb, [{"role": "user", "content": "hi"}])
+    loops = "{% for a in range(99999) %}{% for b in range(99999) %}{% endfor %}{% endfor %}" + CHATML
+    with pytest.raises(chat.TemplateError, match=r"\(limit steps\)"):
+        chat.render_and_mask(make_tokenizer(loops), [{"role": "user", "content": "hi"},
+                                                     {"role": "assistant", "content": "hello"}],
+                             ["<|im_end|>"])
+    with pytest.raises(chat.TemplateError, match=r"^the given chat template .* \(limit value_size\)"):
+        chat.render(make_tokenizer(), [{"role": "user", "content": "hi"}], template="{{ 'x' * 10**9 }}")
+
+
+def test_render_gives_the_text_transformers_gives() -> None:
+    template = ("{{ bos_token }}{% for m in messages %}{{ additional_special_tokens[0] }} {{ m.role }} "
+                "{{ m.content | trim }} {{ eos_token }} {% endfor %}{% if add_generation_prompt %}"
+                "{{ additional_special_tokens[0] }} assistant {% endif %}{{ unk_token }}")
+    tokenizer = make_tokenizer({"default": template, "tool_use": "unused"})
+    tokenizer.bos_token = "<unk>"
+    messages = [{"role": "system", "content": " be  nice\n"}, {"role": "user", "content": "hi"}]
+    for prompt in (True, False):
+        expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+        assert chat.render(tokenizer, messages, generation_prompt=prompt) == expected
+    assert chat.count_tokens(tokenizer, messages) == len(tokenizer.apply_chat_template(messages))
+    with pytest.raises(chat.TemplateError, match="chat template"):
+        chat.render(make_tokenizer(None), messages)  # type: ignore[arg-type]

@@ -185,3 +185,122 @@ def test_length_stats() -> None:
     assert [h["count"] for h in hist] == [4, 0, 0, 0, 0, 0, 0, 0, 0, 1]
     assert sum(h["count"] for h in datasets.length_stats(list(range(37)))["histogram"]) == 37
     assert datasets.length_stats([]) == {"count": 0}
+
+
+# -- lines that once stopped the whole import ------------------------------------------------------
+NESTED = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+NASTY: list[tuple[bytes, str | None, str]] = [  # line, rejection code (None: kept), reason fragment
+    (b'{"messages": [{"role": "user", "content": "a\\ud800b"}, {"role": "assistant", "content": "x"}]}',
+     "bad_text", "message 1 (user) is not valid Unicode text: a lone surrogate \\ud800 at character 2"),
+    (b'{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "\\udfff"}]}',
+     "bad_text", "message 2 (assistant)"),
+    (b'{"messages": [{"role": "\\ud800", "content": "Q"}]}', "unknown_role", "'\\ud800'"),
+    (NESTED, "bad_json", "nested too deeply"),
+    (b'{"messages": [{"role": "user", "content": ' + b"[" * 500 + b"]" * 500 + b'}]}', "wrong_type",
+     "'content' in message 1 must be a string, got list"),
+    (b'{"messages": [], "n": ' + b"9" * 5000 + b"}", "bad_json", "bad JSON: "),
+    (b'{"messages": [{"role": "user", "content": 1' + b"0" * 400 + b'}]}', "wrong_type", "got int"),
+    (b'{"messages": [{"role": "user", "content": -1e999}]}', "wrong_type", "got float"),
+    (b'{"messages": [{"role": "user", "content": NaN}]}', "wrong_type", "got float"),
+    (msgs(("user", "Q1"), ("assistant", "R"))[:-1] + b', "score": NaN, "big": 1e999}', None, ""),
+    (b"\xef\xbb\xbf" + msgs(("user", "Q2"), ("assistant", "R")), None, ""),  # a BOM
+    (msgs(("user", "Q3"), ("assistant", "R")) + b"\r", None, ""),  # CRLF
+    (msgs(("user", "Q4\x00"), ("assistant", "R")).replace(b"\\u0000", b"\x00"), "bad_json",
+     "Invalid control character"),
+    (msgs(("user", "Q5\x00"), ("assistant", "R")), None, ""),  # an escaped NUL is text
+    (b"null", "bad_json", "expected an object, got NoneType"),
+    (b'"text"', "bad_json", "expected an object, got str"),
+    (b"3", "bad_json", "expected an object, got int"),
+    (b'{"messages": [{"role": "' + b"r" * 100_000 + b'", "content": "x"}]}', "unknown_role", "..."),
+]
+
+
+def test_any_bad_line_is_rejected_alone_and_the_rest_imported(tmp_path: Path) -> None:
+    lines = [GOOD, *(line for line, _, _ in NASTY), msgs(("user", "last"), ("assistant", "one"))]
+    result = datasets.parse_file(write(tmp_path, lines), "auto", words)
+    expected = [(i, code) for i, (_, code, _) in enumerate(NASTY, start=2) if code]
+    assert [(r["line"], r["code"]) for r in result.rejected] == expected
+    for rej, (_, code, fragment) in zip(result.rejected, [c for c in NASTY if c[1]], strict=True):
+        assert fragment in rej["reason"] and len(rej["reason"]) < 300, (code, rej["reason"][:300])
+    kept = [1, *(i for i, (_, code, _) in enumerate(NASTY, start=2) if code is None), len(lines)]
+    assert [r["line"] for r in result.train] == kept
+    assert result.train[-2]["messages"][0]["content"] == "Q5\x00"
+    rows = result.train + [{"rejected": r} for r in result.rejected]
+    (tmp_path / "out.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                        encoding="utf-8")  # everything kept or reported can be written
+
+
+def test_a_huge_line_is_skipped_unread_and_the_rest_imported(tmp_path: Path) -> None:
+    import tracemalloc
+
+    huge = b'{"instruction": "' + b"x" * 50_000_000 + b'", "response": "R"}'
+    path = write(tmp_path, [GOOD, huge, msgs(("user", "next"), ("assistant", "line")),
+                            msgs(("user", "y" * 1_000), ("assistant", "R"))])
+    with open(path, "ab") as fh:
+        fh.write(huge[:3_000_000])  # the last line, without a newline
+    seen: list[int] = []
+
+    def measure(messages: Messages) -> int:
+        seen.append(sum(len(m["content"]) for m in messages))
+        return 1
+
+    tracemalloc.start()
+    try:
+        result = datasets.parse_file(path, "auto", measure, max_line_bytes=2_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20, f"parsing held {peak:,} bytes"  # the 50 MB line was never held
+    assert [(r["line"], r["code"]) for r in result.rejected] == [(2, "too_long"), (5, "too_long")]
+    assert result.rejected[0]["reason"].startswith(f"line of {len(huge):,} bytes: longer than")
+    assert "(at most 2,000 bytes); not parsed" in result.rejected[0]["reason"]
+    assert result.rejected[1]["reason"].startswith("line of 3,000,000 bytes")  # no final newline
+    assert [r["line"] for r in result.train] == [1, 3, 4] and max(seen) < 2_000
+
+
+def test_line_length_bound_is_exact(tmp_path: Path) -> None:
+    line = b'{"instruction": "Q", "response": "R"}'
+    for limit, kept in ((len(line), True), (len(line) - 1, False)):
+        result = datasets.parse_file(write(tmp_path, [line]), "auto", words, max_line_bytes=limit)
+        assert bool(result.train) is kept
+
+
+class CountingTokenizer:
+    """A real tokenizer that counts how often it tokenizes."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.inner, self.calls = tokenizer, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_length_check_refuses_by_bytes_before_tokenizing() -> None:
+    from transformers import AutoTokenizer
+
+    from appliance import chat
+    from tests.conftest import TOKENIZER_DIR
+
+    tokenizer = CountingTokenizer(AutoTokenizer.from_pretrained(str(TOKENIZER_DIR)))
+    check = datasets.LengthCheck(tokenizer, 100)
+    # SmolLM2's longest token is 81 bytes (81 spaces after a newline); its NFC normalizer triples it
+    assert check.token_bytes == 3 * 82 and check.max_text_bytes == 100 * 246
+    assert check.max_line_bytes == 6 * 100 * 246 + 2**20
+    short = conv(("user", "Hi there"), ("assistant", "Hello"))
+    assert check(short) == chat.count_tokens(tokenizer.inner, short) and tokenizer.calls == 1
+    with pytest.raises(Rejected) as exc:
+        check(conv(("user", "x" * 30_000), ("assistant", "y")))
+    assert exc.value.code == "too_long" and tokenizer.calls == 1
+    assert exc.value.reason == ("longer than the context: 30,001 bytes of message text are at least "
+                                "122 tokens > 100")
+    with pytest.raises(Rejected) as exc:  # the message text fits, the rendered text does not
+        check(conv(("user", "x" * 24_590), ("assistant", "y")))
+    assert exc.value.code == "too_long" and tokenizer.calls == 1
+    assert exc.value.reason.endswith(" bytes of text are at least 101 tokens > 100")
+    with pytest.raises(Rejected) as exc:
+        check(conv(("user", "the cat " * 200), ("assistant", "y")))  # few bytes, too many tokens
+    assert exc.value.code == "too_long" and "tokens > 100" in exc.value.reason and tokenizer.calls == 2

@@ -294,3 +294,55 @@ def test_ollama_module_imports_no_heavy_library() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "[]"
+
+
+# -- whitespace edges: Ollama's Go templates cannot trim -------------------------------------------
+PADDED = [{"role": "system", "content": "\n Be terse.\t"}, {"role": "user", "content": "  hi \n"},
+          {"role": "assistant", "content": "\nHello! "}, {"role": "user", "content": " Ça va ? 😀 東京\u00a0\n\n"}]
+EMPTY_SYSTEM = [{"role": "system", "content": ""}, {"role": "user", "content": "Hello."}]
+
+
+def client_trimmed(messages: list[dict[str, str]], roles: tuple[str, ...]) -> list[dict[str, str]]:
+    return [{**m, "content": m["content"].strip()} if m["role"] in roles else m for m in messages]
+
+
+@pytest.mark.parametrize(("template", "strip", "trimmed"), [
+    ((FIXTURES / "smollm2-tokenizer" / "chat_template.jinja").read_text(), None, ()),
+    (QWEN25, None, ()),
+    (CHATML_PLAIN, None, ()),
+    (LLAMA3, "<|begin_of_text|>", ("system", "user", "assistant")),
+    (MISTRAL_V03, "<s>", ("assistant",)),
+], ids=["smollm2", "qwen2.5", "chatml", "llama3", "mistral-v0.3"])
+def test_padded_and_empty_messages_render_like_jinja(template: str, strip: str | None,
+                                                     trimmed: tuple[str, ...]) -> None:
+    """Leading/trailing spaces and newlines, an empty system prompt and non-ASCII text: the Go
+    template renders what the Jinja template renders, except that it cannot trim: a Jinja template
+    that trims (Llama 3's `| trim`) is matched only for trimmed messages, and says so."""
+    render = jinja(template, bos=strip or "<s>")
+    found = ollama.ollama_template(render, strip_prefix=strip)
+    assert found is not None and found.trimmed_roles == trimmed
+    convos = [PADDED, PADDED[1:], EMPTY_SYSTEM]
+    for convo in convos:
+        sent = convo if convo[0]["role"] == "system" or found.system is None else \
+            [{"role": "system", "content": found.system}, *convo]
+        expected = render(convo).removeprefix(strip or "")
+        assert ollama.render_ollama(found.template, client_trimmed(sent, trimmed)) == expected
+        if trimmed and convo is not EMPTY_SYSTEM:  # what Ollama renders from untrimmed text differs
+            assert ollama.render_ollama(found.template, sent) != expected
+    text = ollama.modelfile_text("m.gguf", template=found, stop_tokens=["</s>"])
+    if trimmed:
+        assert "only for messages without leading or trailing whitespace" in text
+        assert f"trims {', '.join(trimmed)} messages" in text
+    else:
+        assert "including messages with leading and trailing whitespace, an empty system prompt" in text
+    assert parse_modelfile(text)[1] == ("template", found.template)
+
+
+def test_a_template_that_trims_one_role_is_not_claimed_exact_for_others() -> None:
+    """A Jinja template that trims user text but keeps assistant text must not be matched as if it
+    trimmed everything."""
+    trims_user = CHATML_PLAIN.replace("message['content']", "(message['content'] | trim "
+                                      "if message['role'] == 'user' else message['content'])")
+    found = ollama.ollama_template(jinja(trims_user))
+    assert found is not None and found.trimmed_roles == ("user",)
+    assert ollama.render_ollama(found.template, client_trimmed(PADDED, ("user",))) == jinja(trims_user)(PADDED)

@@ -38,6 +38,14 @@ FEATURES = {  # each line uses one thing transformers' environment provides
                         "{{ m.content }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}",
     "namespace_and_prompt": "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
                             "{% endfor %}{{ ns.n }}{% if add_generation_prompt %}>{% endif %}",
+    "autoescape_block": "{% autoescape true %}<b>{{ messages[0].content }}</b>"
+                        "{{ '<i>' ~ messages[0].content }}{% set t %}<u>{{ messages[0].content }}</u>"
+                        "{% endset %}{{ t }}{% endautoescape %}"
+                        "<b>{{ messages[0].content ~ '&' }}</b>",
+    "filters_and_methods": "{% for m in messages %}{{ m.content | replace(' ', '_') | upper | indent(2) }}"
+                           "{{ [m.role, m.content] | join('|') }}{{ '%s:%d' | format(m.role, loop.index) }}"
+                           "{{ '{}/{}'.format(loop.index, loop.length) }}{{ m.content.split(' ') | length }}"
+                           "{{ (m.content * 2)[1:-1] }}{{ m.content | wordwrap(5) }}{% endfor %}",
 }
 
 
@@ -151,3 +159,144 @@ def test_stop_text_stops_inside_one_piece_and_ignores_the_rest() -> None:
     assert stop.push("one\n\ntwo") == "one" and stop.stopped
     assert stop.push("more") == "" and stop.flush() == ""
 
+
+
+# -- bounded rendering: a template is untrusted input that arrives with a model --------------------
+TEMPLATE_DIR = TOKENIZER_DIR.parent / "chat_templates"
+M = "messages[0].content"  # "hi": values the compiler cannot fold, so the render must stop them
+BOMBS = {  # template -> the RenderLimits field that must stop it
+    "{{ 'x' * 10**10 }}": "value_size",  # grew an import to 20.8 GB (folded at compile time)
+    f"{{{{ {M} * 10**10 }}}}": "value_size",
+    "{{ 10 ** (10 ** 10) }}": "int_bits",
+    f"{{{{ ({M}|length) ** (10 ** 10) }}}}": "int_bits",
+    "{% set r = range(99999) %}{% for a in r %}{% for b in r %}{% endfor %}{% endfor %}": "steps",
+    "{% for i in range(99999) recursive %}{% if loop.depth < 3 %}{{ loop(range(99999)) }}{% endif %}"
+    "{% endfor %}": "steps|cpu_seconds",  # ~2 us a step: on a loaded box the CPU bound may come first
+    f"{{% set ns = namespace(s={M}) %}}{{% for i in range(64) %}}{{% set ns.s = ns.s ~ ns.s %}}"
+    "{% endfor %}": "value_size",
+    f"{{% set ns = namespace(s={M}) %}}{{% for i in range(64) %}}{{% set ns.s = ns.s + ns.s %}}"
+    "{% endfor %}": "value_size",
+    f"{{% set s = {M} * 2000000 %}}{{% for i in range(99999) %}}{{{{ s }}}}{{% endfor %}}": "output_chars",
+    f"{{% set s = {M} * 2000000 %}}{{% set ns = namespace(l=[]) %}}{{% for i in range(999) %}}"
+    "{% set ns.l = ns.l + [s ~ i] %}{% endfor %}": "produced",
+    f"{{% set s = {M} * 2000000 %}}{{% for i in range(999) %}}{{% set t %}}{{{{ s }}}}{{{{ s }}}}"
+    "{% endset %}{% endfor %}": "produced",
+    f"{{% set ns = namespace(l=[{M}]) %}}{{% for i in range(64) %}}{{% set ns.l = [ns.l, ns.l] %}}"
+    "{% endfor %}{{ ns.l }}": "value_size",
+    f"{{% set s = {M} * 500000 %}}{{{{ ([s] * 1000) | join }}}}": "value_size",
+    f"{{{{ {M} | center(10000000000) }}}}": "value_size",
+    "{{ 'x' | center(1000000000) }}": "value_size",  # folded at compile time
+    f"{{{{ ({M} * 1000) | replace('', 'y' * 1000000) }}}}": "value_size",
+    f"{{{{ (({M} ~ '\\n') * 1000000) | indent(100) }}}}": "value_size",
+    f"{{{{ ({M} ~ '%999999999d') % 1 }}}}": "value_size",
+    f"{{{{ ({M} ~ '{{:>999999999}}').format(1) }}}}": "value_size",
+    f"{{{{ ({M} ~ '\t' * 1000000).expandtabs(1000) }}}}": "value_size",
+    "{{ messages | tojson(indent=100000000) }}": "value_size",
+    "{{ lipsum(100000, max=100000) }}": "value_size",
+    f"{{{{ {M} | slice(10000000) | list }}}}": "value_size",
+    "x" * ((1 << 20) + 1): "source_chars",
+}
+FOLDED = {"{{ 'x' * 10**10 }}", "{{ 10 ** (10 ** 10) }}", "{{ 'x' | center(1000000000) }}"}
+
+
+def test_template_bombs_stop_at_a_named_bound_with_little_memory() -> None:
+    """Each bomb, in a child limited to 2 GiB of address space: the render stops at the expected
+    bound (before the fix: MemoryError, or minutes of looping), and the child stays small."""
+    import subprocess
+    import sys
+
+    code = r'''
+import json, resource, signal, sys
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+resource.setrlimit(resource.RLIMIT_CPU, (300, 300))  # a bomb stuck in C (10 ** 10 ** 10) ends here
+def alarm(*_): raise TimeoutError("still rendering after 60 s")
+signal.signal(signal.SIGALRM, alarm)
+from appliance.runtime.template import ChatTemplate
+for bomb in json.loads(sys.stdin.read()):
+    signal.alarm(60)
+    try:
+        ChatTemplate(bomb).render([{"role": "user", "content": "hi"}])
+        result = "rendered"
+    except BaseException as exc:
+        result = f"{type(exc).__name__}: {str(exc)[:300]}"
+    signal.alarm(0)
+    print(json.dumps(result), flush=True)
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so it would report pytest's own peak
+print(json.dumps(int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1])))
+'''
+    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(list(BOMBS)), capture_output=True,
+                         text=True, timeout=1800, cwd=TOKENIZER_DIR.parents[2])
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(lines) == len(BOMBS) + 1, out.stderr[-2000:]
+    for (bomb, bound), result in zip(BOMBS.items(), lines, strict=False):
+        assert result.startswith("TemplateRenderError: the chat template ") and \
+            any(f"(limit {b})" in result for b in bound.split("|")), (bomb[:80], result)
+        assert ("is refused: the constant expression on line 1" in result) == (bomb in FOLDED), result
+    # The build budget is 256 Mi characters summed over a render: 280-575 MB peak seen (the
+    # allocator keeps freed strings' pages), against the 20.8 GB the issue measured.
+    assert lines[-1] < 1024 * 1024, f"peak RSS {lines[-1]} KiB"
+
+
+def test_limits_are_per_render_and_can_be_tightened() -> None:
+    from appliance.runtime.template_limits import RenderLimits
+
+    loop = "{% for m in messages %}{% for c in m.content %}{{ c }}{% endfor %}{% endfor %}"
+    tight = ChatTemplate(loop, limits=RenderLimits(steps=100), origin="my template")
+    assert tight.render([{"role": "user", "content": "x" * 30}]) == "x" * 30  # ~60 steps
+    assert tight.render([{"role": "user", "content": "x" * 30}]) == "x" * 30  # a fresh budget
+    with pytest.raises(TemplateRenderError, match=r"^my template was stopped .* \(limit steps\)"):
+        tight.render([{"role": "user", "content": "x" * 80}])
+    cpu = ChatTemplate("{% set s = 'ab' * 1000000 %}{% for i in range(99999) %}{% if 'zz' in s %}"
+                       "{% endif %}{% endfor %}", limits=RenderLimits(cpu_seconds=0.05))
+    with pytest.raises(TemplateRenderError, match=r"\(limit cpu_seconds\)"):
+        cpu.render([])
+
+
+def test_a_bounded_render_outside_render_fails_closed() -> None:
+    from appliance.runtime import template_limits
+
+    with pytest.raises(template_limits.RenderLimitError):
+        template_limits.current()
+
+
+def _long_conversation(turns: int, size: int) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": "Be brief."}]
+    for i in range(turns):
+        question = f"  question {i}: " + "naïve café 😀 " * (size // 14) + "\n"
+        messages += [{"role": "user", "content": question},
+                     {"role": "assistant", "content": f"answer {i} " + "x" * size}]
+    return [*messages, {"role": "user", "content": "last one?"}]
+
+
+@pytest.mark.parametrize("path", sorted(TEMPLATE_DIR.glob("*.jinja")), ids=lambda p: p.stem)
+def test_real_templates_render_long_conversations_like_transformers(path: Any) -> None:
+    """Llama-3.1/3.2 (with their tool branches), Qwen2.5/3, Phi-3.5 and Mistral Nemo over a
+    conversation of ~1M characters (a 128k-token context several times over): the same text as
+    transformers' own environment, and far from every limit."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    from appliance.runtime import template_limits
+
+    source = path.read_text()
+    variables = {"bos_token": "<s>", "eos_token": "</s>"}
+    messages = _long_conversation(700, 800)
+    expected = _compile_jinja_template(source).render(messages=messages, tools=None, documents=None,
+                                                      add_generation_prompt=True, **variables)
+    spent: list[template_limits.Budget] = []
+
+    class Recording(template_limits.Budget):
+        def __init__(self, limits: template_limits.RenderLimits) -> None:
+            super().__init__(limits)
+            spent.append(self)
+
+    template = ChatTemplate(source, variables)
+    original = template_limits.Budget
+    template_limits.Budget = Recording  # type: ignore[misc]
+    try:
+        assert template.render(messages) == expected
+    finally:
+        template_limits.Budget = original  # type: ignore[misc]
+    limits = template_limits.DEFAULT_LIMITS
+    assert len(expected) > 1_000_000
+    assert spent[0].steps < limits.steps / 50 and spent[0].produced < limits.produced / 10
+    assert len(expected) * 4 < limits.output_chars
