@@ -11,8 +11,10 @@ stay visible: when the interpreter, the package or the workspace lives under /ho
 
 Promises: a rendered unit has no placeholder left; the server listens on loopback unless the
 operator says `--allow-remote`, and then the unit's IP allow-list says the same; paths that a unit
-file cannot carry safely (spaces, quotes, `%`, `$`, ...) are refused, not escaped and hoped for.
-Only the standard library is imported here.
+file cannot carry safely (spaces, quotes, `%`, `$`, ...) are refused, not escaped and hoped for;
+the units never run as root (user or group) unless `--allow-root` says so, with a warning; the
+server's `LimitNOFILE` is its `--max-connections` plus `FD_RESERVE`, so the connection cap is
+reached before the descriptor limit. Only the standard library is imported here.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ApplianceError, ValidationError
+from appliance.errors import ApplianceError, NotFoundError, RefusedError, ValidationError
 from appliance.runtime import DEFAULT_PORT
+from appliance.runtime.limits import DEFAULT_MAX_CONNECTIONS, FD_RESERVE
 
 SERVER_UNIT = "appliance-server.service"
 JOB_UNIT = "appliance-job@.service"
@@ -69,6 +72,9 @@ class UnitConfig:
     allow_from: tuple[str, ...] = ()
     gpu: str = "auto"
     code_paths: tuple[Path, ...] = field(default_factory=lambda: code_paths())
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    protect_metrics: bool = False
+    allow_root: bool = False
 
 
 # -- what the units must see -------------------------------------------------------------------
@@ -149,7 +155,11 @@ def check_config(config: UnitConfig) -> None:
     _check_name(config.user, "--user")
     if config.group:
         _check_name(config.group, "--group")
+    _check_root(config)
     _check_artifacts(config.artifacts)
+    if not 1 <= config.max_connections <= 1_000_000:
+        raise ValidationError(f"--max-connections {config.max_connections} is out of range",
+                              hint=f"1 to 1000000 (default {DEFAULT_MAX_CONNECTIONS})")
     _check_address(config)
     if config.gpu not in GPU_CHOICES:
         raise ValidationError(f"--gpu {config.gpu!r} is not one of {', '.join(GPU_CHOICES)}",
@@ -178,6 +188,37 @@ def _check_name(name: str, flag: str) -> None:
     if not USER_RE.match(name):
         raise ValidationError(f"{flag} {name!r} is not a valid user or group name",
                               hint="use lower-case letters, digits, '_' or '-' (e.g. appliance)")
+
+
+def _is_root(user: str | None, group: str | None) -> bool:
+    """root by name, or an account or group with id 0 on this machine."""
+    import grp
+    import pwd
+
+    def uid(name: str) -> int | None:
+        try:
+            return pwd.getpwnam(name).pw_uid
+        except KeyError:
+            return None
+
+    def gid(name: str) -> int | None:
+        try:
+            return grp.getgrnam(name).gr_gid
+        except KeyError:
+            return None
+
+    return user == "root" or group == "root" or (user is not None and uid(user) == 0) or \
+        (group is not None and gid(group) == 0)
+
+
+def _check_root(config: UnitConfig) -> None:
+    if config.allow_root or not _is_root(config.user, config.group):
+        return
+    who = f"--user {config.user}" if _is_root(config.user, None) else f"--group {config.group}"
+    raise RefusedError(f"{who}: the units would run as root, and a server or a training job as "
+                       "root turns any flaw in them into a flaw of the whole machine",
+                       hint="use a dedicated unprivileged user (the default, appliance); if you "
+                            "must, add --allow-root")
 
 
 def _check_artifacts(artifacts: tuple[str, ...]) -> None:
@@ -229,7 +270,9 @@ def render(config: UnitConfig) -> dict[str, str]:
         "GROUP": config.group or config.user, "PROTECT_HOME": protect_home,
         "HOME_BINDS": "\n".join(binds), "DOCS": str(TEMPLATE_DIR / "README.md"),
         "ARTIFACTS": " ".join(config.artifacts), "HOST": config.host, "PORT": str(config.port),
-        "IP_ALLOW": ip_allow(config)}
+        "IP_ALLOW": ip_allow(config), "MAX_CONNECTIONS": str(config.max_connections),
+        "SERVE_FLAGS": " --protect-metrics" if config.protect_metrics else "",
+        "NOFILE": str(config.max_connections + FD_RESERVE)}
     return {unit: _fill(_template(unit), {**common, "DEVICES": device_lines(unit in gpu)})
             for unit in UNITS}
 
@@ -325,7 +368,9 @@ def config_from_args(args: argparse.Namespace) -> UnitConfig:
         workspace=workspace, user=args.user, group=args.group,
         artifacts=tuple(a for a in (args.artifacts or "").split(",") if a), host=args.host,
         port=args.port, allow_remote=args.allow_remote,
-        allow_from=tuple(c for c in (args.allow_from or "").split(",") if c), gpu=args.gpu)
+        allow_from=tuple(c for c in (args.allow_from or "").split(",") if c), gpu=args.gpu,
+        max_connections=args.max_connections, protect_metrics=args.protect_metrics,
+        allow_root=args.allow_root)
 
 
 def cmd_install(args: argparse.Namespace) -> int:
@@ -347,8 +392,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.dest:
         paths = [Path(args.dest) / name for name in UNITS]
         if missing := [str(p) for p in paths if not p.is_file()]:
-            raise ApplianceError(f"no unit file at {', '.join(missing)}", title="Not installed",
-                                 hint="`appliance systemd install --dest DIR` writes them")
+            raise NotFoundError(f"no unit file at {', '.join(missing)}", title="Not installed",
+                                hint="`appliance systemd install --dest DIR` writes them")
         return _report([analyze(p) for p in paths])
     config = config_from_args(args)
     if not config.artifacts:
@@ -412,12 +457,18 @@ def _url_host(host: str) -> str:
 
 def _warnings(config: UnitConfig) -> list[str]:
     lines = []
+    if _is_root(config.user, config.group):
+        lines.append("warning: the units run as root (--allow-root): the sandbox still applies, but "
+                     "a flaw in the server or a job is a flaw of the whole machine")
     if gpu := sorted(gpu_targets(config.gpu)):
         lines.append(f"note: {' and '.join(gpu)} may open the NVIDIA devices (--gpu {config.gpu})")
     if config.allow_remote:
         lines.append(f"note: --allow-remote: the server listens on {config.host} and its unit "
                      f"accepts IP traffic from {ip_allow(config)}; keep API keys on and a firewall "
                      "in front")
+        if not config.protect_metrics:
+            lines.append("note: /health and /metrics answer without a key (model names, request "
+                         "and token counts); install with --protect-metrics to put them behind one")
     if closed := closed_to_others(config, in_units=True):
         lines.append(f"warning: the service user cannot pass through {', '.join(map(str, closed))} "
                      "(no o+x): the units will not start; chmod o+rx them or install elsewhere")
@@ -450,6 +501,13 @@ def _add_render_options(p: argparse.ArgumentParser) -> None:
                    help="with --allow-remote: the only networks allowed in (default: any)")
     p.add_argument("--gpu", choices=GPU_CHOICES, default="auto",
                    help="units that may open the NVIDIA devices (auto: jobs, when the host has one)")
+    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
+                   help="the server's connection cap; LimitNOFILE is set to N + "
+                        f"{FD_RESERVE} (default {DEFAULT_MAX_CONNECTIONS})")
+    p.add_argument("--protect-metrics", action="store_true",
+                   help="the server's /health and /metrics need an API key too")
+    p.add_argument("--allow-root", action="store_true",
+                   help="let --user or --group be root (refused otherwise; not recommended)")
 
 
 def register(sub: Any) -> None:

@@ -7,10 +7,11 @@ imports (aiohttp, llama.cpp, onnxruntime) load only when `serve` runs.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
 
-from appliance.runtime import DEFAULT_PORT
+from appliance.runtime import DEFAULT_PORT, limits
 
 
 def _workspace(args: argparse.Namespace) -> Any:
@@ -24,8 +25,11 @@ def _options(args: argparse.Namespace) -> Any:
 
     return ServeOptions(tuple(args.artifacts), host=args.host, port=args.port, threads=args.threads,
                         context=args.context, queue=args.queue, max_tokens=args.max_tokens,
-                        max_body=args.max_body, allow_failed_parity=args.allow_failed_parity
-                        ).validated()
+                        max_body=args.max_body, allow_failed_parity=args.allow_failed_parity,
+                        header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
+                        body_timeout=args.body_timeout, max_connections=args.max_connections,
+                        max_connections_per_client=args.max_connections_per_client,
+                        protect_metrics=args.protect_metrics, log_level=args.log_level).validated()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -34,12 +38,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options, ws = _options(args), _workspace(args)
     if args.detach:
         return _detach(ws, options, args)
+    limits.configure_logging(options.log_level)
     srv = service.load(ws, options, lambda line: print(line, flush=True))
     active = [k for k in keys.list_keys(ws) if k.revoked is None]
     print(f"serving {', '.join(srv.engines)} at {service.url_for(args.host, args.port)}/v1 "
           f"({len(active)} active API key{'s' if len(active) != 1 else ''})", flush=True)
     _warnings(ws, options, args)
-    _run(srv)
+    service.serve_foreground(srv)
     return 0
 
 
@@ -65,25 +70,32 @@ def _warnings(ws: Any, options: Any, args: argparse.Namespace) -> None:
               f"`appliance{_home_flag(args)} keys create NAME`", flush=True)
     if not options.loopback:
         print(f"warning: listening on {options.host}, not only on this machine", file=sys.stderr)
-
-
-def _run(srv: Any) -> None:
-    from aiohttp import web
-
-    config = srv.config
-    web.run_app(srv.app(), host=config.host, port=config.port, handler_cancellation=True,
-                access_log=None, print=None, shutdown_timeout=5)
+        if not options.protect_metrics:
+            print("warning: /health and /metrics answer without a key (model names, request and "
+                  "token counts); --protect-metrics puts them behind a key", file=sys.stderr)
 
 
 def _home_flag(args: argparse.Namespace) -> str:
     return f" --home {args.home}" if args.home else ""
 
 
+def _key_row(info: Any) -> dict[str, Any]:
+    return {"id": info.id, "name": info.name, "created": info.created, "revoked": info.revoked,
+            "state": "revoked" if info.revoked else "active"}
+
+
 def cmd_keys_create(args: argparse.Namespace) -> int:
     from appliance.runtime import keys
 
-    key = keys.create(_workspace(args), args.name)
-    print(key)
+    ws = _workspace(args)
+    key = keys.create(ws, args.name)
+    if args.json:
+        key_id = key.split("_")[1]
+        info = next(k for k in keys.list_keys(ws) if k.id == key_id)
+        print(json.dumps({"id": info.id, "name": info.name, "key": key, "created": info.created},
+                         indent=2), flush=True)
+    else:
+        print(key, flush=True)
     print(f"API key {args.name!r} created. It is shown only now: store it; the workspace keeps only "
           "its hash.", file=sys.stderr)
     return 0
@@ -93,6 +105,9 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     from appliance.runtime import keys
 
     rows = keys.list_keys(_workspace(args))
+    if args.json:
+        print(json.dumps([_key_row(k) for k in rows], indent=2), flush=True)
+        return 0
     if not rows:
         print("(none)")
     for k in rows:
@@ -129,14 +144,45 @@ def register(sub: Any) -> None:
     p.add_argument("--detach", action="store_true",
                    help="run as a background job that outlives this shell (stop it with "
                         "`appliance jobs cancel ID`)")
+    _add_limits(p)
     p.set_defaults(func=cmd_serve)
 
     k = sub.add_parser("keys", help="create, list and revoke API keys for the server")
     ksub = k.add_subparsers(metavar="ACTION", required=True)
     p = ksub.add_parser("create", help="a new key (printed once; stored hashed)")
     p.add_argument("name")
+    p.add_argument("--json", action="store_true", help="print id, name, key and created as JSON")
     p.set_defaults(func=cmd_keys_create)
-    ksub.add_parser("list", help="keys and their state").set_defaults(func=cmd_keys_list)
+    p = ksub.add_parser("list", help="keys and their state")
+    p.add_argument("--json", action="store_true", help="print the keys as a JSON list")
+    p.set_defaults(func=cmd_keys_list)
     p = ksub.add_parser("revoke", help="revoke a key by name or id")
     p.add_argument("name")
     p.set_defaults(func=cmd_keys_revoke)
+
+
+def _add_limits(p: argparse.ArgumentParser) -> None:
+    """The connection limits and the logging of `serve` (docs/RUNTIME.md, "Connections")."""
+    g = p.add_argument_group("connections and logging")
+    g.add_argument("--header-timeout", type=float, default=limits.DEFAULT_HEADER_TIMEOUT, metavar="S",
+                   help="seconds for a whole request head, however slowly it comes "
+                        f"(default: {limits.DEFAULT_HEADER_TIMEOUT:g})")
+    g.add_argument("--idle-timeout", type=float, default=limits.DEFAULT_IDLE_TIMEOUT, metavar="S",
+                   help="seconds a connection may wait for its next request "
+                        f"(default: {limits.DEFAULT_IDLE_TIMEOUT:g})")
+    g.add_argument("--body-timeout", type=float, default=limits.DEFAULT_BODY_TIMEOUT, metavar="S",
+                   help=f"seconds for a request body (default: {limits.DEFAULT_BODY_TIMEOUT:g})")
+    g.add_argument("--max-connections", type=int, default=limits.DEFAULT_MAX_CONNECTIONS, metavar="N",
+                   help="open connections in total; a new one closes the longest idle one, else "
+                        f"gets 503 (default: {limits.DEFAULT_MAX_CONNECTIONS})")
+    g.add_argument("--max-connections-per-client", type=int, metavar="N",
+                   default=limits.DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+                   help="open connections per IPv4 address or IPv6 /64, 0 for no cap; at the cap "
+                        "the client's longest-waiting connection makes room, 503 only when all are "
+                        "busy (a reverse proxy is one client) "
+                        f"(default: {limits.DEFAULT_MAX_CONNECTIONS_PER_CLIENT})")
+    g.add_argument("--protect-metrics", action="store_true",
+                   help="/health and /metrics need an API key too (by default they answer anyone "
+                        "who can reach the server)")
+    g.add_argument("--log-level", choices=limits.LOG_LEVELS, default="info",
+                   help="info writes one access-log line per request (default: info)")

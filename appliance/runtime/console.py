@@ -331,20 +331,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m appliance.runtime.console chat ...`: the chat command without the whole CLI."""
+    """`python -m appliance.runtime.console chat ...`: the chat command without the whole CLI (the
+    same exit codes, and as quiet when the reader of its answers closes the pipe)."""
     from appliance import offline
-    from appliance.errors import ApplianceError
+    from appliance.cli import quiet_on_closed_pipe, run_command
 
     offline.install()
-    parser = argparse.ArgumentParser(prog="appliance")
-    parser.add_argument("--home", help="workspace directory")
-    register(parser.add_subparsers(metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except ApplianceError as exc:
-        _stderr(f"error: {exc.title}: {exc}")
-        return 2
+
+    def run() -> int:
+        parser = argparse.ArgumentParser(prog="appliance")
+        parser.add_argument("--home", help="workspace directory")
+        register(parser.add_subparsers(metavar="COMMAND", required=True))
+        return run_command(parser.parse_args(argv))
+
+    return quiet_on_closed_pipe(run)
 
 
 if __name__ == "__main__":

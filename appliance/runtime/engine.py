@@ -45,6 +45,9 @@ if TYPE_CHECKING:
     from appliance.workspace import Workspace
 
 MAX_STOP_STRINGS = 16
+MAX_LOGIT_BIAS = 1024  # entries of a logit_bias map
+MAX_TOKEN_ID_DIGITS = 10  # a logit_bias key longer than this is no token id (vocabularies have
+# < 2**32 entries); checked before int(), which refuses strings over 4,300 digits with ValueError
 SEED_MAX = 2**32 - 2  # llama.cpp reads 2**32 - 1 as "pick a random seed"
 DEFAULT_MAX_CONTEXT = 8192  # the KV cache is allocated up front: do not take a 128k context unasked
 FLAG = "--allow-failed-parity"
@@ -60,6 +63,10 @@ class Sampling:
     max_tokens: int | None = None  # None => the rest of the context
     seed: int | None = None
     stop: tuple[str, ...] = ()  # extra stop strings (text never includes them)
+    # (token id, bias) pairs added to the logits before anything else (OpenAI's logit_bias: -100
+    # bans a token in practice, +100 makes it the only choice); ids are checked against the
+    # engine's vocabulary when generating
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def validated(self) -> Sampling:
         """A normalized copy (floats as float, stop as a tuple); ValidationError naming the field
@@ -74,7 +81,7 @@ class Sampling:
             max_tokens=None if self.max_tokens is None else _integer(
                 "max_tokens", self.max_tokens, 1, None, "1 or more, or unset for the rest of the context"),
             seed=None if self.seed is None else _integer("seed", self.seed, 0, SEED_MAX, f"0 to {SEED_MAX}"),
-            stop=_stops(self.stop))
+            stop=_stops(self.stop), logit_bias=_logit_bias(self.logit_bias))
 
 
 def _number(name: str, value: Any, low: float, high: float, allowed: str, open_low: bool = False) -> float:
@@ -102,6 +109,45 @@ def _stops(value: Any) -> tuple[str, ...]:
     if len(stops) > MAX_STOP_STRINGS:
         raise ValidationError(f"stop has {len(stops)} strings", hint=f"stop: {allowed}")
     return tuple(stops)
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """OpenAI's map of token id (a JSON object's keys are strings) to a bias from -100 to 100, as
+    sorted (id, bias) pairs; ValidationError naming the entry otherwise."""
+    allowed = "logit_bias: an object mapping token ids to numbers from -100 to 100"
+    if value is None:
+        return ()
+    pairs = list(value.items()) if isinstance(value, dict) else value
+    if not isinstance(pairs, tuple | list) or not all(isinstance(p, tuple | list) and len(p) == 2
+                                                       for p in pairs):
+        raise ValidationError(f"logit_bias must be an object, not {value!r}"[:200], hint=allowed)
+    if len(pairs) > MAX_LOGIT_BIAS:
+        raise ValidationError(f"logit_bias has {len(pairs)} entries; at most {MAX_LOGIT_BIAS}",
+                              hint=allowed)
+    out: dict[int, float] = {}
+    for key, bias in pairs:
+        token = key if isinstance(key, int) and not isinstance(key, bool) else \
+            int(key) if isinstance(key, str) and key.isascii() and key.isdigit() \
+            and len(key) <= MAX_TOKEN_ID_DIGITS else None
+        if token is None or not 0 <= token < 10**MAX_TOKEN_ID_DIGITS:
+            raise ValidationError(f"logit_bias key {_shown(key)} is not a token id (0 or more, at "
+                                  f"most {MAX_TOKEN_ID_DIGITS} digits)", hint=allowed)
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+            message = f"logit_bias[{key!r}] is {bias!r}"[:120]
+            raise ValidationError(f"{message}; a bias is a number from -100 to 100", hint=allowed)
+        if token in out:
+            raise ValidationError(f"logit_bias names token {token} twice", hint=allowed)
+        out[token] = float(bias)
+    return tuple(sorted(out.items()))
+
+
+def _shown(key: Any) -> str:
+    """A short, safe rendering of a client's key (repr of a huge int raises ValueError too)."""
+    if isinstance(key, str):
+        return repr(key[:40]) + (f"... ({len(key)} characters)" if len(key) > 40 else "")
+    if isinstance(key, int) and not isinstance(key, bool) and key.bit_length() > 64:
+        return f"(an integer of {key.bit_length()} bits)"
+    return repr(key)[:60]
 
 
 @dataclass(frozen=True)
@@ -138,6 +184,7 @@ class ChatEngine(Protocol):
     name: str
     kind: str  # "gguf" | "onnx"
     context_length: int
+    vocab_size: int | None
 
     def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]: ...
 
@@ -157,6 +204,7 @@ class EngineBase:
     context_length: int
     template: ChatTemplate
     stop_ids: frozenset[int]
+    vocab_size: int | None = None  # token ids run 0 to vocab_size - 1 (logit_bias is checked)
 
     def __init__(self) -> None:
         self._busy = threading.Lock()
@@ -190,6 +238,15 @@ class EngineBase:
     def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
         return self._encode(self.render(messages))
 
+    def _check_bias(self, sampling: Sampling) -> None:
+        if self.vocab_size is None:
+            return
+        outside = [t for t, _ in sampling.logit_bias if t >= self.vocab_size]
+        if outside:
+            raise ValidationError(f"logit_bias names token {outside[0]}, outside the vocabulary of "
+                                  f"{self.name} (token ids 0 to {self.vocab_size - 1})",
+                                  hint="logit_bias: token ids of this model's tokenizer")
+
     def budget(self, prompt_tokens: int, max_tokens: int | None) -> int:
         """How many tokens may be generated; ContextOverflow when the request does not fit."""
         room = self.context_length - prompt_tokens
@@ -201,6 +258,7 @@ class EngineBase:
                  cancel: threading.Event | None = None) -> Iterator[Delta | Done]:
         """Validate now (errors before any output), then stream (see the module docstring)."""
         sampling = sampling.validated()
+        self._check_bias(sampling)
         ids = self.prompt_ids(messages)
         if not ids:
             raise ValidationError("the chat template rendered an empty prompt",

@@ -48,6 +48,8 @@ class Metrics:
         self.queued: dict[str, int] = defaultdict(int)  # waiting for the model's generation slot
         self.running: dict[str, int] = defaultdict(int)
         self.disconnects: dict[str, int] = defaultdict(int)
+        self.connections = 0  # open now
+        self.rejected: dict[str, int] = defaultdict(int)  # by reason: connections.ConnectionGuard
 
     def render(self) -> str:
         out: list[str] = []
@@ -58,6 +60,11 @@ class Metrics:
         self._counter(out, "appliance_client_disconnects_total",
                       "generations stopped because the client went away", ("model",),
                       {(k,): v for k, v in self.disconnects.items()})
+        self._counter(out, "appliance_connections_rejected_total",
+                      "connections and requests refused or closed by the server's limits, by reason",
+                      ("reason",), {(k,): v for k, v in self.rejected.items()})
+        out += ["# HELP appliance_connections_open client connections open now",
+                "# TYPE appliance_connections_open gauge", f"appliance_connections_open {self.connections}"]
         self._gauge(out, "appliance_queue_depth", "requests waiting for a generation slot", self.queued)
         self._gauge(out, "appliance_requests_running", "generations in progress", self.running)
         self._histogram(out, "appliance_request_seconds", "chat completion latency, end to end",

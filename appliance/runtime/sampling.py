@@ -2,12 +2,14 @@
 
 Why numpy and why this order: onnxruntime gives logits, not tokens, and the appliance promises the
 same knobs mean the same thing on both runtimes. llama.cpp's chain (as the llama engine builds it)
-is: repetition penalty -> top-k -> top-p -> temperature -> draw; greedy (temperature 0) is the
-penalty then argmax. The repetition penalty is CTRL's (a positive logit is divided by it, a
-negative one multiplied), applied once to every distinct token among the last `PENALTY_WINDOW`
-tokens, the prompt's included. top-p keeps the smallest set of most likely tokens whose
-probability (before temperature, as in llama.cpp) reaches p. The draw uses
-`np.random.default_rng(seed)`: a seed makes a whole generation reproducible.
+is: logit bias -> repetition penalty -> top-k -> top-p -> temperature -> draw; greedy
+(temperature 0) is the bias and the penalty, then argmax. The logit bias (OpenAI's `logit_bias`)
+is added to the raw logits, as llama.cpp's logit-bias sampler adds it. The repetition penalty is
+CTRL's (a positive logit is divided by it, a negative one multiplied), applied once to every
+distinct token among the last `PENALTY_WINDOW` tokens, the prompt's included. top-p keeps the
+smallest set of most likely tokens whose probability (before temperature, as in llama.cpp)
+reaches p. The draw uses `np.random.default_rng(seed)`: a seed makes a whole generation
+reproducible.
 
 Cost per token matters (the server must stay within 5% of the engine): the full vocabulary is
 only exponentiated once; top-k and top-p sort a small candidate set (argpartition), widening it
@@ -37,6 +39,15 @@ def apply_repeat_penalty(logits: np.ndarray, recent: Iterable[int], penalty: flo
     out = logits.copy()
     picked = out[ids]
     out[ids] = np.where(picked > 0, picked / penalty, picked * penalty)
+    return out
+
+
+def apply_logit_bias(logits: np.ndarray, ids: np.ndarray, biases: np.ndarray) -> np.ndarray:
+    """`biases` added to the logits of `ids`, on a copy (the caller's row is left alone)."""
+    if ids.size == 0:
+        return logits
+    out = logits.copy()
+    out[ids] += biases
     return out
 
 
@@ -91,8 +102,11 @@ class Sampler:
         self.penalty = float(sampling.repeat_penalty)
         self.recent: deque[int] = deque(history, maxlen=PENALTY_WINDOW)
         self.rng = np.random.default_rng(sampling.seed)
+        self.bias_ids = np.array([t for t, _ in sampling.logit_bias], dtype=np.int64)
+        self.biases = np.array([b for _, b in sampling.logit_bias], dtype=np.float32)
 
     def __call__(self, logits: np.ndarray) -> int:
+        logits = apply_logit_bias(logits, self.bias_ids, self.biases)
         logits = apply_repeat_penalty(logits, self.recent, self.penalty)
         token = int(np.argmax(logits)) if self.temperature == 0.0 else self._draw(logits)
         self.recent.append(token)

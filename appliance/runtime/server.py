@@ -14,8 +14,13 @@ Errors an engine raises before its first token (a prompt that does not fit the c
 stop string) arrive before any byte of the response is written, so even a streamed request gets a
 plain 400 for them.
 
-Limits: request bodies above `max_body` get 413; `max_tokens` above the server's cap gets 400; with
-no `max_tokens` the answer is capped at `max_tokens_default` (and by the context).
+Limits: request bodies above `max_body` get 413, and one that has not arrived within `body_timeout`
+408; `max_tokens` above the server's cap gets 400; with no `max_tokens` the answer is capped at
+`max_tokens_default` (and by the context). Connections have deadlines and caps of their own
+(`appliance.runtime.connections`, `appliance.runtime.limits`).
+
+Each request writes one access-log line (`appliance.access`, INFO): client, method, path, status,
+key name, model, prompt and completion tokens, seconds. Never the messages or the answer.
 """
 
 from __future__ import annotations
@@ -24,24 +29,29 @@ import asyncio
 import json
 import logging
 import secrets
+import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aiohttp import web
 
 from appliance.errors import ApplianceError, ValidationError
-from appliance.runtime import DEFAULT_PORT
+from appliance.runtime import DEFAULT_PORT, limits
+from appliance.runtime.connections import ConnectionGuard, GuardedRunner
 from appliance.runtime.engine import ChatEngine, ContextOverflow, Delta, Done, Sampling
 from appliance.runtime.keys import KeyChecker
 from appliance.runtime.metrics import Metrics
 
 log = logging.getLogger("appliance.server")
+access = logging.getLogger("appliance.access")
 MODEL_KEY = web.RequestKey("model_name", str)
-ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
+KEY_NAME = web.RequestKey("key_name", str)
+TOKENS = web.RequestKey("tokens", tuple)
+PROBES = ("/health", "/metrics")
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 UNSUPPORTED = {"tools": "tool calling", "tool_choice": "tool calling", "functions": "function calling",
                "function_call": "function calling", "logprobs": "logprobs", "top_logprobs": "logprobs",
@@ -57,20 +67,30 @@ class ServerConfig:
     max_tokens: int = 2048  # the most a request may ask for
     max_tokens_default: int = 512  # what a request without max_tokens gets
     queue: int = 16  # requests that may wait per model; one more gets 429
+    header_timeout: float = limits.DEFAULT_HEADER_TIMEOUT
+    idle_timeout: float = limits.DEFAULT_IDLE_TIMEOUT
+    body_timeout: float = limits.DEFAULT_BODY_TIMEOUT
+    max_connections: int = limits.DEFAULT_MAX_CONNECTIONS  # 0: no cap
+    max_connections_per_client: int = limits.DEFAULT_MAX_CONNECTIONS_PER_CLIENT  # 0: no cap
+    protect_metrics: bool = False  # /health and /metrics need a key too
 
 
 class ApiError(Exception):
     """An OpenAI-style error answer."""
 
     def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None, close: bool = False) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.close = close  # the connection cannot go on (a body left half-read)
 
     def response(self) -> web.Response:
         body = {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
-        return web.json_response(body, status=self.status)
+        response = web.json_response(body, status=self.status)
+        if self.close:
+            response.force_close()
+        return response
 
 
 @dataclass
@@ -156,6 +176,9 @@ def parse_sampling(body: dict[str, Any], config: ServerConfig) -> tuple[Sampling
     for name in ("frequency_penalty", "presence_penalty"):
         if _optional(body, name, (int, float), "a number") not in (None, 0, 0.0):
             raise ApiError(400, f"{name} is not supported; use repeat_penalty (1 = off)", param=name)
+    if body.get("logit_bias") is not None and not isinstance(body["logit_bias"], dict):
+        raise ApiError(400, "logit_bias must be an object mapping token ids to numbers from -100 "
+                       "to 100", param="logit_bias")
     fmt = body.get("response_format")
     if fmt not in (None, {"type": "text"}):
         raise ApiError(400, "response_format: only {\"type\": \"text\"} is supported",
@@ -173,7 +196,8 @@ def parse_sampling(body: dict[str, Any], config: ServerConfig) -> tuple[Sampling
     penalty = given("repeat_penalty", given("repetition_penalty", 1.0))
     values = {"temperature": given("temperature", 1.0), "top_p": given("top_p", 1.0),
               "top_k": given("top_k", 0), "repeat_penalty": penalty, "max_tokens": max_tokens,
-              "seed": body.get("seed"), "stop": body.get("stop") or ()}
+              "seed": body.get("seed"), "stop": body.get("stop") or (),
+              "logit_bias": body.get("logit_bias")}
     try:
         sampling = Sampling(**values).validated()
     except ValidationError as exc:
@@ -282,6 +306,7 @@ class Server:
         self.models: dict[str, Model] = {}
         self.metrics = Metrics()
         self.created = int(time.time())
+        self.guard: ConnectionGuard | None = None  # made by start()
 
     def app(self) -> web.Application:
         """Build the application (on the loop that will run it: the semaphores bind to it)."""
@@ -290,8 +315,10 @@ class Server:
                               middlewares=[self._errors, self._auth])
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.list_models)
+        app.router.add_get("/v1/models/{model_id}", self.retrieve_model)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.prometheus)
+        app.on_response_prepare.append(_no_server_header)
         app.on_cleanup.append(self._cleanup)
         return app
 
@@ -299,13 +326,19 @@ class Server:
         for model in self.models.values():
             model.executor.shutdown(wait=False, cancel_futures=True)
 
+    def make_guard(self, rejects: limits.RejectLog) -> ConnectionGuard:
+        config = self.config
+        self.guard = ConnectionGuard(
+            max_connections=config.max_connections, max_per_client=config.max_connections_per_client,
+            header_timeout=config.header_timeout, rejects=rejects, metrics=self.metrics)
+        return self.guard
+
     # -- middlewares ----------------------------------------------------------------------------
     @web.middleware
     async def _errors(self, request: web.Request,
                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                       ) -> web.StreamResponse:
-        path = request.path if request.path in ROUTES else "other"
-        status = 500
+        started, status = time.perf_counter(), 500
         try:
             response = await handler(request)
             status = response.status
@@ -327,19 +360,37 @@ class Server:
             return ApiError(500, f"internal error: {type(exc).__name__}", type_="server_error").response()
         finally:
             model = request.get(MODEL_KEY, "")
-            self.metrics.requests[(path, model, str(status))] += 1
+            self.metrics.requests[(_route(request), model, str(status))] += 1
+            _access(request, status, time.perf_counter() - started)
 
     @web.middleware
     async def _auth(self, request: web.Request,
                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                     ) -> web.StreamResponse:
-        if request.path.startswith("/v1/") and self.keys is not None:
+        probe = request.path in PROBES
+        if self.keys is not None and (request.path.startswith("/v1/") or
+                                      (probe and self.config.protect_metrics)):
             header = request.headers.get("Authorization", "")
             key = header[7:].strip() if header[:7].lower() == "bearer " else None
-            if self.keys.name_of(key) is None:
+            name = self._key_name(request, key)
+            if name is None:
                 raise ApiError(401, "a valid API key is required (Authorization: Bearer KEY); "
                                "create one with `appliance keys create NAME`", code="invalid_api_key")
+            request[KEY_NAME] = name
         return await handler(request)
+
+    def _key_name(self, request: web.Request, key: str | None) -> str | None:
+        """The key's name (None: not a valid key); 503 when the key store cannot be read now (out
+        of descriptors or disk), logged as one rate-limited line, not a traceback per request."""
+        assert self.keys is not None
+        try:
+            return self.keys.name_of(key)
+        except (sqlite3.Error, OSError, ApplianceError) as exc:
+            if self.guard is not None:
+                self.guard.rejected("key_store_unavailable", request.remote or "-",
+                                    f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
+            raise ApiError(503, "the server cannot check API keys right now; try again shortly",
+                           type_="server_error", code="key_store_unavailable") from None
 
     # -- routes -----------------------------------------------------------------------------------
     async def health(self, _: web.Request) -> web.Response:
@@ -349,14 +400,41 @@ class Server:
         return web.Response(text=self.metrics.render(), content_type="text/plain",
                             headers={"X-Content-Type-Options": "nosniff"})
 
+    def _model_object(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "appliance",
+                **self.info.get(name, {})}
+
     async def list_models(self, _: web.Request) -> web.Response:
-        data = [{"id": n, "object": "model", "created": self.created, "owned_by": "appliance",
-                 **self.info.get(n, {})} for n in self.models]
-        return web.json_response({"object": "list", "data": data})
+        return web.json_response({"object": "list", "data": [self._model_object(n) for n in self.models]})
+
+    async def retrieve_model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model_id"]
+        if name not in self.models:
+            raise ApiError(404, f"the model {name!r} does not exist; served: {', '.join(self.models)}",
+                           param="model", code="model_not_found")
+        request[MODEL_KEY] = name
+        return web.json_response(self._model_object(name))
+
+    async def _body(self, http: web.Request) -> bytes:
+        """The whole request body, within the body timeout (a slow body holds a connection)."""
+        try:
+            return await asyncio.wait_for(http.read(), self.config.body_timeout)
+        except TimeoutError:
+            seconds = f"{self.config.body_timeout:g}"
+            if self.guard is not None:
+                self.guard.rejected("body_timeout", http.remote or "-",
+                                    f"request body not complete within {seconds} s")
+            raise ApiError(408, f"the request body did not arrive within {seconds} s",
+                           code="request_timeout", close=True) from None
+        except (ConnectionError, web.RequestPayloadError) as exc:  # cut short: the client's doing
+            if self.guard is not None:
+                self.guard.rejected("bad_body", http.remote or "-", f"request body: {exc}"[:200])
+            raise ApiError(400, f"the request body ended early or was malformed: {exc}",
+                           code="bad_request", close=True) from None
 
     async def chat(self, http: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
-        req = parse_request(await http.read(), self.models, self.config)
+        req = parse_request(await self._body(http), self.models, self.config)
         http[MODEL_KEY] = req.model.name
         model = req.model
         if model.slot.locked() and model.waiting >= self.config.queue:
@@ -404,15 +482,16 @@ class Server:
         if gen.request.stream:
             response = await self._stream(http, gen, first, items)
         else:
-            response = await self._whole(gen, first, items)
+            response = await self._whole(http, gen, first, items)
         self.metrics.latency.observe((gen.request.model.name,), time.perf_counter() - started)
         return response
 
-    def _count(self, model: str, done: Done) -> None:
+    def _count(self, http: web.Request, model: str, done: Done) -> None:
         self.metrics.tokens[(model, "prompt")] += done.prompt_tokens
         self.metrics.tokens[(model, "completion")] += done.completion_tokens
+        http[TOKENS] = (done.prompt_tokens, done.completion_tokens)
 
-    async def _whole(self, gen: Generation, first: Any, items: Any) -> web.Response:
+    async def _whole(self, http: web.Request, gen: Generation, first: Any, items: Any) -> web.Response:
         parts, done = [], first
         if isinstance(first, Delta):
             parts.append(first.text)
@@ -424,7 +503,7 @@ class Server:
             except Exception as exc:  # mid-answer engine failure: an error body, not a traceback
                 raise _error_for(exc) from None
         assert isinstance(done, Done)
-        self._count(gen.request.model.name, done)
+        self._count(http, gen.request.model.name, done)
         body = {**self._envelope(gen, "chat.completion"),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
                              "logprobs": None, "finish_reason": done.reason}],
@@ -465,7 +544,7 @@ class Server:
                 "message": error.message, "type": error.type, "code": error.code}}).encode() + b"\n\n")
             await response.write(b"data: [DONE]\n\n")
             return response
-        self._count(model, item)
+        self._count(http, model, item)
         tail = [*pending, chunk({}, item.reason)]
         if gen.request.include_usage:
             tail.append(b"data: " + json.dumps({**envelope, "choices": [], "usage": _usage(item)}).encode()
@@ -481,6 +560,30 @@ class Server:
                 "model": model.name, "system_fingerprint": f"appliance-{model.engine.kind}"}
 
 
+def _route(request: web.Request) -> str:
+    """The path label of a request: its route's pattern (`/v1/models/{model_id}`), so a client
+    cannot make a label per URL; "other" for what no route matched."""
+    route = request.match_info.route
+    if isinstance(route, web.ResourceRoute) and route.resource is not None:
+        return route.resource.canonical
+    return "other"
+
+
+def _access(request: web.Request, status: int, seconds: float) -> None:
+    """The access-log line: who asked what and how it went, never the conversation's text."""
+    if not access.isEnabledFor(logging.INFO):
+        return
+    path = request.raw_path.split("?", 1)[0][:200]  # raw: no decoded control characters
+    prompt, completion = request.get(TOKENS, ("-", "-"))
+    access.info('%s "%s %s" %d key=%s model=%s prompt=%s completion=%s %.3fs', request.remote or "-",
+                request.method, path, status, request.get(KEY_NAME, "-"), request.get(MODEL_KEY, "-") or "-",
+                prompt, completion, seconds)
+
+
+async def _no_server_header(_: web.Request, response: web.StreamResponse) -> None:
+    response.headers.popall("Server", None)  # aiohttp's names its and Python's versions
+
+
 def _usage(done: Done) -> dict[str, int]:
     return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
             "total_tokens": done.prompt_tokens + done.completion_tokens}
@@ -488,10 +591,23 @@ def _usage(done: Done) -> dict[str, int]:
 
 # -- running it -------------------------------------------------------------------------------------
 async def start(server: Server) -> tuple[web.AppRunner, int]:
-    """Start serving on the configured address (port 0: any free port); returns the bound port."""
-    runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None, shutdown_timeout=5)
+    """Start serving on the configured address (port 0: any free port); returns the bound port.
+    The connection cap is fitted to the descriptor limit first (said in the log when it shrinks)."""
+    loop = asyncio.get_running_loop()
+    cap, backlog, note = limits.fit_connections(server.config.max_connections)
+    if note:
+        log.warning(note)
+        server.config = replace(server.config, max_connections=cap)
+    config = server.config
+    rejects = limits.RejectLog(schedule=loop.call_later)
+    loop.set_exception_handler(limits.accept_errors(rejects))
+    handler_kwargs = {"keepalive_timeout": config.idle_timeout, "access_log": None,
+                      "max_line_size": 8190, "max_field_size": 8190, "max_headers": 64,
+                      "lingering_time": 2.0}
+    runner = GuardedRunner(server.app(), server.make_guard(rejects), handler_kwargs,
+                           handler_cancellation=True, access_log=None, shutdown_timeout=5)
     await runner.setup()
-    site = web.TCPSite(runner, server.config.host, server.config.port)
+    site = web.TCPSite(runner, config.host, config.port, backlog=backlog)
     await site.start()
     sock = next(iter(runner.addresses))
     return runner, int(sock[1])

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from appliance import jobs
-from appliance.errors import ApplianceError, ValidationError
-from appliance.runtime import DEFAULT_PORT
+from appliance.errors import ApplianceError, BusyError, RefusedError, ValidationError
+from appliance.runtime import DEFAULT_PORT, limits
 from appliance.workspace import Workspace
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -54,15 +54,31 @@ class ServeOptions:
     max_tokens: int = 2048
     max_body: int = 1024 * 1024
     allow_failed_parity: bool = False
+    header_timeout: float = limits.DEFAULT_HEADER_TIMEOUT
+    idle_timeout: float = limits.DEFAULT_IDLE_TIMEOUT
+    body_timeout: float = limits.DEFAULT_BODY_TIMEOUT
+    max_connections: int = limits.DEFAULT_MAX_CONNECTIONS
+    max_connections_per_client: int = limits.DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+    protect_metrics: bool = False
+    log_level: str = "info"
 
     def validated(self) -> ServeOptions:
         if not self.artifacts:
             raise ValidationError("no artifact to serve", hint="name one or more exports")
-        for name, low in (("queue", 0), ("max_tokens", 1), ("max_body", 1024), ("port", 0)):
+        for name, low in (("queue", 0), ("max_tokens", 1), ("max_body", 1024), ("port", 0),
+                          ("max_connections", 1), ("max_connections_per_client", 0)):
             if getattr(self, name) < low:
                 raise ValidationError(f"{name.replace('_', ' ')} is {getattr(self, name)}; it must "
                                       f"be at least {low}", hint=f"--{name.replace('_', '-')} on "
                                       "the command line")
+        for name in ("header_timeout", "idle_timeout", "body_timeout"):
+            if not 0 < getattr(self, name) <= 3600:
+                raise ValidationError(f"{name.replace('_', ' ')} is {getattr(self, name)} s; it must "
+                                      "be more than 0 and at most 3600",
+                                      hint=f"--{name.replace('_', '-')} on the command line")
+        if self.log_level not in limits.LOG_LEVELS:
+            raise ValidationError(f"log level {self.log_level!r} is not one of "
+                                  f"{', '.join(limits.LOG_LEVELS)}", hint="--log-level")
         if self.port > 65535:
             raise ValidationError(f"port is {self.port}; ports go up to 65535")
         if not self.host.strip():
@@ -81,6 +97,18 @@ class ServeOptions:
     def from_params(cls, params: dict[str, Any]) -> ServeOptions:
         known = {k: v for k, v in params.items() if k in cls.__dataclass_fields__}
         return cls(**{**known, "artifacts": tuple(known.get("artifacts", ()))})
+
+
+def server_config(options: ServeOptions) -> Any:
+    """The server's configuration from the serve options."""
+    from appliance.runtime.server import ServerConfig
+
+    return ServerConfig(host=options.host, port=options.port, queue=options.queue,
+                        max_tokens=options.max_tokens, max_body=options.max_body,
+                        header_timeout=options.header_timeout, idle_timeout=options.idle_timeout,
+                        body_timeout=options.body_timeout, max_connections=options.max_connections,
+                        max_connections_per_client=options.max_connections_per_client,
+                        protect_metrics=options.protect_metrics)
 
 
 def url_for(host: str, port: int) -> str:
@@ -111,37 +139,65 @@ def load(ws: Workspace, options: ServeOptions, say: Callable[[str], None],
                                                context_length=options.context)
         info[art.name] = {"format": art.kind, "parity": art.parity,
                           "context_length": opened[art.name].context_length}
-    config = server.ServerConfig(host=options.host, port=options.port, queue=options.queue,
-                                 max_tokens=options.max_tokens, max_body=options.max_body)
-    return server.Server(opened, keys.KeyChecker(ws), config, info)
+    return server.Server(opened, keys.KeyChecker(ws), server_config(options), info)
 
 
-def address_in_use(host: str, port: int) -> ApplianceError:
-    return ApplianceError(f"{host}:{port} is already in use (another server, or another program)",
-                          title="Address in use", hint="pick another port, or stop what listens "
-                          f"there (`ss -ltnp 'sport = :{port}'` names it)")
+def address_in_use(host: str, port: int) -> BusyError:
+    return BusyError(f"{host}:{port} is already in use (another server, or another program)",
+                     title="Address in use", hint="pick another port, or stop what listens "
+                     f"there (`ss -ltnp 'sport = :{port}'` names it)")
+
+
+def cannot_listen(host: str, port: int, reason: str) -> ValidationError:
+    return ValidationError(f"cannot listen on {host}:{port}: {reason}", title="Cannot listen",
+                           hint="check the address: it must be one of this machine's (127.0.0.1 "
+                                "for this machine only)")
 
 
 def run_job(ctx: jobs.JobContext) -> dict[str, Any]:
     """The `serve` job: serve until cancelled; the cancel stops it (the job ends `cancelled`)."""
     options = ServeOptions.from_params(ctx.params).validated()
+    limits.configure_logging(options.log_level)
     srv = load(ctx.ws, options, ctx.log, ctx.check_cancel)
     ctx.check_cancel()
-    asyncio.run(_serve_until_cancelled(srv, ctx))
+    with ctx.cooperative():  # the server stops itself on a cancel, finishing answers in flight
+        asyncio.run(_serve_until_cancelled(srv, ctx))
     raise jobs.JobCancelled()
 
 
-async def _serve_until_cancelled(srv: Any, ctx: jobs.JobContext) -> None:
+async def _listen(srv: Any) -> tuple[Any, int]:
+    """`server.start`, its socket errors as the errors an operator can act on."""
     from appliance.runtime import server
 
     try:
-        runner, port = await server.start(srv)
+        return await server.start(srv)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise address_in_use(srv.config.host, srv.config.port) from None
-        raise ApplianceError(f"cannot listen on {srv.config.host}:{srv.config.port}: {exc.strerror}",
-                             title="Cannot listen", hint="check the address: it must be one of "
-                             "this machine's (127.0.0.1 for this machine only)") from None
+        raise cannot_listen(srv.config.host, srv.config.port, exc.strerror or str(exc)) from None
+
+
+def serve_foreground(srv: Any) -> None:
+    """`appliance serve` (and the systemd unit): serve until SIGINT or SIGTERM, then stop cleanly
+    (answers in progress get `shutdown_timeout` to finish)."""
+    import signal
+
+    async def serve() -> None:
+        runner, _ = await _listen(srv)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(serve())
+
+
+async def _serve_until_cancelled(srv: Any, ctx: jobs.JobContext) -> None:
+    runner, port = await _listen(srv)
     url = url_for(srv.config.host, port)
     ctx.emit("listening", url=url, host=srv.config.host, port=port, models=list(srv.engines))
     ctx.log(f"listening at {url}/v1, serving {', '.join(srv.engines)}")
@@ -160,16 +216,16 @@ def start(ws: Workspace, options: ServeOptions) -> jobs.Job:
 
     options = _absolute(options.validated())
     if not options.loopback and os.environ.get("APPLIANCE_JOB_LAUNCHER") == "systemd":
-        raise ApplianceError(f"a background server on {options.host} would run outside the "
-                             "hardened units this machine uses", title="Not here",
-                             hint="serve beyond this machine through appliance-server.service "
-                             "(appliance systemd install --allow-remote), or listen on 127.0.0.1")
+        raise RefusedError(f"a background server on {options.host} would run outside the "
+                           "hardened units this machine uses", title="Not here",
+                           hint="serve beyond this machine through appliance-server.service "
+                           "(appliance systemd install --allow-remote), or listen on 127.0.0.1")
     for ref in options.artifacts:
         engines.resolve(ref, ws, allow_failed_parity=options.allow_failed_parity)
     for other in running(ws):
         if other.options.port == options.port and options.port != 0:
-            raise ApplianceError(f"serve job {other.job.id} already uses port {options.port}",
-                                 title="Already serving", hint="stop it first, or pick another port")
+            raise BusyError(f"serve job {other.job.id} already uses port {options.port}",
+                            title="Already serving", hint="stop it first, or pick another port")
     if options.port and not port_free(options.host, options.port):
         raise address_in_use(options.host, options.port)
     return jobs.start(ws, "serve", options.params())
@@ -195,9 +251,7 @@ def port_free(host: str, port: int) -> bool:
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 return False
-            raise ApplianceError(f"cannot listen on {host}:{port}: {exc.strerror}",
-                                 title="Cannot listen", hint="check the address: it must be one of "
-                                 "this machine's (127.0.0.1 for this machine only)") from None
+            raise cannot_listen(host, port, exc.strerror or str(exc)) from None
     return True
 
 
@@ -232,10 +286,16 @@ def describe(ws: Workspace, job: jobs.Job) -> ServeJob:
     return ServeJob(job, ServeOptions.from_params(job.params), url, last)
 
 
-def health(url: str, timeout: float = 1.0) -> dict[str, Any] | None:
-    """The server's /health answer, or None when nothing answers there."""
+def _get(url: str, key: str | None) -> urllib.request.Request:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return urllib.request.Request(url, headers=headers)
+
+
+def health(url: str, timeout: float = 1.0, key: str | None = None) -> dict[str, Any] | None:
+    """The server's /health answer, or None when nothing answers there (or it wants a key:
+    `serve --protect-metrics`)."""
     try:
-        with _DIRECT.open(f"{url}/health", timeout=timeout) as response:
+        with _DIRECT.open(_get(f"{url}/health", key), timeout=timeout) as response:
             data = json.loads(response.read(MAX_ANSWER))
     except (OSError, ValueError, urllib.error.URLError, http.client.HTTPException):
         return None  # nothing there, or something that is not our server
@@ -270,7 +330,9 @@ class ModelStats:
 class MetricsSnapshot:
     models: dict[str, ModelStats] = field(default_factory=dict)
     requests: int = 0  # every HTTP request, models or not
-    unauthorized: int = 0
+    unauthorized: int = 0  # 401 answers (no model: the key is checked before the body is read)
+    rejected: int = 0  # connections and requests refused by the server's limits
+    connections: int = 0  # open now
 
 
 Sample = tuple[str, dict[str, str], float]
@@ -334,6 +396,10 @@ def summarize(samples: list[Sample]) -> MetricsSnapshot:
             if model:
                 stats[model].requests += n
                 stats[model].errors += n if labels.get("status", "")[:1] in "45" else 0
+        elif name == "appliance_connections_rejected_total":
+            snap.rejected += n
+        elif name == "appliance_connections_open":
+            snap.connections = n
         elif name == "appliance_tokens_total":
             kind = "prompt_tokens" if labels.get("kind") == "prompt" else "completion_tokens"
             setattr(stats[model], kind, getattr(stats[model], kind) + n)
@@ -351,10 +417,17 @@ _FIELDS = {"appliance_queue_depth": "queued", "appliance_requests_running": "run
            "appliance_time_to_first_token_seconds_count": "ttft_count"}
 
 
-def read_metrics(url: str, timeout: float = 2.0) -> MetricsSnapshot:
+def read_metrics(url: str, timeout: float = 2.0, key: str | None = None) -> MetricsSnapshot:
+    """The server's /metrics, summed up (`key`: for a server started with --protect-metrics)."""
     try:
-        with _DIRECT.open(f"{url}/metrics", timeout=timeout) as response:
+        with _DIRECT.open(_get(f"{url}/metrics", key), timeout=timeout) as response:
             text = response.read(MAX_ANSWER).decode("utf-8", "replace")
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            raise ApplianceError(f"{url}/metrics wants an API key", title="Metrics protected",
+                                 hint="the server runs with --protect-metrics") from None
+        raise ApplianceError(f"no metrics from {url}: {exc}", title="Server not answering",
+                             hint="it may still be loading its models; see its job's log") from None
     except (OSError, urllib.error.URLError, http.client.HTTPException) as exc:
         raise ApplianceError(f"no metrics from {url}: {exc}", title="Server not answering",
                              hint="it may still be loading its models; see its job's log") from None

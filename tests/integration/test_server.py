@@ -220,3 +220,44 @@ def test_server_cap_without_max_tokens_and_an_empty_queue(live: tuple[server.Ser
         streamed = [c.choices[0].finish_reason for c in client.chat.completions.create(
             model=name, messages=story, temperature=0, stream=True) if c.choices]
         assert streamed[-1] == "length"
+
+
+def test_retrieve_one_model(live: tuple[server.ServerThread, str, str]) -> None:
+    st, key, name = live
+    model = _client(live).models.retrieve(name)
+    assert (model.id, model.object, model.owned_by) == (name, "model", "appliance")
+    assert isinstance(model.created, int)
+    status, body = _raw(st, "GET", f"/v1/models/{name}", key=key)
+    assert status == 200 and body == {"id": name, "object": "model", "created": model.created,
+                                      "owned_by": "appliance"}
+    _error(*_raw(st, "GET", "/v1/models/nope", key=key), 404, "model_not_found")
+    _error(*_raw(st, "GET", f"/v1/models/{name}", key=None), 401, "invalid_api_key")
+
+
+def test_logit_bias_changes_the_greedy_answer(live: tuple[server.ServerThread, str, str]) -> None:
+    """-100 on the token greedy decoding picks first moves the answer off it; +100 on another
+    token makes that one come first; bad maps are refused with 400 naming logit_bias."""
+    st, _, name = live
+    eng = st.server.engines[name]
+    first = next(d.token_id for d in eng.generate(QUESTION, engines.Sampling(temperature=0, max_tokens=1))
+                 if isinstance(d, engines.Delta))
+    client = _client(live)
+
+    def answer(**extra: object) -> str:
+        return client.chat.completions.create(model=name, messages=QUESTION, temperature=0, max_tokens=6,
+                                              **extra).choices[0].message.content
+
+    plain = answer()
+    banned = answer(logit_bias={str(first): -100})
+    assert banned != plain
+    piece = eng._encode(" Paris")[-1]  # a token the model would not start with
+    assert piece != first
+    forced = next(d for d in eng.generate(QUESTION, engines.Sampling(
+        temperature=0, max_tokens=1, logit_bias=((piece, 100.0),))) if isinstance(d, engines.Delta))
+    assert forced.token_id == piece
+    assert answer(logit_bias={str(piece): 100}).startswith(forced.text)
+    ok = {"model": name, "messages": QUESTION, "max_tokens": 2}
+    for bad, word in (({"abc": 1}, "logit_bias"), ({"5": 101}, "-100"), ({"5": "x"}, "logit_bias"),
+                      ([5], "logit_bias"), ({str(10**7): 1}, "vocabulary"), ({"-1": 1}, "logit_bias")):
+        _error(*_post(live, {**ok, "logit_bias": bad}), 400, word)
+    assert _post(live, {**ok, "logit_bias": None})[0] == 200

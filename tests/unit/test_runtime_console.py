@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from appliance.errors import ExitCode
 from appliance.runtime import console
 from appliance.runtime.console import ChatSession
 from appliance.runtime.engine import ContextOverflow, Delta, Done, Sampling
@@ -150,7 +151,7 @@ def test_save_writes_the_transcript(tmp_path: Path) -> None:
     assert saved == {
         "artifact": "demo-gguf-q8_0", "kind": "gguf",
         "settings": {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repeat_penalty": 1.0,
-                     "max_tokens": None, "seed": 3, "stop": []},
+                     "max_tokens": None, "seed": 3, "stop": [], "logit_bias": []},
         "system": "Be kind.",
         "messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
                      {"role": "assistant", "content": "echo: Hi"}]}
@@ -233,7 +234,7 @@ def test_register_builds_the_chat_command() -> None:
 
 
 def test_main_reports_errors_without_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert console.main(["--home", str(tmp_path / "ws"), "chat", "nope"]) == 2
+    assert console.main(["--home", str(tmp_path / "ws"), "chat", "nope"]) == ExitCode.NOT_FOUND
     err = capsys.readouterr().err
     assert "error: Not found: no export named 'nope'" in err and "Traceback" not in err
 

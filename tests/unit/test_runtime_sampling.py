@@ -106,3 +106,33 @@ def test_sampling_errors_name_the_field_and_its_range(field: str, value: object,
     with pytest.raises(ValidationError) as err:
         Sampling(**{field: value}).validated()  # type: ignore[arg-type]
     assert field in str(err.value) and allowed in (err.value.hint or "")
+
+
+def test_logit_bias_is_added_before_the_penalty_and_greedy() -> None:
+    logits = np.array([1.0, 5.0, 2.0, 0.5], dtype=np.float32)
+    banned = Sampling(temperature=0.0, logit_bias=((1, -100.0),)).validated()
+    assert Sampler(banned)(logits) == 2
+    forced = Sampling(temperature=0.0, logit_bias=((3, 100.0),)).validated()
+    assert Sampler(forced)(logits) == 3
+    assert logits[1] == 5.0  # the caller's logits are not changed
+    drawn = Sampling(temperature=1.0, seed=3, logit_bias=((0, -100.0), (1, -100.0), (2, -100.0)))
+    sampler = Sampler(drawn.validated())
+    assert {sampler(logits) for _ in range(50)} == {3}
+
+
+def test_logit_bias_is_normalized_from_json_shapes() -> None:
+    s = Sampling(logit_bias={"7": 1, 3: -2.5}).validated()  # type: ignore[arg-type]
+    assert s.logit_bias == ((3, -2.5), (7, 1.0))
+    assert Sampling(logit_bias=None).validated().logit_bias == ()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value, words", [
+    ({"x": 1}, "token id"), ({"-3": 1}, "token id"), ({"1.5": 1}, "token id"), ({" 5": 1}, "token id"),
+    ({"5": 101}, "-100 to 100"), ({"5": -100.5}, "-100 to 100"), ({"5": True}, "-100 to 100"),
+    ({"5": float("nan")}, "-100 to 100"), ({"5": "1"}, "-100 to 100"), ([5], "an object"),
+    ({"5": 1, "05": 2}, "twice"), ({str(i): 1 for i in range(1025)}, "at most 1024"),
+])
+def test_logit_bias_errors_name_the_field(value: object, words: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        Sampling(logit_bias=value).validated()  # type: ignore[arg-type]
+    assert "logit_bias" in str(err.value) and words in str(err.value)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from appliance import cli, systemd
-from appliance.errors import ValidationError
+from appliance.errors import ExitCode, RefusedError, ValidationError
+from appliance.runtime.limits import DEFAULT_MAX_CONNECTIONS, FD_RESERVE
 from appliance.systemd import JOB_UNIT, SERVER_UNIT, UnitConfig
 
 WS = Path("/srv/appliance-ws")  # rendering never touches the workspace; install must not be in /tmp
@@ -41,7 +42,7 @@ def test_both_units_are_rendered_with_real_paths_and_no_placeholder_left() -> No
     server, job = units[SERVER_UNIT], units[JOB_UNIT]
     assert lines(server, "ExecStart") == [
         f"/opt/appliance/.venv/bin/python -I -m appliance --home {WS} serve demo-gguf-q4_k_m "
-        "demo-onnx-int4 --host 127.0.0.1 --port 8321"]
+        f"demo-onnx-int4 --host 127.0.0.1 --port 8321 --max-connections {DEFAULT_MAX_CONNECTIONS}"]
     assert lines(job, "ExecStart") == [f"/opt/appliance/.venv/bin/python -I -m appliance --home {WS} "
                                        "jobs run %i"]
     assert lines(server, "Restart") == ["on-failure"] and not lines(job, "Restart")
@@ -126,6 +127,47 @@ def test_unsafe_or_broken_settings_are_refused(overrides: dict, fragment: str) -
     assert fragment in err.value.message and err.value.hint
 
 
+def test_the_file_descriptor_limit_matches_the_connection_cap() -> None:
+    """The server keeps at most --max-connections sockets; the unit's LimitNOFILE leaves room for
+    them plus what the process itself holds, so the cap is reached before the limit (past the
+    limit, accept() fails and every client waits)."""
+    server = systemd.render(config())[SERVER_UNIT]
+    assert lines(server, "LimitNOFILE") == [str(DEFAULT_MAX_CONNECTIONS + FD_RESERVE)]
+    server = systemd.render(config(max_connections=300))[SERVER_UNIT]
+    assert lines(server, "LimitNOFILE") == [str(300 + FD_RESERVE)]
+    assert lines(server, "ExecStart")[0].endswith(" --max-connections 300")
+    with pytest.raises(ValidationError, match="max-connections"):
+        systemd.render(config(max_connections=0))
+
+
+def test_protect_metrics_goes_into_the_server_command() -> None:
+    server = systemd.render(config(protect_metrics=True))[SERVER_UNIT]
+    assert lines(server, "ExecStart")[0].endswith(" --protect-metrics")
+    assert "--protect-metrics" not in systemd.render(config())[SERVER_UNIT]
+
+
+def test_root_is_refused_unless_allowed_explicitly(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(RefusedError) as err:
+        systemd.render(config(user="root"))
+    assert "root" in err.value.message and "--allow-root" in (err.value.hint or "")
+    with pytest.raises(RefusedError):
+        systemd.render(config(user="appliance", group="root"))
+    assert install(tmp_path, "--user", "root") == ExitCode.INVALID
+    assert "--allow-root" in capsys.readouterr().err and not (tmp_path / "units").exists()
+    assert install(tmp_path, "--user", "root", "--allow-root") == 0
+    assert "User=root" in (tmp_path / "units" / SERVER_UNIT).read_text()
+    assert "warning: the units run as root" in capsys.readouterr().out
+
+
+def test_remote_install_says_health_and_metrics_are_open(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert install(tmp_path, "--host", "0.0.0.0", "--allow-remote") == 0
+    assert "/health and /metrics answer without a key" in capsys.readouterr().out
+    assert install(tmp_path, "--host", "0.0.0.0", "--allow-remote", "--protect-metrics") == 0
+    assert "/health and /metrics answer without a key" not in capsys.readouterr().out
+
+
 def test_the_defaults_describe_this_installation() -> None:
     found = systemd.code_paths()
     assert Path(sys.prefix).resolve() in found
@@ -159,7 +201,7 @@ def test_install_writes_both_units_atomically_and_says_what_to_run_next(
 
 def test_install_refuses_a_public_host_without_allow_remote(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert install(tmp_path, "--host", "0.0.0.0") == 2
+    assert install(tmp_path, "--host", "0.0.0.0") == ExitCode.INVALID
     err = capsys.readouterr().err
     assert "not a loopback address" in err and "--allow-remote" in err
     assert not (tmp_path / "units").exists()
@@ -173,7 +215,7 @@ def test_install_with_allow_remote_says_so(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_a_workspace_in_tmp_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert install(tmp_path, home=Path("/tmp/appliance-ws")) == 2
+    assert install(tmp_path, home=Path("/tmp/appliance-ws")) == ExitCode.INVALID
     assert "private, empty /tmp" in capsys.readouterr().err
 
 
