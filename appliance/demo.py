@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from appliance import datasets, jobs, manifest, models, stack, trainconfig
-from appliance.errors import ApplianceError, NotFoundError
+from appliance.errors import JobFailedError, NotFoundError
 from appliance.workspace import ArtifactRecord, Workspace
 
 DATASET_NAME = "dolly-sample"
@@ -96,7 +96,7 @@ def _train(ws: Workspace, model: ArtifactRecord, say: Callable[[str], None]) -> 
             say("      " + format_event(event))
     finished = jobs.get(ws, job.id)
     if finished.state != "succeeded":
-        raise ApplianceError(f"the demo's training job ended {finished.state}: {finished.message}",
+        raise JobFailedError(f"the demo's training job ended {finished.state}: {finished.message}",
                              title="Training did not finish",
                              hint=f"see `appliance jobs logs {job.id}`; `appliance jobs resume "
                                   f"{job.id}` continues it")
@@ -113,7 +113,7 @@ def _follow_job(ws: Workspace, kind: str, params: dict, say: Callable[[str], Non
             say("      " + format_event(event).replace("\n", "\n      "))
     finished = jobs.get(ws, job.id)
     if finished.state != "succeeded":
-        raise ApplianceError(f"the demo's {kind} job ended {finished.state}: {finished.message}",
+        raise JobFailedError(f"the demo's {kind} job ended {finished.state}: {finished.message}",
                              title="Export did not finish", hint=f"see `appliance jobs logs {job.id}`")
 
 

@@ -11,6 +11,15 @@ so N devices at batch b give the same step as one device at batch N x b.
 Workers talk over loopback only (gloo and NCCL bound to `lo`): the job unit's PrivateNetwork=yes
 holds. Each worker reports its outcome in a JSON file the runner reads, because torchrun's exit
 status only says that something failed, not what.
+
+A cancel reaches the workers through the job's cancel flag: in the step loop every rank agrees on it
+and rank 0 saves a checkpoint first; in a phase that cannot check (loading the model) a worker is
+interrupted (`appliance.cancellation`) and exits non-zero, so torchrun stops the others. The runner
+starts torchrun inside its cooperative section, and waits there: from the moment torchrun exists,
+a cancel is the workers' to act on, never a reason for the runner's watcher to stop them. It stops
+torchrun itself if the workers have not ended `CANCEL_GRACE_S` after the cancel (a worker stuck in
+a collective whose peer was interrupted). Rank 0's success stands even if another rank reports a
+cancel: the run was published.
 """
 
 from __future__ import annotations
@@ -21,15 +30,19 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any
 
+from appliance import cancellation
 from appliance.errors import ApplianceError
 from appliance.jobs import Job, JobCancelled, JobContext
 from appliance.workspace import Workspace
 
 WORKER_FLAG = "APPLIANCE_DDP_WORKER"
+CANCEL_GRACE_S = 60.0  # after a cancel, how long the workers get to save and stop by themselves
+POLL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -110,11 +123,36 @@ def launch(ctx: JobContext, devices: int) -> dict[str, Any]:
            f"--nproc-per-node={devices}", "-m", "appliance", "--home", str(ctx.ws.root),
            "jobs", "worker", ctx.job.id]
     ctx.log(f"starting {devices} data-parallel workers (torchrun; their output: workers.log)")
-    with open(ctx.dir / "workers.log", "ab") as log:
+    with open(ctx.dir / "workers.log", "ab") as log, ctx.cooperative():  # the workers see the flag
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 preexec_fn=_die_with_parent)
-        rc = proc.wait()
+        rc, stopped = _wait(ctx, proc)
+    if stopped:
+        raise JobCancelled()
     return _outcome(ctx, rc)
+
+
+def _wait(ctx: JobContext, proc: subprocess.Popen[bytes]) -> tuple[int, bool]:
+    """torchrun's exit status, and whether it had to be stopped because the workers had not ended
+    `CANCEL_GRACE_S` after a cancel."""
+    asked: float | None = None
+    while True:
+        try:
+            return proc.wait(timeout=POLL_S), False
+        except subprocess.TimeoutExpired:
+            pass
+        if asked is None and ctx.cancel_requested():
+            asked = time.monotonic()
+        if asked is not None and time.monotonic() - asked > CANCEL_GRACE_S:
+            ctx.log(f"the workers had not stopped {CANCEL_GRACE_S:.0f} s after the cancel: stopping "
+                    "them (the last checkpoint is kept)")
+            proc.terminate()  # torchrun stops its workers
+            try:
+                proc.wait(timeout=cancellation.TERM_GRACE_S * 3)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            return proc.returncode, True
 
 
 def _outcome(ctx: JobContext, rc: int) -> dict[str, Any]:
@@ -124,13 +162,13 @@ def _outcome(ctx: JobContext, rc: int) -> dict[str, Any]:
     if failed:
         raise ApplianceError(failed[0]["message"], title=failed[0]["title"], hint=failed[0].get("hint"))
     main = found.get(0, {})
-    if main.get("state") == "cancelled":
-        raise JobCancelled()
-    if main.get("state") == "succeeded":
+    if main.get("state") == "succeeded":  # published: a cancel another rank saw came too late
         if rc != 0:  # rank 0 finished, so every rank took part in the last step: the run is whole
             ctx.log(f"a worker exited with status {rc} while shutting down after training finished "
                     f"(torch's teardown; see workers.log); the run is complete")
         return main["result"]
+    if any(o["state"] == "cancelled" for o in found.values()):
+        raise JobCancelled()
     raise ApplianceError(f"the data-parallel workers stopped (torchrun exit status {rc}) without "
                          "saying why", title="Distributed training failed",
                          hint=f"see {ctx.dir / 'workers.log'}; `appliance jobs resume {ctx.job.id}` "
@@ -144,7 +182,6 @@ def run_worker(ws: Workspace, job_id: str) -> int:
     import torch.distributed as dist
 
     from appliance import jobs
-    from appliance.train import run_training
 
     os.environ[WORKER_FLAG] = "1"
     rank = current()
@@ -153,23 +190,36 @@ def run_worker(ws: Workspace, job_id: str) -> int:
     if cuda:
         torch.cuda.set_device(rank.local_rank)
     dist.init_process_group("nccl" if cuda else "gloo")
-    try:
-        outcome: dict[str, Any] = {"state": "succeeded", "result": run_training(ctx)}
-    except JobCancelled:
-        outcome = {"state": "cancelled"}
-    except ApplianceError as exc:
-        outcome = {"state": "failed", "title": exc.title, "message": exc.message, "hint": exc.hint}
-    except Exception as exc:  # a bug: keep the traceback
-        text = traceback.format_exc()
-        print(text, file=sys.stderr)
-        ctx.emit("traceback", text=text)
-        outcome = {"state": "failed", "title": type(exc).__name__, "message": f"rank {rank.rank}: {exc}"}
-    if rank.main or outcome["state"] == "failed":  # before tearing down, which can hang on a peer
+    outcome = _run_rank(ctx, rank)
+    if rank.main or outcome["state"] != "succeeded":  # before tearing down, which can hang on a peer
         path = ctx.dir / "work" / f"outcome.{rank.rank}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(outcome))
     dist.destroy_process_group()
-    return 1 if outcome["state"] == "failed" else 0
+    # non-zero makes torchrun stop the other workers: after a failure, or when this one was
+    # interrupted by a cancel (its peers may wait for it in a collective)
+    return 1 if outcome["state"] == "failed" or outcome.get("interrupted") else 0
+
+
+def _run_rank(ctx: RankContext, rank: Rank) -> dict[str, Any]:
+    from appliance import jobs
+    from appliance.train import run_training
+
+    try:
+        with cancellation.armed(ctx.dir / "cancel"):
+            return {"state": "succeeded", "result": run_training(ctx)}
+    except JobCancelled as exc:
+        jobs.log_hidden_error(ctx, exc)
+        return {"state": "cancelled", "interrupted": cancellation.interrupted()}
+    except Exception as exc:
+        if cancellation.interrupted():
+            return {"state": "cancelled", "interrupted": True}
+        if isinstance(exc, ApplianceError):
+            return {"state": "failed", "title": exc.title, "message": exc.message, "hint": exc.hint}
+        text = traceback.format_exc()  # a bug: keep the traceback
+        print(text, file=sys.stderr)
+        ctx.emit("traceback", text=text)
+        return {"state": "failed", "title": type(exc).__name__, "message": f"rank {rank.rank}: {exc}"}
 
 
 if __name__ == "__main__":  # torchrun, behind the offline guard

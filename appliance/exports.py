@@ -17,19 +17,17 @@ the job functions pass `JobContext.progress` for, so the CLI and the TUI can dra
 
 from __future__ import annotations
 
-import errno
 import itertools
 import json
 import re
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from appliance import manifest, parity
+from appliance import chat, manifest, parity
 from appliance.errors import ApplianceError, BusyError, RefusedError, ValidationError
-from appliance.fsutil import atomic_write_text
+from appliance.fsutil import atomic_write_text, disk_full_as_error
 from appliance.progress import Progress, Stages
 from appliance.workspace import ArtifactRecord, Workspace, parent_ref
 
@@ -66,19 +64,6 @@ def _existing(ws: Workspace, name: str) -> ArtifactRecord | None:
         return None
     manifest.verify(record.path)
     return record
-
-
-@contextmanager
-def disk_errors(what: str) -> Iterator[None]:
-    """A full disk (or quota) mid-export becomes an actionable error; the writer cleans up."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ApplianceError(f"{what}: the disk is full ({exc.filename or ''})", title="Disk full",
-                                 hint="free space in the workspace (appliance exports rm / runs rm) and "
-                                      "run it again; no partial artifact was kept") from None
-        raise
 
 
 # -- inputs --------------------------------------------------------------------------------------
@@ -128,7 +113,7 @@ def parity_data(model: ArtifactRecord, dataset: ArtifactRecord, tokenizer: Any
         raise ApplianceError(f"none of the {len(rows)} held-out conversations of {dataset.name!r} has an "
                              f"assistant turn within its first {PARITY_MAX_TOKENS} tokens",
                              title="Nothing to score", hint="use a dataset with shorter prompts")
-    text = tokenizer.apply_chat_template(conversations[0], tokenize=False)
+    text = chat.render(tokenizer, conversations[0])  # bounded, the same text as transformers'
     return data, text
 
 
@@ -221,11 +206,12 @@ def _merge(ws: Workspace, run: str, *, dtype: str | None, base: str | None, say:
         return existing
     stages.start(name)
     dtype, base = dtype or "auto", base or "full"
+    stages.emit("check-inputs", f"checking {run}, its base model and dataset against their manifests")
     record, model, dataset = run_inputs(ws, run)
     run_config = manifest.read(record.path)["config"]
     train_dtype = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(run_config.get("compute_dtype"),
                                                                           "fp32")
-    with ws.writer("export", name) as w, disk_errors(f"merging {run}"):
+    with ws.writer("export", name) as w, disk_full_as_error(ws.kind_dir("export"), f"merging {run}"):
         say(f"merging {run} into {model.name} ({base} base, {dtype})")
         summary = merging.merge_folder(model.path, record.path / "adapter", w.path, dtype=dtype,
                                        base=base, train_dtype=train_dtype, say=say,
@@ -241,10 +227,13 @@ def _merge(ws: Workspace, run: str, *, dtype: str | None, base: str | None, say:
                                  train_dtype=train_dtype)
         (w.path / "merge_check.json").write_text(json.dumps({**summary, **gap}, indent=2))
         say("scoring the adapter model (as trained) against the merged model")
-        report = _parity_report(w.path, data, {"adapter": ("adapter", AdapterScorer(
-            model.path, record.path / "adapter", run_config.get("train", {})))}, None, {}, say,
-            reference_name=name, gating=False, check_cancel=check_cancel, stages=stages)
+        stages.emit("load-adapter", "loading the adapter model as trained (its base as in training + LoRA)")
+        adapter = AdapterScorer(model.path, record.path / "adapter", run_config.get("train", {}))
+        report = _parity_report(w.path, data, {"adapter": ("adapter", adapter)}, None, {}, say,
+                                reference_name=name, gating=False, check_cancel=check_cancel,
+                                stages=stages)
         (w.path / "parity.json").write_text(json.dumps(report, indent=2))
+        stages.emit("record", f"recording {name} (hashing its files into the manifest)")
         w.commit(parents=[parent_ref(record), parent_ref(model)],
                  config={"dtype": dtype, "base": base, "run": run},
                  info={"format": "hf", "summary": {"format": "merged", "run": run, "base": base,
@@ -301,8 +290,9 @@ def _reference_rows(reference_dir: Path, data: list[parity.Sample], say: Say,
     if key in _REFERENCE_ROWS:
         say("reference: scored earlier in this job, reused")
         return _REFERENCE_ROWS[key]
-    scored = _scoring(stages, "scoring the reference (merged)", len(data))
+    stages.emit("load-reference", f"loading the reference {reference_dir.name} (merged) to score against")
     reference = HFScorer(reference_dir)
+    scored = _scoring(stages, "scoring the reference (merged)", len(data))
     rows = parity.reference_rows(Checked(reference, check_cancel, scored), data)
     say(f"reference scored: {len(data)} held-out conversations")
     found = rows, str(reference.dtype).removeprefix("torch.")
@@ -328,10 +318,11 @@ def _gate(ws: Workspace, merged: ArtifactRecord, artifact_name: str, kind: str, 
 
 
 def _commit_gated(w: Any, report: dict[str, Any], merged: ArtifactRecord, config: dict[str, Any],
-                  summary: dict[str, Any], say: Say) -> None:
+                  summary: dict[str, Any], say: Say, stages: Stages) -> None:
     (w.path / "parity.json").write_text(json.dumps(report, indent=2))
     passed = report["passed"]
     say(parity.table(report))
+    stages.emit("record", f"recording {w.name} (hashing its files into the manifest)")
     w.commit(parents=[parent_ref(merged)], config=config, status="ready" if passed else "failed",
              info={"summary": {**summary, "parity": "pass" if passed else "FAIL"}},
              metrics={"parity": report["artifacts"][0]})
@@ -397,7 +388,7 @@ def _one(ws: Workspace, merged: ArtifactRecord, name: str, kind: str,
         stages.reused(name)
         return existing
     check_cancel()
-    with disk_errors(f"exporting {name}"):
+    with disk_full_as_error(ws.kind_dir("export"), f"exporting {name}"):
         return make(kind)
 
 
@@ -419,11 +410,12 @@ def _one_gguf(ws: Workspace, merged: ArtifactRecord, run: str, qtype: str, base:
         check = gguf.check_gguf(path, merged.path)
         gguf.write_modelfile(path, merged.path, out=w.path / "Modelfile")
         (w.path / "gguf_check.json").write_text(json.dumps(check, indent=2, default=str))
+        stages.emit("load-runtime", f"loading {path.name} in llama.cpp")
         with gguf.GgufLM(path, n_ctx=PARITY_MAX_TOKENS + 16) as lm:
             report = _gate(ws, merged, name, qtype.lower(), lm, lm.tokenize, overrides, say, check_cancel,
                            stages)
         _commit_gated(w, report, merged, {"format": "gguf", "type": qtype, "run": run},
-                      {"format": "gguf", "type": qtype, "run": run, "file": path.name}, say)
+                      {"format": "gguf", "type": qtype, "run": run, "file": path.name}, say, stages)
     return ws.get("export", name)
 
 
@@ -466,11 +458,12 @@ def _one_onnx(ws: Workspace, merged: ArtifactRecord, run: str, precision: str, s
             stages.emit("export-onnx", f"exporting the {precision} ONNX graph")
             details = onnx.export_onnx(merged.path, target, precision, progress=say)
         (w.path / "onnx_export.json").write_text(json.dumps(details, indent=2, default=str))
+        stages.emit("load-runtime", f"loading {name} in onnxruntime")
         lm = onnx.OnnxLM(target)
         report = _gate(ws, merged, name, precision, lm, lm.tokenize, overrides, say, check_cancel,
                        stages)
         _commit_gated(w, report, merged, {"format": "onnx", "precision": precision, "run": run},
-                      {"format": "onnx", "type": precision, "run": run}, say)
+                      {"format": "onnx", "type": precision, "run": run}, say, stages)
     return ws.get("export", name)
 
 
@@ -495,6 +488,7 @@ def _verify(ws: Workspace, name: str, overrides: dict[str, float], say: Say,
     from export import gguf, onnx
 
     record = ws.get("export", name)
+    stages.emit("check-files", f"checking {name}'s files against its manifest")
     data = manifest.verify(record.path)
     config = data["config"]
     if config.get("format") not in ("gguf", "onnx"):
@@ -503,10 +497,12 @@ def _verify(ws: Workspace, name: str, overrides: dict[str, float], say: Say,
     merged = ws.get("export", merged_name(config["run"]))
     if config["format"] == "gguf":
         path = record.path / f"{config['run']}-{config['type']}.gguf"
+        stages.emit("load-runtime", f"loading {path.name} in llama.cpp")
         with gguf.GgufLM(path, n_ctx=PARITY_MAX_TOKENS + 16) as lm:
             report = _gate(ws, merged, name, config["type"].lower(), lm, lm.tokenize, overrides, say,
                            check_cancel, stages)
     else:
+        stages.emit("load-runtime", f"loading {name} in onnxruntime")
         lm = onnx.OnnxLM(record.path / "onnx")
         report = _gate(ws, merged, name, config["precision"], lm, lm.tokenize, overrides, say,
                        check_cancel, stages)

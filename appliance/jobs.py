@@ -13,12 +13,22 @@ the terminal does not stop it; the same command runs under the templated systemd
 A process records its pid and its start time (from /proc), so a dead job is recognised even after
 a reboot or when the pid was reused, and is shown as interrupted. `resume` queues it again: the job
 function sees `ctx.attempt > 1` and continues from its checkpoint (or, for idempotent jobs such as
-imports, simply runs again). Cancel is cooperative: the function checks `ctx.check_cancel()`
-between steps, saves what it has, and stops; SIGTERM (what systemd sends) asks for the same.
+imports, simply runs again). A cancel works in every phase (`appliance.cancellation`): code that
+runs in steps checks `ctx.check_cancel()` inside `ctx.cooperative()`, saves what it has, and stops;
+anywhere else (a model load, a wait on a converter) the job is interrupted where it is. SIGTERM
+(what systemd sends) asks for the same. A job whose result is an artifact says which
+(`ctx.finishes_with`): from right before that commit a cancel is too late, so a job is never
+reported cancelled with its result in place; an import resumed after its model was committed
+(killed before it was marked done) is done. Every artifact a job writes names it in its manifest
+(`config.job`).
+
+The starter never waits for a job (it goes on when the starter exits), but it reaps the job's
+process when that ends, from a thread, so a long-lived starter (the TUI) collects no zombies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -27,15 +37,19 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-from appliance.errors import ApplianceError, NotFoundError
-from appliance.workspace import Workspace
+from appliance import cancellation
+from appliance.cancellation import JobCancelled  # raised by job functions; importable from here
+from appliance.errors import ApplianceError, BusyError, NotFoundError, RefusedError
+from appliance.workspace import ArtifactRecord, ArtifactWriter, Workspace, check_name
 
 # Jobs that listen on a socket: never inside the job unit, whose PrivateNetwork=yes would leave
 # the server reachable from nowhere (under systemd, appliance-server.service is the server's unit).
@@ -59,10 +73,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     result TEXT NOT NULL DEFAULT '{}'
 );
 """
-
-
-class JobCancelled(Exception):
-    """Raised inside a job function when a cancel was asked for (after it saved its state)."""
 
 
 @dataclass(frozen=True)
@@ -106,12 +116,16 @@ def is_alive(pid: int | None, start: str | None) -> bool:
 
 
 class JobContext:
-    """What a job function gets: its parameters, a way to report, and cancellation."""
+    """What a job function gets: its parameters, a way to report, and cancellation. Its `ws`
+    writes artifacts that name the job in their manifest (`config.job`), and commits the job's
+    result as `finishes_with` says."""
 
     def __init__(self, ws: Workspace, job: Job) -> None:
-        self.ws, self.job = ws, job
+        self.ws: Workspace = JobWorkspace(ws.root, self)
+        self.job = job
         self.dir = job_dir(ws, job.id)
         self.attempt = job.attempt
+        self.result_artifact: tuple[str, str | None] | None = None
 
     @property
     def params(self) -> dict[str, Any]:
@@ -132,6 +146,49 @@ class JobContext:
     def check_cancel(self) -> None:
         if self.cancel_requested():
             raise JobCancelled()
+
+    def cooperative(self) -> contextlib.AbstractContextManager[None]:
+        """A section that checks `check_cancel()` often and stops at a safe point by itself (after
+        saving a checkpoint): a cancel does not interrupt it. Anywhere else it does."""
+        return cancellation.deferred()
+
+    def finishing(self) -> None:
+        """The job commits its result now: a cancel from here on is too late to stop it."""
+        cancellation.finishing()
+
+    def finishes_with(self, kind: str, name: str | None = None) -> None:
+        """The job's result is the artifact of `kind` (and `name`, if given) it commits last:
+        `finishing()` is called right before that commit, so the job is never reported cancelled
+        with its result in place (then `jobs resume` would find the artifact already there)."""
+        self.result_artifact = (kind, name)
+
+
+class _JobWriter(ArtifactWriter):
+    """A job's artifact writer (see `JobContext`)."""
+
+    ctx: JobContext
+
+    def commit_manifest(self, data: dict[str, Any]) -> dict[str, Any]:
+        config = data.get("config") or {}
+        if not self.replace:  # a new artifact: this job made it (a rewrite keeps who made it)
+            data = {**data, "config": {**config, "job": config.get("job", self.ctx.job.id)}}
+        wanted = self.ctx.result_artifact
+        if wanted is not None and wanted[0] == self.kind and wanted[1] in (None, self.name):
+            self.ctx.finishing()
+        return super().commit_manifest(data)
+
+
+class JobWorkspace(Workspace):
+    """The workspace as a job function sees it (`JobContext.ws`): its writers are the job's."""
+
+    def __init__(self, root: Path, ctx: JobContext) -> None:
+        super().__init__(root)
+        self.ctx = ctx
+
+    def writer(self, kind: str, name: str, *, replace: bool = False) -> ArtifactWriter:
+        writer = _JobWriter(self, kind, check_name(name), replace=replace)
+        writer.ctx = self.ctx
+        return writer
 
 
 JobFunction = Callable[[JobContext], dict[str, Any] | None]
@@ -243,7 +300,15 @@ def spawn(ws: Workspace, job_id: str) -> int:
         raise ApplianceError(f"could not start job {job_id}: {exc}", title="Job not started",
                              hint=f"fix the cause, then `appliance jobs resume {job_id}`") from exc
     _update_if_queued(ws, job_id, proc.pid)
+    reap_when_done(proc)
     return proc.pid
+
+
+def reap_when_done(proc: subprocess.Popen[bytes]) -> None:
+    """Collect a detached child's exit status when it ends, without making the caller wait: a
+    long-lived starter would otherwise keep every finished job as a zombie. A daemon thread, so
+    the starter can still exit at any time (the job, in its own session, goes on)."""
+    threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
 
 
 def _spawn_unit(ws: Workspace, job_id: str) -> int:
@@ -318,21 +383,34 @@ def cancel(ws: Workspace, job_id: str) -> Job:
     if job.state in ("queued", "running"):  # running, or it started while we looked
         (job_dir(ws, job_id) / "cancel").touch()
         append_event(job_dir(ws, job_id), {"type": "log", "message": "cancel requested"})
-    else:
-        raise ApplianceError(f"job {job_id} is {job.state}; only queued or running jobs can be "
-                             "cancelled", title="Nothing to cancel")
-    return get(ws, job_id)
+        return get(ws, job_id)
+    hint = f"`appliance jobs resume {job_id}` continues it" if job.state in RESUMABLE else \
+        "nothing runs for it any more"
+    raise RefusedError(f"job {job_id} has already ended: {job.state}{_when(job)}; there is nothing "
+                       "to cancel", title="Nothing to cancel", hint=hint)
+
+
+def _when(job: Job) -> str:
+    detail = f" at {job.finished}" if job.finished else ""
+    return detail + (f" ({job.message})" if job.message and job.message != "done" else "")
 
 
 def resume(ws: Workspace, job_id: str, *, detach: bool = True) -> Job:
     job = get(ws, job_id)
+    if job.state in ("queued", "running"):
+        where = f" (attempt {job.attempt}, pid {job.pid})" if job.state == "running" and job.pid else ""
+        raise BusyError(f"job {job_id} is {job.state}{where}: it cannot be resumed while it is "
+                        f"{'waiting to run' if job.state == 'queued' else 'running'}",
+                        title="Job is still going", hint=f"follow it (appliance jobs logs {job_id} "
+                        f"--follow), or stop it first (appliance jobs cancel {job_id})")
     if job.state not in RESUMABLE:
-        raise ApplianceError(f"job {job_id} is {job.state}; only {', '.join(RESUMABLE)} jobs can "
-                             "be resumed", title="Cannot resume")
+        raise RefusedError(f"job {job_id} {job.state}{_when(job)}; only a failed, cancelled or "
+                           "interrupted job can be resumed", title="Nothing to resume",
+                           hint="start a new job to do it again")
     (job_dir(ws, job_id) / "cancel").unlink(missing_ok=True)
     if not _transition(ws, job_id, RESUMABLE, "queued", pid=None, pid_start=None, message="resumed"):
-        raise ApplianceError(f"job {job_id} changed state meanwhile (another resume?)",
-                             title="Cannot resume", hint="`appliance jobs show` tells its state")
+        raise BusyError(f"job {job_id} changed state meanwhile (another resume?)",
+                        title="Cannot resume", hint="`appliance jobs show` tells its state")
     if detach:
         spawn(ws, job_id)
     return get(ws, job_id)
@@ -355,25 +433,62 @@ def run(ws: Workspace, job_id: str) -> Job:
             (_now(), os.getpid(), process_start_time(os.getpid()), job_id)).rowcount
     if not claimed:
         raise ApplianceError(f"job {job_id} is {job.state}, not queued", title="Cannot run")
-    append_event(job_dir(ws, job_id), {"type": "state", "state": "running"})
     ctx = JobContext(ws, get(ws, job_id))
-    previous = signal.signal(signal.SIGTERM, lambda *_: (ctx.dir / "cancel").touch())
+    append_event(ctx.dir, {"type": "state", "state": "running", "attempt": ctx.attempt})
+    flag = ctx.dir / "cancel"
+    previous = signal.signal(signal.SIGTERM, _cancel_on_sigterm(flag))
     try:
-        result = KINDS[job.kind](ctx) or {}
-    except JobCancelled:
+        with cancellation.armed(flag):
+            result = KINDS[job.kind](ctx) or {}
+    except JobCancelled as exc:
+        log_hidden_error(ctx, exc)
         _set_state(ws, job_id, "cancelled", finished=_now(), message="cancelled by the operator")
-    except ApplianceError as exc:
-        _set_state(ws, job_id, "failed", finished=_now(), message=f"{exc.title}: {exc}")
-    except Exception as exc:  # a bug: keep the traceback in the events for the report
-        ctx.emit("traceback", text=traceback.format_exc())
-        _set_state(ws, job_id, "failed", finished=_now(), message=f"{type(exc).__name__}: {exc}")
+    except Exception as exc:
+        _failed(ctx, exc)
     else:
         _update(ws, job_id, result=result)
         _set_state(ws, job_id, "succeeded", finished=_now(), message="done")
     finally:
         signal.signal(signal.SIGTERM, previous)
-        (ctx.dir / "cancel").unlink(missing_ok=True)
+        flag.unlink(missing_ok=True)
     return get(ws, job_id)
+
+
+def _cancel_on_sigterm(flag: Path) -> Callable[[int, FrameType | None], None]:
+    """SIGTERM (what systemd sends) asks for a cancel. The handler runs inside whatever the job
+    was doing: a flag it cannot write (its directory gone, a full disk) must not raise there."""
+    def handler(signum: int, frame: FrameType | None) -> None:
+        with contextlib.suppress(OSError):
+            flag.touch()
+    return handler
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{exc.title}: {exc}" if isinstance(exc, ApplianceError) else f"{type(exc).__name__}: {exc}"
+
+
+def log_hidden_error(ctx: JobContext, exc: JobCancelled) -> None:
+    """A cancel that landed while the job handled an error (its cleanup, say) hides that error:
+    the job ends cancelled, and the error goes to its log, where the operator still sees it."""
+    hidden = exc.__context__
+    while isinstance(hidden, JobCancelled):
+        hidden = hidden.__context__
+    if hidden is not None:
+        ctx.log(f"the cancel came while the job was handling an error: {_describe(hidden)}")
+
+
+def _failed(ctx: JobContext, exc: Exception) -> None:
+    """A job ended with an error: failed, unless a cancel interrupted it (a converter stopped under
+    it, an interrupt wrapped by a library's `except`): then it was cancelled, the error is logged."""
+    ws, job_id = ctx.ws, ctx.job.id
+    text = _describe(exc)
+    if cancellation.interrupted():
+        ctx.log(f"stopped by the cancel: {text}")
+        _set_state(ws, job_id, "cancelled", finished=_now(), message="cancelled by the operator")
+        return
+    if not isinstance(exc, ApplianceError):  # a bug: keep the traceback in the events for the report
+        ctx.emit("traceback", text=traceback.format_exc())
+    _set_state(ws, job_id, "failed", finished=_now(), message=text)
 
 
 def follow(ws: Workspace, job_id: str, poll: float = 0.5) -> Iterator[dict[str, Any]]:
@@ -390,33 +505,62 @@ def follow(ws: Workspace, job_id: str, poll: float = 0.5) -> Iterator[dict[str, 
 
 # -- job kinds ---------------------------------------------------------------------------------
 def _import_model(ctx: JobContext) -> dict[str, Any]:
+    """Resumed after its model was committed (killed before it was marked done), it is done."""
     from appliance import models
 
     p = ctx.params
+    made = _made_by_this_job(ctx, "model") if ctx.attempt > 1 else None
+    if made is not None:
+        ctx.log(f"model {made.name} was already imported by this job: done")
+        return {"model": made.name, "path": str(made.path)}
+    ctx.finishes_with("model")
     if p.get("default"):
-        record = models.import_default(ctx.ws, say=ctx.log)
+        record = models.import_default(ctx.ws, say=ctx.log, progress=ctx.progress)
     else:
         template = Path(p["chat_template"]) if p.get("chat_template") else None
         record = models.import_path(ctx.ws, Path(p["path"]), name=p.get("name"),
-                                    chat_template_file=template, say=ctx.log)
+                                    chat_template_file=template, say=ctx.log,
+                                    progress=ctx.progress)
     return {"model": record.name, "path": str(record.path)}
+
+
+def _made_by_this_job(ctx: JobContext, kind: str) -> ArtifactRecord | None:
+    """The artifact of `kind` whose manifest names this job as its maker, if any."""
+    from appliance import manifest
+
+    for record in ctx.ws.list(kind):
+        with contextlib.suppress(ApplianceError):
+            if manifest.read(record.path).get("config", {}).get("job") == ctx.job.id:
+                return record
+    return None
 
 
 def _selftest(ctx: JobContext) -> dict[str, Any]:
     """Counts to `steps`, one step per `interval` seconds, keeping its position in a checkpoint:
-    lets an operator (and the tests) check detaching, cancel, kill and resume on this box."""
+    lets an operator (and the tests) check detaching, cancel, kill and resume on this box.
+
+    `load` seconds first stand for a phase that never checks for a cancel (a model load), spent
+    in this process or, with `child`, waiting on a child process (a converter)."""
     steps, interval = int(ctx.params.get("steps", 10)), float(ctx.params.get("interval", 0.5))
+    load = float(ctx.params.get("load", 0))
     checkpoint = ctx.dir / "checkpoint.json"
     done = json.loads(checkpoint.read_text())["step"] if checkpoint.exists() else 0
+    if load:
+        ctx.progress(0, 0, stage="load", label=f"loading (simulated, {load:g} s)", unit="")
+        if ctx.params.get("child"):
+            subprocess.run([sys.executable, "-c", f"import time; time.sleep({load})"], check=True)
+        else:
+            time.sleep(load)
     ctx.log(f"attempt {ctx.attempt}: starting at step {done} of {steps}")
-    while done < steps:
-        ctx.check_cancel()
-        time.sleep(interval)
-        done += 1
-        tmp = checkpoint.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"step": done}))
-        tmp.replace(checkpoint)
-        ctx.progress(done, steps)
+    with ctx.cooperative():
+        while done < steps:
+            ctx.check_cancel()
+            time.sleep(interval)
+            done += 1
+            tmp = checkpoint.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"step": done}))
+            tmp.replace(checkpoint)
+            ctx.progress(done, steps)
     return {"steps": done}
 
 
@@ -430,6 +574,7 @@ def _merge(ctx: JobContext) -> dict[str, Any]:
     from appliance import exports
 
     p = ctx.params
+    ctx.finishes_with("export")  # its one commit: the merged model (none if it exists already)
     record = exports.merge(ctx.ws, p["run"], dtype=p.get("dtype"), base=p.get("base"),
                            say=ctx.log, check_cancel=ctx.check_cancel, progress=ctx.progress)
     return {"export": record.name, "path": str(record.path)}
@@ -441,6 +586,7 @@ def _export(ctx: JobContext) -> dict[str, Any]:
 
     p = ctx.params
     func = exports.export_gguf if p["format"] == "gguf" else exports.export_onnx
+    ctx.finishes_with("export", _last_export_name(p))
     try:
         records = func(ctx.ws, p["run"], p["types"], scratch=ctx.dir / "work",
                        overrides=p.get("overrides"), say=ctx.log, check_cancel=ctx.check_cancel,
@@ -448,15 +594,31 @@ def _export(ctx: JobContext) -> dict[str, Any]:
     except JobCancelled:
         raise  # resumable: keep the intermediate files
     except BaseException:
-        shutil.rmtree(ctx.dir / "work", ignore_errors=True)  # a failure (a full disk...) frees them
+        if not cancellation.interrupted():  # a failure (a full disk...) frees them
+            shutil.rmtree(ctx.dir / "work", ignore_errors=True)
         raise
     shutil.rmtree(ctx.dir / "work", ignore_errors=True)  # intermediate F16 GGUF / fp32 ONNX
     return {"exports": {r.name: r.status for r in records}}
 
 
+def _last_export_name(p: dict[str, Any]) -> str:
+    """The artifact an export job writes last, named as `exports` names them (the merged model if
+    no type is asked for): its commit ends the job."""
+    from appliance.exports import merged_name
+
+    types = [str(t) for t in p["types"]]
+    if p["format"] == "gguf":
+        from export.gguf import resolve_quant_type
+
+        types = [resolve_quant_type(t)[0].lower() for t in types]
+    names = [f"{p['run']}-{p['format']}-{t}" for t in dict.fromkeys(types)]
+    return names[-1] if names else merged_name(p["run"])
+
+
 def _verify(ctx: JobContext) -> dict[str, Any]:
     from appliance import exports
 
+    ctx.finishes_with("export")  # its one commit: the export with its new verdict
     report = exports.verify(ctx.ws, ctx.params["export"], overrides=ctx.params.get("overrides"),
                             say=ctx.log, check_cancel=ctx.check_cancel, progress=ctx.progress)
     return {"passed": report["passed"]}

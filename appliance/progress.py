@@ -6,17 +6,23 @@ made for training steps, where one count says it all. An export is a sequence of
 scoring held-out conversations) inside a sequence of artifacts. `Stages` turns that into progress
 events that carry, besides `done`/`total` of the current stage:
 
-    stage            merge | check-merge | convert | export-onnx | quantize | check | score | reuse | done
+    stage            what it does; an export or a verification: check-inputs | merge | check-merge |
+                     load-adapter | load-reference | convert | export-onnx | quantize | check |
+                     check-files | load-runtime | score | record | reuse | done; a training run
+                     (`appliance.train`, whose events also carry `max_steps`): check-inputs |
+                     launch-workers | tokenize | load-model | load-checkpoint | evaluate |
+                     save-checkpoint | publish
     label            what an operator reads: "quantizing to Q4_K_M", "scoring q8_0"
     unit             what `done`/`total` count: tensors, conversations, % (of 100), artifacts, or ""
     artifact         the artifact being made or checked
     artifacts_done   how many of the job's artifacts are finished ...
     artifacts_total  ... of how many it was asked for (the merged model it makes first not counted)
 
-`total` 0 means the stage's size is not known (a converter still reading, an ONNX export): nothing
-is made up, the stage is named and no bar is drawn. Counted stages report at most about
-`BUCKETS` times, so a model of a thousand tensors cannot flood the event file. Headless: the CLI
-and the TUI both describe the events with the functions below.
+`total` 0 means the stage's size is not known (a converter still reading, an ONNX export, a model
+load): nothing is made up, the stage is named and no bar is drawn; a viewer shows how long it has
+taken instead (every event has its `ts`). A stage lasts until the next progress event. Counted
+stages report at most about `BUCKETS` times, so a model of a thousand tensors cannot flood the
+event file. Headless: the CLI and the TUI both describe the events with the functions below.
 """
 
 from __future__ import annotations

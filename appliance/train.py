@@ -7,6 +7,14 @@ every RNG state, all in safetensors + JSON (nothing is pickled), so "N steps str
 step k, resumed" produce the same loss sequence. Work in progress lives in the job's directory
 (`jobs/<id>/work/`); only a finished run becomes the `runs/<name>/` artifact, with its adapter, its
 config, its metrics and its lineage (base model and dataset).
+
+Every phase says what it does (`appliance.progress` stages, each event also carrying `max_steps`):
+check-inputs, tokenize, load-model, load-checkpoint, evaluate (counted in batches), save-checkpoint,
+publish; each attempt starts with a `train-start` event (attempt, step it starts from, max_steps),
+so a viewer knows the run's length before the first step and drops an earlier attempt's ETA.
+A cancel stops any phase (`appliance.cancellation`): the step loop and its evaluations stop by
+themselves at a safe point (a cancel during an evaluation saves the checkpoint with that
+evaluation still owed, and the resumed job runs it first); the rest is interrupted where it is.
 """
 
 from __future__ import annotations
@@ -18,15 +26,17 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from appliance import chat, datasets, distributed, manifest
-from appliance.errors import ApplianceError
-from appliance.fsutil import fsync_dir
+from appliance.errors import AlreadyExistsError, ApplianceError
+from appliance.fsutil import atomic_write_text, exchange, fsync_dir
 from appliance.jobs import JobCancelled, JobContext
 from appliance.planner import loss_chunk
+from appliance.progress import Stages
 from appliance.trainconfig import TrainConfig, validate
 from appliance.workspace import ArtifactRecord, parent_ref
 
@@ -49,16 +59,20 @@ class LoopState:
     evals_without_improvement: int = 0
     first_eval: float | None = None
     last_eval: float | None = None
+    pending_eval: bool = False  # the evaluation due at `step` was cancelled: a resume runs it first
 
 
 # -- data --------------------------------------------------------------------------------------
-def encode(tokenizer: Any, rows: list[dict[str, Any]], stops: list[str], max_len: int
-           ) -> tuple[list[Example], int]:
-    """Render + mask every conversation; truncate to max_len; drop ones left with nothing to learn."""
+def encode(tokenizer: Any, rows: list[dict[str, Any]], stops: list[str], max_len: int,
+           on_row: Callable[[int], None] | None = None) -> tuple[list[Example], int]:
+    """Render + mask every conversation; truncate to max_len; drop ones left with nothing to learn.
+    `on_row(n)` hears after each of them how many are done."""
     out, dropped = [], 0
-    for row in rows:
+    for n, row in enumerate(rows, 1):
         r = chat.render_and_mask(tokenizer, row["messages"], stops)
         ids, labels = r.input_ids[:max_len], r.labels[:max_len]
+        if on_row is not None:
+            on_row(n)
         if all(label == chat.IGNORE_INDEX for label in labels):
             dropped += 1
             continue
@@ -98,6 +112,15 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     """The RNG seed of one optimizer step on one rank: a resumed run, on any rank, draws the
     same dropout masks as a straight one without restoring every rank's generator."""
     return ((seed * 1_000_003 + step) * 64 + rank) % (2**63)
+
+
+def evals_from(step: int, cfg: TrainConfig) -> int:
+    """How many evaluations are due at steps `step`..max_steps (each eval_every-th, and the last)."""
+    if step > cfg.max_steps:
+        return 0
+    step = max(step, 1)  # steps are 1-based: step 0 is no evaluation
+    due = cfg.max_steps // cfg.eval_every - (step - 1) // cfg.eval_every
+    return due + (1 if cfg.max_steps % cfg.eval_every else 0)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -262,7 +285,7 @@ def save_checkpoint(work: Path, model: Any, optimizer: Any, state: LoopState, sc
     from safetensors.torch import save_file
 
     final = work / "checkpoints" / f"step-{state.step:07d}"
-    if (final / COMPLETE).exists():
+    if (final / COMPLETE).exists() and _saved_loop(final) == state.__dict__:
         return final  # this step is saved already (e.g. a cancel right after a periodic save)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -285,12 +308,22 @@ def save_checkpoint(work: Path, model: Any, optimizer: Any, state: LoopState, sc
         _fsync(path)
     (tmp / COMPLETE).touch()  # written last: a checkpoint without it is never loaded
     _fsync(tmp / COMPLETE)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    if final.exists() and exchange(tmp, final):  # the same step saved again (an owed eval done)
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
     fsync_dir(final.parent)
     for old in complete_checkpoints(work)[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _saved_loop(path: Path) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads((path / "state.json").read_text())["loop"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _fsync(path: Path) -> None:
@@ -344,9 +377,15 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, scaler: Any = None) 
 
 # -- the loop ----------------------------------------------------------------------------------
 def evaluate(model: Any, examples: list[Example], cfg: TrainConfig, pad_id: int, device: str,
-             rank: distributed.Rank | None = None) -> float:
+             rank: distributed.Rank | None = None, *,
+             on_batch: Callable[[int, int], None] | None = None,
+             cancelled: Callable[[], bool] | None = None) -> float:
     """Token-weighted mean loss over the eval split (assistant tokens only); with several ranks,
-    each scores a share of the batches and the sums are combined."""
+    each scores a share of the batches and the sums are combined.
+
+    `on_batch(done, total)` hears about each round of batches (one batch per rank), from (0, total)
+    on; `cancelled` is asked before each round, by every rank together, and a yes raises
+    JobCancelled there (the model back in training mode)."""
     rank = rank or distributed.Rank()
     import torch
 
@@ -356,38 +395,62 @@ def evaluate(model: Any, examples: list[Example], cfg: TrainConfig, pad_id: int,
         examples = [examples[i] for i in sorted(pick)]
     ordered = sorted(examples, key=lambda e: len(e.input_ids))  # little padding
     batches = [ordered[i:i + cfg.batch_size] for i in range(0, len(ordered), cfg.batch_size)]
-    batches = batches[rank.rank::rank.world]
+    rounds = -(-len(batches) // rank.world)  # every rank takes part in each round's collectives
     total, count = 0.0, 0
     model.eval()
-    with torch.no_grad():
-        for batch in batches:
-            inputs = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
-            loss_sum, n = causal_lm_loss(model, inputs)
-            total += float(loss_sum)
-            count += n
-    model.train()
+    try:
+        with torch.no_grad():
+            for r in range(rounds):
+                if on_batch is not None:
+                    on_batch(r, rounds)
+                if cancelled is not None and distributed.all_sum([float(cancelled())], device)[0]:
+                    raise JobCancelled()
+                if (i := r * rank.world + rank.rank) < len(batches):
+                    inputs = {k: v.to(device) for k, v in collate(batches[i], pad_id).items()}
+                    loss_sum, n = causal_lm_loss(model, inputs)
+                    total += float(loss_sum)
+                    count += n
+        if on_batch is not None:
+            on_batch(rounds, rounds)
+    finally:
+        model.train()
     total, count = distributed.all_sum([total, count], device)
     return total / max(count, 1)
 
 
+def train_stages(ctx: JobContext, run: str, max_steps: int) -> Stages:
+    """The stage events of a training attempt: `appliance.progress`'s, about the run being made,
+    each also carrying `max_steps`."""
+    def progress(done: float, total: float, **fields: Any) -> None:
+        ctx.progress(done, total, max_steps=max_steps, **fields)
+
+    return Stages(progress, artifacts_total=1, artifact=run)
+
+
 class Trainer:
     def __init__(self, ctx: JobContext, model_record: ArtifactRecord, data_record: ArtifactRecord,
-                 cfg: TrainConfig) -> None:
+                 cfg: TrainConfig, stages: Stages | None = None) -> None:
         import torch
 
         from appliance.models import load_tokenizer
 
         self.ctx, self.cfg, self.model_record, self.data_record = ctx, cfg, model_record, data_record
+        self.stages = stages or Stages()
         self.work = ctx.dir / "work"
+        self.step_seconds, self.steps_timed, self.eval_seconds = 0.0, 0, None
         tokenizer = load_tokenizer(model_record.path)
         info = manifest.read(model_record.path)["info"]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
             else info["stop_token_ids"][0]
         stops = info["stop_tokens"]
-        self.train_set, dropped = encode(tokenizer, datasets.load_rows(data_record, "train"), stops,
-                                         cfg.max_seq_len)
-        self.eval_set, _ = encode(tokenizer, datasets.load_rows(data_record, "eval"), stops,
-                                  cfg.max_seq_len)
+        train_rows = datasets.load_rows(data_record, "train")
+        eval_rows = datasets.load_rows(data_record, "eval")
+        rows = len(train_rows) + len(eval_rows)
+        count = self.stages.counter("tokenize", f"tokenizing {rows} conversations", "conversations", rows)
+        self.train_set, dropped = encode(tokenizer, train_rows, stops, cfg.max_seq_len,
+                                         on_row=lambda n: count(n, rows))
+        self.eval_set, _ = encode(tokenizer, eval_rows, stops, cfg.max_seq_len,
+                                  on_row=lambda n: count(len(train_rows) + n, rows))
         if dropped:
             ctx.log(f"{dropped} training conversation(s) had no assistant tokens within "
                     f"max_seq_len={cfg.max_seq_len} and were left out")
@@ -400,8 +463,10 @@ class Trainer:
         self.device, self.dtype = pick_device(cfg)
         if self.device == "cuda":
             self.device = f"cuda:{self.rank.local_rank}"
-        ctx.log(f"loading {model_record.name} ({cfg.quantization}, compute "
-                f"{str(self.dtype).removeprefix('torch.')}) on {self.device}")
+        loading = (f"loading {model_record.name} ({cfg.quantization}, compute "
+                   f"{str(self.dtype).removeprefix('torch.')}) on {self.device}")
+        ctx.log(loading)
+        self.stages.emit("load-model", loading)
         self.model = load_model(model_record.path, cfg, self.device, self.dtype)
         self.loss = _loss_module(self.model)
         if self.rank.world > 1:  # LoRA is initialised from the seed: identical on every rank
@@ -431,9 +496,22 @@ class Trainer:
         state.batch_index += 1
         return batch
 
-    def _eval(self, state: LoopState) -> bool:
-        """Evaluate, keep the best adapter; True when early stopping says stop."""
-        loss = evaluate(self.model, self.eval_set, self.cfg, self.pad_id, self.device, self.rank)
+    def _eval(self, state: LoopState, label: str) -> bool:
+        """Evaluate, keep the best adapter; True when early stopping says stop. A cancel stops it
+        between batches (JobCancelled, `state` untouched)."""
+        count: Callable[[int, int], None] | None = None
+
+        def on_batch(done: int, total: int) -> None:
+            nonlocal count
+            if count is None:
+                count = self.stages.counter("evaluate", label, "batches", total)
+            else:
+                count(done, total)
+
+        started = time.monotonic()
+        loss = evaluate(self.model, self.eval_set, self.cfg, self.pad_id, self.device, self.rank,
+                        on_batch=on_batch, cancelled=self.ctx.cancel_requested)
+        self.eval_seconds = time.monotonic() - started
         state.last_eval = loss
         if state.first_eval is None:
             state.first_eval = loss
@@ -494,55 +572,85 @@ class Trainer:
 
     def _save(self, state: LoopState) -> None:
         if self.rank.main:  # every rank holds the same LoRA weights and optimizer state
+            self.stages.emit("save-checkpoint", f"saving checkpoint step-{state.step:07d}")
             save_checkpoint(self.work, self.model, self.optimizer, state, self.scaler)
 
-    def fit(self) -> LoopState:
-        import torch
+    def _save_and_stop(self, state: LoopState) -> None:
+        self._save(state)
+        distributed.all_sum([0.0], self.device)  # no rank leaves before the checkpoint is written
+        raise JobCancelled()
 
+    def fit(self) -> LoopState:
         from appliance import fastlora
 
         state = LoopState()
         checkpoint = latest_checkpoint(self.work)
         if checkpoint is not None:
+            self.stages.emit("load-checkpoint", f"loading checkpoint {checkpoint.name}")
             state = load_checkpoint(checkpoint, self.model, self.optimizer, self.scaler)
             fastlora.weights_changed()
-            self.ctx.log(f"resumed from {checkpoint.name} (step {state.step})")
-        elif self.eval_set:
-            self._eval(state)  # perplexity before training
+            self.ctx.log(f"resumed from {checkpoint.name} (step {state.step})"
+                         + (", its evaluation still to run" if state.pending_eval else ""))
+        with self.ctx.cooperative():  # cancels are checked here, and stop at a safe point
+            if checkpoint is None and self.eval_set:
+                self._eval(state, "evaluating before training")  # perplexity before training
+            return self._loop(state)
+
+    def _loop(self, state: LoopState) -> LoopState:
+        import torch
+
         self.model.train()
-        started, done_at_start = time.monotonic(), state.step
         patience = self.cfg.early_stopping_patience
-        stopped_early = bool(patience) and state.evals_without_improvement >= patience
-        while state.step < self.cfg.max_steps and not stopped_early:
+        stop = self._after_step(state) if state.pending_eval else \
+            bool(patience) and state.evals_without_improvement >= patience
+        while state.step < self.cfg.max_steps and not stop:
             if distributed.all_sum([float(self.ctx.cancel_requested())], self.device)[0]:
-                self._save(state)
-                distributed.all_sum([0.0], self.device)  # no rank leaves before the checkpoint is written
-                raise JobCancelled()
+                self._save_and_stop(state)
             t0 = time.monotonic()
             m = self._step(state)
-            elapsed = time.monotonic() - started
-            rate = (state.step - done_at_start) / elapsed
+            took = time.monotonic() - t0
+            self.step_seconds, self.steps_timed = self.step_seconds + took, self.steps_timed + 1
             event = {"step": state.step, "loss": round(m["loss"], 5), "lr": m["lr"],
                      "grad_norm": round(m["grad_norm"], 4),
-                     "tokens_per_s": round(m["tokens"] / (time.monotonic() - t0), 1),
-                     "eta_s": round((self.cfg.max_steps - state.step) / rate, 1)}
+                     "tokens_per_s": round(m["tokens"] / took, 1), "eta_s": self._eta(state)}
             if self.device.startswith("cuda"):
                 event["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             self.ctx.progress(state.step, self.cfg.max_steps, **event)
-            stop = False
-            if self.eval_set and (state.step % self.cfg.eval_every == 0 or state.step == self.cfg.max_steps):
-                stop = self._eval(state)
-            if state.step % self.cfg.save_every == 0 or state.step == self.cfg.max_steps or stop:
-                self._save(state)
-            if stop:
-                self.ctx.log(f"early stop at step {state.step}: no eval improvement in "
-                             f"{self.cfg.early_stopping_patience} evaluations")
-                break
+            stop = self._after_step(state)
         return state
+
+    def _eta(self, state: LoopState) -> float:
+        """Seconds left: the remaining steps at this attempt's pace, and the evaluations still due
+        (this step's included) at the last one's duration once one was timed."""
+        left = (self.cfg.max_steps - state.step) * self.step_seconds / max(self.steps_timed, 1)
+        if self.eval_set and self.eval_seconds is not None:
+            left += evals_from(state.step, self.cfg) * self.eval_seconds
+        return round(left, 2)
+
+    def _after_step(self, state: LoopState) -> bool:
+        """The evaluation and checkpoint due after a step; True when early stopping says stop. A
+        cancel during the evaluation saves the checkpoint with the evaluation owed, then stops."""
+        cfg, stop = self.cfg, False
+        if self.eval_set and (state.step % cfg.eval_every == 0 or state.step == cfg.max_steps):
+            label = f"final evaluation (step {state.step})" if state.step == cfg.max_steps \
+                else f"evaluating at step {state.step}"
+            state.pending_eval = True
+            try:
+                stop = self._eval(state, label)
+            except JobCancelled:
+                self._save_and_stop(state)
+            state.pending_eval = False
+        if state.step % cfg.save_every == 0 or state.step == cfg.max_steps or stop:
+            self._save(state)
+        if stop:
+            self.ctx.log(f"early stop at step {state.step}: no eval improvement in "
+                         f"{cfg.early_stopping_patience} evaluations")
+        return stop
 
     def publish(self, state: LoopState, name: str, config_source: str) -> ArtifactRecord:
         """Write the finished run as a `runs/<name>` artifact: adapter (best, else last)."""
         ws = self.ctx.ws
+        self.stages.emit("publish", f"publishing run {name}")
         with ws.writer("run", name) as w:
             best = self.work / "best"
             if best.is_dir():
@@ -555,6 +663,7 @@ class Trainer:
             metrics |= {f"perplexity_{k}": round(math.exp(min(v, 50)), 4) for k, v in
                         (("before", state.first_eval), ("after", state.last_eval)) if v is not None}
             (w.path / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            self.ctx.finishing()  # committed from here: a cancel now would only lose the run
             w.commit(parents=[parent_ref(self.model_record), parent_ref(self.data_record)],
                      config={"train": self.cfg.as_dict(), "source": config_source,
                              "device": self.device.split(":")[0], "devices": self.rank.world,
@@ -574,18 +683,25 @@ def run_training(ctx: JobContext) -> dict[str, Any]:
     p = ctx.params
     model = ctx.ws.get("model", p["model"])
     data = ctx.ws.get("dataset", p["dataset"])
-    manifest.verify(model.path)
-    manifest.verify(data.path)
     cfg = validate(p["config"], source=p.get("source", "config"),
                    context_length=model.summary.get("context_length"))
+    if not distributed.in_worker():  # once per attempt: the runner of a data-parallel job says it
+        checkpoint = latest_checkpoint(ctx.dir / "work")
+        ctx.emit("train-start", attempt=ctx.attempt, max_steps=cfg.max_steps, run=p["name"],
+                 step=(_saved_loop(checkpoint) or {}).get("step", 0) if checkpoint else 0)
+    stages = train_stages(ctx, p["name"], cfg.max_steps)
+    stages.emit("check-inputs", f"checking {model.name} and {data.name} against their manifests")
+    manifest.verify(model.path)
+    manifest.verify(data.path)
     _same_inputs_as_first_attempt(ctx, model, data)
     existing = _published_by_this_job(ctx, p["name"])
     if existing is not None:  # killed between publishing and being marked done
         return {"run": existing.name, "path": str(existing.path)}
     if cfg.devices > 1 and not distributed.in_worker():
+        stages.emit("launch-workers", f"starting {cfg.devices} data-parallel workers")
         return distributed.launch(ctx, cfg.devices)
     try:
-        trainer = Trainer(ctx, model, data, cfg)
+        trainer = Trainer(ctx, model, data, cfg, stages)
         state = trainer.fit()
     except Exception as exc:
         if type(exc).__name__ == "OutOfMemoryError":
@@ -611,7 +727,7 @@ def _same_inputs_as_first_attempt(ctx: JobContext, model: ArtifactRecord, data: 
     path = ctx.dir / "inputs.json"
     now = {"model": model.manifest_sha256, "dataset": data.manifest_sha256}
     if not path.exists():
-        path.write_text(json.dumps(now))
+        atomic_write_text(path, json.dumps(now))
         return
     first = json.loads(path.read_text())
     changed = [k for k in now if first.get(k) != now[k]]
@@ -628,6 +744,6 @@ def _published_by_this_job(ctx: JobContext, name: str) -> ArtifactRecord | None:
         return None
     if manifest.read(record.path)["config"].get("job") == ctx.job.id:
         return record
-    raise ApplianceError(f"run {name!r} already exists (made by another job)", title="Already exists",
-                         hint="start a new run with another --name; remove the old one first with "
-                              f"`appliance runs rm {name}` if it should be replaced")
+    raise AlreadyExistsError(f"run {name!r} already exists (made by another job)",
+                             hint="start a new run with another --name; remove the old one first with "
+                                  f"`appliance runs rm {name}` if it should be replaced")

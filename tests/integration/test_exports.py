@@ -14,7 +14,7 @@ import pytest
 
 from appliance import datasets, exports, jobs, manifest, models
 from appliance.demo import sample_dataset
-from appliance.errors import ApplianceError, IntegrityError, RefusedError, ValidationError
+from appliance.errors import ApplianceError, DiskFullError, IntegrityError, RefusedError, ValidationError
 from appliance.workspace import ArtifactRecord, Workspace
 
 pytestmark = pytest.mark.integration
@@ -143,7 +143,7 @@ def test_bad_inputs_get_clear_errors(smol_run: Workspace, monkeypatch: pytest.Mo
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(gguf, "quantize", full_disk)
-    with pytest.raises(ApplianceError, match="disk is full"):
+    with pytest.raises(DiskFullError, match=r"disk full at .*run-gguf-q6_k"):
         exports.export_gguf(smol_run, "run", ["Q6_K"], scratch=smol_run.root / "scratch")
     assert not list((smol_run.root / "exports").glob(".staging-*"))
     assert not smol_run.artifact_dir("export", "run-gguf-q6_k").exists()
@@ -187,7 +187,8 @@ def test_a_second_architecture_merges_and_exports_losslessly(tmp_path: Path, tin
     onnx_events, progress = _recorder()
     (onnx_record,) = exports.export_onnx(ws, run, ["fp32"], scratch=tmp_path / "scratch",
                                          progress=progress)
-    assert _stages(onnx_events) == ["reuse", "export-onnx", "score", "done"]
+    assert _stages(onnx_events) == ["reuse", "export-onnx", "load-runtime", "load-reference", "score",
+                                    "record", "done"]
     for record in (gguf_record, onnx_record):
         row = json.loads((record.path / "parity.json").read_text())["artifacts"][0]
         assert record.status == "ready", row
@@ -245,7 +246,8 @@ def _check_scores(events: list[dict], labels: list[str], conversations: int) -> 
 def _check_merge_progress(events: list[dict], merged: ArtifactRecord) -> None:
     from appliance import tensorstream
 
-    assert _stages(events) == ["merge", "check-merge", "score", "done"]
+    assert _stages(events) == ["check-inputs", "merge", "check-merge", "load-adapter", "load-reference",
+                               "score", "record", "done"]
     assert {e["artifact"] for e in events} == {merged.name}
     assert {e["artifacts_total"] for e in events} == {1}
     _check_counts(events)
@@ -263,8 +265,8 @@ def _check_merge_progress(events: list[dict], merged: ArtifactRecord) -> None:
 def _check_gguf_progress(events: list[dict], merged: ArtifactRecord, records: list[ArtifactRecord]
                          ) -> None:
     f16, q8 = (r.name for r in records)
-    assert _stages(events) == ["reuse", "convert", "check", "score", "quantize", "check", "score",
-                               "done"]
+    assert _stages(events) == ["reuse", "convert", "check", "load-runtime", "load-reference", "score",
+                               "record", "quantize", "check", "load-runtime", "score", "record", "done"]
     _check_counts(events)
     assert events[0] == {"done": 1, "total": 1, "stage": "reuse", "unit": "", "artifact": merged.name,
                          "label": "exists and matches its manifest: reused", "artifacts_done": 0,
@@ -294,7 +296,8 @@ def _check_job_progress(ws: Workspace, run: str, record: ArtifactRecord) -> None
     job = jobs.submit(ws, "verify", {"export": record.name, "overrides": {"agreement": 1.01}})
     assert jobs.run(ws, job.id).result == {"passed": False}
     staged = [e for e in jobs.read_events(ws, job.id) if e["type"] == "progress"]
-    assert _stages(staged) == ["score", "done"] and {e["artifact"] for e in staged} == {record.name}
+    assert _stages(staged) == ["check-files", "load-runtime", "load-reference", "score", "done"]
+    assert {e["artifact"] for e in staged} == {record.name}
     conversations = staged[-2]["total"]
     assert format_event(staged[-2]) == f"{record.name}: scoring f16 {conversations}/{conversations} " \
                                        "conversations"
@@ -312,6 +315,6 @@ def _check_gated_again(ws: Workspace, run: str, record: ArtifactRecord, scratch:
     (again,) = exports.export_gguf(ws, run, ["F16"], scratch=scratch, overrides={"agreement": 0.5},
                                    progress=progress)
     assert again.status == "ready"
-    assert _stages(events) == ["reuse", "score", "done"]
+    assert _stages(events) == ["reuse", "check-files", "load-runtime", "load-reference", "score", "done"]
     assert {e["artifact"] for e in events[1:]} == {record.name}
     assert events[-1]["done"] == events[-1]["total"] == 1

@@ -1,5 +1,6 @@
-"""Jobs run detached in real processes: they outlive their starter, survive kill -9 as
-'interrupted', resume from their checkpoint, and cancel cooperatively."""
+"""Jobs run detached in real processes: they outlive their starter (which reaps them, leaving no
+zombie), survive kill -9 as 'interrupted', resume from their checkpoint, and cancel in every phase:
+cooperatively where they check, interrupted (with their child processes) where they cannot."""
 
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def test_cancel_stops_a_running_job_and_keeps_its_checkpoint(workspace: Workspac
     cancelled = wait_state(workspace, job.id, "cancelled")
     assert cancelled.message == "cancelled by the operator"
     assert 2 <= json.loads((jobs.job_dir(workspace, job.id) / "checkpoint.json").read_text())["step"] < 50
-    with pytest.raises(ApplianceError, match="only queued or running"):
+    with pytest.raises(ApplianceError, match="has already ended: cancelled"):
         jobs.cancel(workspace, job.id)
 
 
@@ -103,7 +104,7 @@ def test_queued_job_cancels_at_once_and_runs_only_once(workspace: Workspace) -> 
 def test_resume_refuses_a_finished_job(workspace: Workspace) -> None:
     job = jobs.submit(workspace, "selftest", {"steps": 1, "interval": 0})
     assert jobs.run(workspace, job.id).state == "succeeded"
-    with pytest.raises(ApplianceError, match="only failed"):
+    with pytest.raises(ApplianceError, match="only a failed, cancelled or interrupted job"):
         jobs.resume(workspace, job.id)
 
 
@@ -138,3 +139,90 @@ def test_a_torn_event_line_does_not_hide_later_events(workspace: Workspace) -> N
     events = jobs.read_events(workspace, job.id)
     assert any("unreadable event line" in e.get("message", "") for e in events)
     assert events[-1]["state"] == "succeeded"
+
+
+# -- cancel in a phase that never checks, child processes, and why an action cannot apply ---------
+def _children(pid: int) -> dict[int, str]:
+    """The child processes of `pid` and their state letter (R, S, Z...), from /proc."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found[int(stat.parent.name)] = fields[0]
+    return found
+
+
+def _loading(ws: Workspace, job_id: str) -> bool:
+    return any(e.get("stage") == "load" for e in jobs.read_events(ws, job_id))
+
+
+@pytest.mark.parametrize("child", [False, True], ids=["in-process", "child-process"])
+def test_cancel_stops_a_job_in_a_phase_that_never_checks(workspace: Workspace, stop_jobs_after,
+                                                         child: bool) -> None:
+    """A 'load' of ten minutes that never looks at the cancel flag (as a model load, or a wait
+    on a converter child) is interrupted: the job ends cancelled, its child is gone, and no step
+    (nor checkpoint) was written."""
+    stop_jobs_after(workspace)
+    job = jobs.start(workspace, "selftest", {"steps": 3, "interval": 0, "load": 600, "child": child})
+    wait_for(lambda: _loading(workspace, job.id), what="the load phase")
+    pid = jobs.get(workspace, job.id).pid
+    if child:
+        wait_for(lambda: _children(pid), what="the child process")
+        (child_pid,) = _children(pid)
+    jobs.cancel(workspace, job.id)
+    cancelled = wait_state(workspace, job.id, "cancelled", timeout=120)
+    assert cancelled.message == "cancelled by the operator"
+    assert steps_done(workspace, job.id) == 0
+    assert not (jobs.job_dir(workspace, job.id) / "checkpoint.json").exists()
+    if child:
+        assert not Path(f"/proc/{child_pid}").exists() or _children(pid).get(child_pid) in ("Z", None)
+    assert jobs.resume(workspace, job.id, detach=False).state == "queued"  # and it can go on
+
+
+def test_sigterm_stops_a_job_in_a_phase_that_never_checks(workspace: Workspace, stop_jobs_after) -> None:
+    stop_jobs_after(workspace)
+    job = jobs.start(workspace, "selftest", {"steps": 3, "interval": 0, "load": 600})
+    wait_for(lambda: _loading(workspace, job.id), what="the load phase")
+    os.kill(jobs.get(workspace, job.id).pid, signal.SIGTERM)  # what systemd sends
+    assert wait_state(workspace, job.id, "cancelled", timeout=120).state == "cancelled"
+
+
+def test_finished_jobs_started_here_are_reaped(workspace: Workspace) -> None:
+    """A long-lived starter (the TUI) must not collect zombies: each job it started is reaped
+    when it ends, without the starter waiting for it."""
+    started = [jobs.start(workspace, "selftest", {"steps": 1, "interval": 0}) for _ in range(3)]
+    pids = [jobs.get(workspace, j.id).pid for j in started]
+    assert all(pids) and set(pids) <= set(_children(os.getpid()))  # spawn returned at once
+    for job in started:
+        wait_state(workspace, job.id, "succeeded")
+    wait_for(lambda: not set(pids) & set(_children(os.getpid())), timeout=30,
+             what="the finished jobs to be reaped (zombies left: "
+                  f"{[p for p, s in _children(os.getpid()).items() if p in pids]})")
+
+
+def test_resume_of_a_live_job_and_cancel_of_an_ended_one_say_why(workspace: Workspace,
+                                                                  stop_jobs_after) -> None:
+    from appliance.errors import BusyError, RefusedError
+
+    stop_jobs_after(workspace)
+    job = jobs.start(workspace, "selftest", {"steps": 200, "interval": 0.1})
+    wait_state(workspace, job.id, "running")
+    with pytest.raises(BusyError, match=f"job {job.id} is running") as running:
+        jobs.resume(workspace, job.id)
+    assert "jobs cancel" in str(running.value.hint)
+    jobs.cancel(workspace, job.id)
+    wait_state(workspace, job.id, "cancelled")
+    with pytest.raises(RefusedError, match=f"job {job.id} has already ended: cancelled") as ended:
+        jobs.cancel(workspace, job.id)
+    assert f"jobs resume {job.id}" in str(ended.value.hint)
+
+    done = jobs.submit(workspace, "selftest", {"steps": 1, "interval": 0})
+    jobs.run(workspace, done.id)
+    with pytest.raises(RefusedError, match="has already ended: succeeded") as finished:
+        jobs.cancel(workspace, done.id)
+    assert "resume" not in str(finished.value.hint)
+    with pytest.raises(RefusedError, match=f"job {done.id} succeeded"):
+        jobs.resume(workspace, done.id)

@@ -14,7 +14,8 @@ import pytest
 
 from appliance import datasets, jobs, manifest
 from appliance.demo import sample_dataset
-from appliance.errors import NotFoundError
+from appliance.errors import ExitCode, NotFoundError
+from appliance.progress import is_staged
 from appliance.workspace import Workspace
 
 pytestmark = pytest.mark.integration
@@ -30,7 +31,8 @@ def params(name: str, **overrides: object) -> dict:
 
 def losses(ws: Workspace, job_id: str) -> dict[int, float]:
     """The last loss logged for each step (a resumed job recomputes steps after its checkpoint)."""
-    return {e["step"]: e["loss"] for e in jobs.read_events(ws, job_id) if e["type"] == "progress"}
+    return {e["step"]: e["loss"] for e in jobs.read_events(ws, job_id)
+            if e["type"] == "progress" and "loss" in e}
 
 
 def wait(ws: Workspace, job_id: str, predicate, timeout: float = 300) -> jobs.Job:
@@ -58,11 +60,46 @@ def test_training_run_end_to_end(train_ws: Workspace) -> None:
     events = jobs.read_events(train_ws, job.id)
     evals = [e["step"] for e in events if e["type"] == "eval"]
     assert evals == [0, 3, 6]
-    progress = [e for e in events if e["type"] == "progress"]
+    progress = [e for e in events if e["type"] == "progress" and not is_staged(e)]
     assert [e["step"] for e in progress] == [1, 2, 3, 4, 5, 6]
     assert all(e["tokens_per_s"] > 0 and e["grad_norm"] >= 0 and "eta_s" in e for e in progress)
     assert progress[0]["lr"] == pytest.approx(1e-3)  # warm-up of one step
     assert not list(train_ws.root.glob("runs/.staging-*"))
+    small = train_ws.get("dataset", "small")
+    _check_phases(events, run.name, sum(len(datasets.load_rows(small, split)) for split in ("train", "eval")))
+
+
+def _check_phases(events: list[dict], run: str, conversations: int) -> None:
+    """Every phase of a run says what it does (the stage protocol of `appliance.progress`), the
+    number of steps is known before anything slow starts, and the last step's ETA still counts
+    the final evaluation that follows it."""
+    kinds = [e["type"] for e in events]
+    start = events[kinds.index("train-start")]
+    assert start["max_steps"] == 6 and start["step"] == 0 and start["attempt"] == 1
+    assert kinds.index("train-start") < min(i for i, e in enumerate(events) if is_staged(e))
+    staged = [e for e in events if is_staged(e)]
+    assert all(e["max_steps"] == 6 and e["artifact"] == run and "step" not in e for e in staged)
+    order = [e["stage"] for i, e in enumerate(staged)
+             if i == 0 or (staged[i - 1]["stage"], staged[i - 1]["label"]) != (e["stage"], e["label"])]
+    assert order == ["check-inputs", "tokenize", "load-model", "evaluate", "save-checkpoint",
+                     "evaluate", "save-checkpoint", "evaluate", "save-checkpoint", "publish"]
+    tokenize = [e for e in staged if e["stage"] == "tokenize"]
+    assert tokenize[-1]["done"] == tokenize[-1]["total"] == conversations
+    assert tokenize[-1]["unit"] == "conversations"
+    evals: dict[str, list[dict]] = {}
+    for e in staged:
+        if e["stage"] == "evaluate":
+            evals.setdefault(e["label"], []).append(e)
+    assert list(evals) == ["evaluating before training", "evaluating at step 3",
+                           "final evaluation (step 6)"]
+    for run_events in evals.values():
+        done = [e["done"] for e in run_events]
+        assert done[0] == 0 and done == sorted(done) and run_events[-1]["unit"] == "batches"
+        assert run_events[-1]["done"] == run_events[-1]["total"] > 0
+    assert [e["label"] for e in staged if e["stage"] == "save-checkpoint"] == [
+        f"saving checkpoint step-{s:07d}" for s in (2, 4, 6)]
+    last_step = [e for e in events if e["type"] == "progress" and not is_staged(e)][-1]
+    assert last_step["step"] == 6 and last_step["eta_s"] > 0  # the final evaluation is still to come
 
 
 def test_kill_9_and_resume_gives_the_same_losses_as_a_straight_run(train_ws: Workspace) -> None:
@@ -97,6 +134,105 @@ def test_cancel_checkpoints_then_resume_finishes(train_ws: Workspace) -> None:
     assert 2 <= step < 40
     with pytest.raises(NotFoundError):
         train_ws.get("run", "cancelled")  # an unfinished run is not an artifact
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def test_cancel_while_a_resumed_run_loads_its_model(train_ws: Workspace,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resumed run spends minutes loading its model on a small box, in code that never looks at
+    the cancel flag: a cancel then must still stop it, and leave its checkpoints as they were."""
+    import threading
+
+    from appliance import train
+
+    real_step, real_load = train.Trainer._step, train.load_model
+    job = jobs.submit(train_ws, "train", params("slow-load", max_steps=4, eval_every=100))
+    flag = jobs.job_dir(train_ws, job.id) / "cancel"
+
+    def step_then_cancel(self: train.Trainer, state: train.LoopState) -> dict:
+        out = real_step(self, state)
+        if state.step == 2:
+            flag.touch()  # attempt 1 stops cooperatively, with a checkpoint of step 2
+        return out
+
+    monkeypatch.setattr(train.Trainer, "_step", step_then_cancel)
+    assert jobs.run(train_ws, job.id).state == "cancelled"
+    work = jobs.job_dir(train_ws, job.id) / "work"
+    before = _tree(work / "checkpoints")
+    assert [p.name for p in (work / "checkpoints").iterdir()] == ["step-0000002"]
+
+    loading = threading.Event()
+
+    def slow_load(*args: object, **kwargs: object) -> object:
+        loading.set()
+        time.sleep(60)  # never checks for a cancel, as from_pretrained does not
+        raise AssertionError("the load was not interrupted")
+
+    monkeypatch.setattr(train.Trainer, "_step", real_step)
+    monkeypatch.setattr(train, "load_model", slow_load)
+    jobs.resume(train_ws, job.id, detach=False)
+    canceller = threading.Thread(target=lambda: loading.wait(120) and jobs.cancel(train_ws, job.id))
+    canceller.start()
+    stopped = jobs.run(train_ws, job.id)
+    canceller.join()
+    assert loading.is_set()
+    assert stopped.state == "cancelled", stopped.message
+    assert _tree(work / "checkpoints") == before  # nothing rewritten, nothing half-written
+    assert not list(train_ws.root.glob("runs/.staging-*"))
+    with pytest.raises(NotFoundError):
+        train_ws.get("run", "slow-load")
+    starts = [e for e in jobs.read_events(train_ws, job.id) if e["type"] == "train-start"]
+    assert [(e["attempt"], e["step"]) for e in starts] == [(1, 0), (2, 2)]
+
+    monkeypatch.setattr(train, "load_model", real_load)
+    jobs.resume(train_ws, job.id, detach=False)
+    assert jobs.run(train_ws, job.id).state == "succeeded"
+    assert sorted(losses(train_ws, job.id)) == [1, 2, 3, 4]
+
+
+def test_cancel_during_the_final_evaluation_resumes_to_the_same_run(
+        train_ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The final evaluation (minutes on a real model) stops at a cancel: the checkpoint of the
+    last step is kept with that evaluation still owed, and the resumed job evaluates then
+    publishes the same run as a job never cancelled."""
+    from appliance import train
+
+    same = {"max_steps": 4, "eval_every": 2, "save_every": 2}
+    straight = jobs.submit(train_ws, "train", params("straight", **same))
+    assert jobs.run(train_ws, straight.id).state == "succeeded"
+
+    job = jobs.submit(train_ws, "train", params("eval-cancel", **same))
+    flag = jobs.job_dir(train_ws, job.id) / "cancel"
+    real_evaluate, calls = train.evaluate, []
+
+    def evaluate(*args: object, **kwargs: object) -> float:
+        calls.append(1)
+        if len(calls) == 3:  # before training, at step 2, and the final one at step 4
+            flag.touch()
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    assert jobs.run(train_ws, job.id).state == "cancelled"
+    saved = jobs.job_dir(train_ws, job.id) / "work" / "checkpoints" / "step-0000004"
+    assert json.loads((saved / "state.json").read_text())["loop"]["pending_eval"] is True
+    with pytest.raises(NotFoundError):
+        train_ws.get("run", "eval-cancel")
+
+    monkeypatch.setattr(train, "evaluate", real_evaluate)
+    jobs.resume(train_ws, job.id, detach=False)
+    assert jobs.run(train_ws, job.id).state == "succeeded"
+
+    def evals(job_id: str) -> dict[int, float]:
+        return {e["step"]: e["eval_loss"] for e in jobs.read_events(train_ws, job_id) if e["type"] == "eval"}
+
+    assert sorted(evals(job.id)) == [0, 2, 4]
+    assert evals(job.id) == pytest.approx(evals(straight.id), rel=1e-5)
+    metrics = [json.loads((train_ws.get("run", n).path / "metrics.json").read_text())
+               for n in ("straight", "eval-cancel")]
+    assert metrics[1] == pytest.approx(metrics[0], rel=1e-5)
 
 
 def test_out_of_memory_keeps_the_checkpoint_and_says_what_to_change(
@@ -198,6 +334,6 @@ def test_plan_and_train_commands_validate_before_queueing(train_ws: Workspace) -
     assert too_big.returncode == 1 and "does NOT fit" in too_big.stdout
     bad = cli("train", "--model", "tiny", "--dataset", "small", "--set", "lora_r=0",
               "--set", "learning_rate=fast")
-    assert bad.returncode == 2
+    assert bad.returncode == ExitCode.INVALID  # a bad value, not a bad command line
     assert "2 problem(s)" in bad.stderr and "lora_r" in bad.stderr and "learning_rate" in bad.stderr
     assert jobs.list_jobs(train_ws) == []  # nothing was queued
