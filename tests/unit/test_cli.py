@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "APPLIANCE_HOME": str(home)}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "APPLIANCE_HOME": str(home)}
     return subprocess.run([sys.executable, "-m", "appliance", *args], capture_output=True, text=True,
                           env=env, timeout=120)
 
@@ -56,5 +57,5 @@ def test_unknown_model_for_dataset_import_names_the_available_ones(tmp_path: Pat
     data = tmp_path / "d.jsonl"
     data.write_text('{"instruction": "a", "output": "b"}\n')
     out = run("data", "import", str(data), "--model", "nope", home=tmp_path / "ws")
-    assert out.returncode == 2
+    assert out.returncode == 4  # ExitCode.NOT_FOUND
     assert "no model named 'nope'" in out.stderr and "available models: none" in out.stderr
