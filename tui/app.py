@@ -1,9 +1,17 @@
 """The operator's cockpit: a Textual app with one screen per stage of the pipeline.
 
 Screens are Textual modes (`1`..`8`, the navigation bar, the command palette), imported only when
-first shown, so the first paint costs Textual plus the dashboard. Every key of every screen is
-listed by the help screen (`?`) and offered by the command palette, both generated from the
-screens' BINDINGS so they cannot drift from what the keys do.
+first shown, so the first paint costs Textual plus the dashboard. Nothing reads the workspace or
+the system before that first frame is on the terminal: reads that would compete with it for the
+CPU and the GIL (worker threads) wait for it (`after_first_paint`), the screen showing `reading…`
+until their results arrive. A screen lives as long as the app: switching away and back keeps what
+it holds (a chat, a filter, a followed job). `alt+1`..`alt+8` switch screens even while a text box
+has focus (where the digits type), `escape` goes back to the screen before. Every key of every
+screen is listed by the help screen (`?`, `f1`) and offered by the command palette, both generated
+from the screens' BINDINGS so they cannot drift from what the keys do.
+
+The theme chosen in the palette is kept in a small JSON file (`prefs_path`, by default
+`$XDG_CONFIG_HOME/appliance/tui.json`), so it survives a restart.
 
 The app is built from injected parts (the workspace, the system probe, the poll interval, the label
 shown for the workspace) so tests and snapshots run it on small real workspaces with fixed numbers.
@@ -13,6 +21,9 @@ Jobs are separate processes (`appliance.jobs`): quitting the UI never stops one.
 from __future__ import annotations
 
 import importlib
+import json
+import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +31,8 @@ from typing import Any, ClassVar
 
 from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
-from textual.screen import Screen
+from textual.screen import ModalScreen, Screen
+from textual.theme import Theme
 
 from appliance.errors import ApplianceError
 from appliance.runtime import DEFAULT_PORT
@@ -56,6 +68,35 @@ def _lazy(entry: ScreenEntry) -> Callable[[], Screen[Any]]:
     return lambda: entry.load()()
 
 
+HISTORY = 50  # screens `escape` can go back through
+
+
+def default_prefs_path() -> Path:
+    """Where the operator's UI preferences live: their config directory, not the workspace (two
+    operators may share a workspace, each with a theme)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "appliance" / "tui.json"
+
+
+def load_prefs(path: Path | None) -> dict[str, Any]:
+    """The saved preferences; none when there is no file or it is unreadable (never fatal)."""
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def save_prefs(path: Path, prefs: dict[str, Any]) -> None:
+    """Write the preferences whole (a temporary file renamed over the old one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(prefs, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
 @dataclass(frozen=True)
 class Settings:
     poll_s: float = 1.0                # how often visible screens re-read jobs; 0: never (snapshots)
@@ -65,6 +106,8 @@ class Settings:
     # where a server not started from here (systemd's) is looked for; None: nowhere (snapshots)
     server_probe: str | None = f"http://127.0.0.1:{DEFAULT_PORT}"
     server_metrics: Callable[[str], Any] | None = None  # None: the server's own /metrics
+    clock: Callable[[], float] = time.time  # "now" for elapsed times (tests fix it)
+    prefs_path: Path | None = None  # where the theme choice is kept; None: nowhere (tests)
 
 
 def describe_error(error: BaseException, title: str) -> tuple[str, str, str | None]:
@@ -85,8 +128,13 @@ class ApplianceApp(App[int]):
     DEFAULT_MODE = "dashboard"
     HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (110, "-wide")]
     BINDINGS: ClassVar[list[BindingType]] = [
-        *(Binding(e.key, f"app.switch_mode('{e.mode}')", f"Go to {e.title}", show=False) for e in SCREENS),
-        Binding("question_mark,f1", "app.help", "Help", key_display="?"),
+        *(Binding(e.key, f"app.goto('{e.mode}')", f"Go to {e.title}", show=False) for e in SCREENS),
+        # priority: they reach the app before a focused text box takes them as text
+        *(Binding(f"alt+{e.key}", f"app.goto('{e.mode}')", f"Go to {e.title}", show=False,
+                  priority=True) for e in SCREENS),
+        # f1 is the one shown: `?` types into a text box, so the footer would hide it there
+        Binding("question_mark", "app.help", "Help", show=False),
+        Binding("f1", "app.help", "Help", priority=True),
         Binding("q", "app.quit", "Quit"),
     ]
     CSS = """
@@ -105,6 +153,44 @@ class ApplianceApp(App[int]):
         self.settings = settings or Settings()
         self.pending_job: str | None = None  # a job the Jobs screen should select when shown
         self.pending_training: str | None = None  # a train job the Train screen should follow
+        self.history: list[str] = []  # the screens visited before this one (`escape` goes back)
+        self._going_back = False
+        self.prefs = load_prefs(self.settings.prefs_path)
+        if self.prefs.get("theme") in self.available_themes:
+            self.theme = self.prefs["theme"]
+        self.painted = False  # the first frame is on the terminal
+        self._after_paint: list[Callable[[], object]] = []
+
+    def on_mount(self) -> None:
+        self.theme_changed_signal.subscribe(self, self._theme_changed)
+
+    # -- first paint ---------------------------------------------------------------------------
+    def after_first_paint(self, callback: Callable[[], object]) -> None:
+        """Run `callback` once the first frame is on the terminal (now, if it already is): the
+        reads a screen starts when shown wait for it, so their threads do not delay it."""
+        if self.painted:
+            callback()
+        else:
+            self._after_paint.append(callback)
+
+    def on_ready(self) -> None:
+        """Textual's Ready: the first layout is done and its frame is being drawn; the waiting
+        callbacks run after that refresh (the frame is out by then)."""
+        self.painted = True
+        waiting, self._after_paint = self._after_paint, []
+        for callback in waiting:
+            self.screen.call_after_refresh(callback)
+
+    def _theme_changed(self, theme: Theme) -> None:
+        path = self.settings.prefs_path
+        if path is None or self.prefs.get("theme") == theme.name:
+            return
+        self.prefs["theme"] = theme.name
+        try:
+            save_prefs(path, self.prefs)
+        except OSError as exc:
+            self.notify(f"the theme could not be saved to {path}: {exc}", title="Not saved",
+                        severity="warning", markup=False)
 
     # -- navigation -------------------------------------------------------------------------
     def nav_items(self) -> list[tuple[str, str, str]]:
@@ -129,11 +215,40 @@ class ApplianceApp(App[int]):
         elif reload := getattr(self.screen, "reload", None):
             reload()
 
+    def switch_mode(self, mode: str) -> Any:
+        """Switch screens, remembering the one left so `escape` can come back to it."""
+        if mode != self.current_mode and self.current_mode in self._modes and not self._going_back:
+            self.history = [*self.history, self.current_mode][-HISTORY:]
+        return super().switch_mode(mode)
+
+    def action_goto(self, mode: str) -> None:
+        """A screen's key: switch to it, unless a dialog waits for an answer (the help, which
+        asks nothing, is closed on the way)."""
+        from tui.screens.help import HelpScreen
+
+        if isinstance(self.screen, HelpScreen):
+            self.screen.dismiss(None)
+        elif isinstance(self.screen, ModalScreen):
+            return
+        self.switch_mode(mode)
+
+    def go_back(self) -> None:
+        """Back to the screen shown before this one, if any."""
+        while self.history and self.history[-1] == self.current_mode:
+            self.history.pop()
+        if not self.history:
+            return
+        self._going_back = True
+        try:
+            self.switch_mode(self.history.pop())
+        finally:
+            self._going_back = False
+
     def action_help(self) -> None:
         from tui.screens.help import HelpScreen
 
         if not isinstance(self.screen, HelpScreen):
-            self.push_screen(HelpScreen())
+            self.push_screen(HelpScreen(self.current_mode))
 
     async def run_screen_action(self, mode: str, action: str) -> None:
         """Go to a screen and run one of its actions (what the command palette's entries do)."""
@@ -181,4 +296,4 @@ def screen_bindings(cls: type[Any]) -> Iterator[Binding]:
 
 
 def run(workspace: Workspace) -> int:
-    return ApplianceApp(workspace).run() or 0
+    return ApplianceApp(workspace, Settings(prefs_path=default_prefs_path())).run() or 0

@@ -133,7 +133,11 @@ def _selection_problems(form: FormState, choices: TrainChoices, out: Checked) ->
                                   "(3 Datasets imports one)"
     if form.recipe not in choices.recipes:
         out.problems["recipe"] = "pick a recipe"
-    out.name = form.name.strip() or f"{form.model}-{form.dataset}"
+    # no made-up name ("None-None") before a model and a dataset are chosen: they are the problem
+    out.name = form.name.strip() or (f"{form.model}-{form.dataset}" if form.model and form.dataset
+                                      else "")
+    if not out.name:
+        return
     try:
         check_name(out.name, "run name")
     except ValidationError as exc:

@@ -6,13 +6,19 @@ most once per poll, so a job emitting events at any rate costs the UI a bounded 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from typing import ClassVar
 
+from rich.segment import Segment
 from rich.text import Text
 from textual import events
 from textual.app import RenderResult
+from textual.binding import Binding, BindingType
+from textual.content import Content
+from textual.strip import Strip
 from textual.widget import Widget
-from textual.widgets import DataTable, Static
+from textual.widgets import Checkbox, DataTable, SelectionList, Static
 
 BRAILLE = 0x2800
 DOT = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))  # DOT[row][column] in one cell
@@ -21,22 +27,65 @@ Point = tuple[float, float]
 
 
 class NavBar(Static):
-    """`1 Dashboard  2 Models ...`: the screens and their keys, the current one highlighted."""
+    """`1 Dashboard  2 Models ...`: the screens and their keys, the current one highlighted.
+
+    While a text box has focus the digits type into it, so the bar then reads
+    `alt+ 1 Dashboard 2 Models ...`: the keys that switch screens now."""
 
     DEFAULT_CSS = "NavBar { height: 1; background: $panel; color: $text-muted; }"
 
     def __init__(self, items: Sequence[tuple[str, str, str]], current: str) -> None:
-        super().__init__(self._markup(items, current), markup=True)
+        super().__init__(self._markup(items, current, typing=False), markup=True)
+        self.items, self.current, self.typing = list(items), current, False
+
+    def set_typing(self, typing: bool) -> None:
+        if typing != self.typing:
+            self.typing = typing
+            self.update(self._markup(self.items, self.current, typing=typing))
 
     @staticmethod
-    def _markup(items: Sequence[tuple[str, str, str]], current: str) -> str:
+    def _markup(items: Sequence[tuple[str, str, str]], current: str, *, typing: bool) -> str:
         parts = []
         for key, mode, title in items:
             style = "reverse bold" if mode == current else ""
             label = f"[b $accent]{key}[/] {title}" if mode != current else f"{key} {title}"
             text = f"[@click=app.switch_mode('{mode}')]{label}[/]"
             parts.append(f"[{style}]{text}[/]" if style else text)
+        if typing:  # 80 columns hold the prefix only with single spaces between the screens
+            return " [b $accent]alt+[/] " + " ".join(parts)
         return " " + "  ".join(parts)
+
+
+def rate(value: float) -> str:
+    """A rate for people: one decimal below 10 (`3.4` tok/s on a CPU, not `3`), whole above."""
+    return f"{value:.1f}" if round(value, 1) < 10 else f"{value:.0f}"
+
+
+class TickBox(Checkbox):
+    """A checkbox that reads `[X]` ticked and `[ ]` not, so it shows without colour (Textual's
+    draws an X either way and tells them apart by colour only)."""
+
+    BUTTON_LEFT, BUTTON_RIGHT = "[", "]"
+
+    @property
+    def _button(self) -> Content:
+        return Content.assemble("[", ("X" if self.value else " ", "bold"), "]")
+
+
+class TickList(SelectionList[str]):
+    """A selection list whose ticked entries read `[X]` and the others `[ ]` (not colour alone)."""
+
+    def render_line(self, y: int) -> Strip:
+        line = super().render_line(y)
+        segments = list(line)
+        index = self.scroll_offset[1] + y
+        if len(segments) < 3 or not 0 <= index < self.option_count:
+            return line
+        ticked = self.get_option_at_index(index).value in self._selected
+        inner = segments[1]
+        segments[:3] = [Segment("[", inner.style), Segment("X" if ticked else " ", inner.style),
+                        Segment("]", inner.style)]
+        return Strip(segments, line.cell_length)
 
 
 def bar(fraction: float, width: int = 10) -> str:
@@ -131,12 +180,24 @@ class LineChart(Widget):
 
 class KeyedTable(DataTable):
     """A row-cursor table refilled in place: unchanged data is not redrawn, and the cursor stays on
-    the row with the same key when the rows change under it (a poll must not move the selection)."""
+    the row with the same key when the rows change under it (a poll must not move the selection).
+
+    `set_filter` keeps only the rows with the text in one of their cells (any case); a refill
+    keeps the filter, so a poll never brings hidden rows back. `j`/`k`, `g`/`G` move as in vi."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("j", "cursor_down", "Down", show=False),
+        Binding("k", "cursor_up", "Up", show=False),
+        Binding("g", "scroll_top", "First row", show=False),
+        Binding("G,shift+g", "scroll_bottom", "Last row", show=False),
+    ]
 
     def __init__(self, *columns: str, id: str | None = None) -> None:
         super().__init__(id=id, cursor_type="row", zebra_stripes=True)
         self._columns = columns
-        self._rows: list[tuple[str, tuple[object, ...]]] | None = None
+        self._rows: list[tuple[str, tuple[object, ...]]] | None = None  # the rows shown
+        self._all: list[tuple[str, tuple[object, ...]]] = []  # every row given to `fill`
+        self.filter_text = ""
 
     def on_mount(self) -> None:
         self.add_columns(*self._columns)
@@ -152,7 +213,31 @@ class KeyedTable(DataTable):
             self._clear_caches()
             self.refresh()
 
+    @property
+    def total(self) -> int:
+        """How many rows there are, filtered out or not."""
+        return len(self._all)
+
     def fill(self, rows: list[tuple[str, tuple[object, ...]]]) -> None:
+        self._all = rows
+        self._show(self._matching(rows))
+
+    def set_filter(self, text: str) -> None:
+        self.filter_text = text.strip()
+        self._show(self._matching(self._all))
+        if self.row_count:
+            self.move_cursor(row=self.cursor_row if self.cursor_row < self.row_count else 0,
+                             animate=False)
+
+    def _matching(self, rows: list[tuple[str, tuple[object, ...]]]
+                  ) -> list[tuple[str, tuple[object, ...]]]:
+        wanted = self.filter_text.casefold()
+        if not wanted:
+            return rows
+        return [(key, cells) for key, cells in rows
+                if any(wanted in str(cell).casefold() for cell in (key, *cells))]
+
+    def _show(self, rows: list[tuple[str, tuple[object, ...]]]) -> None:
         if rows == self._rows:
             return
         current = self.selected_key()
@@ -189,6 +274,18 @@ def middle(text: str, width: int) -> str:
 def clip(text: str, width: int) -> str:
     """`text` cut at `width` with an ellipsis (a table cell that must not widen its table)."""
     return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+ELAPSED_TAIL = re.compile(r"… \d+(?:m\d\ds|h\d\dm)$")  # `… 0m42s`, as `feed.summary_line` ends
+
+
+def clip_keeping_time(text: str, width: int) -> str:
+    """`clip`, but a line that ends in how long something has taken keeps that end: the time is
+    what changes, the text before it is cut instead."""
+    found = ELAPSED_TAIL.search(text)
+    if len(text) <= width or found is None or width <= len(found.group(0)) + 1:
+        return clip(text, width)
+    return text[:width - len(found.group(0))].rstrip() + found.group(0)
 
 
 def first_line(text: str, width: int = 80) -> str:

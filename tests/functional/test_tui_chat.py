@@ -88,3 +88,54 @@ async def test_two_artifacts_side_by_side_and_the_parity_gate(chat_ws: Workspace
         await _say(app, pilot, "Hello")
         await wait_for(pilot, lambda: not app.screen.busy and "tokens" in _pane_text(app.screen, "b"),
                        timeout=180, what="the allowed answer")
+
+
+async def test_the_conversation_survives_a_trip_to_other_screens(chat_ws: Workspace) -> None:
+    """Transcript, history, chosen artifact and loaded engine stay; only ctrl+r starts over."""
+    app = app_for(chat_ws)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("7")
+        await settle(app, pilot)
+        screen = app.screen
+        assert isinstance(screen, ChatScreen)
+        screen.query_one("#artifact", Select).value = "smol-b"
+        screen.query_one("#temperature", Input).value = "0"
+        await settle(app, pilot)
+        await _say(app, pilot, "What is 2 + 2?")
+        await wait_for(pilot, lambda: "tokens" in _pane_text(screen, "a") and not screen.busy,
+                       timeout=120, what="an answer")
+        transcript, engine = _pane_text(screen, "a"), screen.engines["smol-b"]
+        for keys in (("escape", "1"), ("5",), ("6",), ("alt+2",), ("alt+7",)):
+            await pilot.press(*keys)
+            await settle(app, pilot)
+        assert app.current_mode == "chat" and app.screen is screen
+        assert _pane_text(screen, "a") == transcript
+        assert [m["role"] for m in screen.panes["a"].messages] == ["user", "assistant"]
+        assert screen.query_one("#artifact", Select).value == "smol-b"
+        assert screen.engines["smol-b"] is engine
+        await _say(app, pilot, "And 3 + 3?")  # the conversation goes on where it was
+        await wait_for(pilot, lambda: len(screen.panes["a"].messages) == 4 and not screen.busy,
+                       timeout=120, what="a second answer")
+        await pilot.press("ctrl+r")
+        await settle(app, pilot)
+        assert screen.panes["a"].messages == [] and "you>" not in _pane_text(screen, "a")
+
+
+async def test_a_bad_sampling_field_names_the_field_and_its_range(chat_ws: Workspace) -> None:
+    app = app_for(chat_ws)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("7")
+        await settle(app, pilot)
+        screen = app.screen
+        for field, value, expected in (("#max-tokens", "abc", "max tokens"),
+                                       ("#temperature", "hot", "temperature")):
+            screen.query_one("#max-tokens", Input).value = "256"
+            screen.query_one(field, Input).value = value
+            await _say(app, pilot, "Hello")
+            await settle(app, pilot)
+            note = list(app._notifications)[-1]
+            assert expected in note.message and repr(value) in note.message
+            assert "invalid literal" not in note.message and "could not convert" not in note.message
+            assert screen.query_one(field, Input).has_class("-invalid")
+            assert screen.panes["a"].messages == []  # nothing was sent
+            screen.query_one(field, Input).value = "0.7" if field == "#temperature" else "256"

@@ -44,6 +44,9 @@ async def test_attaches_to_a_cli_job_tails_it_cancels_and_resumes(workspace: Wor
             await wait_for(pilot, lambda: any(line.text.startswith("step ") for line in log.lines), 20,
                            "progress lines in the log")
             await pilot.press("c")
+            await wait_for(pilot, lambda: type(app.screen).__name__ == "ConfirmDialog", 10,
+                           "the confirmation")
+            await pilot.press("y")
             await wait_for(pilot, lambda: _state(workspace, job.id) == "cancelled", 20, "cancelled")
             await wait_for(pilot, lambda: "cancelled" in str(table.get_row(job.id)), 10, "the row")
             await pilot.press("u")
@@ -130,3 +133,57 @@ def test_progress_events_collapse_and_tail_reads_only_new_lines(tmp_path: Path) 
     progress = TrainProgress("j1")
     progress.add(batch + rest)
     assert progress.step == 10 and progress.loss[-1] == (10.0, 0.5)
+
+
+async def test_cancel_asks_first_and_resume_is_not_offered_on_a_running_job(
+        workspace: Workspace) -> None:
+    job_id = "20261122-100000-train-c0c0c0"
+    _fake_running_train(workspace, job_id)
+    cancel_flag = jobs.job_dir(workspace, job_id) / "cancel"
+    app = app_for(workspace)
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.open_job(job_id)
+        await settle(app, pilot)
+        screen = app.screen
+        assert screen.query_one("#jobs", KeyedTable).selected_key() == job_id
+        assert not screen.check_action("resume", ())  # greyed out: it is running
+        assert screen.check_action("cancel", ())
+        await pilot.press("u")
+        await settle(app, pilot)
+        assert app.screen is screen and _state(workspace, job_id) == "running"
+        await pilot.press("c")
+        await settle(app, pilot)
+        assert type(app.screen).__name__ == "ConfirmDialog"
+        await pilot.press("n")  # kept
+        await settle(app, pilot)
+        assert app.screen is screen and not cancel_flag.exists()
+        await pilot.press("c")
+        await settle(app, pilot)
+        await pilot.press("y")
+        await settle(app, pilot)
+        assert cancel_flag.exists()
+        app.open_training(job_id)  # the training view's cancel asks too
+        await settle(app, pilot)
+        cancel_flag.unlink()
+        await pilot.press("c")
+        await settle(app, pilot)
+        assert type(app.screen).__name__ == "ConfirmDialog"
+        await pilot.press("escape")
+        await settle(app, pilot)
+        assert app.current_mode == "train" and not cancel_flag.exists()
+        assert not app.screen.check_action("resume", ())
+
+
+async def test_a_long_log_line_wraps_without_a_sideways_scrollbar(workspace: Workspace) -> None:
+    """At 80 columns the log is 76 wide; RichLog's default min_width (78) rendered every wrapped
+    line 78 wide: a horizontal scrollbar whose thumb showed as a stray glyph in the log's box."""
+    job_id = "20261122-100000-train-10a10a"
+    events = _fake_running_train(workspace, job_id)
+    events.write_text(json.dumps({"type": "log", "message": "a long line " * 20}) + "\n")
+    app = app_for(workspace)
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.open_job(job_id)
+        await settle(app, pilot)
+        log = app.screen.query_one("#log", RichLog)
+        await wait_for(pilot, lambda: len(log.lines) > 1, 10, "the wrapped line")
+        assert log.max_scroll_x == 0

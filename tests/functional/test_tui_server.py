@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 from textual.widgets import Input, SelectionList, Static
-from tuikit import app_for, build_fixed_workspace, check_snapshot, gguf_export, settle, wait_for
+from tuikit import (
+    app_for,
+    build_fixed_workspace,
+    check_snapshot,
+    gguf_export,
+    screen_text,
+    settle,
+    wait_for,
+)
 
 from appliance import jobs
 from appliance.runtime import keys, service
@@ -94,6 +102,10 @@ async def test_keys_start_request_stop(ws: Workspace) -> None:
         await wait_for(pilot, lambda: jobs.get(ws, job_id).state == "cancelled", timeout=30)
         await wait_for(pilot, lambda: not _rows(screen, "servers"))
         assert service.health(url, timeout=0.5) is None
+        await settle(app, pilot)  # no blank row left where the stopped server was
+        lines = screen_text(app).splitlines()
+        header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["address", "state"])
+        assert lines[header + 1].lstrip().startswith("Requests"), lines[header:header + 3]
 
         screen.query_one("#keys", KeyedTable).focus()
         await pilot.press("x")
@@ -190,3 +202,22 @@ async def test_snapshot_start_dialog(serving_ws: Workspace, tmp_path: Path) -> N
             field.cursor_blink = False
         await pilot.pause()
         check_snapshot(app, "server-start-80x24", tmp_path)
+
+
+def test_tok_s_is_the_generation_speed_measured_by_the_server_not_a_poll_difference() -> None:
+    """Completion tokens are counted when an answer ends, so a rate between two polls read 0.0
+    while answers streamed. The server's own timings give tokens per second of generation."""
+    from tui.screens.server import Served, ServerRead, metric_rows, requests_note
+
+    fast = service.ModelStats(requests=125, completion_tokens=20511, latency_sum=301.5,
+                              latency_count=125, ttft_sum=12.5, ttft_count=125)
+    slow = service.ModelStats(requests=2, completion_tokens=17, latency_sum=6.0, latency_count=2,
+                              ttft_sum=1.0, ttft_count=2)
+    idle = service.ModelStats()
+    snapshot = service.MetricsSnapshot(models={"fast": fast, "slow": slow, "idle": idle},
+                                       requests=140, unauthorized=12)
+    read = ServerRead([Served("j", "http://127.0.0.1:8321", "serving", ["fast"], metrics=snapshot)])
+    for _ in range(2):  # the same figures on every poll, whatever happened between them
+        rates = {row[1][0]: row[1][5] for row in metric_rows(read)}
+        assert rates == {"fast": "71", "slow": "3.4", "idle": "-"}
+    assert "12" in requests_note(read) and "401" in requests_note(read)

@@ -42,7 +42,7 @@ async def test_server_screen_on_a_new_box(tmp_path: Path) -> None:
 
 def test_help_lists_every_key_of_every_screen() -> None:
     text = render_sections().plain
-    headings = [heading for heading, _ in sections()]
+    headings = [heading for _, heading, _ in sections()]
     for entry in SCREENS:
         assert f"{entry.key} {entry.title}" in headings
         for binding in screen_bindings(entry.load()):

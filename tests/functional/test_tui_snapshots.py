@@ -1,5 +1,6 @@
 """SVG snapshots of every screen in its main states, at 80x24 (the floor: nothing may be cut off)
-and 120x40, on a workspace of fixed content with a fixed system probe (tuikit.py).
+and 120x40 (and 200x50 where a screen changes its layout when wide), on a workspace of fixed
+content with a fixed system probe (tuikit.py).
 
 Regenerate after an intended change with `UPDATE_SNAPSHOTS=1 pytest tests/functional/test_tui_snapshots.py`,
 look at the SVGs (a browser opens them; the .txt beside each is the same screen as text), commit.
@@ -28,7 +29,7 @@ from appliance.workspace import Workspace
 from tui.app import ApplianceApp
 
 Steps = Callable[[ApplianceApp, Pilot[Any]], Awaitable[None]]
-SMALL, LARGE = (80, 24), (120, 40)
+SMALL, LARGE, WIDE = (80, 24), (120, 40), (200, 50)
 
 
 def keys(*pressed: str) -> Steps:
@@ -61,13 +62,13 @@ async def _error(app: ApplianceApp, pilot: Pilot[Any]) -> None:
 
 
 CASES: list[tuple[str, Steps, tuple[tuple[int, int], ...]]] = [
-    ("dashboard", keys(), (SMALL, LARGE)),
+    ("dashboard", keys(), (SMALL, LARGE, WIDE)),
     ("models", keys("2"), (SMALL, LARGE)),
     ("models-delete", keys("2", "x"), (SMALL,)),
     ("models-import", keys("2", "i"), (SMALL,)),
     ("datasets", keys("3"), (SMALL, LARGE)),
     ("datasets-preview", keys("3", "p"), (SMALL, LARGE)),
-    ("train-form", keys("4"), (SMALL, LARGE)),
+    ("train-form", keys("4"), (SMALL, LARGE, WIDE)),
     ("train-invalid", _invalid_form, (SMALL,)),
     ("train-live", keys("4", "ctrl+l"), (SMALL, LARGE)),
     ("jobs", _jobs_on_the_training_job, (SMALL, LARGE)),

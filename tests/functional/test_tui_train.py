@@ -143,3 +143,21 @@ def _stop(ws: Workspace, job_id: str) -> None:
     if job.state == "running" and job.pid and jobs.is_alive(job.pid, job.pid_start):
         os.kill(job.pid, signal.SIGKILL)
     assert job.state == "cancelled", job
+
+
+def test_no_model_means_no_made_up_run_name() -> None:
+    from tui import trainform
+
+    checked = trainform.check(trainform.FormState(), trainform.TrainChoices(
+        recipes={"smollm2-cpu": ({}, "smollm2-cpu")}))
+    assert "None" not in checked.name and "model" in checked.problems
+
+
+async def test_the_run_name_placeholder_without_models(tmp_path: Path) -> None:
+    app = app_for(Workspace(tmp_path / "none"), probe=no_gpu_probe)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("4")
+        await settle(app, pilot)
+        placeholder = app.screen.query_one("#name", Input).placeholder
+        assert "None" not in placeholder and placeholder
+        assert "None" not in _problems(app)

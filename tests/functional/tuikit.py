@@ -19,6 +19,7 @@ import io
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,10 +59,12 @@ def no_gpu_probe(_: Workspace) -> SystemStatus:
 
 def app_for(ws: Workspace, *, probe: Callable[[Workspace], SystemStatus] = fixed_probe,
             poll_s: float = 0.0, browse_from: Path | None = None,
-            server_metrics: Callable[[str], Any] | None = None) -> ApplianceApp:
+            server_metrics: Callable[[str], Any] | None = None,
+            clock: Callable[[], float] = time.time) -> ApplianceApp:
+    """The app on `ws` with fixed system numbers, no polling unless asked, no settings file."""
     return ApplianceApp(ws, Settings(poll_s=poll_s, workspace_label="/srv/appliance",
                                      browse_from=browse_from, probe=probe, server_probe=None,
-                                     server_metrics=server_metrics))
+                                     server_metrics=server_metrics, clock=clock))
 
 
 def gguf_export(ws: Workspace, name: str, status: str = "ready") -> None:
@@ -100,8 +103,6 @@ async def settle(app: ApplianceApp, pilot: Pilot[Any], rounds: int = 3, limit: i
 
 async def wait_for(pilot: Pilot[Any], condition: Callable[[], bool], timeout: float = 30.0,
                    what: str = "condition") -> None:
-    import time
-
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -144,17 +145,18 @@ SMOL_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hi
                "torch_dtype": "bfloat16"}
 
 
-def _model(ws: Workspace) -> None:
+def add_model(ws: Workspace, name: str = MODEL) -> None:
+    """A model record (SmolLM2's tokenizer and config, no weights) under `name`."""
     template = (TOKENIZER_DIR / "chat_template.jinja").read_text(encoding="utf-8")
     info = {"architecture": "LlamaForCausalLM", "family": "llama", "model_type": "llama",
             "parameters": 134515008, "dtype": "bfloat16", "context_length": 8192,
             "vocab_size": 49152, "tokenizer_size": 49152, "bos_token": "<|im_start|>",
             "eos_token": "<|im_end|>", "stop_token_ids": [2], "stop_tokens": ["<|im_end|>"],
             "chat_template": template, "supports_system": True, "gguf_file": "gguf/model.gguf"}
-    with ws.writer("model", MODEL) as w:
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    with ws.writer("model", name) as w:
+        for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                      "chat_template.jinja", "generation_config.json"):
-            shutil.copy(TOKENIZER_DIR / name, w.path / name)
+            shutil.copy(TOKENIZER_DIR / file, w.path / file)
         (w.path / "config.json").write_text(json.dumps(SMOL_CONFIG, indent=2))
         w.commit(parents=[], config={"source": {"type": "default",
                                                 "path": "/x/SmolLM2-135M-Instruct.Q4_1.gguf"}},
@@ -274,7 +276,7 @@ def _jobs(ws: Workspace) -> None:
 def build_fixed_workspace(root: Path) -> Workspace:
     """The snapshot workspace (see the module docstring); ~2 s, most of it the tokenizer."""
     ws = Workspace(root / "ws").ensure()
-    _model(ws)
+    add_model(ws)
     datasets.import_file(ws, dataset_file(root), ws.get("model", MODEL), name=DATASET,
                          eval_fraction=0.25)
     _run(ws)

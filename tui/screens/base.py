@@ -1,4 +1,5 @@
-"""What every top-level screen shares: header, navigation bar, footer, background reads, polling.
+"""What every top-level screen shares: header, navigation bar, footer, background reads, polling,
+the list filter and the way back.
 
 `background(work, done)` is the one way a screen touches the core: `work` runs in a thread worker
 (disk, SQLite, a tokenizer, `nvidia-smi`), `done` runs on the UI thread with its result, and any
@@ -8,7 +9,14 @@ read of the same group supersedes an older one, whose result is then dropped.
 Screens that follow something (jobs, the dashboard) poll on a timer only while they are visible.
 A running job that reports stages (merge, export, verify: `appliance.progress`) is shown on two
 lines, the artifact it works on, then a text gauge of its current stage when that stage's size is
-known (its name alone when not); other jobs keep a one-line summary.
+known (its name and how long it has taken when not); other jobs keep a one-line summary, which
+also says for how long a job has been quiet. Times come from the app's clock (`Settings.clock`).
+
+`/` opens a filter under the screen's list (the focused table, else the screen's main one): the
+rows without the typed text in a cell hide as you type, enter goes back to the list with the filter
+kept (a poll does not undo it), `escape` clears it. `escape` otherwise leaves a text box, and from
+anywhere else goes back to the screen shown before. Which keys apply to the selected row is
+re-checked as the selection moves, so the footer greys out the ones that cannot.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from rich.text import Text
+from textual import events as textual_events
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -26,13 +35,13 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.widgets import DataTable, Footer, Header, Input, Label, Static, TextArea
 from textual.worker import Worker, get_current_worker
 
 from appliance import jobs, progress
 from appliance.workspace import ArtifactRecord, Workspace
 from tui.dialogs import ConfirmDialog
-from tui.feed import Event, last_events, summary_line
+from tui.feed import Event, elapsed, last_events, stage_started, summary_line
 from tui.widgets import KeyedTable, NavBar, bar
 
 if TYPE_CHECKING:
@@ -53,11 +62,14 @@ def message_room(width: int, job_ids: list[str]) -> int:
 
 @dataclass(frozen=True)
 class Running:
-    """A queued or running job: its summary line, and its current stage if it reports stages."""
+    """A queued or running job: its summary line, and its current stage if it reports stages
+    (with the time it began, for a stage of unknown size), and the clock's time when read."""
 
     job: jobs.Job
     line: str
     stage: Event | None = None
+    stage_since: float | None = None
+    now: float | None = None
 
 
 @dataclass
@@ -68,27 +80,37 @@ class Activity:
     finished: list[jobs.Job] = field(default_factory=list)
 
 
-def current_stage(events: list[Event]) -> Event | None:
-    """The last staged progress event of the job's current attempt (none before a state change:
-    a resumed job's old stage is not shown as if it were now)."""
-    for event in reversed(events):
-        if event.get("type") == "state":
+def current_stage_index(events: list[Event]) -> int | None:
+    """Where the last staged progress event of the job's current attempt is (none before a state
+    change: a resumed job's old stage is not shown as if it were now)."""
+    for i in range(len(events) - 1, -1, -1):
+        if events[i].get("type") == "state":
             return None
-        if progress.is_staged(event):
-            return event
+        if progress.is_staged(events[i]):
+            return i
     return None
 
 
-def _running(ws: Workspace, job: jobs.Job) -> Running:
-    events = last_events(ws, job.id)
-    return Running(job, summary_line(events), current_stage(events))
+def current_stage(events: list[Event]) -> Event | None:
+    index = current_stage_index(events)
+    return None if index is None else events[index]
 
 
-def read_activity(ws: Workspace, kinds: tuple[str, ...], watched: set[str]) -> Activity:
+def running_from(job: jobs.Job, events: list[Event], now: float | None) -> Running:
+    index = current_stage_index(events)
+    if index is None:
+        return Running(job, summary_line(events, now), now=now)
+    return Running(job, summary_line(events, now), events[index], stage_started(events, index), now)
+
+
+def read_activity(ws: Workspace, kinds: tuple[str, ...], watched: set[str],
+                  clock: Callable[[], float] | None = None) -> Activity:
     if not ws.exists():
         return Activity()
     all_jobs = [j for j in jobs.list_jobs(ws) if j.kind in kinds or j.id in watched]
-    active = [_running(ws, j) for j in all_jobs if j.state in ("queued", "running")]
+    now = clock() if clock else None
+    active = [running_from(j, last_events(ws, j.id), now) for j in all_jobs
+              if j.state in ("queued", "running")]
     return Activity(active, [j for j in all_jobs if j.id in watched and j.state in jobs.TERMINAL])
 
 
@@ -105,31 +127,44 @@ def record_names(ws: Workspace, kind: str) -> list[str]:
 
 def stage_lines(run: Running) -> Text:
     """`export ID · ARTIFACT (1/2 done)`, then `  ████░░░░ quantizing to Q8_0 120/272 tensors`
-    (no gauge while the stage's size is unknown)."""
+    (no gauge while the stage's size is unknown: `  converting to GGUF F16… 0m42s`)."""
     event = run.stage or {}
     text = Text.assemble((run.job.kind, "bold"), f" {run.job.id}")
     if what := progress.artifacts(event):
         text.append(f" · {what}")
     label, share = str(event.get("label") or event.get("stage", "")), progress.fraction(event)
     if share is None:
-        return text.append(f"\n  {label}…")
+        return text.append(f"\n  {label}…{elapsed(run.stage_since, run.now)}")
     return text.append(f"\n  {bar(share, GAUGE_WIDTH)} {label} {progress.counts(event)}")
 
 
-def activity_text(activity: Activity) -> Text:
+def activity_text(active: list[Running]) -> Text:
     lines = [stage_lines(r) if r.stage is not None
              else Text.assemble((r.job.kind, "bold"), f" {r.job.id} {r.job.state}: {r.line}")
-             for r in activity.active]
+             for r in active]
     return Text("\n").join(lines)
+
+
+TEXT_BOXES = (Input, TextArea)
+FILTER_CSS = """
+ApplianceScreen #filter-bar { height: 1; display: none; padding: 0 1; background: $panel; }
+ApplianceScreen #filter-bar Label { width: auto; text-style: bold; }
+ApplianceScreen #filter { width: 1fr; border: none; height: 1; padding: 0 1; }
+ApplianceScreen #filter-count { width: auto; color: $text-muted; }
+"""
 
 
 class ApplianceScreen(Screen[None]):
     MODE: ClassVar[str] = ""
     POLL: ClassVar[bool] = False  # call `poll` on the app's poll interval while visible
     JOB_KINDS: ClassVar[tuple[str, ...]] = ()  # jobs this screen starts and follows (#activity)
+    FILTER_TABLE: ClassVar[str | None] = None  # the list `/` filters when no list has focus
+    DEFAULT_CSS = FILTER_CSS
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("r", "reload", "Refresh", show=False),
-        Binding("escape", "leave_field", "Leave the field", show=False),
+        Binding("slash", "filter", "Filter", key_display="/"),
+        Binding("escape", "back", "Back: close the filter, leave the text box, or the screen "
+                "before", show=False),
     ]
 
     def __init__(self) -> None:
@@ -137,6 +172,10 @@ class ApplianceScreen(Screen[None]):
         self._timer: Timer | None = None
         self._workers: dict[str, Worker[None]] = {}
         self.watched: set[str] = set()  # jobs started here: their outcome is announced
+        self._filtered: KeyedTable | None = None  # the list the filter bar applies to
+        self._tasks: dict[str, tuple[str, float]] = {}  # local work shown on #activity: label, start
+        self._ticker: Timer | None = None
+        self._jobs_shown: list[Running] = []  # the running jobs #activity shows
 
     @property
     def appliance(self) -> ApplianceApp:
@@ -150,6 +189,13 @@ class ApplianceScreen(Screen[None]):
         yield Header()
         yield NavBar(self.appliance.nav_items(), self.MODE)
         yield from self.compose_body()
+        with Horizontal(id="filter-bar"):
+            yield Label("/")
+            box = Input(placeholder="filter: type to narrow the list; enter keeps it, esc clears it",
+                        compact=True, id="filter")
+            box.display = False
+            yield box
+            yield Static("", id="filter-count")
         yield Footer(compact=True)
 
     def compose_body(self) -> ComposeResult:
@@ -162,9 +208,102 @@ class ApplianceScreen(Screen[None]):
     def action_reload(self) -> None:
         self.reload()
 
-    def action_leave_field(self) -> None:
-        """Unfocus a text field, so single-letter and number keys act again."""
-        self.set_focus(None)
+    def now(self) -> float:
+        return self.appliance.settings.clock()
+
+    # -- focus, filter, back -------------------------------------------------------------------
+    def on_descendant_focus(self, event: textual_events.DescendantFocus) -> None:
+        self._typing(isinstance(event.widget, TEXT_BOXES))
+
+    def on_descendant_blur(self, event: textual_events.DescendantBlur) -> None:
+        self._typing(False)
+
+    def _typing(self, typing: bool) -> None:
+        """The navigation bar says `alt+` while the digits type into a text box."""
+        for nav in self.query(NavBar):
+            nav.set_typing(typing)
+
+    def filter_target(self) -> KeyedTable | None:
+        """The list `/` filters: the focused one, else the screen's main one (if it has one)."""
+        if isinstance(self.focused, KeyedTable):
+            return self.focused
+        if self._filtered is not None:
+            return self._filtered
+        if self.FILTER_TABLE is None:
+            return None
+        try:
+            return self.query_one(f"#{self.FILTER_TABLE}", KeyedTable)
+        except NoMatches:
+            return None
+
+    def action_filter(self) -> None:
+        table = self.filter_target()
+        if table is None:
+            return
+        self._filtered = table
+        self.query_one("#filter-bar").display = True
+        box = self.query_one("#filter", Input)
+        box.display = True
+        box.value = table.filter_text
+        box.focus()
+        self._count_filtered()
+
+    @on(Input.Changed, "#filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        if self._filtered is not None:
+            self._filtered.set_filter(event.value)
+            self._count_filtered()
+            self.on_selection_changed()
+
+    @on(Input.Submitted, "#filter")
+    def _filter_kept(self) -> None:
+        table = self._filtered
+        if table is None:
+            return
+        if not table.filter_text:
+            self.close_filter()
+        table.focus()
+
+    def _count_filtered(self) -> None:
+        table = self._filtered
+        if table is not None:
+            self.query_one("#filter-count", Static).update(f"{table.row_count} of {table.total}")
+
+    def close_filter(self) -> bool:
+        """Clear and close the filter; False if there was none."""
+        table = self._filtered
+        if table is None:
+            return False
+        self._filtered = None
+        table.set_filter("")
+        self.query_one("#filter-bar").display = False
+        self.query_one("#filter", Input).display = False
+        table.focus()
+        self.on_selection_changed()
+        return True
+
+    def action_back(self) -> None:
+        """`escape`: close the filter; else leave a text box (so letters and digits act again);
+        else go back to the screen shown before."""
+        if self.close_filter():
+            return
+        if isinstance(self.focused, TEXT_BOXES):
+            self.set_focus(None)
+            return
+        self.appliance.go_back()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "filter":
+            return self.filter_target() is not None
+        return True
+
+    def on_selection_changed(self) -> None:
+        """The selected row changed: keys that depend on it are re-checked (and greyed out)."""
+        self.refresh_bindings()
+
+    @on(DataTable.RowHighlighted)
+    def _row_moved(self) -> None:
+        self.on_selection_changed()
 
     def on_screen_resume(self) -> None:
         self.reload()
@@ -180,6 +319,40 @@ class ApplianceScreen(Screen[None]):
     def poll(self) -> None:
         self.refresh_activity()
 
+    # -- work done here, in a worker, that takes a while ----------------------------------------
+    def start_task(self, key: str, label: str) -> None:
+        """Show `label… 0m12s` on the activity line until `end_task(key)`, the time ticking, so
+        a long read (hashing a model, importing a dataset) never looks frozen."""
+        self._tasks[key] = (label, self.now())
+        if self._ticker is None:
+            self._ticker = self.set_interval(1.0, self._draw_activity)
+        self._draw_activity()
+
+    def update_task(self, key: str, label: str) -> None:
+        if key in self._tasks:
+            self._tasks[key] = (label, self._tasks[key][1])
+            self._draw_activity()
+
+    def end_task(self, key: str) -> None:
+        self._tasks.pop(key, None)
+        if not self._tasks and self._ticker is not None:
+            self._ticker.stop()
+            self._ticker = None
+        self._draw_activity()
+
+    def _draw_activity(self) -> None:
+        try:
+            line = self.query_one("#activity", Static)
+        except NoMatches:
+            return
+        now = self.now()
+        lines = [Text(f"{label.rstrip(' .…')}…{elapsed(since, now)}")
+                 for label, since in self._tasks.values()]
+        if self._jobs_shown:
+            lines.append(activity_text(self._jobs_shown))
+        line.update(Text("\n").join(lines))
+        line.display = bool(lines)
+
     # -- jobs this screen starts -------------------------------------------------------------
     def job_started(self, job: jobs.Job) -> None:
         self.watched.add(job.id)
@@ -190,18 +363,14 @@ class ApplianceScreen(Screen[None]):
     def refresh_activity(self) -> None:
         if not self.JOB_KINDS:
             return
-        kinds, watched, ws = self.JOB_KINDS, set(self.watched), self.ws
-        self.background(lambda: read_activity(ws, kinds, watched), self._show_activity,
+        kinds, watched, ws, clock = self.JOB_KINDS, set(self.watched), self.ws, \
+            self.appliance.settings.clock
+        self.background(lambda: read_activity(ws, kinds, watched, clock), self._show_activity,
                         group="activity", skip_if_busy=True)
 
     def _show_activity(self, activity: Activity) -> None:
-        try:
-            line = self.query_one("#activity", Static)
-        except NoMatches:
-            pass
-        else:
-            line.update(activity_text(activity))
-            line.display = bool(activity.active)
+        self._jobs_shown = activity.active
+        self._draw_activity()
         for job in activity.finished:
             self.watched.discard(job.id)
             ok = job.state == "succeeded"
@@ -260,6 +429,7 @@ class ArtifactScreen(ApplianceScreen):
     DETAILS_MARKUP: ClassVar[bool] = True
     EMPTY: ClassVar[str] = ""  # the details pane when there are none yet: how to make one
     DELETE_NOTE: ClassVar[str] = ""  # what deleting removes, for the confirmation
+    ROW_ACTIONS: ClassVar[tuple[str, ...]] = ("delete",)  # actions on the selected artifact
 
     def __init__(self) -> None:
         super().__init__()
@@ -279,7 +449,10 @@ class ArtifactScreen(ApplianceScreen):
         yield Static("", id="activity")
 
     def selected(self) -> str | None:
-        return self.query_one(f"#{self.table_id}", KeyedTable).selected_key()
+        try:
+            return self.query_one(f"#{self.table_id}", KeyedTable).selected_key()
+        except NoMatches:  # not composed yet
+            return None
 
     def reload(self) -> None:
         ws, kind = self.ws, self.KIND
@@ -301,12 +474,15 @@ class ArtifactScreen(ApplianceScreen):
             self.select_after = None
         if not records:
             self.query_one(f"#{self.DETAILS_ID}", Static).update(self.EMPTY)
-        self._details()
+        self.on_selection_changed()
 
-    @on(DataTable.RowHighlighted)
-    def _highlighted(self, event: DataTable.RowHighlighted) -> None:
-        if event.data_table.id == self.table_id:
-            self._details()
+    def filter_target(self) -> KeyedTable | None:
+        found = self.query(f"#{self.table_id}")
+        return super().filter_target() or (found.first(KeyedTable) if found else None)
+
+    def on_selection_changed(self) -> None:
+        super().on_selection_changed()
+        self._details()
 
     def _details(self) -> None:
         name, ws, kind = self.selected(), self.ws, self.KIND
@@ -314,6 +490,14 @@ class ArtifactScreen(ApplianceScreen):
             self.background(lambda: self.read_details(ws.artifact_dir(kind, name)),
                             self.query_one(f"#{self.DETAILS_ID}", Static).update,
                             group=self.DETAILS_ID)
+        elif self.query_one(f"#{self.table_id}", KeyedTable).total:
+            self.query_one(f"#{self.DETAILS_ID}", Static).update(
+                f"no {self.KIND} matches the filter (escape clears it)")
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in self.ROW_ACTIONS and self.selected() is None:
+            return None  # shown greyed out: nothing selected
+        return super().check_action(action, parameters)
 
     def action_delete(self) -> None:
         name, kind = self.selected(), self.KIND

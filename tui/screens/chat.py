@@ -1,7 +1,10 @@
 """Chat: talk to an exported artifact through the runtime's engine, or to two side by side.
 
 The engines are the ones `appliance chat` and `appliance serve` use (`appliance.runtime`), opened
-in a thread worker the first time an artifact is used and kept for the screen's life. An answer is
+in a thread worker the first time an artifact is used and kept for the screen's life. The screen
+lives as long as the app, so a conversation, its artifact and its engine survive a trip to other
+screens; only choosing another artifact or "new conversation" (ctrl+r) starts over (a refresh that
+re-reads the list of exports must not: it re-sets the selects, which Textual reports as changes). An answer is
 generated in a thread worker that hands each piece of text to the UI thread, so typing, scrolling
 and `ctrl+t` (stop) stay responsive while it streams. With a second artifact chosen, the same
 prompt goes to both, one after the other (they share the CPU), each with its own conversation.
@@ -21,6 +24,7 @@ from textual.widgets import Checkbox, Input, Select, Static
 
 from tui.dialogs import NamedSelect, named
 from tui.screens.base import ApplianceScreen
+from tui.widgets import TickBox
 
 NONE = "(none)"
 CSS = """
@@ -32,7 +36,11 @@ ChatScreen .panes { height: 1fr; }
 ChatScreen .pane { width: 1fr; border: round $panel; padding: 0 1; }
 ChatScreen .user { color: $accent; margin-top: 1; }
 ChatScreen .note { color: $text-muted; }
+ChatScreen Input.-invalid { border: tall $error; }
 """
+# the sampling fields: widget id, the name the operator sees, the Sampling field, its type, default
+SAMPLING_FIELDS = (("temperature", "temperature", "temperature", float, 0.7),
+                   ("max-tokens", "max tokens", "max_tokens", int, 256))
 
 
 class Pane:
@@ -66,6 +74,8 @@ class ChatScreen(ApplianceScreen):
         self.engines: dict[str, Any] = {}
         self.cancel = threading.Event()
         self.busy = False
+        self.offered: list[tuple[str, str]] | None = None  # the artifacts the selects offer
+        self.chosen: tuple[object, object] | None = None  # (artifact, compare) of the conversation
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(classes="settings"):
@@ -77,7 +87,7 @@ class ChatScreen(ApplianceScreen):
             yield Input(placeholder="system prompt (optional)", id="system")
             yield named(Input("0.7", placeholder="temp", id="temperature"), "temp")
             yield named(Input("256", placeholder="max tokens", id="max-tokens"), "max tok")
-            yield Checkbox("allow failed", id="allow-failed")
+            yield TickBox("allow failed", id="allow-failed")
         with Horizontal(classes="panes"):
             yield VerticalScroll(classes="pane", id="pane-a")
             yield VerticalScroll(classes="pane", id="pane-b")
@@ -108,6 +118,9 @@ class ChatScreen(ApplianceScreen):
         self.background(read, self._show_artifacts, group="artifacts")
 
     def _show_artifacts(self, rows: list[tuple[str, str]]) -> None:
+        if rows == self.offered:
+            return  # unchanged: the selects (and the conversation) are left alone
+        self.offered = rows
         for widget_id in ("#artifact", "#compare"):
             select = self.query_one(widget_id, Select)
             keep = select.value
@@ -117,14 +130,19 @@ class ChatScreen(ApplianceScreen):
         first = self.query_one("#artifact", Select)
         if rows and first.is_blank():
             first.value = rows[0][1]
-        if not rows:
+        if not rows and not self.panes["a"].box.children:
             self.panes["a"].add("No GGUF or ONNX exports yet: export a run first (6 Exports).", "note")
 
     @on(Select.Changed)
     def _chosen(self) -> None:
-        compare = self.query_one("#compare", Select)
+        """Another artifact: a new conversation. The same pair again (options re-set by a
+        refresh, a select opened and closed): nothing changes."""
+        artifact, compare = self.query_one("#artifact", Select), self.query_one("#compare", Select)
         self.query_one("#pane-b").display = not compare.is_blank()
-        self.action_reset()
+        pair = (artifact.value, compare.value)
+        if pair != self.chosen:
+            self.chosen = pair
+            self.action_reset()
 
     # -- talking -----------------------------------------------------------------------------
     @on(Input.Submitted, "#prompt")
@@ -139,7 +157,8 @@ class ChatScreen(ApplianceScreen):
         try:
             sampling = self._sampling()
         except ValueError as exc:
-            self.appliance.notify(str(exc), title="Sampling settings", severity="error")
+            self.appliance.notify(str(exc), title="Sampling settings", severity="error",
+                                  markup=False)
             return
         event.input.value = ""
         system = self.query_one("#system", Input).value.strip()
@@ -162,15 +181,32 @@ class ChatScreen(ApplianceScreen):
         return out
 
     def _sampling(self) -> Any:
+        """The sampling settings from their fields; ValueError naming the first bad field, what
+        was typed and what is allowed (the engine's own rules, `Sampling.validated`)."""
         from appliance.errors import ValidationError
         from appliance.runtime.engine import Sampling
 
-        try:
-            temperature = float(self.query_one("#temperature", Input).value or 0.7)
-            max_tokens = int(self.query_one("#max-tokens", Input).value or 256)
-            return Sampling(temperature=temperature, max_tokens=max_tokens).validated()
-        except ValidationError as exc:
-            raise ValueError(f"{exc.message} ({exc.hint})") from None
+        values: dict[str, Any] = {}
+        for widget_id, label, name, kind, default in SAMPLING_FIELDS:
+            box = self.query_one(f"#{widget_id}", Input)
+            text = box.value.strip()
+            try:
+                value: Any = kind(text) if text else default
+            except ValueError:
+                value = text  # not a number: the validator says so, with the allowed range
+            try:
+                values[name] = getattr(Sampling(**{name: value}).validated(), name)
+            except ValidationError as exc:
+                box.add_class("-invalid")
+                allowed = (exc.hint or "").split(": ", 1)[-1]
+                raise ValueError(f"{label}: {exc.message}" + (f"; allowed: {allowed}" if allowed
+                                                              else "")) from None
+            box.remove_class("-invalid")
+        return Sampling(**values).validated()
+
+    @on(Input.Changed, "#temperature, #max-tokens")
+    def _sampling_edited(self, event: Input.Changed) -> None:
+        event.input.remove_class("-invalid")
 
     def _generate(self, targets: list[tuple[str, str]], system: str, sampling: Any, allow: bool) -> None:
         app = self.appliance

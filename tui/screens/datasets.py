@@ -217,6 +217,7 @@ class DatasetsScreen(ArtifactScreen):
         Binding("x,delete", "delete", "Delete"),
     ]
     KIND = "dataset"
+    ROW_ACTIONS = ("delete", "preview")
     COLUMNS = ("name", "model", "form", "train", "eval", "rejected", "dups")
     DETAILS_ID, DETAILS_MARKUP = "report", False
     EMPTY = ("No datasets yet.\n\n  i  imports a JSONL file for one of the models "
@@ -247,20 +248,19 @@ class DatasetsScreen(ArtifactScreen):
     def _import(self, request: DatasetImport | None) -> None:
         if request is None:
             return
-        activity = self.query_one("#activity", Static)
-        activity.update(f"importing {Path(request.path).name} for {request.model}…")
-        activity.display = True
+        source = Path(request.path).name
+        self.start_task("import", f"importing {source} for {request.model}")
         ws, app = self.ws, self.app
 
         def progress(lines: int) -> None:
-            app.call_from_thread(activity.update, f"importing {Path(request.path).name}: "
-                                                  f"{lines} lines read…")
+            app.call_from_thread(self.update_task, "import", f"importing {source}: {lines} lines "
+                                                             "read")
 
         def work() -> tuple[str, dict[str, Any]]:
             try:
                 return run_import(ws, request, progress)
             finally:
-                app.call_from_thread(setattr, activity, "display", False)
+                app.call_from_thread(self.end_task, "import")
 
         self.background(work, self._imported, group="import", title="Import failed", modal=True)
 

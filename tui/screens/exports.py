@@ -29,7 +29,7 @@ from appliance import jobs
 from appliance.workspace import ArtifactRecord
 from tui.dialogs import FormDialog, NamedSelect, dialog_css
 from tui.screens.base import ArtifactScreen, artifact_css, record_names
-from tui.widgets import middle
+from tui.widgets import TickList, middle
 
 # The common llama.cpp types and every ONNX precision (`export/onnx.py` PRECISIONS); the CLI takes
 # any llama.cpp type by name, and so does the dialog's "more types" field.
@@ -162,7 +162,7 @@ class ExportDialog(RunDialog):
     def compose_options(self) -> ComposeResult:
         yield NamedSelect([("GGUF (llama.cpp, Ollama)", "gguf"), ("ONNX (onnxruntime)", "onnx")],
                           value="gguf", allow_blank=False, id="format", field_name="format")
-        yield SelectionList[str](id="types")
+        yield TickList(id="types")
         yield Input(placeholder="more types, comma-separated (any llama.cpp type)", id="more")
 
     def on_mount(self) -> None:
@@ -205,6 +205,7 @@ class ExportsScreen(ArtifactScreen):
     ]
 
     KIND = "export"
+    ROW_ACTIONS = ("delete", "verify")
     COLUMNS = ("name", "parity", "status", "type")
     NAME_WIDTH = 36  # 80 columns hold every column; the details pane shows the whole name
     EMPTY = ("No exports yet.\n\n  e  exports a finished run to GGUF or ONNX (merging it first)\n"

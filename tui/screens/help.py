@@ -1,7 +1,10 @@
 """The help screen: every key of every screen and dialog, read from their BINDINGS.
 
 Generated, not written: a key added to a screen appears here (and in the command palette) without
-anyone remembering to document it.
+anyone remembering to document it. The keys every screen shares (refresh, filter, back, the moves
+in a list) are said once, under "Everywhere", not again under each screen. It opens at the section
+of the screen it was asked from, and `/` filters it like a list (a row stays when its keys, its
+description or its section's name hold the text).
 """
 
 from __future__ import annotations
@@ -11,57 +14,88 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from rich.text import Text
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import VerticalScroll
-from textual.screen import ModalScreen
-from textual.widgets import Label, Static
+from textual.containers import Horizontal, VerticalScroll
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Input, Label, Static
 
 from tui import dialogs
 
 SHARED_DIALOGS = (dialogs.ConfirmDialog, dialogs.ErrorDialog, dialogs.FilePicker)
-EVERYWHERE = [("ctrl+p", "Command palette: every screen and action, searchable"),
-              ("tab / shift+tab", "Next / previous field or table"),
-              ("escape", "Leave a text field (then the number keys switch screens again)")]
+EVERYWHERE = [("1…8 / alt+1…8", "Go to a screen (alt+: also while typing in a text box)"),
+              ("ctrl+p", "Command palette: every screen and action, searchable"),
+              ("tab / shift+tab", "Next / previous field or table")]
+IN_LISTS = [("↑ ↓ / j k", "Previous / next row"), ("g / G", "First / last row")]
+
+KEY_NAMES = {"question_mark": "?", "backspace": "backspace", "delete": "del", "slash": "/",
+             "shift+g": "G"}
+Rows = list[tuple[str, str]]
 
 
-KEY_NAMES = {"question_mark": "?", "backspace": "backspace", "delete": "del"}
-
-
-def key_rows(cls: type[Any]) -> list[tuple[str, str]]:
-    """(keys, description) per action of a class's merged BINDINGS, keys joined with ' / '."""
+def key_rows(cls: type[Any], leave_out: Rows | None = None) -> Rows:
+    """(keys, description) per action of a class's merged BINDINGS, keys joined with ' / ';
+    without the rows in `leave_out` (those said elsewhere) and the app's screen keys."""
     by_action: dict[tuple[str, str], list[str]] = {}
     for key, bindings in cls._merge_bindings().key_to_bindings.items():
         for b in bindings:
-            if b.description and not b.system and not b.action.startswith("app.focus"):
-                by_action.setdefault((b.action, b.description), []).append(KEY_NAMES.get(key, key))
-    return [(" / ".join(keys), description) for (_, description), keys in by_action.items()]
+            if b.description and not b.system and not b.action.startswith(("app.focus", "app.goto")):
+                name = KEY_NAMES.get(key, key)
+                keys = by_action.setdefault((b.action, b.description), [])
+                if name not in keys:
+                    keys.append(name)
+    rows = [(" / ".join(keys), description) for (_, description), keys in by_action.items()]
+    return [row for row in rows if row not in (leave_out or [])]
 
 
-def sections() -> Iterator[tuple[str, list[tuple[str, str]]]]:
-    """(heading, rows) for the app, each screen and each dialog."""
+def shared_rows() -> Rows:
+    """What every screen (and every dialog) has: said once."""
+    from tui.screens.base import ApplianceScreen
+
+    return key_rows(ApplianceScreen)
+
+
+def sections() -> Iterator[tuple[str, str, Rows]]:
+    """(id, heading, rows) for the app, each screen and each dialog."""
     from tui.app import SCREENS, ApplianceApp
 
-    yield "Everywhere", [*key_rows(ApplianceApp), *EVERYWHERE]
+    shared = shared_rows()
+    generic = key_rows(Screen) + key_rows(ModalScreen)
+    yield "everywhere", "Everywhere", [*EVERYWHERE, *key_rows(ApplianceApp), *shared, *IN_LISTS]
     dialog_classes: list[type[Any]] = list(SHARED_DIALOGS)
     for entry in SCREENS:
         cls = entry.load()
-        yield f"{entry.key} {entry.title}", key_rows(cls)
+        yield entry.mode, f"{entry.key} {entry.title}", key_rows(cls, shared + generic)
         module = importlib.import_module(entry.module)
         dialog_classes += [d for d in getattr(module, "DIALOGS", ()) if d not in dialog_classes]
     for cls in dialog_classes:
-        yield f"Dialog: {getattr(cls, 'HELP_TITLE', cls.__name__)}", key_rows(cls)
+        yield (f"dialog-{cls.__name__}", f"Dialog: {getattr(cls, 'HELP_TITLE', cls.__name__)}",
+               key_rows(cls, generic))
+
+
+def section_text(heading: str, rows: Rows) -> Text:
+    text = Text(heading, style="bold")
+    width = max((len(k) for k, _ in rows), default=0)
+    for keys, description in rows:
+        text.append(f"\n  {keys:<{width}}  ", style="bold cyan")
+        text.append(description)
+    return text
+
+
+def matching(heading: str, rows: Rows, wanted: str) -> Rows:
+    """The rows a filter keeps: all of them when the heading matches, else those that match."""
+    wanted = wanted.strip().casefold()
+    if not wanted or wanted in heading.casefold():
+        return rows
+    return [(k, d) for k, d in rows if wanted in k.casefold() or wanted in d.casefold()]
 
 
 def render_sections() -> Text:
     text = Text()
-    for heading, rows in sections():
-        text.append(f"{heading}\n", style="bold")
-        width = max((len(k) for k, _ in rows), default=0)
-        for keys, description in rows:
-            text.append(f"  {keys:<{width}}  ", style="bold cyan")
-            text.append(f"{description}\n")
-        text.append("\n")
+    for _, heading, rows in sections():
+        text.append_text(section_text(heading, rows))
+        text.append("\n\n")
     return text
 
 
@@ -72,18 +106,81 @@ class HelpScreen(ModalScreen[None]):
         width: 90; max-width: 100%; height: 100%; border: thick $primary; background: $surface;
         padding: 0 1;
     }
+    HelpScreen .section { margin-bottom: 1; }
+    HelpScreen #help-title { dock: top; background: $surface; }
+    HelpScreen #help-filter-bar { display: none; height: 1; dock: bottom; background: $panel; }
+    HelpScreen #help-filter-bar Label { width: auto; text-style: bold; padding: 0 1; }
+    HelpScreen #help-filter { width: 1fr; border: none; height: 1; padding: 0 1; }
     """
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,question_mark,q", "close", "Close")]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "back", "Close (first the filter, if one is open)"),
+        Binding("question_mark,q", "close", "Close"),
+        Binding("slash", "filter", "Filter the keys", key_display="/"),
+        Binding("j", "scroll('down')", "Scroll down", show=False),
+        Binding("k", "scroll('up')", "Scroll up", show=False),
+        Binding("g", "scroll('home')", "Top", show=False),
+        Binding("G,shift+g", "scroll('end')", "Bottom", show=False),
+    ]
+
+    def __init__(self, current: str | None = None) -> None:
+        super().__init__()
+        self.current = current  # the mode whose section is shown first
+        self.all = list(sections())
 
     def compose(self) -> ComposeResult:
         with VerticalScroll():
-            yield Label("Keys (escape closes; arrows / page keys scroll)", classes="heading")
+            yield Label("Keys (escape closes; / filters; arrows, j / k, page keys scroll)",
+                        classes="heading", id="help-title")
             yield Static("Quitting never stops a job: jobs are separate processes (5 Jobs, or "
                          "`appliance jobs list`, finds them again).", classes="muted")
-            yield Static(render_sections(), id="keys")
+            for section_id, heading, rows in self.all:
+                yield Static(section_text(heading, rows), id=f"help-{section_id}",
+                             classes="section")
+            with Horizontal(id="help-filter-bar"):
+                yield Label("/")
+                yield Input(placeholder="filter the keys; esc clears", compact=True,
+                            id="help-filter")
 
     def on_mount(self) -> None:
         self.query_one(VerticalScroll).focus()
+        if self.current:
+            self.call_after_refresh(self._show_current)
+
+    def _show_current(self) -> None:
+        target = self.query(f"#help-{self.current}")
+        if target:
+            self.query_one(VerticalScroll).scroll_to_widget(target.first(), top=True, animate=False)
+
+    def action_scroll(self, where: str) -> None:
+        box = self.query_one(VerticalScroll)
+        {"down": box.scroll_down, "up": box.scroll_up, "home": box.scroll_home,
+         "end": box.scroll_end}[where](animate=False)
+
+    def action_filter(self) -> None:
+        self.query_one("#help-filter-bar").display = True
+        self.query_one("#help-filter", Input).focus()
+
+    @on(Input.Changed, "#help-filter")
+    def _filtered(self, event: Input.Changed) -> None:
+        for section_id, heading, rows in self.all:
+            kept = matching(heading, rows, event.value)
+            section = self.query_one(f"#help-{section_id}", Static)
+            section.display = bool(kept)
+            section.update(section_text(heading, kept))
+        self.query_one(VerticalScroll).scroll_home(animate=False)
+
+    @on(Input.Submitted, "#help-filter")
+    def _kept(self) -> None:
+        self.query_one(VerticalScroll).focus()
+
+    def action_back(self) -> None:
+        box = self.query_one("#help-filter", Input)
+        if self.query_one("#help-filter-bar").display:
+            box.value = ""
+            self.query_one("#help-filter-bar").display = False
+            self.query_one(VerticalScroll).focus()
+        else:
+            self.dismiss(None)
 
     def action_close(self) -> None:
         self.dismiss(None)

@@ -3,15 +3,19 @@ and resume.
 
 Jobs are separate processes recorded in SQLite (`appliance.jobs`), so this screen only reads and
 asks: it lists them, follows the selected job's events file from where it last read, and writes
-the cancel / resume requests the CLI would. Closing the UI leaves every job running.
+the cancel / resume requests the CLI would. Closing the UI leaves every job running. Cancel asks
+first (as delete does); the keys that cannot apply to the selected job (resume a running one,
+cancel a finished one) are greyed out. The selected running job's line says what it is doing and,
+when that has no counts, for how long.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -20,9 +24,10 @@ from textual.widgets import DataTable, RichLog, Static
 from appliance import jobs
 from appliance.cli import format_event
 from appliance.workspace import Workspace
-from tui.feed import Event, EventTail, collapse, format_eta
+from tui.dialogs import ConfirmDialog
+from tui.feed import Event, EventTail, collapse, format_eta, last_events, summary_line
 from tui.screens.base import ApplianceScreen, message_room
-from tui.widgets import KeyedTable, clip, first_line
+from tui.widgets import ELAPSED_TAIL, KeyedTable, clip, first_line, rate
 
 LOG_LINES = 5000
 
@@ -35,7 +40,7 @@ def progress_line(event: Event) -> str:
     if isinstance(event.get("lr"), int | float):
         parts.append(f"lr {event['lr']:.1e}")
     if isinstance(event.get("tokens_per_s"), int | float):
-        parts.append(f"{event['tokens_per_s']:.0f} tok/s")
+        parts.append(f"{rate(event['tokens_per_s'])} tok/s")
     if isinstance(event.get("eta_s"), int | float):
         parts.append(f"ETA {format_eta(event['eta_s'])}")
     return " ".join(parts)
@@ -54,10 +59,16 @@ def event_lines(events: list[Event]) -> list[str]:
     return lines
 
 
-def job_line(job: jobs.Job) -> str:
+def job_line(job: jobs.Job, doing: str = "") -> Text:
+    """`ID  kind state, attempt N, pid P: message`, then, when a running job is in a stage
+    without counts (the log's last line would look frozen), what it does and for how long."""
     pid = f", pid {job.pid}" if job.pid and job.state in ("queued", "running") else ""
     message = f": {first_line(job.message, 200)}" if job.message else ""
-    return f"{job.id}  [b]{job.kind}[/] {job.state}, attempt {job.attempt}{pid}{message}"
+    text = Text.assemble(f"{job.id}  ", (job.kind, "bold"),
+                         f" {job.state}, attempt {job.attempt}{pid}{message}")
+    if ELAPSED_TAIL.search(doing) and job.state in ("queued", "running"):
+        text.append(f"\nnow: {doing}")
+    return text
 
 
 @dataclass
@@ -67,20 +78,25 @@ class JobsRead:
     start: int
     end: int
     events: list[Event]
+    doing: dict[str, str] = field(default_factory=dict)  # running job id -> what it does now
 
 
-def read_jobs(ws: Workspace, tail: EventTail | None) -> JobsRead:
+def read_jobs(ws: Workspace, tail: EventTail | None, now: float | None = None) -> JobsRead:
     if not ws.exists():
         return JobsRead([], tail, 0, 0, [])
     start = tail.offset if tail else 0
     events, end = tail.read_from(start) if tail else ([], 0)
-    return JobsRead(jobs.list_jobs(ws), tail, start, end, events)
+    all_jobs = jobs.list_jobs(ws)
+    doing = {j.id: summary_line(last_events(ws, j.id), now) for j in all_jobs
+             if tail is not None and j.id == tail.job_id and j.state in ("queued", "running")}
+    return JobsRead(all_jobs, tail, start, end, events, doing)
 
 
 class JobsScreen(ApplianceScreen):
     MODE = "jobs"
     SUB_TITLE = "Jobs"
     POLL = True
+    FILTER_TABLE = "jobs"
     DEFAULT_CSS = """
     JobsScreen #jobs { max-height: 10; }
     JobsScreen #job { height: auto; max-height: 3; padding: 0 1; background: $panel; }
@@ -95,30 +111,34 @@ class JobsScreen(ApplianceScreen):
     def __init__(self) -> None:
         super().__init__()
         self.tail: EventTail | None = None
-        self.kinds: dict[str, str] = {}  # job id -> kind, as last read
+        self.by_id: dict[str, jobs.Job] = {}  # as last read
 
     def compose_body(self) -> ComposeResult:
         yield KeyedTable("job", "state", "message", id="jobs")  # the id names the kind
         yield Static("no job selected", id="job")
-        # wrapped, not cut at the edge: at 80 columns a stage line or an error is longer
-        yield RichLog(max_lines=LOG_LINES, wrap=True, markup=False, highlight=False, id="log")
+        # wrapped, not cut at the edge: at 80 columns a stage line or an error is longer; RichLog's
+        # default min_width (78) is wider than the box at 80 columns (a sideways scrollbar)
+        yield RichLog(max_lines=LOG_LINES, wrap=True, markup=False, highlight=False, min_width=20,
+                      id="log")
 
     def selected(self) -> str | None:
-        return self.query_one("#jobs", KeyedTable).selected_key()
+        found = self.query("#jobs")
+        return found.first(KeyedTable).selected_key() if found else None
 
     def reload(self) -> None:
-        tail, ws = self.tail, self.ws
-        self.background(lambda: read_jobs(ws, tail), self._show, group="jobs")
+        tail, ws, clock = self.tail, self.ws, self.appliance.settings.clock
+        self.background(lambda: read_jobs(ws, tail, clock()), self._show, group="jobs")
 
     def poll(self) -> None:
-        tail, ws = self.tail, self.ws
-        self.background(lambda: read_jobs(ws, tail), self._show, group="jobs", skip_if_busy=True)
+        tail, ws, clock = self.tail, self.ws, self.appliance.settings.clock
+        self.background(lambda: read_jobs(ws, tail, clock()), self._show, group="jobs",
+                        skip_if_busy=True)
 
     def _show(self, read: JobsRead) -> None:
         table = self.query_one("#jobs", KeyedTable)
         room = message_room(self.app.size.width, [j.id for j in read.jobs])
         table.fill([(j.id, (j.id, j.state, clip(first_line(j.message, 200), room))) for j in read.jobs])
-        self.kinds = {j.id: j.kind for j in read.jobs}
+        self.by_id = {j.id: j for j in read.jobs}
         wanted = self.appliance.pending_job
         if wanted and table.select_key(wanted):
             self.appliance.pending_job = None
@@ -129,13 +149,16 @@ class JobsScreen(ApplianceScreen):
             log = self.query_one("#log", RichLog)
             for line in event_lines(read.events):
                 log.write(line)
-        self._describe(read.jobs)
+        self._describe(read.doing)
         if self.selected() != (tail.job_id if tail else None):
             self._follow(self.selected())
+        self.refresh_bindings()
 
-    def _describe(self, all_jobs: list[jobs.Job]) -> None:
-        job = next((j for j in all_jobs if j.id == self.selected()), None)
-        self.query_one("#job", Static).update(job_line(job) if job else "no jobs yet")
+    def _describe(self, doing: dict[str, str]) -> None:
+        job = self.by_id.get(self.selected() or "")
+        self.query_one("#job", Static).update(
+            job_line(job, doing.get(job.id, "")) if job else
+            "no jobs yet" if not self.by_id else "no job matches the filter (escape clears it)")
 
     def _follow(self, job_id: str | None) -> None:
         """Start tailing another job: its log is read from the beginning."""
@@ -148,8 +171,18 @@ class JobsScreen(ApplianceScreen):
     def _highlighted(self) -> None:
         if self.selected() != (self.tail.job_id if self.tail else None):
             self._follow(self.selected())
+            self._describe({})
 
     # -- actions ---------------------------------------------------------------------------
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        job = self.by_id.get(self.selected() or "")
+        applies = {"cancel": job is not None and job.state in ("queued", "running"),
+                   "resume": job is not None and job.state in jobs.RESUMABLE,
+                   "train_view": job is not None and job.kind == "train"}
+        if action in applies:
+            return True if applies[action] else None  # None: shown greyed out
+        return super().check_action(action, parameters)
+
     def _act(self, what: str, func: Callable[[Workspace, str], jobs.Job]) -> None:
         job_id, ws = self.selected(), self.ws
         if job_id is None:
@@ -167,7 +200,9 @@ class JobsScreen(ApplianceScreen):
         self.background(work, done, group=what, title=f"Could not {what} the job", modal=True)
 
     def action_cancel(self) -> None:
-        self._act("cancel", jobs.cancel)
+        job = self.by_id.get(self.selected() or "")
+        if job is not None:
+            confirm_cancel(self, job.id, job.kind, lambda: self._act("cancel", jobs.cancel))
 
     def action_resume(self) -> None:
         self._act("resume", jobs.resume)
@@ -176,7 +211,27 @@ class JobsScreen(ApplianceScreen):
         job_id = self.selected()
         if job_id is None:
             return
-        if self.kinds.get(job_id) != "train":
+        job = self.by_id.get(job_id)
+        if job is None or job.kind != "train":
             self.notify("the training view follows training jobs", severity="warning")
             return
         self.appliance.open_training(job_id)
+
+
+CANCEL_NOTES = {
+    "train": "It saves a checkpoint, then stops; resume (u) continues from that checkpoint.",
+    "serve": "The server stops; answers in progress are cut off.",
+}
+
+
+def confirm_cancel(screen: ApplianceScreen, job_id: str, kind: str, cancel: Callable[[], None]
+                   ) -> None:
+    """Ask before cancelling a job (a training run may have hours in it), then `cancel()`."""
+    note = CANCEL_NOTES.get(kind, "It stops at its next check; resume (u) starts it again.")
+
+    def answered(yes: bool | None) -> None:
+        if yes:
+            cancel()
+
+    screen.app.push_screen(ConfirmDialog(f"Cancel {kind} job {job_id}?", note,
+                                         confirm="Cancel job"), answered)

@@ -3,7 +3,7 @@
 Imports run as `import-model` jobs (the same the CLI's `models import --detach` starts): a 7B folder
 takes minutes to copy and check, and must survive the UI closing. Details come from the manifest
 (what import recorded: architecture, sizes, tokens, the chat template, every file's sha256), read
-in a worker; `v` re-hashes every file against it.
+in a worker; `v` re-hashes every file against it (the activity line counts the time it takes).
 """
 
 from __future__ import annotations
@@ -140,6 +140,7 @@ class ModelsScreen(ArtifactScreen):
     ]
 
     KIND = "model"
+    ROW_ACTIONS = ("delete", "verify")
     COLUMNS = ("name", "architecture", "params", "context")
     DETAILS_MARKUP = False
     EMPTY = ("No models yet.\n\n  d  imports the embedded default (SmolLM2-135M-Instruct)\n"
@@ -180,10 +181,16 @@ class ModelsScreen(ArtifactScreen):
         name, ws = self.selected(), self.ws
         if name is None:
             return
-        self.notify(f"hashing every file of {name}…", title="Verify")
-        self.background(lambda: manifest.verify(ws.artifact_dir("model", name), full=True),
-                        lambda _: self.notify(f"{name}: every file matches its sha256",
-                                              title="Verified"),
+        self.start_task("verify", f"verifying {name}: hashing every file")
+
+        def work() -> None:
+            try:
+                manifest.verify(ws.artifact_dir("model", name), full=True)
+            finally:
+                self.app.call_from_thread(self.end_task, "verify")
+
+        self.background(work, lambda _: self.notify(f"{name}: every file matches its sha256",
+                                                    title="Verified"),
                         group="verify", title="Verification failed", modal=True)
 
 

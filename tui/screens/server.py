@@ -5,9 +5,13 @@ The server runs as a `serve` job (`appliance.runtime.service`), a process of its
 when the UI closes, and `appliance serve --detach` or the Jobs screen see the same one. This
 screen only reads and asks: the servers are the running serve jobs (their address comes from the
 job's `listening` event), the numbers come from each server's own `/metrics` over loopback on
-every poll (tokens/s is the change in generated tokens between two polls), and the keys are the
-workspace's `api_keys` table. A server started elsewhere (systemd's `appliance-server`) is shown
-when it answers on the default address.
+every poll, and the keys are the workspace's `api_keys` table. A server started elsewhere
+(systemd's `appliance-server`) is shown when it answers on the default address.
+
+tok/s is the generation speed the server measured: completion tokens over the time spent
+generating them (request time less time to first token). A difference of token counts between two
+polls read 0.0 while answers streamed, because a request's tokens are counted when it ends. Below
+the table, how many requests the servers refused for a missing or bad key (what /metrics says).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from appliance.runtime import keys, service
 from appliance.workspace import Workspace
 from tui.dialogs import ConfirmDialog, FormDialog, dialog_css, named
 from tui.screens.base import ApplianceScreen
-from tui.widgets import KeyedTable, clip, first_line, middle
+from tui.widgets import KeyedTable, TickBox, TickList, clip, first_line, middle, rate
 
 EXTERNAL = "external"  # the servers table's key for a server not started as a job here
 MODEL_WIDTH = 24  # the metrics table fits 80 columns; the servers table shows whole names
@@ -96,22 +100,36 @@ def server_rows(read: ServerRead) -> list[tuple[str, tuple[object, ...]]]:
     return rows
 
 
-def metric_rows(read: ServerRead, before: dict[str, tuple[int, float]]
-                ) -> list[tuple[str, tuple[object, ...]]]:
-    """A row per served model; tok/s from the change since the previous read (`before`)."""
+def generation_speed(m: service.ModelStats) -> str:
+    """Completion tokens per second of generating them (the server's own timings); `-` before
+    the first answer."""
+    generating = m.latency_sum - m.ttft_sum
+    if not m.completion_tokens or m.latency_count == 0 or generating <= 0:
+        return "-"
+    return rate(m.completion_tokens / generating)
+
+
+def metric_rows(read: ServerRead) -> list[tuple[str, tuple[object, ...]]]:
+    """A row per served model."""
     rows = []
     for s in read.servers:
         for name, m in sorted((s.metrics.models if s.metrics else {}).items()):
-            key = f"{s.url} {name}"
-            rate = "-"
-            if key in before and read.at > before[key][1] and m.completion_tokens >= before[key][0]:
-                # (fewer tokens than before: a new server on the same address; no rate yet)
-                rate = f"{(m.completion_tokens - before[key][0]) / (read.at - before[key][1]):.1f}"
-            before[key] = (m.completion_tokens, read.at)
-            rows.append((key, (middle(name, MODEL_WIDTH), m.requests, m.errors, f"{m.running}/{m.queued}",
-                               f"{m.prompt_tokens}/{m.completion_tokens}", rate,
-                               _seconds(m.mean_latency), _seconds(m.mean_ttft))))
+            rows.append((f"{s.url} {name}", (
+                middle(name, MODEL_WIDTH), m.requests, m.errors, f"{m.running}/{m.queued}",
+                f"{m.prompt_tokens}/{m.completion_tokens}", generation_speed(m),
+                _seconds(m.mean_latency), _seconds(m.mean_ttft))))
     return rows
+
+
+def requests_note(read: ServerRead) -> str:
+    """The requests the servers refused for a missing or bad key (which name no model, so the
+    table has no row for them), and what tok/s means."""
+    snapshots = [s.metrics for s in read.servers if s.metrics is not None]
+    if not snapshots:
+        return ""
+    refused = sum(m.unauthorized for m in snapshots)
+    return (f"{refused} request{'s' if refused != 1 else ''} refused for a missing or bad key "
+            "(401); tok/s: generation speed")
 
 
 def key_rows(read: ServerRead) -> list[tuple[str, tuple[object, ...]]]:
@@ -150,12 +168,12 @@ class StartDialog(FormDialog[service.ServeOptions]):
         self.exports = exports
 
     def compose_fields(self) -> ComposeResult:
-        yield SelectionList[str](*[(label, name, i == 0) for i, (label, name) in
-                                   enumerate(self.exports)], id="exports")
+        yield TickList(*[(label, name, i == 0) for i, (label, name) in enumerate(self.exports)],
+                       id="exports")
         with Horizontal(classes="row"):
             yield named(Input("127.0.0.1", id="host"), "listen on address")
             yield named(Input(str(service.DEFAULT_PORT), id="port"), "port")
-        yield Checkbox("allow exports whose parity gate failed", id="allow-failed")
+        yield TickBox("allow exports whose parity gate failed", id="allow-failed")
         yield Static("127.0.0.1: this machine only. Another address lets the network in.",
                      classes="muted", id="host-note")
 
@@ -249,6 +267,7 @@ class ServerScreen(ApplianceScreen):
     MODE = "server"
     SUB_TITLE = "Server"
     POLL = True
+    FILTER_TABLE = "keys"
     JOB_KINDS = ("serve",)  # a server started here that fails (a port taken, a model that does
     # not load) is announced with its reason; one stopped here is not
     DEFAULT_CSS = """
@@ -256,6 +275,7 @@ class ServerScreen(ApplianceScreen):
     ServerScreen .heading { padding: 0 1; }
     ServerScreen #servers { max-height: 4; }
     ServerScreen #metrics { max-height: 6; }
+    ServerScreen #requests { height: auto; padding: 0 1; color: $text-muted; }
     ServerScreen #keys { height: 1fr; max-height: 100%; }
     ServerScreen Vertical { height: auto; }
     ServerScreen #keys-box { height: 1fr; }
@@ -266,12 +286,12 @@ class ServerScreen(ApplianceScreen):
         Binding("n", "new_key", "New key…"),
         Binding("x,delete", "revoke", "Revoke key"),
         Binding("l", "log", "Log"),
+        Binding("slash", "filter", "Filter", show=False),  # the footer has no room left at 80
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self.last = ServerRead()
-        self.rates: dict[str, tuple[int, float]] = {}
 
     def compose_body(self) -> ComposeResult:
         yield Static("", id="status")
@@ -282,6 +302,7 @@ class ServerScreen(ApplianceScreen):
                         classes="heading")
             yield KeyedTable("model", "reqs", "errs", "run/q", "tokens", "tok/s", "lat s",
                              "ttft s", id="metrics")
+            yield Static("", id="requests")
         with Vertical(id="keys-box"):
             yield Label("API keys", classes="heading")
             yield KeyedTable("name", "id", "created", "state", id="keys")
@@ -304,8 +325,12 @@ class ServerScreen(ApplianceScreen):
         self.last = read
         self.query_one("#status", Static).update(status_text(read))
         self.query_one("#servers", KeyedTable).fill(server_rows(read))
-        self.query_one("#metrics", KeyedTable).fill(metric_rows(read, self.rates))
+        self.query_one("#metrics", KeyedTable).fill(metric_rows(read))
+        note, text = self.query_one("#requests", Static), requests_note(read)
+        note.update(text)
+        note.display = bool(text)
         self.query_one("#keys", KeyedTable).fill(key_rows(read))
+        self.refresh_bindings()
 
     # -- the server -----------------------------------------------------------------------------
     def action_start(self) -> None:
@@ -339,8 +364,25 @@ class ServerScreen(ApplianceScreen):
                         title="Could not start the server", modal=True)
 
     def _selected_server(self) -> Served | None:
-        key = self.query_one("#servers", KeyedTable).selected_key()
+        found = self.query("#servers")
+        key = found.first(KeyedTable).selected_key() if found else None
         return next((s for s in self.last.servers if s.key == key), None)
+
+    def _selected_key(self) -> keys.KeyInfo | None:
+        found = self.query("#keys")
+        key_id = found.first(KeyedTable).selected_key() if found else None
+        return next((k for k in self.last.keys if k.id == key_id), None)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Stop, log and revoke grey out when nothing they apply to is selected."""
+        if action in ("stop", "log"):  # (stop on a server not started here says where to stop it)
+            served = self._selected_server()
+            ok = served is not None and (served.job is not None or action == "stop")
+            return True if ok else None
+        if action == "revoke":
+            info = self._selected_key()
+            return True if info is not None and not info.revoked else None
+        return super().check_action(action, parameters)
 
     def action_stop(self) -> None:
         served = self._selected_server()
@@ -387,8 +429,7 @@ class ServerScreen(ApplianceScreen):
         self.app.push_screen(KeyShown(name, key))
 
     def action_revoke(self) -> None:
-        key_id = self.query_one("#keys", KeyedTable).selected_key()
-        info = next((k for k in self.last.keys if k.id == key_id), None)
+        info = self._selected_key()
         if info is None:
             self.notify("no key selected", severity="warning")
             return

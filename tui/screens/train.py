@@ -6,6 +6,12 @@ job as `appliance train`, a detached process. The live view follows any training
 here, from the Jobs screen, or from the CLI): each poll reads the new events in a worker and the
 chart redraws once per poll, so a job emitting hundreds of events a second costs a bounded number
 of redraws.
+
+The head never shows a stale estimate: once the steps are done it says what the job does instead
+(a stage the job reports, with its counts or how long it has taken; else `finishing…` and the time
+since the last step), and after a resume it drops the old attempt's ETA until the new attempt's
+first step. Cancel asks first. The focused field's label is marked `▸` and the checkbox reads
+`[X]`/`[ ]`, so neither depends on colour; the form stops widening at 110 columns.
 """
 
 from __future__ import annotations
@@ -14,11 +20,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 from weakref import WeakKeyDictionary
 
+from rich.markup import escape
 from rich.text import Text
-from textual import on
+from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Grid, Vertical, VerticalScroll
+from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Checkbox, ContentSwitcher, Input, Label, Select, Static
 
 from appliance import jobs, planner
@@ -27,7 +34,7 @@ from tui import trainform
 from tui.feed import Event, EventTail, TrainProgress, format_eta
 from tui.screens.base import ApplianceScreen
 from tui.trainform import FORM_KEYS, HERE, FormState, TrainChoices
-from tui.widgets import LineChart
+from tui.widgets import LineChart, TickBox, rate
 
 SERIES = {"loss": "cyan", "eval loss": "bold yellow"}
 _OFFERED: WeakKeyDictionary[Select[str], list[tuple[str, str]]] = WeakKeyDictionary()
@@ -61,11 +68,12 @@ def live_head(p: TrainProgress) -> str:
     if p.lr is not None:
         parts.append(f"lr {p.lr:.2e}")
     if p.tokens_per_s is not None:
-        parts.append(f"{p.tokens_per_s:.0f} tok/s")
+        parts.append(f"{rate(p.tokens_per_s)} tok/s")
     if p.gpu_mem_gib is not None:
         parts.append(f"GPU mem {p.gpu_mem_gib:.2f} GiB")
     if p.state in ("queued", "running"):
-        parts.append(f"ETA {format_eta(p.eta_s)}")
+        doing = p.doing()
+        parts.append(escape(doing) if doing else f"ETA {format_eta(p.eta_s)}")
     return " · ".join(parts)
 
 
@@ -96,12 +104,16 @@ class TrainScreen(ApplianceScreen):
     POLL = True
     DEFAULT_CSS = """
     TrainScreen #views { height: 1fr; }
-    TrainScreen #form { padding: 0 1; height: 1fr; }
-    TrainScreen Grid { height: auto; grid-size: 4; grid-columns: 14 1fr 14 1fr; grid-gutter: 0 1; }
+    TrainScreen #form { padding: 0 1; height: 1fr; max-width: 110; }
+    TrainScreen Grid { height: auto; grid-size: 4; grid-columns: 16 1fr 16 1fr; grid-gutter: 0 1; }
     TrainScreen Grid > * { height: 1; }
     TrainScreen Label { color: $text-muted; }
+    TrainScreen Label.-focused { color: $text; text-style: bold; }
+    TrainScreen #l-force { width: 1fr; text-align: right; }
+    TrainScreen #more { height: 1; margin-top: 1; }
+    TrainScreen #more Label { width: 17; }
+    TrainScreen #extras { width: 1fr; }
     TrainScreen Input.-invalid { color: $error; text-style: bold; }
-    TrainScreen #extras { margin-top: 1; }
     TrainScreen #problems { height: auto; margin-top: 1; }
     TrainScreen #plan, TrainScreen #following { height: auto; color: $text-muted; }
     TrainScreen #start { margin-top: 1; }
@@ -130,10 +142,12 @@ class TrainScreen(ApplianceScreen):
                 yield from self._compose_choices()
                 with Grid(id="params"):
                     for key in FORM_KEYS:
-                        yield Label(key)
+                        yield FieldLabel(key, f"f-{key}")
                         yield Input(compact=True, id=f"f-{key}")
-                yield Input(placeholder="more: key=value; key=value (any recipe key)", compact=True,
-                            id="extras")
+                with Horizontal(id="more"):
+                    yield FieldLabel("more", "extras")
+                    yield Input(placeholder="key=value; key=value (any recipe key)", compact=True,
+                                id="extras")
                 yield Static("", id="problems")
                 yield Static("", id="following")
                 yield Static("", id="plan")
@@ -145,21 +159,34 @@ class TrainScreen(ApplianceScreen):
 
     def _compose_choices(self) -> ComposeResult:
         with Grid(id="choices"):
-            yield Label("model")
+            yield FieldLabel("model", "model")
             yield Select([], prompt="model", compact=True, id="model")
-            yield Label("dataset")
+            yield FieldLabel("dataset", "dataset")
             yield Select([], prompt="dataset", compact=True, id="dataset")
-            yield Label("recipe")
+            yield FieldLabel("recipe", "recipe")
             yield Select([], prompt="recipe", compact=True, id="recipe")
-            yield Label("plan for")
+            yield FieldLabel("plan for", "target")
             yield Select([("this machine", HERE)], allow_blank=False, compact=True, id="target")
-            yield Label("run name")
-            yield Input(placeholder="MODEL-DATASET", compact=True, id="name")
-            yield Label("")
-            yield Checkbox("start anyway", compact=True, id="force")
+            yield FieldLabel("run name", "name")
+            yield Input(placeholder="model-dataset", compact=True, id="name")
+            yield FieldLabel("", "force")
+            yield TickBox("start anyway", compact=True, id="force")
 
     def on_mount(self) -> None:
         self.query_one("#chart", LineChart).border_title = "[cyan]loss[/] · [yellow]eval loss[/]"
+
+    def on_descendant_focus(self, event: events.DescendantFocus) -> None:
+        super().on_descendant_focus(event)
+        self._mark_focused(event.widget.id)
+
+    def on_descendant_blur(self, event: events.DescendantBlur) -> None:
+        super().on_descendant_blur(event)
+        self._mark_focused(None)
+
+    def _mark_focused(self, widget_id: str | None) -> None:
+        """`▸` before the label of the focused field (visible without colour)."""
+        for label in self.query(FieldLabel):
+            label.mark(label.target == widget_id)
 
     # -- data --------------------------------------------------------------------------------
     def reload(self) -> None:
@@ -215,7 +242,7 @@ class TrainScreen(ApplianceScreen):
     def revalidate(self) -> None:
         form = self.form()
         self.checked = trainform.check(form, self.choices)
-        self.query_one("#name", Input).placeholder = f"{form.model}-{form.dataset}"
+        self.query_one("#name", Input).placeholder = self.checked.name or "model-dataset"
         problems = self.checked.problems
         for key in (*FORM_KEYS, "name", "extras"):
             widget = self.query_one(f"#f-{key}" if key in FORM_KEYS else f"#{key}", Input)
@@ -244,10 +271,14 @@ class TrainScreen(ApplianceScreen):
         views = self.query("#views")
         live = bool(views) and views.first(ContentSwitcher).current == "live"
         if action in ("cancel", "resume"):
-            return live and self.tail is not None
+            if not live or self.tail is None:
+                return False
+            state = self.progress.state if self.progress else ""
+            can = state in ("queued", "running") if action == "cancel" else state in jobs.RESUMABLE
+            return True if can else None  # None: shown greyed out
         if action == "start":
             return not live
-        return True
+        return super().check_action(action, parameters)
 
     @on(Button.Pressed, "#start")
     def action_start(self) -> None:
@@ -263,7 +294,8 @@ class TrainScreen(ApplianceScreen):
 
     def follow(self, job_id: str, *, show: bool) -> None:
         if self.tail is None or self.tail.job_id != job_id:
-            self.progress, self.tail = TrainProgress(job_id), EventTail(self.ws, job_id)
+            self.progress = TrainProgress(job_id, now=self.appliance.settings.clock)
+            self.tail = EventTail(self.ws, job_id)
             self.query_one("#chart", LineChart).series = {name: [] for name in SERIES}
         if show:
             self._show_view("live")
@@ -318,10 +350,26 @@ class TrainScreen(ApplianceScreen):
             group=what, title=f"Could not {what} the job", modal=True)
 
     def action_cancel(self) -> None:
-        self._job_action("cancel")
+        from tui.screens.jobs import confirm_cancel
+
+        if self.tail is not None:
+            confirm_cancel(self, self.tail.job_id, "train", lambda: self._job_action("cancel"))
 
     def action_resume(self) -> None:
         self._job_action("resume")
+
+
+class FieldLabel(Label):
+    """A form field's name; `▸ name` while its field has focus."""
+
+    def __init__(self, text: str, target: str) -> None:
+        super().__init__(f"  {text}" if text else "", id=f"l-{target}")
+        self.text, self.target = text, target
+
+    def mark(self, focused: bool) -> None:
+        self.set_class(focused, "-focused")
+        self.update(f"{'▸' if focused else ' '} {self.text}" if self.text else
+                    ("▸" if focused else ""))
 
 
 def _value(select: Select[str]) -> str | None:
