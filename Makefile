@@ -13,8 +13,11 @@ demo: setup
 test: setup
 	$(VENV)/bin/python -m pytest -q -rs
 
+# The checks that keep the house standing (docs/ARCHITECTURE.md): style, import contracts, types.
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 bench-startup: setup
 	$(VENV)/bin/python bench/startup.py

@@ -25,33 +25,14 @@ from typing import Any
 
 from appliance import __version__, offline
 from appliance.errors import ApplianceError, ExitCode, UsageError, ValidationError
+from appliance.textout import _Human, format_event, human_count, print_dataset_report, print_json, say
+from appliance.textout import open_workspace as _workspace
 
 # Command groups that live beside the code they drive. Each module imports only the standard library
 # at module scope and has `register(subparsers)`.
 COMMAND_MODULES = ("appliance.runtime.console", "appliance.runtime.commands", "appliance.systemd")
 BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell shows for a writer whose reader went away
 SHELLS = ("bash", "zsh", "fish")
-
-
-class _Human:
-    """Where `say` writes: stdout, or stderr while `--json` keeps stdout for the JSON document."""
-
-    to_stderr = False
-
-
-def _workspace(args: argparse.Namespace) -> Any:
-    from appliance.workspace import Workspace
-
-    return Workspace(Path(args.home) if args.home else None)
-
-
-def say(message: str) -> None:
-    print(message, file=sys.stderr if _Human.to_stderr else sys.stdout, flush=True)
-
-
-def print_json(data: Any) -> None:
-    """The one document a `--json` command prints (keys are documented in the README)."""
-    print(json.dumps(data, indent=2, ensure_ascii=False, default=str), flush=True)
 
 
 def _print_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
@@ -63,15 +44,6 @@ def _print_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
     say("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)))
     for row in cells:
         say("  ".join(v.ljust(w) for v, w in zip(row, widths)))
-
-
-def human_count(n: int | None) -> str:
-    if not n:
-        return "?"
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return str(n)
 
 
 # What `list --json` (and the results of imports and jobs) give for each artifact, besides name,
@@ -116,18 +88,17 @@ def _confirm(question: str, refusal: str) -> bool:
 
 # -- models ----------------------------------------------------------------------------------
 def cmd_models_import(args: argparse.Namespace) -> int:
-    from appliance import models
+    from appliance import api, models
 
     ws = _workspace(args)
     if args.default == bool(args.path):
         raise UsageError("give either a PATH (HF folder or .gguf file) or --default")
     if args.detach:
-        from appliance import jobs
 
         params = {"default": args.default, "path": args.path and str(Path(args.path).resolve()),
                   "name": args.name, "chat_template": args.chat_template and
                   str(Path(args.chat_template).resolve())}
-        job = jobs.start(ws, "import-model", params)
+        job = api.start(ws, "import-model", params)
         say(f"started job {job.id}; follow it with `appliance jobs logs {job.id} --follow`")
         if args.json:
             print_json({"job": job_json(job)})
@@ -197,26 +168,6 @@ def cmd_rm(args: argparse.Namespace, kind: str) -> int:
 
 
 # -- datasets --------------------------------------------------------------------------------
-def print_dataset_report(report: dict[str, Any], limit: int = 20) -> None:
-    tokens = report["tokens"]
-    say(f"  form {report['form']}: {report['lines']} lines -> {report['kept']} kept "
-        f"({report['train']} train / {report['eval']} eval), {report['rejected']} rejected, "
-        f"{report['duplicates']} exact duplicates removed")
-    if tokens.get("count"):
-        say(f"  tokens per conversation: min {tokens['min']}, p50 {tokens['p50']}, "
-            f"mean {tokens['mean']}, p95 {tokens['p95']}, max {tokens['max']} "
-            f"(total {tokens['total']})")
-    for reason, count in sorted(report["rejected_by_reason"].items()):
-        say(f"  rejected {reason}: {count}")
-    for row in report["rejections"][:limit]:
-        say(f"    line {row['line']}: {row['reason']}")
-    if len(report["rejections"]) > limit:
-        say(f"    ... {len(report['rejections']) - limit} more (appliance data show NAME "
-            "--rejections N)")
-    for dup in report["duplicate_lines"][:limit]:
-        say(f"    line {dup['line']}: duplicate of line {dup['duplicate_of']}")
-
-
 def cmd_data_import(args: argparse.Namespace) -> int:
     from appliance import datasets
 
@@ -315,10 +266,10 @@ def _run_job(args: argparse.Namespace, kind: str, params: dict[str, Any], what: 
              report: JobReport) -> int:
     """Start a detached job; follow it unless --detach (closing the terminal does not stop it).
     A job that did not succeed exits 7; `report` judges a succeeded one and adds its results."""
-    from appliance import jobs
+    from appliance import api
 
     ws = _workspace(args)
-    job = jobs.start(ws, kind, params)
+    job = api.start(ws, kind, params)
     say(f"started {what} job {job.id} (it runs on if this command exits)")
     if args.detach:
         say(f"follow it: appliance jobs logs {job.id} --follow")
@@ -326,7 +277,8 @@ def _run_job(args: argparse.Namespace, kind: str, params: dict[str, Any], what: 
             print_json({"job": job_json(job)})
         return 0
     done = _follow(ws, job)
-    doc, code = {"job": job_json(done)}, ExitCode.JOB_FAILED
+    doc: dict[str, Any] = {"job": job_json(done)}
+    code: int = ExitCode.JOB_FAILED
     if done.state == "succeeded":
         extra, code = report(ws, done)
         doc.update(extra)
@@ -474,10 +426,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from appliance import jobs
+    from appliance import api
 
     ws = _workspace(args)
-    job = jobs.start(ws, "train", train_params(ws, args))
+    job = api.start(ws, "train", train_params(ws, args))
     say(f"started training job {job.id} (it runs on if this command exits)")
     if not args.follow:
         say(f"follow it: appliance jobs logs {job.id} --follow")
@@ -492,26 +444,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # -- jobs ------------------------------------------------------------------------------------
-def format_event(event: dict[str, Any]) -> str:
-    from appliance import progress
-
-    kind = event.get("type")
-    if progress.is_staged(event):  # merge / export / verify: the stage, and what is counted
-        return progress.describe(event)
-    if kind == "progress":
-        extra = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                         for k, v in event.items() if k not in ("ts", "type", "done", "total", "step"))
-        return f"step {event['done']}/{event['total']} {extra}".rstrip()
-    if kind == "eval":
-        return (f"eval at step {event['step']}: loss {event['eval_loss']:.4f}, perplexity "
-                f"{event['perplexity']:.3f}{' (best so far)' if event.get('best') else ''}")
-    if kind == "state":
-        return f"state -> {event['state']}" + (f": {event['message']}" if event.get("message") else "")
-    if kind == "log":
-        return event["message"]
-    return json.dumps(event, ensure_ascii=False)
-
-
 def cmd_jobs_list(args: argparse.Namespace) -> int:
     from appliance import jobs
 
@@ -544,11 +476,11 @@ def cmd_jobs_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_action(args: argparse.Namespace, action: str) -> int:
-    from appliance import jobs
+    from appliance import api, jobs
 
     ws = _workspace(args)
     if action == "run":
-        job = jobs.run(ws, args.id)
+        job = api.run(ws, args.id)
         return ExitCode.OK if job.state == "succeeded" else ExitCode.JOB_FAILED
     job = jobs.cancel(ws, args.id) if action == "cancel" else jobs.resume(ws, args.id)
     say(f"job {job.id}: {job.state}" + (" (cancel requested)" if action == "cancel" else ""))
@@ -556,15 +488,16 @@ def cmd_jobs_action(args: argparse.Namespace, action: str) -> int:
 
 
 def cmd_jobs_worker(args: argparse.Namespace) -> int:
+    from appliance import stages
     from appliance.distributed import run_worker
 
-    return run_worker(_workspace(args), args.id)
+    return run_worker(_workspace(args), args.id, stages.KINDS["train"])
 
 
 def cmd_jobs_selftest(args: argparse.Namespace) -> int:
-    from appliance import jobs
+    from appliance import api
 
-    job = jobs.start(_workspace(args), "selftest", {"steps": args.steps, "interval": args.interval})
+    job = api.start(_workspace(args), "selftest", {"steps": args.steps, "interval": args.interval})
     say(f"started job {job.id}")
     return 0
 
@@ -866,6 +799,8 @@ def _jobs_parser(sub: Any) -> None:
         _complete(p.add_argument("id"), _job_ids)
         if action == "logs":
             p.add_argument("--follow", "-f", action="store_true")
+        if action == "show":  # it always prints JSON; accepted so scripts can pass --json everywhere
+            p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
         funcs = {"show": cmd_jobs_show, "logs": cmd_jobs_logs}
         p.set_defaults(func=funcs.get(action, lambda a, act=action: cmd_jobs_action(a, act)))
     p = jsub.add_parser("worker")  # one rank of a data-parallel job, started by torchrun

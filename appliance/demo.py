@@ -19,7 +19,7 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-from appliance import datasets, jobs, manifest, models, stack, trainconfig
+from appliance import api, datasets, jobs, manifest, models, stack, trainconfig
 from appliance.errors import JobFailedError, NotFoundError
 from appliance.workspace import ArtifactRecord, Workspace
 
@@ -74,7 +74,7 @@ def _demo_job(ws: Workspace) -> jobs.Job | None:
 
 
 def _train(ws: Workspace, model: ArtifactRecord, say: Callable[[str], None]) -> ArtifactRecord:
-    from appliance.cli import format_event
+    from appliance.textout import format_event
 
     record = _existing(ws, "run", RUN_NAME, 3, "trained", say)
     if record is not None:
@@ -87,7 +87,7 @@ def _train(ws: Workspace, model: ArtifactRecord, say: Callable[[str], None]) -> 
         values, source = trainconfig.load_recipe(RECIPE)
         say(f"[3/{STAGES}] QLoRA on the CPU: recipe {RECIPE} (NF4 base, LoRA r={values['lora_r']}, "
             f"{values['max_steps']} steps of {values['batch_size']} conversations)")
-        job = jobs.start(ws, "train", {"model": model.name, "dataset": DATASET_NAME,
+        job = api.start(ws, "train", {"model": model.name, "dataset": DATASET_NAME,
                                        "config": values, "source": source, "name": RUN_NAME})
     say(f"      job {job.id} runs detached; Ctrl-C here leaves it running "
         f"(appliance jobs logs {job.id} --follow)")
@@ -104,9 +104,9 @@ def _train(ws: Workspace, model: ArtifactRecord, say: Callable[[str], None]) -> 
 
 
 def _follow_job(ws: Workspace, kind: str, params: dict, say: Callable[[str], None]) -> None:
-    from appliance.cli import format_event
+    from appliance.textout import format_event
 
-    job = jobs.start(ws, kind, params)
+    job = api.start(ws, kind, params)
     say(f"      job {job.id} runs detached (appliance jobs logs {job.id} --follow)")
     for event in jobs.follow(ws, job.id):
         if event["type"] in ("log", "state"):
@@ -143,7 +143,7 @@ def _parity_table(records: list[ArtifactRecord]) -> str:
 
 def _chat(ws: Workspace, say: Callable[[str], None]) -> None:
     """Two turns with the fine-tuned model, greedy, streamed to the terminal as they are generated."""
-    from appliance.runtime import engine as engines
+    from appliance.runtime import engines
 
     say(f"[6/{STAGES}] chat with the fine-tuned model ({CHAT_MODEL}, greedy)")
     artifact = engines.resolve(CHAT_MODEL, ws, allow_failed_parity=True)  # the table above says
@@ -158,6 +158,7 @@ def _chat(ws: Workspace, say: Callable[[str], None]) -> None:
                 if isinstance(item, engines.Delta) and item.text:
                     parts.append(item.text)
                     print(item.text.replace("\n", "\n      "), end="", flush=True)
+            assert isinstance(item, engines.Done)  # a generation always ends with its Done
             print(f"\n      ({item.completion_tokens} tokens, {item.reason})", flush=True)
             messages.append({"role": "assistant", "content": "".join(parts)})
     finally:
@@ -172,7 +173,7 @@ def _serve_hint(ws: Workspace) -> str:
 
 
 def run(ws: Workspace, say: Callable[[str], None]) -> int:
-    from appliance.cli import human_count, print_dataset_report
+    from appliance.textout import human_count, print_dataset_report
 
     started = time.monotonic()
     say(f"appliance demo: workspace {ws.root}")

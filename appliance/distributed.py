@@ -37,7 +37,7 @@ from typing import Any
 
 from appliance import cancellation
 from appliance.errors import ApplianceError
-from appliance.jobs import Job, JobCancelled, JobContext
+from appliance.jobs import Job, JobCancelled, JobContext, JobFunction
 from appliance.workspace import Workspace
 
 WORKER_FLAG = "APPLIANCE_DDP_WORKER"
@@ -176,8 +176,9 @@ def _outcome(ctx: JobContext, rc: int) -> dict[str, Any]:
 
 
 # -- the worker side ---------------------------------------------------------------------------
-def run_worker(ws: Workspace, job_id: str) -> int:
-    """One rank of a data-parallel `train` job (what `appliance jobs worker ID` runs)."""
+def run_worker(ws: Workspace, job_id: str, train: JobFunction) -> int:
+    """One rank of a data-parallel `train` job (what `appliance jobs worker ID` runs): `train` is
+    the train stage's job function (given, so this module never imports the stage)."""
     import torch
     import torch.distributed as dist
 
@@ -190,7 +191,7 @@ def run_worker(ws: Workspace, job_id: str) -> int:
     if cuda:
         torch.cuda.set_device(rank.local_rank)
     dist.init_process_group("nccl" if cuda else "gloo")
-    outcome = _run_rank(ctx, rank)
+    outcome = _run_rank(ctx, rank, train)
     if rank.main or outcome["state"] != "succeeded":  # before tearing down, which can hang on a peer
         path = ctx.dir / "work" / f"outcome.{rank.rank}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,13 +202,12 @@ def run_worker(ws: Workspace, job_id: str) -> int:
     return 1 if outcome["state"] == "failed" or outcome.get("interrupted") else 0
 
 
-def _run_rank(ctx: RankContext, rank: Rank) -> dict[str, Any]:
+def _run_rank(ctx: RankContext, rank: Rank, train: JobFunction) -> dict[str, Any]:
     from appliance import jobs
-    from appliance.train import run_training
 
     try:
         with cancellation.armed(ctx.dir / "cancel"):
-            return {"state": "succeeded", "result": run_training(ctx)}
+            return {"state": "succeeded", "result": train(ctx)}
     except JobCancelled as exc:
         jobs.log_hidden_error(ctx, exc)
         return {"state": "cancelled", "interrupted": cancellation.interrupted()}

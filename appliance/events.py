@@ -13,8 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from appliance.jobs import job_dir
-from appliance.workspace import Workspace
+from appliance.workspace import Workspace, job_dir
 
 Event = dict[str, Any]
 TAIL_BYTES = 16384  # what `last_events` reads by default: enough for a summary line

@@ -21,15 +21,19 @@ import itertools
 import json
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance import chat, manifest, parity
-from appliance.errors import ApplianceError, BusyError, RefusedError, ValidationError
+from appliance.errors import ApplianceError, BusyError, ValidationError
 from appliance.fsutil import atomic_write_text, disk_full_as_error
 from appliance.progress import Progress, Stages
 from appliance.workspace import ArtifactRecord, Workspace, parent_ref
+from appliance.workspace import require_passed as require_passed  # its old home
+
+if TYPE_CHECKING:
+    import numpy as np
 
 Say = Callable[[str], None]
 PARITY_CONVERSATIONS = 16
@@ -127,7 +131,7 @@ class HFScorer:
         self.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=self.dtype,
                                                           trust_remote_code=False).eval()
 
-    def logits(self, ids: list[int]) -> Any:
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
         import torch
 
         with torch.no_grad():
@@ -155,11 +159,11 @@ class Checked:
     """A scorer that checks for a cancel request before each conversation it scores, so a cancel
     during a long parity run stops within one forward pass, and says when it has scored one."""
 
-    def __init__(self, scorer: Any, check_cancel: Callable[[], None],
+    def __init__(self, scorer: parity.Scorer, check_cancel: Callable[[], None],
                  scored: Callable[[], None] = lambda: None) -> None:
         self.scorer, self.check_cancel, self.scored = scorer, check_cancel, scored
 
-    def logits(self, ids: list[int]) -> Any:
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
         self.check_cancel()
         out = self.scorer.logits(ids)
         self.scored()
@@ -395,7 +399,7 @@ def _one(ws: Workspace, merged: ArtifactRecord, name: str, kind: str,
 def _one_gguf(ws: Workspace, merged: ArtifactRecord, run: str, qtype: str, base: Path,
               overrides: dict[str, float], say: Say, check_cancel: Callable[[], None],
               stages: Stages) -> ArtifactRecord:
-    from export import gguf
+    from export import gguf, ollama
 
     name = f"{run}-gguf-{qtype.lower()}"
     with ws.writer("export", name) as w:
@@ -408,7 +412,7 @@ def _one_gguf(ws: Workspace, merged: ArtifactRecord, run: str, qtype: str, base:
         say(f"checking {path.name}")
         stages.emit("check", f"checking {path.name}")
         check = gguf.check_gguf(path, merged.path)
-        gguf.write_modelfile(path, merged.path, out=w.path / "Modelfile")
+        ollama.write_modelfile(path, merged.path, out=w.path / "Modelfile")
         (w.path / "gguf_check.json").write_text(json.dumps(check, indent=2, default=str))
         stages.emit("load-runtime", f"loading {path.name} in llama.cpp")
         with gguf.GgufLM(path, n_ctx=PARITY_MAX_TOKENS + 16) as lm:
@@ -503,8 +507,8 @@ def _verify(ws: Workspace, name: str, overrides: dict[str, float], say: Say,
                            check_cancel, stages)
     else:
         stages.emit("load-runtime", f"loading {name} in onnxruntime")
-        lm = onnx.OnnxLM(record.path / "onnx")
-        report = _gate(ws, merged, name, config["precision"], lm, lm.tokenize, overrides, say,
+        onnx_lm = onnx.OnnxLM(record.path / "onnx")
+        report = _gate(ws, merged, name, config["precision"], onnx_lm, onnx_lm.tokenize, overrides, say,
                        check_cancel, stages)
     _rewrite_parity(ws, record, data, report)
     return report
@@ -532,12 +536,3 @@ def _rewrite_parity(ws: Workspace, record: ArtifactRecord, data: dict[str, Any],
         data["metrics"]["parity"] = report["artifacts"][0]
         w.commit_manifest(data)
     ws.audit("verify", kind="export", name=record.name, passed=report["passed"])
-
-
-def require_passed(record: ArtifactRecord, *, override: bool = False) -> None:
-    """What bundling and serving call: a failed parity gate stops them unless overridden."""
-    if record.status == "failed" and not override:
-        raise RefusedError(f"export {record.name!r} failed its parity gate "
-                           f"({record.summary.get('parity', 'see parity.json')})",
-                           hint="look at its parity.json (appliance exports show); pass "
-                                "--allow-failed-parity to use it anyway")

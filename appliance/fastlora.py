@@ -54,7 +54,7 @@ def unpack_scales(model: Any) -> int:
     of which a training step does three per layer. Returns the bytes added."""
     added = 0
     for module in model.modules():
-        weight = getattr(module, "weight", None)
+        weight: Any = getattr(module, "weight", None)  # a bitsandbytes Params4bit when qs is set
         qs = getattr(weight, "quant_state", None)
         if qs is not None and qs.nested and getattr(weight, "_absmax32", None) is None:
             with torch.no_grad():
@@ -140,7 +140,8 @@ def fuse(model: Any) -> int:
     for module in model.modules():
         if isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), torch.nn.Linear) \
                 and not module.lora_variant and "_peft_forward" not in module.__dict__:
-            module._peft_forward = module.forward
-            module.forward = types.MethodType(_fused_forward, module)
+            layer: Any = module  # an nn.Module too (LoraLayer is peft's mixin): patched per instance
+            layer._peft_forward = layer.forward
+            layer.forward = types.MethodType(_fused_forward, layer)
             count += 1
     return count

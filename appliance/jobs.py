@@ -33,14 +33,13 @@ import datetime as dt
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -49,7 +48,7 @@ from typing import Any
 from appliance import cancellation
 from appliance.cancellation import JobCancelled  # raised by job functions; importable from here
 from appliance.errors import ApplianceError, BusyError, NotFoundError, RefusedError
-from appliance.workspace import ArtifactRecord, ArtifactWriter, Workspace, check_name
+from appliance.workspace import ArtifactWriter, Workspace, check_name, job_dir
 
 # Jobs that listen on a socket: never inside the job unit, whose PrivateNetwork=yes would leave
 # the server reachable from nowhere (under systemd, appliance-server.service is the server's unit).
@@ -112,7 +111,9 @@ def process_start_time(pid: int) -> str | None:
 
 
 def is_alive(pid: int | None, start: str | None) -> bool:
-    return bool(pid) and start is not None and process_start_time(int(pid)) == start
+    if not pid or start is None:
+        return False
+    return process_start_time(pid) == start
 
 
 class JobContext:
@@ -195,10 +196,6 @@ JobFunction = Callable[[JobContext], dict[str, Any] | None]
 
 
 # -- storage -----------------------------------------------------------------------------------
-def job_dir(ws: Workspace, job_id: str) -> Path:
-    return ws.root / "jobs" / job_id
-
-
 def append_event(directory: Path, event: dict[str, Any]) -> None:
     line = json.dumps({"ts": time.time(), **event}, ensure_ascii=False, default=str)
     with open(directory / "events.jsonl", "a", encoding="utf-8") as fh:
@@ -265,8 +262,7 @@ def _set_state(ws: Workspace, job_id: str, state: str, **fields: Any) -> None:
 
 # -- the API ---------------------------------------------------------------------------------------
 def submit(ws: Workspace, kind: str, params: dict[str, Any]) -> Job:
-    if kind not in KINDS:
-        raise ApplianceError(f"unknown job kind {kind!r}; known: {', '.join(sorted(KINDS))}")
+    """Queue a job (its kind is checked by the caller's registry: `appliance.api.submit`)."""
     _ensure(ws)
     job_id = f"{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-{kind}-{secrets.token_hex(3)}"
     job_dir(ws, job_id).mkdir(parents=True)
@@ -423,8 +419,9 @@ def start(ws: Workspace, kind: str, params: dict[str, Any]) -> Job:
     return job
 
 
-def run(ws: Workspace, job_id: str) -> Job:
-    """Run a queued job in this process (what `appliance jobs run ID` does)."""
+def run(ws: Workspace, job_id: str, kinds: Mapping[str, JobFunction]) -> Job:
+    """Run a queued job in this process (what `appliance jobs run ID` does) with the function
+    `kinds` names for its kind: the runner knows no stage (`appliance.stages.KINDS` is the table)."""
     job = get(ws, job_id)
     with ws.connect() as db:  # queued -> running atomically: two runners never share a job
         claimed = db.execute(
@@ -439,7 +436,7 @@ def run(ws: Workspace, job_id: str) -> Job:
     previous = signal.signal(signal.SIGTERM, _cancel_on_sigterm(flag))
     try:
         with cancellation.armed(flag):
-            result = KINDS[job.kind](ctx) or {}
+            result = _function(kinds, job)(ctx) or {}
     except JobCancelled as exc:
         log_hidden_error(ctx, exc)
         _set_state(ws, job_id, "cancelled", finished=_now(), message="cancelled by the operator")
@@ -452,6 +449,13 @@ def run(ws: Workspace, job_id: str) -> Job:
         signal.signal(signal.SIGTERM, previous)
         flag.unlink(missing_ok=True)
     return get(ws, job_id)
+
+
+def _function(kinds: Mapping[str, JobFunction], job: Job) -> JobFunction:
+    if job.kind not in kinds:
+        raise ApplianceError(f"job {job.id} is of kind {job.kind!r}, which this version cannot run",
+                             title="Unknown job kind", hint=f"known kinds: {', '.join(sorted(kinds))}")
+    return kinds[job.kind]
 
 
 def _cancel_on_sigterm(flag: Path) -> Callable[[int, FrameType | None], None]:
@@ -501,136 +505,3 @@ def follow(ws: Workspace, job_id: str, poll: float = 0.5) -> Iterator[dict[str, 
         if get(ws, job_id).state in TERMINAL and not read_events(ws, job_id, seen):
             return
         time.sleep(poll)
-
-
-# -- job kinds ---------------------------------------------------------------------------------
-def _import_model(ctx: JobContext) -> dict[str, Any]:
-    """Resumed after its model was committed (killed before it was marked done), it is done."""
-    from appliance import models
-
-    p = ctx.params
-    made = _made_by_this_job(ctx, "model") if ctx.attempt > 1 else None
-    if made is not None:
-        ctx.log(f"model {made.name} was already imported by this job: done")
-        return {"model": made.name, "path": str(made.path)}
-    ctx.finishes_with("model")
-    if p.get("default"):
-        record = models.import_default(ctx.ws, say=ctx.log, progress=ctx.progress)
-    else:
-        template = Path(p["chat_template"]) if p.get("chat_template") else None
-        record = models.import_path(ctx.ws, Path(p["path"]), name=p.get("name"),
-                                    chat_template_file=template, say=ctx.log,
-                                    progress=ctx.progress)
-    return {"model": record.name, "path": str(record.path)}
-
-
-def _made_by_this_job(ctx: JobContext, kind: str) -> ArtifactRecord | None:
-    """The artifact of `kind` whose manifest names this job as its maker, if any."""
-    from appliance import manifest
-
-    for record in ctx.ws.list(kind):
-        with contextlib.suppress(ApplianceError):
-            if manifest.read(record.path).get("config", {}).get("job") == ctx.job.id:
-                return record
-    return None
-
-
-def _selftest(ctx: JobContext) -> dict[str, Any]:
-    """Counts to `steps`, one step per `interval` seconds, keeping its position in a checkpoint:
-    lets an operator (and the tests) check detaching, cancel, kill and resume on this box.
-
-    `load` seconds first stand for a phase that never checks for a cancel (a model load), spent
-    in this process or, with `child`, waiting on a child process (a converter)."""
-    steps, interval = int(ctx.params.get("steps", 10)), float(ctx.params.get("interval", 0.5))
-    load = float(ctx.params.get("load", 0))
-    checkpoint = ctx.dir / "checkpoint.json"
-    done = json.loads(checkpoint.read_text())["step"] if checkpoint.exists() else 0
-    if load:
-        ctx.progress(0, 0, stage="load", label=f"loading (simulated, {load:g} s)", unit="")
-        if ctx.params.get("child"):
-            subprocess.run([sys.executable, "-c", f"import time; time.sleep({load})"], check=True)
-        else:
-            time.sleep(load)
-    ctx.log(f"attempt {ctx.attempt}: starting at step {done} of {steps}")
-    with ctx.cooperative():
-        while done < steps:
-            ctx.check_cancel()
-            time.sleep(interval)
-            done += 1
-            tmp = checkpoint.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"step": done}))
-            tmp.replace(checkpoint)
-            ctx.progress(done, steps)
-    return {"steps": done}
-
-
-def _train(ctx: JobContext) -> dict[str, Any]:
-    from appliance.train import run_training
-
-    return run_training(ctx)
-
-
-def _merge(ctx: JobContext) -> dict[str, Any]:
-    from appliance import exports
-
-    p = ctx.params
-    ctx.finishes_with("export")  # its one commit: the merged model (none if it exists already)
-    record = exports.merge(ctx.ws, p["run"], dtype=p.get("dtype"), base=p.get("base"),
-                           say=ctx.log, check_cancel=ctx.check_cancel, progress=ctx.progress)
-    return {"export": record.name, "path": str(record.path)}
-
-
-def _export(ctx: JobContext) -> dict[str, Any]:
-    """params {run, format: gguf|onnx, types: [...], overrides: {threshold key: value}}"""
-    from appliance import exports
-
-    p = ctx.params
-    func = exports.export_gguf if p["format"] == "gguf" else exports.export_onnx
-    ctx.finishes_with("export", _last_export_name(p))
-    try:
-        records = func(ctx.ws, p["run"], p["types"], scratch=ctx.dir / "work",
-                       overrides=p.get("overrides"), say=ctx.log, check_cancel=ctx.check_cancel,
-                       progress=ctx.progress)
-    except JobCancelled:
-        raise  # resumable: keep the intermediate files
-    except BaseException:
-        if not cancellation.interrupted():  # a failure (a full disk...) frees them
-            shutil.rmtree(ctx.dir / "work", ignore_errors=True)
-        raise
-    shutil.rmtree(ctx.dir / "work", ignore_errors=True)  # intermediate F16 GGUF / fp32 ONNX
-    return {"exports": {r.name: r.status for r in records}}
-
-
-def _last_export_name(p: dict[str, Any]) -> str:
-    """The artifact an export job writes last, named as `exports` names them (the merged model if
-    no type is asked for): its commit ends the job."""
-    from appliance.exports import merged_name
-
-    types = [str(t) for t in p["types"]]
-    if p["format"] == "gguf":
-        from export.gguf import resolve_quant_type
-
-        types = [resolve_quant_type(t)[0].lower() for t in types]
-    names = [f"{p['run']}-{p['format']}-{t}" for t in dict.fromkeys(types)]
-    return names[-1] if names else merged_name(p["run"])
-
-
-def _verify(ctx: JobContext) -> dict[str, Any]:
-    from appliance import exports
-
-    ctx.finishes_with("export")  # its one commit: the export with its new verdict
-    report = exports.verify(ctx.ws, ctx.params["export"], overrides=ctx.params.get("overrides"),
-                            say=ctx.log, check_cancel=ctx.check_cancel, progress=ctx.progress)
-    return {"passed": report["passed"]}
-
-
-def _serve(ctx: JobContext) -> dict[str, Any]:
-    """The API server as a job: runs until cancelled (which is how it is stopped)."""
-    from appliance.runtime import service
-
-    return service.run_job(ctx)
-
-
-KINDS: dict[str, JobFunction] = {"import-model": _import_model, "selftest": _selftest,
-                                 "train": _train, "merge": _merge, "export": _export, "verify": _verify,
-                                 "serve": _serve}

@@ -31,7 +31,7 @@ def list_files(root: Path) -> list[Path]:
     return sorted(p for p in files if p.as_posix() != MANIFEST)
 
 
-def hash_files(root: Path, progress: Callable[[int], None] | None = None) -> dict[str, dict]:
+def hash_files(root: Path, progress: Callable[[int], None] | None = None) -> dict[str, dict[str, Any]]:
     return {
         rel.as_posix(): {"size": (root / rel).stat().st_size, "sha256": sha256_file(root / rel, progress)}
         for rel in list_files(root)
@@ -74,7 +74,7 @@ def write(root: Path, manifest: dict[str, Any]) -> Path:
 def read(root: Path) -> dict[str, Any]:
     path = root / MANIFEST
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise IntegrityError(
             f"{root} has no {MANIFEST}: it is not a finished artifact",
@@ -91,7 +91,7 @@ def read(root: Path) -> dict[str, Any]:
 def problems(root: Path, manifest: dict[str, Any] | None = None, *, full: bool = True) -> list[str]:
     """Differences between the files on disk and the manifest. `full=False` checks sizes only."""
     manifest = manifest or read(root)
-    recorded: dict[str, dict] = manifest["files"]
+    recorded: dict[str, dict[str, Any]] = manifest["files"]
     found = {p.as_posix() for p in list_files(root)}
     issues = [f"missing file: {rel}" for rel in sorted(set(recorded) - found)]
     issues += [f"unexpected file: {rel}" for rel in sorted(found - set(recorded))]

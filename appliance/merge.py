@@ -183,7 +183,7 @@ def _copy_side_files(base_dir: Path, out_dir: Path, out_type: Any) -> None:
 
 
 def logits_gap(merged_dir: Path, base_dir: Path, adapter_dir: Path, prompts: list[list[int]],
-               *, base: str = "full", train_dtype: str = "bf16") -> dict[str, float]:
+               *, base: str = "full", train_dtype: str = "bf16") -> dict[str, float | str]:
     """Merged model vs the adapter applied at run time on the same base, on `prompts` (token ids):
     max and mean absolute logit difference, on the CPU, in fp32 where two copies fit in memory
     (`scoring_dtype`), else bf16 (recorded as `dtype`)."""
@@ -199,12 +199,12 @@ def logits_gap(merged_dir: Path, base_dir: Path, adapter_dir: Path, prompts: lis
     if base == "nf4":
         tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[train_dtype]
         _roundtrip_base(reference, tdtype)
-    reference = PeftModel.from_pretrained(reference, str(adapter_dir)).eval()
+    adapted = PeftModel.from_pretrained(reference, str(adapter_dir)).eval()
     worst, total, count = 0.0, 0.0, 0
     with torch.no_grad():
         for ids in prompts:
             x = torch.tensor([ids])
-            diff = (merged(input_ids=x).logits.float() - reference(input_ids=x).logits.float()).abs()
+            diff = (merged(input_ids=x).logits.float() - adapted(input_ids=x).logits.float()).abs()
             worst = max(worst, float(diff.max()))
             total, count = total + float(diff.sum()), count + diff.numel()
     return {"max_abs_logit_diff": worst, "mean_abs_logit_diff": total / max(count, 1),

@@ -768,10 +768,11 @@ def import_gguf(ws: Workspace, src: Path, *, name: str | None = None,
     return ws.get("model", name)
 
 
-def import_default(ws: Workspace, *, say: Say = _quiet,
+def import_default(ws: Workspace, *, name: str | None = None, say: Say = _quiet,
                    progress: Progress | None = None) -> ArtifactRecord:
+    """The embedded default model, under `name` (default: its own name)."""
     path = stack.default_model_path(verify=True)
-    return import_gguf(ws, path, name=stack.DEFAULT_MODEL_NAME, say=say, source="default",
+    return import_gguf(ws, path, name=name or stack.DEFAULT_MODEL_NAME, say=say, source="default",
                        progress=progress)
 
 

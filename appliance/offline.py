@@ -21,6 +21,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 OFFLINE_ENV = {
@@ -60,7 +61,7 @@ def _is_plumbing(module: str) -> bool:
 
 def _caller() -> str:
     """Name the innermost frame outside networking plumbing, plus the chain that led to it."""
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     chain: list[str] = []
     while frame is not None:
         module = frame.f_globals.get("__name__", "?")
@@ -143,8 +144,9 @@ def install() -> None:
         _originals["connect_ex"] = socket.socket.connect_ex
         _originals["sendto"] = socket.socket.sendto
         _originals["getaddrinfo"] = socket.getaddrinfo
-        socket.socket.connect = _guarded_connect  # type: ignore[method-assign]
-        socket.socket.connect_ex = _guarded_connect_ex  # type: ignore[method-assign]
+        # Patching the methods of the class is the point; the wrappers take any address (Any).
+        socket.socket.connect = _guarded_connect  # type: ignore[method-assign,assignment]
+        socket.socket.connect_ex = _guarded_connect_ex  # type: ignore[method-assign,assignment]
         socket.socket.sendto = _guarded_sendto  # type: ignore[method-assign,assignment]
         socket.getaddrinfo = _guarded_getaddrinfo
 

@@ -168,16 +168,18 @@ def load_model(path: Path, cfg: TrainConfig, device: str, dtype: Any) -> Any:
         model.enable_input_require_grads()
     model.config.use_cache = False
     torch.manual_seed(cfg.seed)  # the LoRA init depends only on the seed
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.target_modules, task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
+    # peft annotates lora_alpha as int but only divides by it (scaling = alpha / r): a float is fine.
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,  # type: ignore[arg-type]
+                      lora_dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
+                      task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lora)
     if cfg.fused_lora:
         from appliance import fastlora
 
-        fastlora.fuse(model)
+        fastlora.fuse(peft_model)
         if cfg.unpack_scales and cfg.quantization == "nf4":
-            fastlora.unpack_scales(model)
-    return model
+            fastlora.unpack_scales(peft_model)
+    return peft_model
 
 
 def keep_cpu_weights_trainable(model: Any) -> None:
@@ -357,11 +359,11 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, scaler: Any = None) 
     state: dict[int, dict[str, Any]] = {int(i): s for i, s in meta["scalars"].items()}
     for key, value in tensors.items():
         if key.startswith("state."):
-            _, i, *path = key.split(".")
+            _, i, *parts = key.split(".")
             node = state.setdefault(int(i), {})
-            for part in path[:-1]:
+            for part in parts[:-1]:
                 node = node.setdefault(part, {})
-            node[path[-1]] = value
+            node[parts[-1]] = value
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     torch.set_rng_state(tensors["rng.cpu"])
@@ -414,8 +416,8 @@ def evaluate(model: Any, examples: list[Example], cfg: TrainConfig, pad_id: int,
             on_batch(rounds, rounds)
     finally:
         model.train()
-    total, count = distributed.all_sum([total, count], device)
-    return total / max(count, 1)
+    total_sum, count_sum = distributed.all_sum([total, count], device)
+    return total_sum / max(count_sum, 1)
 
 
 def train_stages(ctx: JobContext, run: str, max_steps: int) -> Stages:
@@ -437,7 +439,8 @@ class Trainer:
         self.ctx, self.cfg, self.model_record, self.data_record = ctx, cfg, model_record, data_record
         self.stages = stages or Stages()
         self.work = ctx.dir / "work"
-        self.step_seconds, self.steps_timed, self.eval_seconds = 0.0, 0, None
+        self.step_seconds, self.steps_timed = 0.0, 0
+        self.eval_seconds: float | None = None  # how long the last evaluation took
         tokenizer = load_tokenizer(model_record.path)
         info = manifest.read(model_record.path)["info"]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \

@@ -44,6 +44,7 @@ from appliance.errors import (
     BusyError,
     DiskFullError,
     NotFoundError,
+    RefusedError,
     ValidationError,
 )
 from appliance.fsutil import (
@@ -119,6 +120,11 @@ class ArtifactRecord:
     manifest_sha256: str
     status: str
     summary: dict[str, Any]
+
+
+def job_dir(ws: Workspace, job_id: str) -> Path:
+    """Where a job keeps its log, events and checkpoints (`jobs/<id>/`)."""
+    return ws.root / "jobs" / job_id
 
 
 class Workspace:
@@ -243,7 +249,7 @@ class Workspace:
             raise disk_full_error(path, "the workspace database needs room for its journal, "
                                   "even to read") from exc
 
-    def _upsert(self, db: sqlite3.Connection, kind: str, path: Path, data: dict) -> None:
+    def _upsert(self, db: sqlite3.Connection, kind: str, path: Path, data: dict[str, Any]) -> None:
         sha = hashlib.sha256((path / manifest.MANIFEST).read_bytes()).hexdigest()
         db.execute(
             "INSERT OR REPLACE INTO artifacts(kind, name, path, created, manifest_sha256, status,"
@@ -473,3 +479,12 @@ class ArtifactWriter:
 def parent_ref(record: ArtifactRecord) -> dict[str, str]:
     """How a child's manifest names a parent: kind, name, and the parent manifest's sha256."""
     return {"kind": record.kind, "name": record.name, "manifest_sha256": record.manifest_sha256}
+
+
+def require_passed(record: ArtifactRecord, *, override: bool = False) -> None:
+    """What bundling and serving call: a failed parity gate stops them unless overridden."""
+    if record.status == "failed" and not override:
+        raise RefusedError(f"export {record.name!r} failed its parity gate "
+                           f"({record.summary.get('parity', 'see parity.json')})",
+                           hint="look at its parity.json (appliance exports show); pass "
+                                "--allow-failed-parity to use it anyway")

@@ -43,7 +43,7 @@ def default_artifact(home: str | None) -> str:
 
 
 def direct(ref: str, home: str | None, runs: int, tokens: int, threads: int) -> list[dict[str, float]]:
-    from appliance.runtime import engine as engines
+    from appliance.runtime import engines
     from appliance.workspace import Workspace
 
     art = engines.resolve(ref, Workspace(Path(home) if home else None))

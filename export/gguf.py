@@ -47,13 +47,11 @@ from typing import Any
 
 from appliance import modelio, offline, stack
 from appliance.errors import ApplianceError, IntegrityError, RefusedError, ValidationError
-from export.ollama import write_modelfile
 
 Progress = Callable[[str], None]
 Counts = Callable[[int, int], None]  # (done, total), from the tools' own output
 
 OUTTYPES = ("f16", "bf16", "f32", "q8_0")
-DEFAULT_QUANTS = ("Q4_K_M",)
 QUANT_ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS",
                            "IQ3_XS", "Q2_K_S"})
@@ -511,49 +509,6 @@ def check_gguf(path: Path, model_dir: Path, *, spec: ChatSpec | None = None, tok
         "eos_token_id": int(meta["tokenizer.ggml.eos_token_id"]),
         "stop_token_ids": list(spec.stop_token_ids),
     }
-
-
-# -- the whole export -----------------------------------------------------------------------------
-@dataclass
-class GgufExport:
-    path: Path
-    qtype: str
-    modelfile: Path | None
-    check: dict[str, Any]
-
-
-def export_gguf(model_dir: Path, out_dir: Path, quants: Sequence[str] = DEFAULT_QUANTS, *,
-                outtype: str = "f16", keep_base: bool = True, name: str | None = None,
-                nthread: int | None = None, modelfiles: bool = True,
-                progress: Progress | None = None) -> list[GgufExport]:
-    """Convert once, quantize to each type, check every file, write a Modelfile per file."""
-    from appliance import models
-
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    names = [resolve_quant_type(q)[0] for q in quants]  # fail fast, before minutes of converting
-    say = progress or _quiet
-    tokenizer = models.load_tokenizer(model_dir)
-    spec = chat_spec(model_dir, tokenizer)
-    stem = name or model_dir.name
-    base_type = outtype.upper()
-    base = convert(model_dir, out_dir / f"{stem}-{base_type}.gguf", outtype=outtype, progress=say)
-    files = [(base, base_type)] + [(out_dir / f"{stem}-{q}.gguf", q) for q in names if q != base_type]
-    results = []
-    for path, qtype in files:
-        if path != base:
-            quantize(base, path, qtype, nthread=nthread, progress=say)
-        say(f"checking {path.name}")
-        meta = read_metadata(path)
-        check = check_gguf(path, model_dir, spec=spec, tokenizer=tokenizer, meta=meta)
-        modelfile = write_modelfile(path, model_dir, spec=spec, tokenizer=tokenizer, meta=meta) \
-            if modelfiles else None
-        results.append(GgufExport(path, qtype, modelfile, check))
-    if not keep_base and base_type not in names:
-        base.unlink()
-        if results[0].modelfile:
-            results[0].modelfile.unlink()
-        results = results[1:]
-    return results
 
 
 # -- scoring and generation -----------------------------------------------------------------------

@@ -138,7 +138,8 @@ def parse_go_template(src: str) -> list[Any]:
     """Parse the Go text/template subset: text, trim markers, if/else if/else, range (with
     `$i, $x :=`), `$var :=`, fields, string/int literals, and eq ne and or not len slice."""
     root: list[Any] = []
-    body, stack = root, []
+    body = root
+    stack: list[tuple[_If | _Range, list[Any]]] = []  # open blocks, each with its parent's body
     for kind, value in _lex(src):
         if kind == "text":
             if value:
@@ -148,21 +149,22 @@ def parse_go_template(src: str) -> list[Any]:
             continue
         word = value.split(None, 1)[0] if value else ""
         if word == "if":
-            node = _If([(_expr(value[2:]), [])])
-            body.append(node)
-            stack.append((node, body))
-            body = node.branches[0][1]
+            if_node = _If([(_expr(value[2:]), [])])
+            body.append(if_node)
+            stack.append((if_node, body))
+            body = if_node.branches[0][1]
         elif value.startswith("else if "):
-            node = stack[-1][0] if stack else None
-            if not isinstance(node, _If):
+            open_node = stack[-1][0] if stack else None
+            if not isinstance(open_node, _If):
                 raise GoTemplateError("else if outside if")
-            node.branches.append((_expr(value[len("else if "):]), []))
-            body = node.branches[-1][1]
+            open_node.branches.append((_expr(value[len("else if "):]), []))
+            body = open_node.branches[-1][1]
         elif value == "else":
             if not stack:
                 raise GoTemplateError("else outside if/range")
-            stack[-1][0].orelse = []
-            body = stack[-1][0].orelse
+            orelse: list[Any] = []
+            stack[-1][0].orelse = orelse
+            body = orelse
         elif value == "end":
             if not stack:
                 raise GoTemplateError("unexpected end")
@@ -171,10 +173,10 @@ def parse_go_template(src: str) -> list[Any]:
             m = re.fullmatch(r"range\s+(?:(\$\w*)\s*(?:,\s*(\$\w*))?\s*:=\s*)?(.+)", value, re.S)
             if not m:
                 raise GoTemplateError(f"cannot parse {value!r}")
-            node = _Range([n for n in m.groups()[:2] if n], _expr(m.group(3)))
-            body.append(node)
-            stack.append((node, body))
-            body = node.body
+            range_node = _Range([n for n in m.groups()[:2] if n], _expr(m.group(3)))
+            body.append(range_node)
+            stack.append((range_node, body))
+            body = range_node.body
         elif m := re.fullmatch(r"(\$\w+)\s*:=\s*(.+)", value, re.S):
             body.append(("assign", m.group(1), _expr(m.group(2))))
         else:

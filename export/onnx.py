@@ -450,7 +450,8 @@ class OnnxLM:
 
     def generate(self, ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
         """Greedy continuation of `ids`, without the stop token; at most `max_new_tokens`."""
-        stops, out = set(stop_ids), []
+        stops = set(stop_ids)
+        out: list[int] = []
         if max_new_tokens <= 0:
             return out
         logits, cache = self.prefill(ids)

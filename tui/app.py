@@ -20,7 +20,6 @@ Jobs are separate processes (`appliance.jobs`): quitting the UI never stops one.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import time
@@ -37,31 +36,8 @@ from textual.theme import Theme
 from appliance.errors import ApplianceError
 from appliance.runtime import DEFAULT_PORT
 from appliance.workspace import Workspace
+from tui.registry import SCREENS, ScreenEntry
 from tui.system import Probe, read_system
-
-
-@dataclass(frozen=True)
-class ScreenEntry:
-    mode: str
-    key: str
-    title: str
-    module: str
-    cls: str
-
-    def load(self) -> type[Screen[Any]]:
-        return getattr(importlib.import_module(self.module), self.cls)
-
-
-SCREENS = (
-    ScreenEntry("dashboard", "1", "Dashboard", "tui.screens.dashboard", "DashboardScreen"),
-    ScreenEntry("models", "2", "Models", "tui.screens.models", "ModelsScreen"),
-    ScreenEntry("datasets", "3", "Datasets", "tui.screens.datasets", "DatasetsScreen"),
-    ScreenEntry("train", "4", "Train", "tui.screens.train", "TrainScreen"),
-    ScreenEntry("jobs", "5", "Jobs", "tui.screens.jobs", "JobsScreen"),
-    ScreenEntry("exports", "6", "Exports", "tui.screens.exports", "ExportsScreen"),
-    ScreenEntry("chat", "7", "Chat", "tui.screens.chat", "ChatScreen"),
-    ScreenEntry("server", "8", "Server", "tui.screens.server", "ServerScreen"),
-)
 
 
 def _lazy(entry: ScreenEntry) -> Callable[[], Screen[Any]]:
@@ -97,6 +73,23 @@ def save_prefs(path: Path, prefs: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+ALT_DIGITS = tuple(f"\x1b{d}" for d in "0123456789")
+
+
+def let_alt_digits_through() -> None:
+    """Make ESC+digit (what xterm, tmux and Linux consoles send for alt+1..alt+9) arrive as
+    `alt+N`. Textual maps these sequences to the characters macOS's Option key types in WezTerm
+    (`\x1b8` -> `•`), so alt+8 typed a bullet into the chat prompt and never switched screens;
+    the pilot's `press("alt+8")` skips the terminal parser, so no test saw it. The table is
+    Textual's private `_ansi_sequences.ANSI_SEQUENCES_KEYS` (tests/functional/test_tui_conventions
+    feeds the real parser, so an upgrade that changes it fails there)."""
+    from textual import _ansi_sequences
+
+    table: Any = _ansi_sequences.ANSI_SEQUENCES_KEYS
+    for sequence in ALT_DIGITS:
+        table.pop(sequence, None)
+
+
 @dataclass(frozen=True)
 class Settings:
     poll_s: float = 1.0                # how often visible screens re-read jobs; 0: never (snapshots)
@@ -126,7 +119,8 @@ class ApplianceApp(App[int]):
     MODES: ClassVar[dict[str, str | Callable[[], Screen[Any]]]] = {
         e.mode: _lazy(e) for e in SCREENS}
     DEFAULT_MODE = "dashboard"
-    HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (110, "-wide")]
+    # textual annotates it `ClassVar[...] | None`, which mypy reads as an instance variable
+    HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (110, "-wide")]  # type: ignore[misc]
     BINDINGS: ClassVar[list[BindingType]] = [
         *(Binding(e.key, f"app.goto('{e.mode}')", f"Go to {e.title}", show=False) for e in SCREENS),
         # priority: they reach the app before a focused text box takes them as text
@@ -149,6 +143,7 @@ class ApplianceApp(App[int]):
 
     def __init__(self, workspace: Workspace, settings: Settings | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        let_alt_digits_through()
         self.workspace = workspace
         self.settings = settings or Settings()
         self.pending_job: str | None = None  # a job the Jobs screen should select when shown
@@ -248,7 +243,7 @@ class ApplianceApp(App[int]):
         from tui.screens.help import HelpScreen
 
         if not isinstance(self.screen, HelpScreen):
-            self.push_screen(HelpScreen(self.current_mode))
+            self.push_screen(HelpScreen(self.current_mode, app_class=type(self)))
 
     async def run_screen_action(self, mode: str, action: str) -> None:
         """Go to a screen and run one of its actions (what the command palette's entries do)."""

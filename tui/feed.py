@@ -98,8 +98,8 @@ def summary_line(events: list[Event], now: float | None = None) -> str:
                 else ""
             return _waiting(message, event.get("ts"), now) if message else ""
         if kind == "state" and (event.get("message") or now is not None):
-            text = str(event.get("message") or {"running": "starting"}.get(event.get("state"),
-                                                                           event.get("state")))
+            state = event.get("state")
+            text = str(event.get("message") or ("starting" if state == "running" else state))
             return _waiting(text[:120], event.get("ts"), now)
     return ""
 

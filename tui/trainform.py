@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance import jobs, planner, runs, trainconfig
+from appliance import api, jobs, planner, runs, trainconfig
 from appliance.errors import ApplianceError, ValidationError
 from appliance.gpus import GpuStatus
 from appliance.workspace import Workspace, check_name
@@ -192,6 +192,6 @@ def start(ws: Workspace, form: FormState, checked: Checked) -> jobs.Job:
         raise ValidationError("\n".join(f"{k}: {v}" for k, v in checked.problems.items()),
                               title="The form has problems")
     runs.check_new_run(ws, checked.name, rename="pick another name", jobs_at=" (5 Jobs)")
-    return jobs.start(ws, "train", {"model": form.model, "dataset": form.dataset,
+    return api.start(ws, "train", {"model": form.model, "dataset": form.dataset,
                                     "config": checked.values, "source": checked.source,
                                     "name": checked.name})

@@ -15,7 +15,7 @@ from appliance.runtime import DEFAULT_PORT, limits
 
 
 def _workspace(args: argparse.Namespace) -> Any:
-    from appliance.cli import _workspace as workspace  # the CLI's one way to open --home
+    from appliance.textout import open_workspace as workspace  # the one way to open --home
 
     return workspace(args)
 

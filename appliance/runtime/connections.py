@@ -211,7 +211,7 @@ class GuardedHandler(web.RequestHandler):
     """aiohttp's HTTP protocol under the guard's rules (see the module docstring)."""
 
     def __init__(self, manager: GuardedServer, **kwargs: Any) -> None:
-        super().__init__(manager, **kwargs)  # type: ignore[arg-type]
+        super().__init__(manager, **kwargs)
         self._guard = manager.guard
         self._client = "-"
         self._state = "new"  # new | admitted | refused | closing | gone

@@ -28,6 +28,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 HELP = """commands:
@@ -246,7 +247,9 @@ class SigintCancels:
     """While active (main thread only), the first Ctrl-C sets `cancel`; a second one raises."""
 
     def __init__(self, cancel: threading.Event) -> None:
-        self.cancel, self.previous, self.active = cancel, None, False
+        self.cancel, self.active = cancel, False
+        # the handler it replaced (signal.signal's answer: a function, SIG_DFL/SIG_IGN, or None)
+        self.previous: Callable[[int, FrameType | None], Any] | int | None = None
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.cancel.is_set():
@@ -314,7 +317,7 @@ def sampling_from_args(args: argparse.Namespace) -> Any:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from appliance.runtime.engine import open_engine, resolve
+    from appliance.runtime.engines import open_engine, resolve
     from appliance.workspace import Workspace
 
     sampling = sampling_from_args(args)

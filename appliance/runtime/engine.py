@@ -38,11 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from appliance.errors import ApplianceError, BusyError, NotFoundError, RefusedError, ValidationError
+from appliance.errors import BusyError, ValidationError
 
 if TYPE_CHECKING:
     from appliance.runtime.template import ChatTemplate
-    from appliance.workspace import Workspace
 
 MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS = 1024  # entries of a logit_bias map
@@ -316,121 +315,3 @@ class Artifact:
     kind: str  # "gguf" | "onnx"
     path: Path  # the .gguf file, or the folder holding model.onnx
     parity: str  # "pass" | "fail" | "unknown"
-
-
-def resolve(ref: str, ws: Workspace | None = None, *, allow_failed_parity: bool = False) -> Artifact:
-    """An export name in the workspace, a .gguf file, an export folder or an ONNX folder -> the
-    artifact to open. A workspace export that failed its parity gate is refused unless allowed; a
-    merged (HF safetensors) export is refused with the commands that make a servable one."""
-    path = Path(ref).expanduser()
-    if path.exists():
-        return _from_path(path.resolve(), allow_failed_parity)
-    if os.sep in ref or ref.endswith(".gguf"):
-        raise NotFoundError(f"{ref} does not exist",
-                            hint="give an export name (appliance exports list), a .gguf file or an "
-                                 "ONNX folder")
-    return _from_workspace(ref, ws, allow_failed_parity)
-
-
-def _from_workspace(name: str, ws: Workspace | None, allow: bool) -> Artifact:
-    from appliance.workspace import Workspace
-
-    ws = ws or Workspace()
-    try:
-        record = ws.get("export", name)
-    except (NotFoundError, ValidationError):
-        names = [r.name for r in ws.list("export")] if ws.root.exists() else []
-        raise NotFoundError(f"no export named {name!r} in {ws.root}, and no such file or folder",
-                            hint="exports here: " + (", ".join(names) or "none (appliance export gguf RUN)")
-                            + "; or give a .gguf file or an ONNX folder") from None
-    return _from_export(record.path, allow)
-
-
-def _from_path(path: Path, allow: bool) -> Artifact:
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise RefusedError(f"{path} is not a .gguf file",
-                               hint="the runtime opens GGUF files and ONNX folders (safe formats only)")
-        if (path.parent / "manifest.json").is_file():
-            return _from_export(path.parent, allow, gguf=path)
-        return Artifact(path.stem, "gguf", path, "unknown")
-    if (path / "manifest.json").is_file():
-        return _from_export(path, allow)
-    if (path / "model.onnx").is_file():
-        if (path.parent / "manifest.json").is_file() and path.name == "onnx":
-            return _from_export(path.parent, allow)
-        return Artifact(path.name, "onnx", path, "unknown")
-    if (path / "onnx" / "model.onnx").is_file():
-        return Artifact(path.name, "onnx", path / "onnx", "unknown")
-    return _loose_folder(path)
-
-
-def _loose_folder(path: Path) -> Artifact:
-    ggufs = sorted(path.glob("*.gguf"))
-    if len(ggufs) == 1:
-        return Artifact(ggufs[0].stem, "gguf", ggufs[0], "unknown")
-    if ggufs:
-        raise ValidationError(f"{path} holds {len(ggufs)} GGUF files",
-                              hint="name one: " + ", ".join(p.name for p in ggufs))
-    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
-        raise _merged_refusal(str(path))
-    raise ValidationError(f"{path} holds no GGUF file and no ONNX model",
-                          hint="give a .gguf file, an ONNX folder (model.onnx) or an export name")
-
-
-def _merged_refusal(what: str, run: str = "RUN") -> RefusedError:
-    return RefusedError(f"{what} is an HF safetensors model (a merged export): the runtime serves "
-                        "GGUF and ONNX artifacts",
-                        hint=f"export it first: appliance export gguf {run} --quant Q4_K_M, or "
-                             f"appliance export onnx {run} --precision int4")
-
-
-def _from_export(folder: Path, allow: bool, gguf: Path | None = None) -> Artifact:
-    """A workspace export folder (manifest checked by file sizes) -> its artifact, gated."""
-    from appliance import manifest
-    from appliance.exports import require_passed
-    from appliance.workspace import ArtifactRecord
-
-    data = manifest.verify(folder, full=False)
-    config, summary = data.get("config") or {}, (data.get("info") or {}).get("summary") or {}
-    fmt = config.get("format")
-    if fmt not in ("gguf", "onnx"):
-        raise _merged_refusal(f"export {data.get('name', folder.name)!r}", config.get("run") or "RUN")
-    record = ArtifactRecord("export", data.get("name", folder.name), folder, data.get("created", ""),
-                            "", data.get("status", "ready"), summary)
-    require_passed(record, override=allow)
-    passed = ((data.get("metrics") or {}).get("parity") or {}).get("passed")
-    parity = "fail" if record.status == "failed" or passed is False else "pass" if passed else "unknown"
-    if fmt == "onnx":
-        return Artifact(record.name, "onnx", folder / "onnx", parity)
-    return Artifact(record.name, "gguf", gguf or _export_gguf(folder, summary), parity)
-
-
-def _export_gguf(folder: Path, summary: dict[str, Any]) -> Path:
-    if summary.get("file") and (folder / summary["file"]).is_file():
-        return folder / summary["file"]
-    found = sorted(folder.glob("*.gguf"))
-    if len(found) != 1:
-        raise ApplianceError(f"{folder} should hold one .gguf file, found {len(found)}",
-                             title="Damaged export", hint="export it again")
-    return found[0]
-
-
-def open_engine(artifact: Artifact, *, threads: int | None = None, context_length: int | None = None,
-                gpu: bool | None = None) -> ChatEngine:
-    """Load the artifact in its runtime. threads None: `default_threads()`; context_length None:
-    the model's trained context, at most DEFAULT_MAX_CONTEXT; gpu None: the GPU when the runtime
-    has one, True: require it, False: CPU."""
-    if threads is not None and threads < 1:
-        raise ValidationError(f"threads is {threads}", hint="threads: 1 or more")
-    if context_length is not None and context_length < 16:
-        raise ValidationError(f"context_length is {context_length}", hint="context_length: 16 or more")
-    if artifact.kind == "gguf":
-        from appliance.runtime.llama_engine import LlamaEngine
-
-        return LlamaEngine(artifact, threads=threads, context_length=context_length, gpu=gpu)
-    if artifact.kind == "onnx":
-        from appliance.runtime.onnx_engine import OnnxEngine
-
-        return OnnxEngine(artifact, threads=threads, context_length=context_length, gpu=gpu)
-    raise ValidationError(f"unknown artifact kind {artifact.kind!r}", hint="gguf or onnx")

@@ -28,7 +28,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TextIO
 
 DEFAULT_HEADER_TIMEOUT = 10.0  # seconds for a whole request head, from its first byte
 DEFAULT_IDLE_TIMEOUT = 15.0  # seconds a connection may wait for its (next) request
@@ -155,7 +155,7 @@ def accept_errors(reject: Callable[[str, str, str], None]) -> Callable[[Any, dic
     return handle
 
 
-class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+class _Handler(logging.StreamHandler[TextIO]):
     appliance = True  # ours: configure_logging replaces it rather than adding another
 
 

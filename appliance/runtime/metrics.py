@@ -7,10 +7,14 @@ threads hand their results back to the loop), so nothing here needs a lock.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+_Labels = TypeVar("_Labels", bound=tuple[str, ...])  # a counter's label values, one per label name
 
 
 @dataclass
@@ -75,7 +79,7 @@ class Metrics:
 
     @staticmethod
     def _counter(out: list[str], name: str, help_: str, names: tuple[str, ...],
-                 values: dict[tuple[str, ...], int]) -> None:
+                 values: Mapping[_Labels, int]) -> None:
         out += [f"# HELP {name} {help_}", f"# TYPE {name} counter"]
         out += [f"{name}{_labels(names, k)} {v}" for k, v in sorted(values.items())]
 

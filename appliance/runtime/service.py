@@ -123,8 +123,7 @@ def load(ws: Workspace, options: ServeOptions, say: Callable[[str], None],
          check_cancel: Callable[[], None] = lambda: None) -> Any:
     """Resolve and open every artifact and build the `Server` over them (not yet listening);
     `check_cancel` is asked before each model is opened (a stop while loading stops there)."""
-    from appliance.runtime import engine as engines
-    from appliance.runtime import keys, server
+    from appliance.runtime import engines, keys, server
 
     artifacts = [engines.resolve(ref, ws, allow_failed_parity=options.allow_failed_parity)
                  for ref in options.artifacts]
@@ -212,7 +211,7 @@ async def _serve_until_cancelled(srv: Any, ctx: jobs.JobContext) -> None:
 def start(ws: Workspace, options: ServeOptions) -> jobs.Job:
     """Check what can be checked at once (artifacts, a second server on the address, a busy
     port), then start the serve job detached."""
-    from appliance.runtime import engine as engines
+    from appliance.runtime import engines
 
     options = _absolute(options.validated())
     if not options.loopback and os.environ.get("APPLIANCE_JOB_LAUNCHER") == "systemd":

@@ -61,10 +61,10 @@ import re
 import string
 import time
 import types
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, Mapping, Sized, ValuesView
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import jinja2
 import jinja2.ext
@@ -217,9 +217,10 @@ def produce_value(budget: Budget, value: Any, what: str) -> None:
                    (_ITEM_BYTES - 1) * size)
 
 
-_DICT_KEYS: type = type({}.keys())
-_DICT_VALUES: type = type({}.values())
-_DICT_ITEMS: type = type({}.items())
+# The concrete view types (dict_keys, ...), typed as the views they are registered as.
+_DICT_KEYS: type[KeysView[Any]] = type({}.keys())
+_DICT_VALUES: type[ValuesView[Any]] = type({}.values())
+_DICT_ITEMS: type[ItemsView[Any, Any]] = type({}.items())
 _SEQUENCES = (list, tuple, set, frozenset, _DICT_KEYS, _DICT_VALUES, _DICT_ITEMS)
 # Values whose str() and repr() are short and that compare in constant time (by identity, or
 # Undefined's comparison of types): Jinja's objects, callables, generators.
@@ -1051,6 +1052,9 @@ def _operand_filter(value: Any, role: int, op: str) -> Any:
     return check_operand(current(), value, role, f"the operator {_CMP_NAMES.get(op, op)!r}")
 
 
+_N = TypeVar("_N", bound=nodes.Node)
+
+
 class _Rewriter(NodeTransformer):
     """Routes loops, `~`, printed pieces, comparison operands and dict literals through
     BoundsExtension."""
@@ -1058,7 +1062,11 @@ class _Rewriter(NodeTransformer):
     def __init__(self, identifier: str) -> None:
         self.identifier = identifier
 
-    def _call(self, name: str, args: list[nodes.Expr], lineno: int) -> nodes.Call:
+    def _children(self, node: _N) -> _N:
+        """generic_visit, typed: Jinja's rewrites the children in place and returns `node` itself."""
+        return cast(_N, self.generic_visit(node))
+
+    def _call(self, name: str, args: list[nodes.Node], lineno: int) -> nodes.Call:
         return nodes.Call(nodes.ExtensionAttribute(self.identifier, name), args, [], None, None,
                           lineno=lineno)
 
@@ -1069,17 +1077,17 @@ class _Rewriter(NodeTransformer):
                                           lineno=child.lineno)
 
     def visit_For(self, node: nodes.For) -> nodes.Node:
-        node = self.generic_visit(node)
+        node = self._children(node)
         node.iter = self._call("_loop", [node.iter], node.lineno)
         return node
 
     def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
-        node = self.generic_visit(node)
+        node = self._children(node)
         return self._call("_concat", list(node.nodes), node.lineno)
 
     def visit_Compare(self, node: nodes.Compare) -> nodes.Node:
         """Each operand is measured as it is evaluated (a chained comparison stays lazy)."""
-        node = self.generic_visit(node)
+        node = self._children(node)
         if node.ops:
             node.expr = self._operand(node.expr, PLAIN, node.ops[0].op)
         last = len(node.ops) - 1
@@ -1098,13 +1106,13 @@ class _Rewriter(NodeTransformer):
 
     def visit_Dict(self, node: nodes.Dict) -> nodes.Node:
         """`{k: v, ...}` becomes `_dict((k, v), ...)`: same order of evaluation, keys checked."""
-        node = self.generic_visit(node)
-        pairs: list[nodes.Expr] = [nodes.Tuple([pair.key, pair.value], "load", lineno=pair.lineno)
+        node = self._children(node)
+        pairs: list[nodes.Node] = [nodes.Tuple([pair.key, pair.value], "load", lineno=pair.lineno)
                                    for pair in node.items]
         return self._call("_dict", pairs, node.lineno)
 
     def visit_Output(self, node: nodes.Output) -> nodes.Node:
-        node = self.generic_visit(node)
+        node = self._children(node)
         node.nodes = [self._call("_emit", [self._literal(child) if isinstance(child, nodes.TemplateData)
                                            else child], child.lineno)
                       for child in node.nodes]
@@ -1132,8 +1140,9 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         """Wrap every filter and test (call after the last one is registered)."""
         self.raw_filters = dict(self.filters)
         self.filters = {name: bound_filter(name, func) for name, func in self.filters.items()}
-        self.raw_tests = dict(self.tests)
-        self.tests = {name: bound_test(name, func) for name, func in self.tests.items()}
+        tests = cast("dict[str, Callable[..., Any]]", self.tests)  # Jinja's dict literal: "function"
+        self.raw_tests = dict(tests)
+        self.tests = {name: bound_test(name, func) for name, func in tests.items()}
         self.filters[_OPERAND_FILTER] = _operand_filter
         self.globals["lipsum"] = _bounded_lipsum
 
@@ -1340,12 +1349,14 @@ class _Folder:
     def _filter_or_test(self, node: nodes.Filter | nodes.Test) -> Any:
         is_filter = isinstance(node, nodes.Filter)
         func = (self.env.raw_filters if is_filter else self.env.raw_tests).get(node.name)
-        pass_arg = _PassArg.from_obj(func)
+        pass_arg = None if func is None else _PassArg.from_obj(func)
         if func is None or pass_arg is _PassArg.context or node.node is None or node.dyn_args or \
                 node.dyn_kwargs:
             raise _NotConstant  # Jinja does not fold these either
         args = (self.fold(node.node), *(self.fold(a) for a in node.args))
-        kwargs = {kw.key: self.fold(kw.value) for kw in node.kwargs}
+        # Jinja annotates `kwargs` as Pairs; its parser makes Keywords (a name and a value).
+        keywords = cast("list[nodes.Keyword]", node.kwargs)
+        kwargs = {kw.key: self.fold(kw.value) for kw in keywords}
         if is_filter:
             what = f"the filter {node.name}"
             _check_int_args(self.budget, args[1:], kwargs, what)

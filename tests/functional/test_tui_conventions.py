@@ -78,6 +78,19 @@ async def test_the_navigation_bar_says_which_keys_work_now(fixed_ws: Workspace) 
         assert bar.lstrip().startswith("alt+") and "8 Server" in bar and len(bar.rstrip()) <= 80
 
 
+@pytest.mark.parametrize("key", ["2", "3", "6"])
+async def test_the_bar_says_alt_while_a_filter_box_has_the_focus(fixed_ws: Workspace, key: str) -> None:
+    app = app_for(fixed_ws)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press(key)
+        await settle(app, pilot)
+        await pilot.press("slash")
+        await settle(app, pilot)
+        assert isinstance(app.screen.focused, Input)
+        bar = screen_text(app).splitlines()[1]
+        assert bar.lstrip().startswith("alt+"), bar
+
+
 # -- / filters every list -----------------------------------------------------------------------
 FILTERS = [  # screen key, table id, rows before, what to type, the rows it keeps
     ("2", "models", 2, "qwen", ["qwen-tiny"]),
@@ -218,7 +231,7 @@ async def test_navigation_from_the_help_closes_it_and_dialogs_keep_their_screen(
 def test_help_says_the_shared_keys_once() -> None:
     from tui.screens.help import render_sections
 
-    text = render_sections().plain
+    text = render_sections(ApplianceApp).plain
     assert text.count("Refresh") == 1 and text.count("Filter\n") == 1
     assert "alt+1" in text
 
@@ -265,3 +278,18 @@ async def test_focus_and_ticks_show_without_colour(fixed_ws: Workspace) -> None:
         text = screen_text(app)
         assert "[X] Q8_0" in text and "[ ] F16" in text and "[X] Q4_K_M" in text
 
+
+
+@pytest.mark.parametrize("digit", list("12345678"))
+def test_a_terminal_s_alt_digit_reaches_the_app_as_alt_digit(digit: str) -> None:
+    """What tmux and xterm send for alt+N (ESC, then the digit) through Textual's real input parser:
+    before the fix it became a macOS Option character (alt+8 -> '•') that typed into the chat."""
+    from textual._xterm_parser import XTermParser
+
+    from tui.app import let_alt_digits_through
+
+    let_alt_digits_through()
+    parser = XTermParser()
+    events = [*parser.feed(f"\x1b{digit}"), *parser.feed("")]  # "" ends the lone escape sequence
+    keys = [getattr(e, "key", None) for e in events]
+    assert f"alt+{digit}" in keys, keys

@@ -9,7 +9,7 @@ from tuikit import app_for, no_gpu_probe, settle, wait_for
 
 from appliance.errors import ApplianceError
 from appliance.workspace import Workspace
-from tui.app import SCREENS, screen_bindings
+from tui.app import SCREENS, ApplianceApp, screen_bindings
 from tui.screens.help import render_sections, sections
 
 
@@ -41,8 +41,8 @@ async def test_server_screen_on_a_new_box(tmp_path: Path) -> None:
 
 
 def test_help_lists_every_key_of_every_screen() -> None:
-    text = render_sections().plain
-    headings = [heading for _, heading, _ in sections()]
+    text = render_sections(ApplianceApp).plain
+    headings = [heading for _, heading, _ in sections(ApplianceApp)]
     for entry in SCREENS:
         assert f"{entry.key} {entry.title}" in headings
         for binding in screen_bindings(entry.load()):

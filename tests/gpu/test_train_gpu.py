@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (none found)", allow_module_level=True)
 
-from appliance import datasets, jobs, models  # noqa: E402
+from appliance import api, datasets, jobs, models  # noqa: E402
 from appliance.demo import sample_dataset  # noqa: E402
 from appliance.workspace import Workspace  # noqa: E402
 from tests.conftest import build_random_llama  # noqa: E402
@@ -58,7 +58,7 @@ def report(line: str) -> None:
 
 def test_training_runs_on_the_gpu(gpu_ws: Workspace) -> None:
     job = jobs.submit(gpu_ws, "train", params("gpu-run"))
-    done = jobs.run(gpu_ws, job.id)
+    done = api.run(gpu_ws, job.id)
     assert done.state == "succeeded", done.message
     config = json.loads((gpu_ws.get("run", "gpu-run").path / "manifest.json").read_text())["config"]
     assert config["device"] == "cuda"
@@ -77,7 +77,7 @@ def test_training_runs_on_the_gpu(gpu_ws: Workspace) -> None:
 
 def test_kill_9_and_resume_on_the_gpu(gpu_ws: Workspace) -> None:
     straight = jobs.submit(gpu_ws, "train", params("straight"))
-    assert jobs.run(gpu_ws, straight.id).state == "succeeded"
+    assert api.run(gpu_ws, straight.id).state == "succeeded"
     job = jobs.start(gpu_ws, "train", params("killed"))
     deadline = time.monotonic() + 600
     while max(progress(gpu_ws, job.id), default=0) < 6 and time.monotonic() < deadline:
@@ -100,7 +100,7 @@ def test_fp16_with_loss_scaling_as_on_a_t4(gpu_ws: Workspace) -> None:
     p = params("fp16")
     p["config"] = {**CONFIG, "compute_dtype": "fp16", "max_steps": 12, "eval_every": 12}
     job = jobs.submit(gpu_ws, "train", p)
-    assert jobs.run(gpu_ws, job.id).state == "succeeded", jobs.get(gpu_ws, job.id).message
+    assert api.run(gpu_ws, job.id).state == "succeeded", jobs.get(gpu_ws, job.id).message
     steps = progress(gpu_ws, job.id)
     assert all(math.isfinite(e["loss"]) for e in steps.values())
     assert steps[12]["loss"] < steps[1]["loss"]
@@ -137,7 +137,7 @@ def test_the_real_smollm2_in_4bit_learns_on_the_gpu(gpu_ws: Workspace, tmp_path:
     p = {**params("smollm2-gpu"), "model": "smollm2",
          "config": {**CONFIG, "max_steps": 16, "eval_every": 8, "learning_rate": 2e-4}}
     job = jobs.submit(gpu_ws, "train", p)
-    assert jobs.run(gpu_ws, job.id).state == "succeeded", jobs.get(gpu_ws, job.id).message
+    assert api.run(gpu_ws, job.id).state == "succeeded", jobs.get(gpu_ws, job.id).message
     evals = [e for e in jobs.read_events(gpu_ws, job.id) if e["type"] == "eval"]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     report(f"real SmolLM2-135M-Instruct, NF4 + LoRA r=16, 16 steps: eval perplexity "
@@ -151,7 +151,7 @@ def test_a_1b_shaped_model_in_4bit_learns_on_the_gpu(gpu_ws: Workspace, tmp_path
     p = {**params("llama1b-gpu"), "model": "llama1b",
          "config": {**CONFIG, "max_steps": 16, "eval_every": 8, "batch_size": 4, "learning_rate": 5e-4}}
     job = jobs.submit(gpu_ws, "train", p)
-    assert jobs.run(gpu_ws, job.id).state == "succeeded", jobs.get(gpu_ws, job.id).message
+    assert api.run(gpu_ws, job.id).state == "succeeded", jobs.get(gpu_ws, job.id).message
     steps = progress(gpu_ws, job.id)
     evals = [e for e in jobs.read_events(gpu_ws, job.id) if e["type"] == "eval"]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
@@ -164,9 +164,9 @@ def test_a_1b_shaped_model_in_4bit_learns_on_the_gpu(gpu_ws: Workspace, tmp_path
 def test_ddp_on_two_gpus_gives_the_loss_curve_of_one_gpu_at_the_same_global_batch(gpu_ws: Workspace) -> None:
     same = {**CONFIG, "lora_dropout": 0.0, "max_steps": 16, "eval_every": 8, "batch_size": 4}
     one = jobs.submit(gpu_ws, "train", {**params("one-gpu"), "config": {**same, "grad_accum": 2}})
-    assert jobs.run(gpu_ws, one.id).state == "succeeded", jobs.get(gpu_ws, one.id).message
+    assert api.run(gpu_ws, one.id).state == "succeeded", jobs.get(gpu_ws, one.id).message
     two = jobs.submit(gpu_ws, "train", {**params("two-gpus"), "config": {**same, "devices": 2}})
-    done = jobs.run(gpu_ws, two.id)
+    done = api.run(gpu_ws, two.id)
     log = gpu_ws.root / "jobs" / two.id / "workers.log"
     assert done.state == "succeeded", done.message + (log.read_text()[-3000:] if log.exists() else "")
     a, b = progress(gpu_ws, one.id), progress(gpu_ws, two.id)

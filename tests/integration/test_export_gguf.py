@@ -8,6 +8,7 @@ import dataclasses
 import json
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,41 @@ QUESTION = [{"role": "system", "content": "Answer in one short sentence."},
 TIMINGS: dict[str, float] = {}
 
 
+# The whole GGUF export of a model folder, as the export stage does it but without a workspace:
+# convert once, quantize to each type, check every file, write a Modelfile per file.
+@dataclasses.dataclass
+class GgufExport:
+    path: Path
+    qtype: str
+    modelfile: Path | None
+    check: dict[str, Any]
+
+
+def export_gguf(model_dir: Path, out_dir: Path, quants: Sequence[str], *, nthread: int | None = None,
+                progress: Callable[[str], None] | None = None) -> list[GgufExport]:
+    from appliance import models
+
+    names = [gguf.resolve_quant_type(q)[0] for q in quants]  # fail fast, before minutes of converting
+    say = progress or (lambda _: None)
+    tokenizer = models.load_tokenizer(model_dir)
+    spec = gguf.chat_spec(model_dir, tokenizer)
+    base = gguf.convert(model_dir, out_dir / f"{model_dir.name}-F16.gguf", outtype="f16", progress=say)
+    files = [(base, "F16")] + [(out_dir / f"{model_dir.name}-{q}.gguf", q) for q in names if q != "F16"]
+    results = []
+    for path, qtype in files:
+        if path != base:
+            gguf.quantize(base, path, qtype, nthread=nthread, progress=say)
+        say(f"checking {path.name}")
+        meta = gguf.read_metadata(path)
+        check = gguf.check_gguf(path, model_dir, spec=spec, tokenizer=tokenizer, meta=meta)
+        modelfile = ollama.write_modelfile(path, model_dir, spec=spec, tokenizer=tokenizer, meta=meta)
+        results.append(GgufExport(path, qtype, modelfile, check))
+    return results
+
+
 @dataclasses.dataclass
 class Exported:
-    files: dict[str, gguf.GgufExport]
+    files: dict[str, GgufExport]
     lines: list[str]
     out: Path
 
@@ -40,7 +73,7 @@ def exported(smol_model: ArtifactRecord, tmp_path_factory: pytest.TempPathFactor
     out = tmp_path_factory.mktemp("gguf")
     lines: list[str] = []
     start = time.monotonic()
-    results = gguf.export_gguf(smol_model.path, out, QUANTS, nthread=2, progress=lines.append)
+    results = export_gguf(smol_model.path, out, QUANTS, nthread=2, progress=lines.append)
     TIMINGS["smol export (convert F16 + 4 quants + 5 checks + Modelfiles)"] = time.monotonic() - start
     return Exported({r.qtype: r for r in results}, lines, out)
 
@@ -144,7 +177,7 @@ def test_modelfile_renders_like_the_chat_template(exported: Exported, smol_token
 
 def test_bad_quant_type_fails_before_any_work(smol_model: ArtifactRecord, tmp_path: Path) -> None:
     with pytest.raises(ValidationError) as info:
-        gguf.export_gguf(smol_model.path, tmp_path / "out", ["Q4_K_M", "Q3_X"])
+        export_gguf(smol_model.path, tmp_path / "out", ["Q4_K_M", "Q3_X"])
     assert "Q3_X" in str(info.value) and "Q4_K_M" in info.value.hint
     assert not (tmp_path / "out").exists()
 

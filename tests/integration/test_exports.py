@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import datasets, exports, jobs, manifest, models
+from appliance import api, datasets, exports, jobs, manifest, models
 from appliance.demo import sample_dataset
 from appliance.errors import ApplianceError, DiskFullError, IntegrityError, RefusedError, ValidationError
 from appliance.workspace import ArtifactRecord, Workspace
@@ -30,7 +30,7 @@ def _trained(ws: Workspace, model: ArtifactRecord, tmp: Path, name: str = "run")
     datasets.import_file(ws, small, model, name="small", eval_fraction=0.25)
     job = jobs.submit(ws, "train", {"model": model.name, "dataset": "small", "config": TRAIN,
                                     "source": "test", "name": name})
-    assert jobs.run(ws, job.id).state == "succeeded", jobs.get(ws, job.id).message
+    assert api.run(ws, job.id).state == "succeeded", jobs.get(ws, job.id).message
     return name
 
 
@@ -294,7 +294,7 @@ def _check_job_progress(ws: Workspace, run: str, record: ArtifactRecord) -> None
     from appliance.cli import format_event
 
     job = jobs.submit(ws, "verify", {"export": record.name, "overrides": {"agreement": 1.01}})
-    assert jobs.run(ws, job.id).result == {"passed": False}
+    assert api.run(ws, job.id).result == {"passed": False}
     staged = [e for e in jobs.read_events(ws, job.id) if e["type"] == "progress"]
     assert _stages(staged) == ["check-files", "load-runtime", "load-reference", "score", "done"]
     assert {e["artifact"] for e in staged} == {record.name}
@@ -302,7 +302,7 @@ def _check_job_progress(ws: Workspace, run: str, record: ArtifactRecord) -> None
     assert format_event(staged[-2]) == f"{record.name}: scoring f16 {conversations}/{conversations} " \
                                        "conversations"
     job = jobs.submit(ws, "merge", {"run": run})
-    assert jobs.run(ws, job.id).state == "succeeded"
+    assert api.run(ws, job.id).state == "succeeded"
     lines = [format_event(e) for e in jobs.read_events(ws, job.id) if e["type"] == "progress"]
     assert lines == [f"{run}-merged: exists and matches its manifest: reused", "done 1/1 artifacts"]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import jobs
+from appliance import api, jobs
 from appliance.errors import ApplianceError
 from appliance.workspace import Workspace
 
@@ -96,14 +96,14 @@ def test_queued_job_cancels_at_once_and_runs_only_once(workspace: Workspace) -> 
     job = jobs.submit(workspace, "selftest", {"steps": 1, "interval": 0})
     assert jobs.cancel(workspace, job.id).state == "cancelled"
     with pytest.raises(ApplianceError, match="not queued"):
-        jobs.run(workspace, job.id)
+        api.run(workspace, job.id)
     with pytest.raises(ApplianceError, match="unknown job kind"):
-        jobs.submit(workspace, "format-disk", {})
+        api.submit(workspace, "format-disk", {})
 
 
 def test_resume_refuses_a_finished_job(workspace: Workspace) -> None:
     job = jobs.submit(workspace, "selftest", {"steps": 1, "interval": 0})
-    assert jobs.run(workspace, job.id).state == "succeeded"
+    assert api.run(workspace, job.id).state == "succeeded"
     with pytest.raises(ApplianceError, match="only a failed, cancelled or interrupted job"):
         jobs.resume(workspace, job.id)
 
@@ -135,7 +135,7 @@ def test_a_torn_event_line_does_not_hide_later_events(workspace: Workspace) -> N
     job = jobs.submit(workspace, "selftest", {"steps": 1, "interval": 0})
     with open(jobs.job_dir(workspace, job.id) / "events.jsonl", "a") as fh:
         fh.write('{"type": "log", "mess\n')
-    assert jobs.run(workspace, job.id).state == "succeeded"
+    assert api.run(workspace, job.id).state == "succeeded"
     events = jobs.read_events(workspace, job.id)
     assert any("unreadable event line" in e.get("message", "") for e in events)
     assert events[-1]["state"] == "succeeded"
@@ -220,7 +220,7 @@ def test_resume_of_a_live_job_and_cancel_of_an_ended_one_say_why(workspace: Work
     assert f"jobs resume {job.id}" in str(ended.value.hint)
 
     done = jobs.submit(workspace, "selftest", {"steps": 1, "interval": 0})
-    jobs.run(workspace, done.id)
+    api.run(workspace, done.id)
     with pytest.raises(RefusedError, match="has already ended: succeeded") as finished:
         jobs.cancel(workspace, done.id)
     assert "resume" not in str(finished.value.hint)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from appliance import cancellation, jobs, manifest
+from appliance import api, cancellation, jobs, manifest, stages
 from appliance.jobs import JobContext
 from appliance.workspace import Workspace
 
@@ -21,8 +21,8 @@ def _logs(ws: Workspace, job_id: str) -> list[str]:
 
 
 def _run_kind(ws: Workspace, monkeypatch: pytest.MonkeyPatch, func: jobs.JobFunction) -> jobs.Job:
-    monkeypatch.setitem(jobs.KINDS, "under-test", func)
-    return jobs.run(ws, jobs.submit(ws, "under-test", {}).id)
+    monkeypatch.setitem(stages.KINDS, "under-test", func)
+    return api.run(ws, jobs.submit(ws, "under-test", {}).id)
 
 
 def test_a_cancel_goes_through_except_exception_and_removes_the_staging_dir(
@@ -79,7 +79,7 @@ def test_a_cancel_at_the_final_commit_of_an_import_is_too_late(
 
     monkeypatch.setattr(manifest, "write", write_then_cancel)
     monkeypatch.setattr(Workspace, "get", slow_get)
-    done = jobs.run(workspace, job.id)
+    done = api.run(workspace, job.id)
     assert (done.state, done.result.get("model")) == ("succeeded", "tiny")
     model = real_get(workspace, "model", "tiny")
     assert json.loads((model.path / manifest.MANIFEST).read_text())["config"]["job"] == job.id
@@ -90,15 +90,15 @@ def test_resuming_an_import_whose_model_was_committed_is_done(workspace: Workspa
     """Killed between committing its model and being marked done, an import resumes as done;
     a model of that name made by another job still stops a new import."""
     job = jobs.submit(workspace, "import-model", {"path": str(tiny_llama), "name": "tiny"})
-    assert jobs.run(workspace, job.id).state == "succeeded"
+    assert api.run(workspace, job.id).state == "succeeded"
     jobs._set_state(workspace, job.id, "interrupted", message="killed")  # as after kill -9
     jobs.resume(workspace, job.id, detach=False)
-    again = jobs.run(workspace, job.id)
+    again = api.run(workspace, job.id)
     assert (again.state, again.attempt, again.result["model"]) == ("succeeded", 2, "tiny")
     assert any("already imported" in m for m in _logs(workspace, job.id))
 
     other = jobs.submit(workspace, "import-model", {"path": str(tiny_llama), "name": "tiny"})
-    failed = jobs.run(workspace, other.id)
+    failed = api.run(workspace, other.id)
     assert failed.state == "failed" and "already exists" in failed.message
 
 

@@ -28,9 +28,8 @@ from appliance.runtime.engine import (
     Delta,
     Done,
     Sampling,
-    open_engine,
-    resolve,
 )
+from appliance.runtime.engines import open_engine, resolve
 from appliance.workspace import ArtifactRecord, Workspace
 
 pytestmark = pytest.mark.integration
@@ -230,7 +229,7 @@ def test_gpu_required_without_one_is_a_clear_error(artifacts: dict[str, Artifact
 
 def test_the_runtime_runs_without_torch_or_transformers(artifacts: dict[str, Artifact]) -> None:
     code = ("import json, sys\nfrom pathlib import Path\n"
-            "from appliance.runtime.engine import Artifact, Sampling, open_engine\n"
+            "from appliance.runtime.engines import Artifact, Sampling, open_engine\n"
             "out = {}\n"
             f"for kind, path in {[(a.kind, str(a.path)) for a in artifacts.values()]!r}:\n"
             "    engine = open_engine(Artifact(kind, kind, Path(path), 'unknown'), threads=1)\n"

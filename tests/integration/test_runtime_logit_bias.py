@@ -12,7 +12,7 @@ import pytest
 
 from appliance import stack
 from appliance.errors import ValidationError
-from appliance.runtime.engine import ChatEngine, Delta, Sampling, open_engine, resolve
+from appliance.runtime.engines import ChatEngine, Delta, Sampling, open_engine, resolve
 
 pytestmark = pytest.mark.integration
 QUESTION = [{"role": "user", "content": "Name a colour."}]

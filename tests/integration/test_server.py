@@ -15,8 +15,7 @@ import openai
 import pytest
 
 from appliance import stack
-from appliance.runtime import engine as engines
-from appliance.runtime import keys, server
+from appliance.runtime import engines, keys, server
 from appliance.workspace import Workspace
 
 pytestmark = pytest.mark.integration

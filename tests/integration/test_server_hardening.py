@@ -21,8 +21,7 @@ from typing import Any
 import pytest
 
 from appliance import stack
-from appliance.runtime import engine as engines
-from appliance.runtime import keys, server, service
+from appliance.runtime import engines, keys, server, service
 from appliance.runtime.engine import ChatEngine
 from appliance.workspace import Workspace
 

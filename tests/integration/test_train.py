@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import datasets, jobs, manifest
+from appliance import api, datasets, jobs, manifest
 from appliance.demo import sample_dataset
 from appliance.errors import ExitCode, NotFoundError
 from appliance.progress import is_staged
@@ -47,7 +47,7 @@ def wait(ws: Workspace, job_id: str, predicate, timeout: float = 300) -> jobs.Jo
 
 def test_training_run_end_to_end(train_ws: Workspace) -> None:
     job = jobs.submit(train_ws, "train", params("run-a"))
-    assert jobs.run(train_ws, job.id).state == "succeeded", jobs.get(train_ws, job.id).message
+    assert api.run(train_ws, job.id).state == "succeeded", jobs.get(train_ws, job.id).message
     run = train_ws.get("run", "run-a")
     data = manifest.verify(run.path)
     assert {p["name"] for p in data["parents"]} == {"tiny", "small"}
@@ -104,7 +104,7 @@ def _check_phases(events: list[dict], run: str, conversations: int) -> None:
 
 def test_kill_9_and_resume_gives_the_same_losses_as_a_straight_run(train_ws: Workspace) -> None:
     straight = jobs.submit(train_ws, "train", params("straight"))
-    assert jobs.run(train_ws, straight.id).state == "succeeded"
+    assert api.run(train_ws, straight.id).state == "succeeded"
 
     job = jobs.start(train_ws, "train", params("killed"))
     wait(train_ws, job.id, lambda j: max(losses(train_ws, job.id), default=0) >= 3)
@@ -159,7 +159,7 @@ def test_cancel_while_a_resumed_run_loads_its_model(train_ws: Workspace,
         return out
 
     monkeypatch.setattr(train.Trainer, "_step", step_then_cancel)
-    assert jobs.run(train_ws, job.id).state == "cancelled"
+    assert api.run(train_ws, job.id).state == "cancelled"
     work = jobs.job_dir(train_ws, job.id) / "work"
     before = _tree(work / "checkpoints")
     assert [p.name for p in (work / "checkpoints").iterdir()] == ["step-0000002"]
@@ -176,7 +176,7 @@ def test_cancel_while_a_resumed_run_loads_its_model(train_ws: Workspace,
     jobs.resume(train_ws, job.id, detach=False)
     canceller = threading.Thread(target=lambda: loading.wait(120) and jobs.cancel(train_ws, job.id))
     canceller.start()
-    stopped = jobs.run(train_ws, job.id)
+    stopped = api.run(train_ws, job.id)
     canceller.join()
     assert loading.is_set()
     assert stopped.state == "cancelled", stopped.message
@@ -189,7 +189,7 @@ def test_cancel_while_a_resumed_run_loads_its_model(train_ws: Workspace,
 
     monkeypatch.setattr(train, "load_model", real_load)
     jobs.resume(train_ws, job.id, detach=False)
-    assert jobs.run(train_ws, job.id).state == "succeeded"
+    assert api.run(train_ws, job.id).state == "succeeded"
     assert sorted(losses(train_ws, job.id)) == [1, 2, 3, 4]
 
 
@@ -202,7 +202,7 @@ def test_cancel_during_the_final_evaluation_resumes_to_the_same_run(
 
     same = {"max_steps": 4, "eval_every": 2, "save_every": 2}
     straight = jobs.submit(train_ws, "train", params("straight", **same))
-    assert jobs.run(train_ws, straight.id).state == "succeeded"
+    assert api.run(train_ws, straight.id).state == "succeeded"
 
     job = jobs.submit(train_ws, "train", params("eval-cancel", **same))
     flag = jobs.job_dir(train_ws, job.id) / "cancel"
@@ -215,7 +215,7 @@ def test_cancel_during_the_final_evaluation_resumes_to_the_same_run(
         return real_evaluate(*args, **kwargs)
 
     monkeypatch.setattr(train, "evaluate", evaluate)
-    assert jobs.run(train_ws, job.id).state == "cancelled"
+    assert api.run(train_ws, job.id).state == "cancelled"
     saved = jobs.job_dir(train_ws, job.id) / "work" / "checkpoints" / "step-0000004"
     assert json.loads((saved / "state.json").read_text())["loop"]["pending_eval"] is True
     with pytest.raises(NotFoundError):
@@ -223,7 +223,7 @@ def test_cancel_during_the_final_evaluation_resumes_to_the_same_run(
 
     monkeypatch.setattr(train, "evaluate", real_evaluate)
     jobs.resume(train_ws, job.id, detach=False)
-    assert jobs.run(train_ws, job.id).state == "succeeded"
+    assert api.run(train_ws, job.id).state == "succeeded"
 
     def evals(job_id: str) -> dict[int, float]:
         return {e["step"]: e["eval_loss"] for e in jobs.read_events(train_ws, job_id) if e["type"] == "eval"}
@@ -251,7 +251,7 @@ def test_out_of_memory_keeps_the_checkpoint_and_says_what_to_change(
 
     monkeypatch.setattr(train.Trainer, "_step", step_then_oom)
     job = jobs.submit(train_ws, "train", params("oom"))
-    failed = jobs.run(train_ws, job.id)
+    failed = api.run(train_ws, job.id)
     assert failed.state == "failed"
     assert failed.message.startswith("Out of memory:")
     assert "batch_size 2 x max_seq_len 96" in failed.message and "step-0000002" in failed.message
@@ -260,7 +260,7 @@ def test_out_of_memory_keeps_the_checkpoint_and_says_what_to_change(
 
     monkeypatch.setattr(train.Trainer, "_step", real_step)
     jobs.resume(train_ws, job.id, detach=False)
-    assert jobs.run(train_ws, job.id).state == "succeeded"
+    assert api.run(train_ws, job.id).state == "succeeded"
     logs = [e["message"] for e in jobs.read_events(train_ws, job.id) if e["type"] == "log"]
     assert "resumed from step-0000002 (step 2)" in logs
 
@@ -276,7 +276,7 @@ def test_kill_9_and_resume_on_the_real_smollm2(model_workspace, tmp_path: Path) 
               "save_every": 2}
     p = {"model": model.name, "dataset": "small", "config": config, "source": "test"}
     straight = jobs.submit(ws, "train", {**p, "name": "straight"})
-    assert jobs.run(ws, straight.id).state == "succeeded", jobs.get(ws, straight.id).message
+    assert api.run(ws, straight.id).state == "succeeded", jobs.get(ws, straight.id).message
 
     job = jobs.start(ws, "train", {**p, "name": "killed"})
     wait(ws, job.id, lambda j: max(losses(ws, job.id), default=0) >= 3)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import jobs
+from appliance import api, jobs
 from appliance.workspace import Workspace
 from tests.integration.test_train import losses, params, wait
 
@@ -23,9 +23,9 @@ SAME = {"lora_dropout": 0.0, "batch_size": 2, "max_steps": 4, "eval_every": 2, "
 def test_two_workers_take_the_same_steps_as_one_process_at_the_same_global_batch(
         train_ws: Workspace) -> None:
     single = jobs.submit(train_ws, "train", params("single", **SAME, grad_accum=2))
-    assert jobs.run(train_ws, single.id).state == "succeeded"
+    assert api.run(train_ws, single.id).state == "succeeded"
     ddp = jobs.submit(train_ws, "train", params("ddp", **SAME, grad_accum=1, devices=2))
-    done = jobs.run(train_ws, ddp.id)
+    done = api.run(train_ws, ddp.id)
     assert done.state == "succeeded", done.message + (train_ws.root / "jobs" / ddp.id /
                                                       "workers.log").read_text()[-3000:]
     a, b = losses(train_ws, single.id), losses(train_ws, ddp.id)
@@ -60,7 +60,7 @@ def test_cancel_stops_every_worker_after_a_checkpoint_and_resume_finishes(train_
 
 def test_a_worker_failure_fails_the_job_with_its_reason(train_ws: Workspace) -> None:
     job = jobs.submit(train_ws, "train", params("ddp-bad", **SAME, devices=2, max_seq_len=16))
-    done = jobs.run(train_ws, job.id)
+    done = api.run(train_ws, job.id)
     assert done.state == "failed"
     assert "Nothing to train on" in done.message and "max_seq_len=16" in done.message
 

@@ -278,12 +278,6 @@ def test_generation_parameters_only_when_the_model_samples(tmp_path: Path) -> No
     assert ollama.generation_parameters(tmp_path / "missing") == {}
 
 
-def test_gguf_still_offers_the_modelfile_writer() -> None:
-    from export import gguf
-
-    assert gguf.write_modelfile is ollama.write_modelfile
-
-
 def test_ollama_module_imports_no_heavy_library() -> None:
     import subprocess
     import sys

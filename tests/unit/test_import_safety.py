@@ -122,3 +122,16 @@ def test_a_fifo_swapped_in_after_the_scan_is_refused_at_copy_without_hanging(tmp
     os.mkfifo(tmp_path / "tokenizer.json")  # a blocking open would wait for a writer forever
     with pytest.raises(RefusedError, match="not a regular file"):
         models._copy(tmp_path / "tokenizer.json", tmp_path / "copy")
+
+
+def test_the_default_model_is_imported_under_the_name_asked_for(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`appliance models import --default --name second` (the name was ignored: 'already exists')."""
+    from appliance import stack
+
+    seen: list[str | None] = []
+    monkeypatch.setattr(stack, "default_model_path", lambda verify=False: tmp_path / "m.gguf")
+    monkeypatch.setattr(models, "import_gguf", lambda ws, path, *, name, **_: seen.append(name))
+    models.import_default(object(), name="second")  # type: ignore[arg-type]
+    models.import_default(object())  # type: ignore[arg-type]
+    assert seen == ["second", stack.DEFAULT_MODEL_NAME]

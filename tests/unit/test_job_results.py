@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from appliance import cancellation, exports, jobs, manifest
+from appliance import api, cancellation, exports, jobs, manifest, stages
 from appliance.workspace import ArtifactRecord, Workspace
 
 
@@ -30,7 +30,7 @@ class Committer:
 
 
 def _run(ws: Workspace, kind: str, params: dict[str, Any]) -> jobs.Job:
-    job = jobs.run(ws, jobs.submit(ws, kind, params).id)
+    job = api.run(ws, jobs.submit(ws, kind, params).id)
     assert job.state == "succeeded", job.message
     return job
 
@@ -64,9 +64,9 @@ def test_a_merge_or_verify_job_finishes_at_its_one_commit(
 
 def test_the_last_export_is_named_as_exports_names_it() -> None:
     gguf = {"run": "r", "format": "gguf", "types": ["Q8_0", "q4_k", "q8_0"]}
-    assert jobs._last_export_name(gguf) == "r-gguf-q4_k_m"  # the order of first mention
-    assert jobs._last_export_name({"run": "r", "format": "onnx", "types": ["int4"]}) == "r-onnx-int4"
-    assert jobs._last_export_name({"run": "r", "format": "onnx", "types": []}) == "r-merged"
+    assert stages._last_export_name(gguf) == "r-gguf-q4_k_m"  # the order of first mention
+    assert stages._last_export_name({"run": "r", "format": "onnx", "types": ["int4"]}) == "r-onnx-int4"
+    assert stages._last_export_name({"run": "r", "format": "onnx", "types": []}) == "r-merged"
 
 
 def test_a_job_that_declares_no_result_is_not_finishing_after_a_commit(
@@ -79,7 +79,7 @@ def test_a_job_that_declares_no_result_is_not_finishing_after_a_commit(
         made.commit_all(ctx.ws)
         assert cancellation.interruptible()
 
-    monkeypatch.setitem(jobs.KINDS, "under-test", commits_then_works)
+    monkeypatch.setitem(stages.KINDS, "under-test", commits_then_works)
     _run(workspace, "under-test", {})
     assert made.finishing == [False]
 

@@ -58,3 +58,59 @@ def test_cli_help_does_not_import_the_ml_stack() -> None:
                          timeout=120, check=True)
     loaded = set(json.loads(out.stdout))
     assert not loaded & {*HEAVY, "textual"}, sorted(loaded & {*HEAVY, "textual"})
+
+
+def _cycles(graph: object, package: str) -> list[list[str]]:
+    """Strongly connected groups (more than one module) of `package`'s import graph, imports inside
+    functions included: a lazy import hides a cycle from the interpreter, not from a reader."""
+    modules = sorted(m for m in graph.modules if m == package or m.startswith(package + "."))  # type: ignore[attr-defined]
+    edges = {m: {n for n in graph.find_modules_directly_imported_by(m) if n in modules}  # type: ignore[attr-defined]
+             for m in modules}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for m in modules:
+        if m not in index:
+            visit(m)
+    return found
+
+
+@pytest.mark.parametrize("package", ["appliance", "export", "tui"])
+def test_no_import_cycles_inside_a_package(package: str) -> None:
+    grimp = pytest.importorskip("grimp", reason="grimp comes with import-linter (requirements/dev.txt)")
+    graph = grimp.build_graph(package, exclude_type_checking_imports=True)
+    assert len(graph.modules) > 3  # the check is live
+    assert _cycles(graph, package) == []
+
+
+def test_the_cycle_finder_finds_a_cycle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    grimp = pytest.importorskip("grimp", reason="grimp comes with import-linter (requirements/dev.txt)")
+    pkg = tmp_path / "loopy"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    from loopy import b\n")
+    (pkg / "b.py").write_text("from loopy import a\n")
+    (pkg / "c.py").write_text("from loopy import a\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert _cycles(grimp.build_graph("loopy", cache_dir=None), "loopy") == [["loopy.a", "loopy.b"]]

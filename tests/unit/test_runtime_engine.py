@@ -19,9 +19,8 @@ from appliance.runtime.engine import (
     EngineBase,
     Sampling,
     default_threads,
-    open_engine,
-    resolve,
 )
+from appliance.runtime.engines import open_engine, resolve
 from appliance.runtime.template import ChatTemplate
 from appliance.workspace import Workspace
 

@@ -226,7 +226,7 @@ class ChatScreen(ApplianceScreen):
         self.busy = False
 
     def _engine(self, name: str, allow: bool) -> Any:
-        from appliance.runtime import engine as engines
+        from appliance.runtime import engines
 
         if name not in self.engines:
             artifact = engines.resolve(name, self.ws, allow_failed_parity=allow)

@@ -91,7 +91,8 @@ class DashboardScreen(ApplianceScreen):
     POLL = True
     FILTER_TABLE = "recent"
     WIDE = 160  # from here on, two columns
-    HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (WIDE, "-wide")]
+    # textual annotates it `ClassVar[...] | None`, which mypy reads as an instance variable
+    HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (WIDE, "-wide")]  # type: ignore[misc]
     DEFAULT_CSS = """
     DashboardScreen #system { height: auto; padding: 0 1; }
     DashboardScreen #counts { height: auto; padding: 0 1; margin-bottom: 1; }

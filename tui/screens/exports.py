@@ -25,7 +25,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import Input, Select, SelectionList
 
-from appliance import jobs
+from appliance import api
 from appliance.workspace import ArtifactRecord
 from tui.dialogs import FormDialog, NamedSelect, dialog_css
 from tui.screens.base import ArtifactScreen, artifact_css, record_names
@@ -195,7 +195,8 @@ class ExportsScreen(ArtifactScreen):
     MODE = "exports"
     SUB_TITLE = "Exports"
     JOB_KINDS = ("merge", "export", "verify")
-    HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (150, "-wide")]
+    # textual annotates it `ClassVar[...] | None`, which mypy reads as an instance variable
+    HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (150, "-wide")]  # type: ignore[misc]
     DEFAULT_CSS = artifact_css("ExportsScreen", 62)
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("m", "merge", "Merge…"),
@@ -247,7 +248,7 @@ class ExportsScreen(ArtifactScreen):
         if request is None:
             return
         ws = self.ws
-        self.background(lambda: jobs.start(ws, request.kind, request.params), self.job_started,
+        self.background(lambda: api.start(ws, request.kind, request.params), self.job_started,
                         group="start", title=f"Could not start the {request.kind}", modal=True)
 
 

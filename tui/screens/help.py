@@ -56,13 +56,13 @@ def shared_rows() -> Rows:
     return key_rows(ApplianceScreen)
 
 
-def sections() -> Iterator[tuple[str, str, Rows]]:
-    """(id, heading, rows) for the app, each screen and each dialog."""
-    from tui.app import SCREENS, ApplianceApp
+def sections(app_class: type[Any]) -> Iterator[tuple[str, str, Rows]]:
+    """(id, heading, rows) for the app (`app_class`: its own keys), each screen and each dialog."""
+    from tui.registry import SCREENS
 
     shared = shared_rows()
     generic = key_rows(Screen) + key_rows(ModalScreen)
-    yield "everywhere", "Everywhere", [*EVERYWHERE, *key_rows(ApplianceApp), *shared, *IN_LISTS]
+    yield "everywhere", "Everywhere", [*EVERYWHERE, *key_rows(app_class), *shared, *IN_LISTS]
     dialog_classes: list[type[Any]] = list(SHARED_DIALOGS)
     for entry in SCREENS:
         cls = entry.load()
@@ -91,9 +91,9 @@ def matching(heading: str, rows: Rows, wanted: str) -> Rows:
     return [(k, d) for k, d in rows if wanted in k.casefold() or wanted in d.casefold()]
 
 
-def render_sections() -> Text:
+def render_sections(app_class: type[Any]) -> Text:
     text = Text()
-    for _, heading, rows in sections():
+    for _, heading, rows in sections(app_class):
         text.append_text(section_text(heading, rows))
         text.append("\n\n")
     return text
@@ -122,10 +122,10 @@ class HelpScreen(ModalScreen[None]):
         Binding("G,shift+g", "scroll('end')", "Bottom", show=False),
     ]
 
-    def __init__(self, current: str | None = None) -> None:
+    def __init__(self, current: str | None = None, *, app_class: type[Any]) -> None:
         super().__init__()
         self.current = current  # the mode whose section is shown first
-        self.all = list(sections())
+        self.all = list(sections(app_class))
 
     def compose(self) -> ComposeResult:
         with VerticalScroll():

@@ -22,7 +22,7 @@ from textual.binding import Binding, BindingType
 from textual.widgets import DataTable, RichLog, Static
 
 from appliance import jobs
-from appliance.cli import format_event
+from appliance.textout import format_event
 from appliance.workspace import Workspace
 from tui.dialogs import ConfirmDialog
 from tui.feed import Event, EventTail, collapse, format_eta, last_events, summary_line

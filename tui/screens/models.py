@@ -16,9 +16,9 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import Input
 
-from appliance import jobs, manifest, stack
-from appliance.cli import human_count
+from appliance import api, jobs, manifest, stack
 from appliance.errors import ApplianceError
+from appliance.textout import human_count
 from appliance.workspace import ArtifactRecord, Workspace
 from tui.dialogs import PathFormDialog, dialog_css
 from tui.screens.base import ArtifactScreen, artifact_css
@@ -88,7 +88,7 @@ def start_import(ws: Workspace, request: ModelImport | None) -> jobs.Job:
                                  title="Already imported", hint="delete it first (x) to import "
                                  "it again")
         stack.default_model_path()  # not installed: say so now, not in a job log
-        return jobs.start(ws, "import-model", {"default": True, "path": None, "name": None,
+        return api.start(ws, "import-model", {"default": True, "path": None, "name": None,
                                                 "chat_template": None})
     path = Path(request.path).expanduser().resolve()
     if not path.exists():
@@ -96,7 +96,7 @@ def start_import(ws: Workspace, request: ModelImport | None) -> jobs.Job:
                              hint="pick an HF model folder or a .gguf file")
     template = str(Path(request.chat_template).expanduser().resolve()) if request.chat_template \
         else None
-    return jobs.start(ws, "import-model", {"default": False, "path": str(path),
+    return api.start(ws, "import-model", {"default": False, "path": str(path),
                                             "name": request.name, "chat_template": template})
 
 

@@ -91,7 +91,7 @@ def _seconds(value: float | None) -> str:
 
 def server_rows(read: ServerRead) -> list[tuple[str, tuple[object, ...]]]:
     """address, state (or what it is doing / what is wrong), models; `l` opens a row's job."""
-    rows = []
+    rows: list[tuple[str, tuple[object, ...]]] = []
     for s in read.servers:
         where = s.url.removeprefix("http://") if s.url else "-"
         state = f"{s.state}: {s.problem}" if s.problem else \
@@ -111,7 +111,7 @@ def generation_speed(m: service.ModelStats) -> str:
 
 def metric_rows(read: ServerRead) -> list[tuple[str, tuple[object, ...]]]:
     """A row per served model."""
-    rows = []
+    rows: list[tuple[str, tuple[object, ...]]] = []
     for s in read.servers:
         for name, m in sorted((s.metrics.models if s.metrics else {}).items()):
             rows.append((f"{s.url} {name}", (
