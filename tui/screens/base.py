@@ -212,11 +212,13 @@ class ApplianceScreen(Screen[None]):
         return self.appliance.settings.clock()
 
     # -- focus, filter, back -------------------------------------------------------------------
+    # Both from the focus as it is now: the old widget's blur can arrive after the new one's focus
+    # (the bar lost `alt+` while the filter box had the focus).
     def on_descendant_focus(self, event: textual_events.DescendantFocus) -> None:
-        self._typing(isinstance(event.widget, TEXT_BOXES))
+        self._typing(isinstance(self.focused, TEXT_BOXES))
 
     def on_descendant_blur(self, event: textual_events.DescendantBlur) -> None:
-        self._typing(False)
+        self._typing(isinstance(self.focused, TEXT_BOXES))
 
     def _typing(self, typing: bool) -> None:
         """The navigation bar says `alt+` while the digits type into a text box."""
