@@ -226,3 +226,23 @@ def test_resume_of_a_live_job_and_cancel_of_an_ended_one_say_why(workspace: Work
     assert "resume" not in str(finished.value.hint)
     with pytest.raises(RefusedError, match=f"job {done.id} succeeded"):
         jobs.resume(workspace, done.id)
+
+
+def test_a_job_row_written_before_the_registry_moved_still_resumes(workspace: Workspace) -> None:
+    """A row as the version before `appliance.stages` wrote it (an interrupted selftest, its
+    checkpoint at step 2, a params key this version does not know): resumed and run through the
+    door, it finishes from its checkpoint under the same kind name."""
+    job_id = "20261201-120000-selftest-0a1b2c"
+    jobs._ensure(workspace)  # the table, as every version made it
+    with workspace.connect() as db:
+        db.execute("INSERT INTO jobs (id, kind, params, state, created, started, finished, pid,"
+                   " pid_start, attempt, message, result) VALUES (?, 'selftest', ?, 'interrupted',"
+                   " '2026-12-01T12:00:00+00:00', '2026-12-01T12:00:01+00:00', NULL, 999999, 'x', 1,"
+                   " 'its process died', '{}')",
+                   (job_id, json.dumps({"steps": 3, "interval": 0, "old_key": True})))
+    directory = jobs.job_dir(workspace, job_id)
+    directory.mkdir(parents=True)
+    (directory / "checkpoint.json").write_text(json.dumps({"step": 2}))
+    assert jobs.resume(workspace, job_id, detach=False).state == "queued"
+    done = api.run(workspace, job_id)
+    assert (done.state, done.attempt, done.result) == ("succeeded", 2, {"steps": 3})
