@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from appliance import jobs, stages
-from appliance.errors import ValidationError
+from appliance.errors import InvalidRequest, ValidationError
 from appliance.jobs import Job
 from appliance.workspace import Workspace
 
@@ -20,15 +20,29 @@ def check_kind(kind: str) -> None:
         raise ValidationError(f"unknown job kind {kind!r}; known: {', '.join(sorted(stages.KINDS))}")
 
 
+def problems(kind: str, params: dict[str, Any]) -> dict[str, str]:
+    """Field -> what is wrong, for a kind whose stage has a typed request (else nothing known)."""
+    request = stages.REQUESTS.get(kind)
+    return request.from_params(params).problems() if request is not None else {}
+
+
+def check(kind: str, params: dict[str, Any]) -> None:
+    """Refuse a request before it is queued: an unknown kind, or fields its stage finds wrong."""
+    check_kind(kind)
+    found = problems(kind, params)
+    if found:
+        raise InvalidRequest(f"the {kind} request is not valid", found)
+
+
 def submit(ws: Workspace, kind: str, params: dict[str, Any]) -> Job:
     """Queue a job without starting it."""
-    check_kind(kind)
+    check(kind, params)
     return jobs.submit(ws, kind, params)
 
 
 def start(ws: Workspace, kind: str, params: dict[str, Any]) -> Job:
     """Queue a job and start it detached: the caller can exit, the job goes on."""
-    check_kind(kind)
+    check(kind, params)
     return jobs.start(ws, kind, params)
 
 

@@ -762,10 +762,13 @@ def _export_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_merge)
     exp = sub.add_parser("export", help="export a run to GGUF or ONNX (merges first; parity-checked)")
     esub = exp.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    from appliance.stages.export import DEFAULT_TYPES, GGUF_OFFERED, ONNX_PRECISIONS
+
     for fmt, option, default, text in (
-            ("gguf", "--quant", "Q8_0,Q4_K_M", "llama.cpp types, comma-separated (F16, Q8_0, Q6_K, "
-             "Q5_K_M, Q4_K_M, ...)"),
-            ("onnx", "--precision", "int4", "comma-separated: fp32, fp16 (CUDA), int8, int4")):
+            ("gguf", "--quant", ",".join(DEFAULT_TYPES["gguf"]), "llama.cpp types, comma-separated "
+             f"({', '.join(GGUF_OFFERED)}, ...)"),
+            ("onnx", "--precision", ",".join(DEFAULT_TYPES["onnx"]),
+             f"comma-separated: {', '.join(ONNX_PRECISIONS)} (fp16 on CUDA)")):
         p = esub.add_parser(fmt, help=f"export to {fmt.upper()}")
         _complete(p.add_argument("run"), _names("run"))
         p.add_argument(option, default=default, help=text)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from appliance import api, datasets, jobs, manifest, models, stack, trainconfig
 from appliance.errors import JobFailedError, NotFoundError
+from appliance.stages.export import DEFAULT_TYPES
 from appliance.workspace import ArtifactRecord, Workspace
 
 DATASET_NAME = "dolly-sample"
@@ -29,7 +30,7 @@ RECIPE = "smollm2-cpu"
 STAGES = 6
 CHAT_MODEL = f"{RUN_NAME}-gguf-q8_0"
 CHAT = ("Give me three tips for writing a clear email.", "Write a subject line for a meeting request.")
-EXPORTS = (("gguf", ["Q8_0", "Q4_K_M"]), ("onnx", ["int4"]))
+EXPORTS = tuple((fmt, list(DEFAULT_TYPES[fmt])) for fmt in ("gguf", "onnx"))  # the defaults
 
 
 def sample_dataset() -> Path:

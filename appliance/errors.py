@@ -63,6 +63,16 @@ class ValidationError(ApplianceError):
     exit_code = ExitCode.INVALID
 
 
+class InvalidRequest(ValidationError):
+    """A job request with fields that are wrong (`problems`: field -> what is wrong), refused
+    before it is queued: a front end can show each message at its field."""
+
+    def __init__(self, what: str, problems: dict[str, str]) -> None:
+        listed = "; ".join(f"{name}: {message}" for name, message in problems.items())
+        super().__init__(f"{what}: {listed}", hint="fix the fields named and try again")
+        self.problems = problems
+
+
 class RefusedError(ApplianceError):
     """Input that is well-formed but that the appliance will not accept (unsafe, unsupported)."""
 

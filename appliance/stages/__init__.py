@@ -14,12 +14,14 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from appliance import cancellation
 from appliance.errors import ApplianceError
 from appliance.jobs import JobCancelled, JobContext, JobFunction
+from appliance.stages.export import ExportRequest
 from appliance.workspace import ArtifactRecord
 
 
@@ -149,6 +151,21 @@ def _serve(ctx: JobContext) -> dict[str, Any]:
 
     return service.run_job(ctx)
 
+
+class Request(Protocol):
+    """A stage's typed request (see `appliance.stages.export.ExportRequest`)."""
+
+    def problems(self) -> dict[str, str]: ...
+
+    def to_params(self) -> dict[str, Any]: ...
+
+
+class RequestType(Protocol):
+    def from_params(self, params: Mapping[str, Any]) -> Request: ...
+
+
+# The stages whose requests are typed so far: checked before a job is queued (`appliance.api`).
+REQUESTS: dict[str, RequestType] = {"export": ExportRequest}
 
 # The registry: a job kind's name (stored in the database: never rename one) -> its function.
 KINDS: dict[str, JobFunction] = {

@@ -80,6 +80,23 @@ async def test_dialogs_queue_merge_export_and_verify_jobs(fixed_ws: Workspace) -
                        "the queued jobs in the activity line")
 
 
+async def test_an_unknown_gguf_type_is_refused_naming_the_field_and_queues_nothing(
+        fixed_ws: Workspace) -> None:
+    """A typo in "more types" used to queue a job that failed minutes later, after merging."""
+    from textual.widgets import Input
+
+    app = app_for(fixed_ws, poll_s=0.3)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("6", "e")
+        await settle(app, pilot)
+        app.screen.query_one("#more", Input).value = "Q3_X"
+        app.screen.query_one("#go").press()
+        await wait_for(pilot, lambda: "unknown quantization" in screen_text(app), 30, "the refusal")
+        text = screen_text(app)
+        assert "types:" in text and "unknown quantization type" in text
+        assert not [j for j in jobs.list_jobs(fixed_ws) if j.kind == "export" and j.state == "queued"]
+
+
 async def test_delete_asks_first(fixed_ws: Workspace) -> None:
     app = app_for(fixed_ws)
     async with app.run_test(size=(80, 24)) as pilot:

@@ -469,5 +469,6 @@ def test_the_demo_exits_7_when_a_job_it_follows_fails(tmp_path: Path,
 
     FakeJobs(monkeypatch, "failed", {})
     with pytest.raises(JobFailedError, match="export job ended failed") as caught:
-        demo._follow_job(Workspace(tmp_path / "ws"), "export", {}, say=lambda _: None)
+        demo._follow_job(Workspace(tmp_path / "ws"), "export",
+                         {"run": "r", "format": "onnx", "types": ["int4"]}, say=lambda _: None)
     assert caught.value.exit_code == ExitCode.JOB_FAILED

@@ -26,17 +26,11 @@ from textual.binding import Binding, BindingType
 from textual.widgets import Input, Select, SelectionList
 
 from appliance import api
+from appliance.stages.export import DEFAULT_TYPES, GGUF_OFFERED, ONNX_PRECISIONS
 from appliance.workspace import ArtifactRecord
 from tui.dialogs import FormDialog, NamedSelect, dialog_css
 from tui.screens.base import ArtifactScreen, artifact_css, record_names
 from tui.widgets import TickList, middle
-
-# The common llama.cpp types and every ONNX precision (`export/onnx.py` PRECISIONS); the CLI takes
-# any llama.cpp type by name, and so does the dialog's "more types" field.
-GGUF_TYPES = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")
-ONNX_TYPES = ("fp32", "fp16", "int8", "int4")
-DEFAULT_TYPES = {"gguf": ("Q8_0", "Q4_K_M"), "onnx": ("int4",)}
-
 
 TABLE_MIN_WIDTH = 84  # narrower than this, each artifact is shown as a small card
 
@@ -172,7 +166,7 @@ class ExportDialog(RunDialog):
         types = self.query_one("#types", SelectionList)
         types.clear_options()
         types.add_options([(t, t, t in DEFAULT_TYPES[fmt])
-                           for t in (GGUF_TYPES if fmt == "gguf" else ONNX_TYPES)])
+                           for t in (GGUF_OFFERED if fmt == "gguf" else ONNX_PRECISIONS)])
         self.query_one("#more", Input).display = fmt == "gguf"
 
     @on(Select.Changed, "#format")

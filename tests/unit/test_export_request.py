@@ -1,0 +1,51 @@
+"""The export stage's typed request: defaults and choices defined once, problems named by field,
+and the door refusing a bad request before anything is queued."""
+
+from __future__ import annotations
+
+import pytest
+
+from appliance import api, jobs
+from appliance.errors import InvalidRequest, ValidationError
+from appliance.stages.export import DEFAULT_TYPES, ONNX_PRECISIONS, ExportRequest
+from appliance.workspace import Workspace
+
+
+def test_the_onnx_precisions_offered_are_the_ones_the_converter_makes() -> None:
+    from export import onnx
+
+    assert set(ONNX_PRECISIONS) == set(onnx.PRECISIONS)
+
+
+def test_a_good_request_has_no_problems_and_round_trips_through_params() -> None:
+    request = ExportRequest("r", "gguf", ("q4_k", "Q8_0"), {"kl": 0.5})
+    assert request.problems() == {}
+    assert ExportRequest.from_params(request.to_params()) == request
+    assert ExportRequest("r").types == DEFAULT_TYPES["gguf"]
+
+
+def test_old_params_with_unknown_keys_still_load() -> None:
+    request = ExportRequest.from_params({"run": "r", "format": "onnx", "types": ["int4"], "gone": 1})
+    assert request == ExportRequest("r", "onnx", ("int4",))
+
+
+@pytest.mark.parametrize(("request_", "field", "words"), [
+    (ExportRequest("r", "gguf", ("Q4_K_M", "Q3_X")), "types", "unknown quantization type 'Q3_X'"),
+    (ExportRequest("r", "gguf", ("IQ2_XXS",)), "types", "importance matrix"),
+    (ExportRequest("r", "onnx", ("int3",)), "types", "unknown ONNX precision 'int3'"),
+    (ExportRequest("r", "safetensors", ()), "format", "unknown format"),
+    (ExportRequest("", "gguf", ("Q8_0",)), "run", "finished run"),
+])
+def test_each_problem_is_named_by_its_field(request_: ExportRequest, field: str, words: str) -> None:
+    found = request_.problems()
+    assert list(found) == [field] and words in found[field], found
+
+
+def test_the_door_refuses_a_bad_type_before_queueing_a_job(workspace: Workspace) -> None:
+    """A typo in the TUI's "more types" field became a job that failed minutes later."""
+    bad = ExportRequest("r", "gguf", ("Q8_0", "Q3_X")).to_params()
+    with pytest.raises(InvalidRequest) as err:
+        api.start(workspace, "export", bad)
+    assert isinstance(err.value, ValidationError) and list(err.value.problems) == ["types"]
+    assert "Q3_X" in err.value.message
+    assert jobs.list_jobs(workspace) == []
