@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,10 +32,9 @@ from textual.screen import ModalScreen, Screen
 from textual.theme import Theme
 
 from appliance.errors import ApplianceError
-from appliance.runtime import DEFAULT_PORT
 from appliance.workspace import Workspace
 from tui.registry import SCREENS, ScreenEntry
-from tui.system import Probe, read_system
+from tui.settings import Settings
 
 
 def _lazy(entry: ScreenEntry) -> Callable[[], Screen[Any]]:
@@ -88,19 +85,6 @@ def let_alt_digits_through() -> None:
     table: Any = _ansi_sequences.ANSI_SEQUENCES_KEYS
     for sequence in ALT_DIGITS:
         table.pop(sequence, None)
-
-
-@dataclass(frozen=True)
-class Settings:
-    poll_s: float = 1.0                # how often visible screens re-read jobs; 0: never (snapshots)
-    workspace_label: str | None = None  # shown instead of the workspace path (snapshots)
-    browse_from: Path | None = None     # where file pickers open (default: the current directory)
-    probe: Probe = field(default=read_system)
-    # where a server not started from here (systemd's) is looked for; None: nowhere (snapshots)
-    server_probe: str | None = f"http://127.0.0.1:{DEFAULT_PORT}"
-    server_metrics: Callable[[str], Any] | None = None  # None: the server's own /metrics
-    clock: Callable[[], float] = time.time  # "now" for elapsed times (tests fix it)
-    prefs_path: Path | None = None  # where the theme choice is kept; None: nowhere (tests)
 
 
 def describe_error(error: BaseException, title: str) -> tuple[str, str, str | None]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from rich.text import Text
 from textual import events as textual_events
@@ -42,10 +42,27 @@ from appliance import jobs, progress
 from appliance.workspace import ArtifactRecord, Workspace
 from tui.dialogs import ConfirmDialog
 from tui.feed import Event, elapsed, last_events, stage_started, summary_line
+from tui.settings import Settings
 from tui.widgets import KeyedTable, NavBar, bar
 
-if TYPE_CHECKING:
-    from tui.app import ApplianceApp
+
+class Cockpit(Protocol):
+    """What a screen uses of the app (`tui.app.ApplianceApp`): a protocol, so the screens never
+    import the app module, which imports them."""
+
+    workspace: Workspace
+    settings: Settings
+    pending_job: str | None
+    pending_training: str | None
+    painted: bool
+
+    def nav_items(self) -> list[tuple[str, str, str]]: ...
+    def workspace_label(self) -> str: ...
+    def open_job(self, job_id: str) -> None: ...
+    def open_training(self, job_id: str) -> None: ...
+    def go_back(self) -> None: ...
+    def after_first_paint(self, callback: Callable[[], object]) -> None: ...
+    def show_error(self, error: BaseException, *, title: str = "Error", modal: bool = False) -> None: ...
 
 T = TypeVar("T")
 
@@ -178,7 +195,7 @@ class ApplianceScreen(Screen[None]):
         self._jobs_shown: list[Running] = []  # the running jobs #activity shows
 
     @property
-    def appliance(self) -> ApplianceApp:
+    def appliance(self) -> Cockpit:
         return self.app  # type: ignore[return-value]
 
     @property
@@ -390,7 +407,7 @@ class ApplianceScreen(Screen[None]):
 
         `skip_if_busy`: if a worker of this group still runs, start nothing (a poll must not
         cancel the read before it, or a slow disk would starve the screen)."""
-        app = self.appliance
+        app, cockpit = self.app, self.appliance
         running = self._workers.get(group)
         if skip_if_busy and running is not None and not running.is_finished:
             return None
@@ -401,7 +418,7 @@ class ApplianceScreen(Screen[None]):
                 result = work()
             except Exception as exc:  # every failure is shown; none kills the UI
                 if not worker.is_cancelled:
-                    app.call_from_thread(app.show_error, exc, title=title, modal=modal)
+                    app.call_from_thread(cockpit.show_error, exc, title=title, modal=modal)
                 return
             if done is not None and not worker.is_cancelled:
                 app.call_from_thread(done, result)

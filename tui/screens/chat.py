@@ -152,12 +152,12 @@ class ChatScreen(ApplianceScreen):
             return
         targets = self._targets()
         if not targets:
-            self.appliance.notify("pick an artifact first", title="No artifact", severity="warning")
+            self.app.notify("pick an artifact first", title="No artifact", severity="warning")
             return
         try:
             sampling = self._sampling()
         except ValueError as exc:
-            self.appliance.notify(str(exc), title="Sampling settings", severity="error",
+            self.app.notify(str(exc), title="Sampling settings", severity="error",
                                   markup=False)
             return
         event.input.value = ""
@@ -209,7 +209,7 @@ class ChatScreen(ApplianceScreen):
         event.input.remove_class("-invalid")
 
     def _generate(self, targets: list[tuple[str, str]], system: str, sampling: Any, allow: bool) -> None:
-        app = self.appliance
+        app = self.app
 
         def run() -> None:
             try:
@@ -236,7 +236,7 @@ class ChatScreen(ApplianceScreen):
     def _answer(self, pane: Pane, engine: Any, system: str, sampling: Any) -> None:
         from appliance.runtime.engine import Delta, Done
 
-        app = self.appliance
+        app = self.app
         messages = ([{"role": "system", "content": system}] if system else []) + pane.messages
         line = app.call_from_thread(pane.add, f"{pane.name}> ")
         parts: list[str] = []

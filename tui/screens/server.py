@@ -344,7 +344,7 @@ class ServerScreen(ApplianceScreen):
 
         def ask(exports: list[tuple[str, str]]) -> None:
             if not exports:
-                self.appliance.notify("no GGUF or ONNX export to serve yet: 6 Exports makes one",
+                self.app.notify("no GGUF or ONNX export to serve yet: 6 Exports makes one",
                                       title="Nothing to serve", severity="warning")
                 return
             self.app.push_screen(StartDialog(exports), self._start)
@@ -390,7 +390,7 @@ class ServerScreen(ApplianceScreen):
             self.notify("no server running", severity="warning")
             return
         if served.job is None:
-            self.appliance.notify("this server was not started here: stop it where it was started "
+            self.app.notify("this server was not started here: stop it where it was started "
                                   "(under systemd: systemctl stop appliance-server)",
                                   title="Not started here", severity="warning")
             return
