@@ -25,7 +25,7 @@ from typing import Any
 
 from appliance import __version__, offline
 from appliance.errors import ApplianceError, ExitCode, UsageError, ValidationError
-from appliance.textout import _Human, format_event, human_count, print_dataset_report, print_json, say
+from appliance.textout import HumanOutput, format_event, human_count, print_dataset_report, print_json, say
 from appliance.textout import open_workspace as _workspace
 
 # Command groups that live beside the code they drive. Each module imports only the standard library
@@ -82,7 +82,7 @@ def _confirm(question: str, refusal: str) -> bool:
     """Ask on the terminal; without one, refuse (a script must say --yes)."""
     if not sys.stdin.isatty():
         raise UsageError(refusal, title="Confirmation needed", hint="pass --yes")
-    print(f"{question} [y/N] ", end="", file=sys.stderr if _Human.to_stderr else sys.stdout, flush=True)
+    print(f"{question} [y/N] ", end="", file=sys.stderr if HumanOutput.to_stderr else sys.stdout, flush=True)
     return input().strip().lower() in ("y", "yes")
 
 
@@ -866,7 +866,7 @@ def _closed_pipe() -> bool:
 def run_command(args: argparse.Namespace) -> int:
     """Run a parsed command: each `ApplianceError` exits with its class's code, without a
     traceback; `--json` sends the human text to stderr."""
-    _Human.to_stderr = bool(getattr(args, "json", False))
+    HumanOutput.to_stderr = bool(getattr(args, "json", False))
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # here, where a closed pipe is caught, not at interpreter exit
@@ -881,7 +881,7 @@ def run_command(args: argparse.Namespace) -> int:
         print("interrupted", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
     finally:
-        _Human.to_stderr = False
+        HumanOutput.to_stderr = False
 
 
 def quiet_on_closed_pipe(func: Callable[[], int]) -> int:

@@ -30,7 +30,6 @@ from appliance.errors import ApplianceError, BusyError, ValidationError
 from appliance.fsutil import atomic_write_text, disk_full_as_error
 from appliance.progress import Progress, Stages
 from appliance.workspace import ArtifactRecord, Workspace, parent_ref
-from appliance.workspace import require_passed as require_passed  # its old home
 
 if TYPE_CHECKING:
     import numpy as np
@@ -59,6 +58,11 @@ def tool_lines(say: Say) -> Say:
 
 def merged_name(run: str) -> str:
     return f"{run}-merged"
+
+
+def artifact_name(run: str, fmt: str, kind: str) -> str:
+    """An exported artifact's name: `<run>-gguf-q4_k_m`, `<run>-onnx-int4` (the job's result)."""
+    return f"{run}-{fmt}-{kind.lower()}"
 
 
 def _existing(ws: Workspace, name: str) -> ArtifactRecord | None:
@@ -340,7 +344,7 @@ def export_gguf(ws: Workspace, run: str, quants: list[str], *, scratch: Path,
     from export import gguf
 
     names = [gguf.resolve_quant_type(q)[0] for q in quants]  # unknown types fail before any work
-    todo = {f"{run}-gguf-{q.lower()}": q for q in names}
+    todo = {artifact_name(run, "gguf", q): q for q in names}
     stages = Stages(progress, artifacts_total=len(todo))
     merged = _merge(ws, run, dtype=None, base=None, say=say, check_cancel=check_cancel,
                     stages=stages)
@@ -401,7 +405,7 @@ def _one_gguf(ws: Workspace, merged: ArtifactRecord, run: str, qtype: str, base:
               stages: Stages) -> ArtifactRecord:
     from export import gguf, ollama
 
-    name = f"{run}-gguf-{qtype.lower()}"
+    name = artifact_name(run, "gguf", qtype)
     with ws.writer("export", name) as w:
         path = w.path / f"{run}-{qtype}.gguf"
         if qtype == "F16":
@@ -433,7 +437,7 @@ def export_onnx(ws: Workspace, run: str, precisions: list[str], *, scratch: Path
     bad = [p for p in precisions if p not in onnx.PRECISIONS]
     if bad:
         raise ValidationError(f"unknown ONNX precision {bad[0]!r}; valid: {', '.join(onnx.PRECISIONS)}")
-    todo = {f"{run}-onnx-{p}": p for p in precisions}
+    todo = {artifact_name(run, "onnx", p): p for p in precisions}
     stages = Stages(progress, artifacts_total=len(todo))
     merged = _merge(ws, run, dtype=None, base=None, say=say, check_cancel=check_cancel,
                     stages=stages)
@@ -447,7 +451,7 @@ def _one_onnx(ws: Workspace, merged: ArtifactRecord, run: str, precision: str, s
               stages: Stages) -> ArtifactRecord:
     from export import onnx
 
-    name = f"{run}-onnx-{precision}"
+    name = artifact_name(run, "onnx", precision)
     fp32 = scratch / "onnx-fp32"
     with ws.writer("export", name) as w:
         target = w.path / "onnx"

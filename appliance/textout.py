@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from appliance.workspace import Workspace
 
 
-class _Human:
+class HumanOutput:
     """Where `say` writes: stdout, or stderr while `--json` keeps stdout for the JSON document."""
 
     to_stderr = False
@@ -31,7 +31,7 @@ def open_workspace(args: argparse.Namespace) -> Workspace:
 
 
 def say(message: str) -> None:
-    print(message, file=sys.stderr if _Human.to_stderr else sys.stdout, flush=True)
+    print(message, file=sys.stderr if HumanOutput.to_stderr else sys.stdout, flush=True)
 
 
 def print_json(data: Any) -> None:

@@ -24,7 +24,7 @@ was trained on degrades it silently, so the TEMPLATE is not guessed from the Jin
   Ollama's Modelfile syntax cannot quote are refused rather than written broken.
 
 Headless and light: imports only the standard library and appliance helpers at module level;
-`export.gguf` (which re-exports `write_modelfile`) and transformers are imported inside functions.
+`export.gguf` and transformers are imported inside functions.
 """
 
 from __future__ import annotations

@@ -28,67 +28,27 @@ import codecs
 import contextlib
 import ctypes
 import json
-import struct
 import threading
 from collections.abc import Callable, Generator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from appliance.errors import ApplianceError, IntegrityError, ValidationError
 from appliance.runtime.engine import DEFAULT_MAX_CONTEXT, Artifact, EngineBase, Sampling, default_threads
 from appliance.runtime.sampling import PENALTY_WINDOW
-from appliance.runtime.template import ChatTemplate, TemplateRenderError, check_gguf_templates
+from appliance.runtime.template import ChatTemplate, TemplateRenderError, check_gguf_templates, gguf_metadata
 
 _REEXPORT = "the file is truncated or not a model llama.cpp supports; export it again"
 # GGUF value types -> byte sizes of the fixed-size ones (8 = string, 9 = array)
-_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_INTS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q"}
-
-
 def gguf_context_length(path: Path) -> int | None:
-    """`<arch>.context_length` from a GGUF header, skipping values it does not need (the
-    converter writes the architecture keys before the vocabulary, so this is a short read)."""
+    """`<arch>.context_length` from a GGUF header (None if the file does not say, or is not a
+    readable GGUF: llama.cpp's own load then says why)."""
     try:
-        with open(path, "rb") as fh:
-            if fh.read(4) != b"GGUF" or _unpack(fh, "<I") not in (2, 3):
-                return None
-            _unpack(fh, "<Q")  # tensor count
-            arch = None
-            for _ in range(_unpack(fh, "<Q")):
-                key, kind = _read_str(fh), _unpack(fh, "<I")
-                if key == "general.architecture" and kind == 8:
-                    arch = _read_str(fh)
-                elif arch and key == f"{arch}.context_length" and kind in _INTS:
-                    return int(_unpack(fh, _INTS[kind]))
-                else:
-                    _skip(fh, kind)
-    except (OSError, struct.error, UnicodeDecodeError):
+        meta = gguf_metadata(path, lambda k: k == "general.architecture" or k.endswith(".context_length"))
+    except ValidationError:
         return None
-    return None
-
-
-def _unpack(fh: BinaryIO, fmt: str) -> Any:
-    return struct.unpack(fmt, fh.read(struct.calcsize(fmt)))[0]
-
-
-def _read_str(fh: BinaryIO) -> str:
-    return fh.read(_unpack(fh, "<Q")).decode("utf-8")
-
-
-def _skip(fh: BinaryIO, kind: int) -> None:
-    if kind in _SIZES:
-        fh.seek(_SIZES[kind], 1)
-    elif kind == 8:
-        fh.seek(_unpack(fh, "<Q"), 1)
-    elif kind == 9:
-        item, count = _unpack(fh, "<I"), _unpack(fh, "<Q")
-        if item in _SIZES:
-            fh.seek(_SIZES[item] * count, 1)
-        else:
-            for _ in range(count):
-                _skip(fh, item)
-    else:
-        raise struct.error(f"unknown GGUF value type {kind}")
+    value = meta.get(f"{meta.get('general.architecture')}.context_length")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def pick_context(asked: int | None, trained: int | None) -> int:

@@ -366,8 +366,7 @@ def gguf_metadata(path: Path, want: Callable[[str], bool], *,
     """The string and number values of the GGUF metadata keys that `want` accepts, from the file's
     header alone: arrays (the vocabulary) are skipped, and the tensor infos after the metadata are
     never read. A wanted string longer than `max_string` bytes comes back as GGUFLongString.
-    A file that is not a readable GGUF is a ValidationError naming it. (llama_engine's
-    gguf_context_length could read its keys with this too.)"""
+    A file that is not a readable GGUF is a ValidationError naming it."""
     try:
         with open(path, "rb") as fh:
             return _read_gguf_metadata(_GGUFReader(fh, os.fstat(fh.fileno()).st_size), want,

@@ -125,14 +125,14 @@ def _export(ctx: JobContext) -> dict[str, Any]:
 def _last_export_name(p: dict[str, Any]) -> str:
     """The artifact an export job writes last, named as `exports` names them (the merged model if
     no type is asked for): its commit ends the job."""
-    from appliance.exports import merged_name
+    from appliance.exports import artifact_name, merged_name
 
     types = [str(t) for t in p["types"]]
     if p["format"] == "gguf":
         from export.gguf import resolve_quant_type
 
-        types = [resolve_quant_type(t)[0].lower() for t in types]
-    names = [f"{p['run']}-{p['format']}-{t}" for t in dict.fromkeys(types)]
+        types = [resolve_quant_type(t)[0] for t in types]
+    names = [artifact_name(p["run"], p["format"], t) for t in dict.fromkeys(types)]
     return names[-1] if names else merged_name(p["run"])
 
 

@@ -6,9 +6,6 @@ stack nor psutil (the probe's, imported in its worker). bench/tui_startup.py mea
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,10 +17,10 @@ from textual.widgets import Static
 from tuikit import app_for, fixed_probe, settle, wait_for
 
 from appliance.workspace import Workspace
+from tests.unit.test_layers import loaded_after_import
 from tui.screens.base import ApplianceScreen
 from tui.system import SystemStatus
 
-ROOT = Path(__file__).resolve().parents[2]
 # what the first frame needs: the app, the dashboard, and what the CLI imports to build them
 FIRST_FRAME = ("appliance.offline", "appliance.workspace", "tui.app", "tui.screens.dashboard")
 NOT_BEFORE_THE_FIRST_FRAME = {"torch", "transformers", "peft", "bitsandbytes", "optimum",
@@ -78,11 +75,6 @@ async def test_a_read_asked_for_after_the_first_frame_starts_at_once(tmp_path: P
 
 
 def test_the_first_frame_imports_no_heavy_module() -> None:
-    code = ("import importlib, json, sys\n"
-            f"for m in {FIRST_FRAME!r}: importlib.import_module(m)\n"
-            "print(json.dumps(sorted({n.split('.')[0] for n in sys.modules})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                         timeout=120, check=True)
-    loaded = set(json.loads(out.stdout))
+    loaded = loaded_after_import(list(FIRST_FRAME))
     assert {"textual", "tui", "appliance"} <= loaded
     assert not loaded & NOT_BEFORE_THE_FIRST_FRAME, sorted(loaded & NOT_BEFORE_THE_FIRST_FRAME)

@@ -15,7 +15,7 @@ import pytest
 from appliance import api, datasets, exports, jobs, manifest, models
 from appliance.demo import sample_dataset
 from appliance.errors import ApplianceError, DiskFullError, IntegrityError, RefusedError, ValidationError
-from appliance.workspace import ArtifactRecord, Workspace
+from appliance.workspace import ArtifactRecord, Workspace, require_passed
 
 pytestmark = pytest.mark.integration
 TRAIN = {"lora_r": 4, "lora_alpha": 8, "max_steps": 2, "batch_size": 2, "grad_accum": 1,
@@ -75,8 +75,8 @@ def test_a_broken_artifact_fails_the_gate_and_is_refused(smol_run: Workspace) ->
     row = json.loads((record.path / "parity.json").read_text())["artifacts"][0]
     assert not row["passed"] and row["reasons"]
     with pytest.raises(RefusedError, match="failed its parity gate"):
-        exports.require_passed(record)
-    exports.require_passed(record, override=True)
+        require_passed(record)
+    require_passed(record, override=True)
     _cancel_and_crash_leave_the_old_verdict(smol_run, record)
     # an explicit, recorded override of the thresholds flips the verdict and keeps the manifest valid
     report = exports.verify(smol_run, record.name, overrides={"ppl_increase": 100.0, "kl": 100.0,
