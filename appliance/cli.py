@@ -88,7 +88,8 @@ def _confirm(question: str, refusal: str) -> bool:
 
 # -- models ----------------------------------------------------------------------------------
 def cmd_models_import(args: argparse.Namespace) -> int:
-    from appliance import api, models
+    from appliance import api
+    from appliance.stages.models import importer as models
 
     ws = _workspace(args)
     if args.default == bool(args.path):
@@ -169,7 +170,7 @@ def cmd_rm(args: argparse.Namespace, kind: str) -> int:
 
 # -- datasets --------------------------------------------------------------------------------
 def cmd_data_import(args: argparse.Namespace) -> int:
-    from appliance import datasets
+    from appliance.stages.datasets import importer as datasets
 
     ws = _workspace(args)
     model = ws.get("model", args.model)
@@ -203,7 +204,7 @@ def cmd_data_show(args: argparse.Namespace) -> int:
 # -- training --------------------------------------------------------------------------------
 def load_config(args: argparse.Namespace, model: Any) -> tuple[dict[str, Any], str, Any]:
     """Recipe + --set overrides, validated against the model (all problems at once)."""
-    from appliance import trainconfig
+    from appliance.stages.train import config as trainconfig
 
     values, source = trainconfig.load_recipe(args.recipe)
     values.update(dict(trainconfig.parse_override(o) for o in args.set or []))
@@ -214,7 +215,7 @@ def load_config(args: argparse.Namespace, model: Any) -> tuple[dict[str, Any], s
 
 def train_params(ws: Any, args: argparse.Namespace) -> dict[str, Any]:
     """Validate everything before a job is queued, so mistakes show at once, all of them."""
-    from appliance.runs import check_new_run
+    from appliance.stages.train.runs import check_new_run
 
     model = ws.get("model", args.model)
     ws.get("dataset", args.dataset)
@@ -288,7 +289,7 @@ def _run_job(args: argparse.Namespace, kind: str, params: dict[str, Any], what: 
 
 
 def _thresholds(items: list[str] | None) -> dict[str, float]:
-    from appliance.trainconfig import parse_override
+    from appliance.stages.train.config import parse_override
 
     allowed = ("ppl_increase", "kl", "agreement")
     out = {}
@@ -312,7 +313,7 @@ def _parity(record: Any) -> dict[str, Any] | None:
 def parity_lines(report: dict[str, Any]) -> list[str]:
     """The parity table, then one verdict line per gated artifact with the thresholds it was judged
     by (what `verify` and `exports show` print)."""
-    from appliance import parity
+    from appliance.stages.verify import parity
 
     lines = [parity.table(report)]
     for row in report["artifacts"]:
@@ -387,7 +388,7 @@ def cmd_exports_show(args: argparse.Namespace) -> int:
 
 def make_plan(model: Any, cfg: Any, target: str | None) -> Any:
     """The memory plan for a named target, else for the GPU found here; None without either."""
-    from appliance import planner
+    from appliance.stages.train import planner
 
     spec = planner.target_named(target) if target else planner.detected_target()
     if spec is None:
@@ -410,7 +411,7 @@ def plan_json(model: Any, memory_plan: Any, cfg: Any) -> dict[str, Any]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from appliance import planner
+    from appliance.stages.train import planner
 
     model = _workspace(args).get("model", args.model)
     _, _, cfg = load_config(args, model)
@@ -489,7 +490,7 @@ def cmd_jobs_action(args: argparse.Namespace, action: str) -> int:
 
 def cmd_jobs_worker(args: argparse.Namespace) -> int:
     from appliance import stages
-    from appliance.distributed import run_worker
+    from appliance.stages.train.distributed import run_worker
 
     return run_worker(_workspace(args), args.id, stages.KINDS["train"])
 

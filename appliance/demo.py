@@ -19,9 +19,12 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-from appliance import api, datasets, jobs, manifest, models, stack, trainconfig
+from appliance import api, jobs, manifest, stack
 from appliance.errors import JobFailedError, NotFoundError
+from appliance.stages.datasets import importer as datasets
 from appliance.stages.export import DEFAULT_TYPES
+from appliance.stages.models import importer as models
+from appliance.stages.train import config as trainconfig
 from appliance.workspace import ArtifactRecord, Workspace
 
 DATASET_NAME = "dolly-sample"
@@ -135,7 +138,7 @@ def _exports(ws: Workspace, say: Callable[[str], None]) -> list[ArtifactRecord]:
 
 
 def _parity_table(records: list[ArtifactRecord]) -> str:
-    from appliance import parity
+    from appliance.stages.verify import parity
 
     reports = [json.loads((r.path / "parity.json").read_text()) for r in records]
     merged = {**reports[0], "artifacts": [a for rep in reports for a in rep["artifacts"]]}

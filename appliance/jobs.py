@@ -45,10 +45,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from appliance import cancellation
+from appliance import cancellation, manifest
 from appliance.cancellation import JobCancelled  # raised by job functions; importable from here
 from appliance.errors import ApplianceError, BusyError, NotFoundError, RefusedError
-from appliance.workspace import ArtifactWriter, Workspace, check_name, job_dir
+from appliance.workspace import ArtifactRecord, ArtifactWriter, Workspace, check_name, job_dir
 
 # Jobs that listen on a socket: never inside the job unit, whose PrivateNetwork=yes would leave
 # the server reachable from nowhere (under systemd, appliance-server.service is the server's unit).
@@ -162,6 +162,15 @@ class JobContext:
         `finishing()` is called right before that commit, so the job is never reported cancelled
         with its result in place (then `jobs resume` would find the artifact already there)."""
         self.result_artifact = (kind, name)
+
+    def made_here(self, kind: str) -> ArtifactRecord | None:
+        """The artifact of `kind` whose manifest names this job as its maker, if any: a job
+        resumed after its commit (killed before it was marked done) finds its result there."""
+        for record in self.ws.list(kind):
+            with contextlib.suppress(ApplianceError):
+                if manifest.read(record.path).get("config", {}).get("job") == self.job.id:
+                    return record
+        return None
 
 
 class _JobWriter(ArtifactWriter):

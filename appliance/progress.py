@@ -9,7 +9,7 @@ events that carry, besides `done`/`total` of the current stage:
     stage            what it does; an export or a verification: check-inputs | merge | check-merge |
                      load-adapter | load-reference | convert | export-onnx | quantize | check |
                      check-files | load-runtime | score | record | reuse | done; a training run
-                     (`appliance.train`, whose events also carry `max_steps`): check-inputs |
+                     (`appliance.stages.train.recipe`, whose events also carry `max_steps`): check-inputs |
                      launch-workers | tokenize | load-model | load-checkpoint | evaluate |
                      save-checkpoint | publish
     label            what an operator reads: "quantizing to Q4_K_M", "scoring q8_0"

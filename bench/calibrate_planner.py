@@ -46,8 +46,8 @@ def build(folder: Path, shape: dict) -> None:
 def measure(folder: Path, name: str, shape: dict) -> list[dict]:
     import torch
 
-    from appliance.train import causal_lm_loss, load_model, make_optimizer
-    from appliance.trainconfig import validate
+    from appliance.stages.train.config import validate
+    from appliance.stages.train.recipe import causal_lm_loss, load_model, make_optimizer
 
     cfg = validate({"lora_r": 16, "lora_alpha": 32, "optimizer": "paged_adamw_8bit"})
     torch.cuda.empty_cache()

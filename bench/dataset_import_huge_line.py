@@ -29,7 +29,7 @@ CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
 from transformers import AutoTokenizer
-from appliance import datasets
+from appliance.stages.datasets import importer as datasets
 
 path, tokenizer_dir = Path(sys.argv[1]), sys.argv[2]
 check = datasets.LengthCheck(AutoTokenizer.from_pretrained(tokenizer_dir), 8192)

@@ -97,7 +97,7 @@ def bandwidth() -> float:
 
 
 def decode_speed(kind: str, path: Path, model_dir: Path) -> float:
-    from appliance.models import load_tokenizer
+    from appliance.hfmodel import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     text = tok.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
@@ -125,7 +125,7 @@ def run_model(name: str, root: Path, bw: float) -> list[dict]:
     for d in (merged, gg):
         d.mkdir()
     rows = [
-        stage("merge", f"from appliance.merge import merge_folder; from pathlib import Path\n"
+        stage("merge", f"from appliance.stages.merge.weights import merge_folder; from pathlib import Path\n"
                        f"merge_folder(Path('{folder}'), Path('{adapter}'), Path('{merged}'), dtype='fp16')"),
         stage("gguf F16", f"from export.gguf import convert; from pathlib import Path\n"
                           f"convert(Path('{merged}'), Path('{gg}/m-F16.gguf'))"),

@@ -82,9 +82,9 @@ def baseline_step(path: str, liger: bool):
 def ours_step(path: str):
     import torch
 
-    from appliance.fastlora import weights_changed
-    from appliance.train import causal_lm_loss, load_model, make_optimizer
-    from appliance.trainconfig import validate
+    from appliance.stages.train.config import validate
+    from appliance.stages.train.fastlora import weights_changed
+    from appliance.stages.train.recipe import causal_lm_loss, load_model, make_optimizer
 
     if os.environ.get("OURS_LIGER"):  # experiment: Liger's RoPE, RMSNorm and SwiGLU under our engine
         from liger_kernel.transformers import apply_liger_kernel_to_llama

@@ -4,5 +4,5 @@ onnxruntime (`export.onnx`). Headless: never imports Textual; heavy libraries lo
 
 The version-locked llama.cpp converter is installed by scripts/setup.sh and located with
 `appliance.stack.converter_dir()`. The pipeline that turns a run into checked artifacts (merge,
-export, parity gate, registry) is `appliance.exports`.
+export, parity gate, registry) is `appliance.stages.export.pipeline`.
 """

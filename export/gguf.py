@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance import modelio, offline, stack
+from appliance import hfmodel, modelio, offline, stack
 from appliance.errors import ApplianceError, IntegrityError, RefusedError, ValidationError
 
 Progress = Callable[[str], None]
@@ -396,13 +396,12 @@ def chat_spec(model_dir: Path, tokenizer: Any = None) -> ChatSpec:
         if info.get("chat_template") and info.get("stop_token_ids"):
             return ChatSpec(info["chat_template"], tuple(info["stop_token_ids"]),
                             tuple(info.get("stop_tokens") or ()), bool(info.get("supports_system", True)))
-    from appliance import models
 
-    tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(model_dir)
+    tokenizer = tokenizer if tokenizer is not None else hfmodel.load_tokenizer(model_dir)
     if not tokenizer.chat_template:
         raise ValidationError(f"{model_dir} has no chat template")
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    stops = models.stop_token_ids(model_dir, config, tokenizer)
+    stops = hfmodel.stop_token_ids(model_dir, config, tokenizer)
     return ChatSpec(tokenizer.chat_template, tuple(stops), tuple(tokenizer.convert_ids_to_tokens(stops)))
 
 
@@ -418,9 +417,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 
 def _probe_messages(spec: ChatSpec) -> list[dict[str, str]]:
-    from appliance.models import PROBE
-
-    return list(PROBE if spec.supports_system else PROBE[1:])
+    return list(hfmodel.PROBE if spec.supports_system else hfmodel.PROBE[1:])
 
 
 def _llama_probe(path: Path, text: str, stop_ids: Sequence[int]) -> dict[str, Any]:
@@ -489,10 +486,10 @@ def check_gguf(path: Path, model_dir: Path, *, spec: ChatSpec | None = None, tok
     logits; llama.cpp tokenizes a rendered chat (and awkward text) exactly like the HF tokenizer;
     the BOS policy agrees. Returns a summary for the manifest. `meta` is the file's metadata if
     the caller has already read it (reading a GGUF's token tables takes a second or two)."""
-    from appliance import chat, models
+    from appliance import chat
 
     path, model_dir = Path(path), Path(model_dir)
-    tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(model_dir)
+    tokenizer = tokenizer if tokenizer is not None else hfmodel.load_tokenizer(model_dir)
     spec = spec or chat_spec(model_dir, tokenizer)
     meta = meta if meta is not None else read_metadata(path)
     _check_metadata(path, meta, spec)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from appliance import hfmodel
 from appliance.errors import ValidationError
 from appliance.fsutil import atomic_write_text
 
@@ -465,11 +466,11 @@ def write_modelfile(gguf_path: Path, model_dir: Path, *, out: Path | None = None
                     max_ctx: int = 4096) -> Path:
     """Write `<gguf stem>.Modelfile` beside the GGUF (or `out`) for `ollama create`; num_ctx is the
     model's context length capped at `max_ctx`."""
-    from appliance import chat, models
+    from appliance import chat
     from export.gguf import chat_spec, read_metadata
 
     gguf_path, model_dir = Path(gguf_path), Path(model_dir)
-    tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(model_dir)
+    tokenizer = tokenizer if tokenizer is not None else hfmodel.load_tokenizer(model_dir)
     spec = spec or chat_spec(model_dir, tokenizer)
     meta = meta if meta is not None else read_metadata(gguf_path)
     jinja = meta.get("tokenizer.chat_template") or spec.template

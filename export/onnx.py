@@ -55,7 +55,8 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf refuses messages over 2 GiB
 NBITS = {"block_size": 32, "is_symmetric": False, "accuracy_level": 4}
 # Kept at 8 bits in int4 exports, as llama.cpp's Q4_K_M keeps them at 6: on SmolLM2 + adapter,
 # symmetric all-4-bit gave +112% perplexity (KL 0.75), asymmetric +37%, asymmetric with these at
-# 8 bits +14% (KL 0.13) for 17 MiB more (appliance/parity.py thresholds, bench/results/parity-smollm2.md).
+# 8 bits +14% (KL 0.13) for 17 MiB more (thresholds: appliance/stages/verify/parity.py;
+# bench/results/parity-smollm2.md).
 INT4_KEEP_8BIT = ("down_proj", "v_proj")
 TITLE = "ONNX export failed"
 PREFILL_CHUNK = 512

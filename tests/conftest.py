@@ -76,7 +76,7 @@ def workspace(tmp_path: Path) -> Workspace:
 @pytest.fixture(scope="session")
 def smol_model(tmp_path_factory: pytest.TempPathFactory) -> ArtifactRecord:
     """The real embedded SmolLM2-135M-Instruct, imported once per session. Treat as read-only."""
-    from appliance import models
+    from appliance.stages.models import importer as models
 
     ws = Workspace(tmp_path_factory.mktemp("smol") / "ws")
     return models.import_default(ws)
@@ -84,7 +84,7 @@ def smol_model(tmp_path_factory: pytest.TempPathFactory) -> ArtifactRecord:
 
 @pytest.fixture(scope="session")
 def smol_tokenizer(smol_model: ArtifactRecord):
-    from appliance.models import load_tokenizer
+    from appliance.stages.models.importer import load_tokenizer
 
     return load_tokenizer(smol_model.path)
 

@@ -12,9 +12,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance import api, jobs, planner, runs, trainconfig
+from appliance import api, jobs
 from appliance.errors import ApplianceError, ValidationError
 from appliance.gpus import GpuStatus
+from appliance.stages.train import config as trainconfig
+from appliance.stages.train import planner, runs
 from appliance.workspace import Workspace, check_name
 
 FORM_KEYS = ("max_steps", "learning_rate", "lora_r", "lora_alpha", "batch_size", "grad_accum",

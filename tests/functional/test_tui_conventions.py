@@ -19,7 +19,7 @@ from tuikit import (
     settle,
 )
 
-from appliance import datasets
+from appliance.stages.datasets import importer as datasets
 from appliance.workspace import Workspace
 from tui.app import ApplianceApp, Settings
 from tui.widgets import KeyedTable

@@ -97,8 +97,8 @@ def _still_running(ws: Workspace, job_id: str) -> bool:
 @pytest.mark.slow
 async def test_train_from_the_ui_see_events_quit_and_find_it_running_from_the_cli(
         model_workspace: tuple[Workspace, ArtifactRecord]) -> None:
-    from appliance import datasets
     from appliance.demo import sample_dataset
+    from appliance.stages.datasets import importer as datasets
 
     ws, model = model_workspace
     datasets.import_file(ws, sample_dataset(), model, name="dolly")

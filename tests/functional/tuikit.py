@@ -28,7 +28,8 @@ from rich.console import Console
 from textual.pilot import Pilot
 from textual.widgets import DirectoryTree
 
-from appliance import datasets, jobs, stack
+from appliance import jobs, stack
+from appliance.stages.datasets import importer as datasets
 from appliance.workspace import Workspace, parent_ref
 from tui.app import ApplianceApp, Settings
 from tui.system import GpuStatus, SystemStatus

@@ -18,8 +18,10 @@ torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (none found)", allow_module_level=True)
 
-from appliance import api, datasets, jobs, models  # noqa: E402
+from appliance import api, jobs  # noqa: E402
 from appliance.demo import sample_dataset  # noqa: E402
+from appliance.stages.datasets import importer as datasets  # noqa: E402
+from appliance.stages.models import importer as models  # noqa: E402
 from appliance.workspace import Workspace  # noqa: E402
 from tests.conftest import build_random_llama  # noqa: E402
 

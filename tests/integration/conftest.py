@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance import datasets, models
 from appliance.demo import sample_dataset
+from appliance.stages.datasets import importer as datasets
+from appliance.stages.models import importer as models
 from appliance.workspace import Workspace
 
 

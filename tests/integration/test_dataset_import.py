@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from appliance import datasets
 from appliance.errors import ExitCode, ValidationError
+from appliance.stages.datasets import importer as datasets
 from appliance.workspace import ArtifactRecord, Workspace
 
 pytestmark = pytest.mark.integration

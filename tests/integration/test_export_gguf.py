@@ -40,7 +40,7 @@ class GgufExport:
 
 def export_gguf(model_dir: Path, out_dir: Path, quants: Sequence[str], *, nthread: int | None = None,
                 progress: Callable[[str], None] | None = None) -> list[GgufExport]:
-    from appliance import models
+    from appliance.stages.models import importer as models
 
     names = [gguf.resolve_quant_type(q)[0] for q in quants]  # fail fast, before minutes of converting
     say = progress or (lambda _: None)
@@ -89,7 +89,7 @@ def tiny_qwen2_gguf(tiny_qwen2_source: Path, tmp_path_factory: pytest.TempPathFa
 
 @pytest.fixture(scope="module")
 def qwen2_tokenizer(tiny_qwen2_source: Path) -> Any:
-    from appliance.models import load_tokenizer
+    from appliance.stages.models.importer import load_tokenizer
 
     return load_tokenizer(tiny_qwen2_source)
 
@@ -207,7 +207,7 @@ def test_tiny_qwen2_converts_and_matches_transformers(tiny_qwen2_source: Path, t
 def test_imported_tokenizer_needs_the_staged_fix_and_a_llama_cpp_abort_is_contained(
         tiny_llama_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The fixture tokenizer is the one our GGUF import writes (byte-level BPE + byte_fallback)."""
-    from appliance.models import load_tokenizer
+    from appliance.stages.models.importer import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_llama_source)
     fixed = gguf.convert(tiny_llama_source, tmp_path / "fixed.gguf")

@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from appliance import api, datasets, exports, jobs, manifest, models
+from appliance import api, jobs, manifest
 from appliance.demo import sample_dataset
 from appliance.errors import ApplianceError, DiskFullError, IntegrityError, RefusedError, ValidationError
+from appliance.stages.datasets import importer as datasets
+from appliance.stages.export import pipeline as exports
+from appliance.stages.models import importer as models
 from appliance.workspace import ArtifactRecord, Workspace, require_passed
 
 pytestmark = pytest.mark.integration

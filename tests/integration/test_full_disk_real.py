@@ -24,7 +24,7 @@ from pathlib import Path
 mnt, tiny, data = map(Path, sys.argv[1:4])
 home = mnt / "ws"
 sys.path.insert(0, sys.argv[4])
-from appliance import models
+from appliance.stages.models import importer as models
 from appliance.runtime import keys
 from appliance.workspace import Workspace
 

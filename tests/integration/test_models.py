@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance import manifest, models
+from appliance import manifest
 from appliance.errors import RefusedError, ValidationError
+from appliance.stages.models import importer as models
 from appliance.workspace import ArtifactRecord, Workspace
 
 pytestmark = pytest.mark.integration

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance import api, datasets, jobs, manifest
+from appliance import api, jobs, manifest
 from appliance.demo import sample_dataset
 from appliance.errors import ExitCode, NotFoundError
 from appliance.progress import is_staged
+from appliance.stages.datasets import importer as datasets
 from appliance.workspace import Workspace
 
 pytestmark = pytest.mark.integration
@@ -146,7 +147,7 @@ def test_cancel_while_a_resumed_run_loads_its_model(train_ws: Workspace,
     the cancel flag: a cancel then must still stop it, and leave its checkpoints as they were."""
     import threading
 
-    from appliance import train
+    from appliance.stages.train import recipe as train
 
     real_step, real_load = train.Trainer._step, train.load_model
     job = jobs.submit(train_ws, "train", params("slow-load", max_steps=4, eval_every=100))
@@ -198,7 +199,7 @@ def test_cancel_during_the_final_evaluation_resumes_to_the_same_run(
     """The final evaluation (minutes on a real model) stops at a cancel: the checkpoint of the
     last step is kept with that evaluation still owed, and the resumed job evaluates then
     publishes the same run as a job never cancelled."""
-    from appliance import train
+    from appliance.stages.train import recipe as train
 
     same = {"max_steps": 4, "eval_every": 2, "save_every": 2}
     straight = jobs.submit(train_ws, "train", params("straight", **same))
@@ -240,7 +241,7 @@ def test_out_of_memory_keeps_the_checkpoint_and_says_what_to_change(
     """Simulated: the step after the step-2 checkpoint raises CUDA's OutOfMemoryError."""
     import torch
 
-    from appliance import train
+    from appliance.stages.train import recipe as train
 
     real_step = train.Trainer._step
 
@@ -295,8 +296,8 @@ def test_chunked_loss_equals_the_models_own_loss(tiny_llama: Path, monkeypatch: 
                                                  quantization: str) -> None:
     import torch
 
-    from appliance import train
-    from appliance.trainconfig import validate
+    from appliance.stages.train import recipe as train
+    from appliance.stages.train.config import validate
 
     monkeypatch.setattr(train, "LOSS_CHUNK", 16)  # several chunks even on this short batch
     cfg = validate({"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "quantization": quantization})

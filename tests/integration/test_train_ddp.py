@@ -72,7 +72,8 @@ def _workers(job_id: str) -> list[int]:
             cmdline = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"worker" in cmdline and job_id.encode() in cmdline and b"appliance.distributed" not in cmdline:
+        module = b"appliance.stages.train.distributed"
+        if b"worker" in cmdline and job_id.encode() in cmdline and module not in cmdline:
             found.append(int(proc.name))
     return found
 

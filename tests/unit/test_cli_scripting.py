@@ -276,7 +276,8 @@ def test_train_follow_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 
 def test_plan_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                    capsys: pytest.CaptureFixture[str]) -> None:
-    from appliance import planner, trainconfig
+    from appliance.stages.train import config as trainconfig
+    from appliance.stages.train import planner
 
     ws = Workspace(tmp_path / "ws")
     make_artifact(ws, "model", "m", summary={"context_length": 2048})

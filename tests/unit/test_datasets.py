@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from appliance import datasets
-from appliance.datasets import Messages, Rejected
+from appliance.stages.datasets import importer as datasets
+from appliance.stages.datasets.importer import Messages, Rejected
 
 LIMIT = 20
 

@@ -164,7 +164,7 @@ def test_a_revocation_without_reserve_says_what_to_do(
 
 def test_a_model_copy_that_cannot_fit_is_refused_before_copying(
         workspace: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from appliance import models
+    from appliance.stages.models import importer as models
 
     folder = tmp_path / "m"
     folder.mkdir()

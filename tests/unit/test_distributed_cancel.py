@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from appliance import cancellation, distributed, jobs
+from appliance import cancellation, jobs
+from appliance.stages.train import distributed
 from appliance.workspace import Workspace
 
 

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from appliance.distributed import _outcome
 from appliance.errors import ApplianceError
 from appliance.jobs import JobCancelled
+from appliance.stages.train.distributed import _outcome
 
 
 def _ctx(tmp_path: Path, **outcomes: dict) -> SimpleNamespace:

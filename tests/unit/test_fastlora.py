@@ -12,9 +12,9 @@ torch = pytest.importorskip("torch")
 
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
-from appliance.fastlora import fuse  # noqa: E402
-from appliance.train import causal_lm_loss, load_model  # noqa: E402
-from appliance.trainconfig import validate  # noqa: E402
+from appliance.stages.train.config import validate  # noqa: E402
+from appliance.stages.train.fastlora import fuse  # noqa: E402
+from appliance.stages.train.recipe import causal_lm_loss, load_model  # noqa: E402
 
 
 def _loss_and_grads(folder: Path, fused: bool, quantization: str) -> tuple[float, dict]:

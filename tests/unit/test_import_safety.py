@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance import modelio, models
+from appliance import modelio
 from appliance.errors import RefusedError, ValidationError
+from appliance.stages.models import importer as models
 from tests.unit.test_gguf_checks import _sentencepiece_model
 
 

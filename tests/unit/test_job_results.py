@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
-from appliance import api, cancellation, exports, jobs, manifest, stages
+from appliance import api, cancellation, jobs, manifest, stages
+from appliance.stages.export import job as export_job
+from appliance.stages.export import pipeline as exports
 from appliance.workspace import ArtifactRecord, Workspace
 
 
@@ -64,9 +66,9 @@ def test_a_merge_or_verify_job_finishes_at_its_one_commit(
 
 def test_the_last_export_is_named_as_exports_names_it() -> None:
     gguf = {"run": "r", "format": "gguf", "types": ["Q8_0", "q4_k", "q8_0"]}
-    assert stages._last_export_name(gguf) == "r-gguf-q4_k_m"  # the order of first mention
-    assert stages._last_export_name({"run": "r", "format": "onnx", "types": ["int4"]}) == "r-onnx-int4"
-    assert stages._last_export_name({"run": "r", "format": "onnx", "types": []}) == "r-merged"
+    assert export_job.last_artifact_name(gguf) == "r-gguf-q4_k_m"  # the order of first mention
+    assert export_job.last_artifact_name({"run": "r", "format": "onnx", "types": ["int4"]}) == "r-onnx-int4"
+    assert export_job.last_artifact_name({"run": "r", "format": "onnx", "types": []}) == "r-merged"
 
 
 def test_a_job_that_declares_no_result_is_not_finishing_after_a_commit(

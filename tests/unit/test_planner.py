@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance import planner, trainconfig
-from appliance.trainconfig import validate
+from appliance.stages.train import config as trainconfig
+from appliance.stages.train import planner
+from appliance.stages.train.config import validate
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
@@ -77,7 +78,7 @@ def test_out_of_sample_peaks_from_the_throughput_benchmark(result: str) -> None:
 
 
 def test_planner_and_trainer_agree_on_the_loss_chunk() -> None:
-    from appliance import train
+    from appliance.stages.train import recipe as train
 
     assert planner.LOSS_CHUNK == train.LOSS_CHUNK
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from test_gpus import fake_nvidia_smi
 
-from appliance import gpus, planner
+from appliance import gpus
+from appliance.stages.train import planner
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCH_SENTINEL = planner.GpuSpec("from torch", 1.0, "7.0")
@@ -30,7 +31,7 @@ def test_spec_for_names_the_gpu_by_its_free_memory_now() -> None:
 
 
 def _detect_in_fresh_interpreter(path: Path) -> dict:
-    code = ("import json, sys\nfrom appliance import planner\nspec = planner.detected_target()\n"
+    code = ("import json, sys\nfrom appliance.stages.train import planner\nspec = planner.detected_target()\n"
             "print(json.dumps({'spec': spec and [spec.name, spec.memory_gib, spec.compute_capability],"
             " 'torch': 'torch' in sys.modules}))")
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}

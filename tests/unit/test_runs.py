@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance import jobs, runs
+from appliance import jobs
 from appliance.errors import ApplianceError, ValidationError
+from appliance.stages.train import runs
 from appliance.workspace import Workspace
 
 

@@ -74,7 +74,7 @@ def test_scoring_falls_back_to_bf16_when_fp32_copies_do_not_fit(tmp_path: Path,
 
     import psutil
 
-    from appliance.merge import scoring_dtype
+    from appliance.stages.merge.weights import scoring_dtype
 
     save_file({"w": torch.zeros(1000, 1000)}, str(tmp_path / "model.safetensors"))  # 1M parameters
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=9_000_000))

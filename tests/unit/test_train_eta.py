@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.train import evals_from
-from appliance.trainconfig import validate
+from appliance.stages.train.config import validate
+from appliance.stages.train.recipe import evals_from
 
 
 @pytest.mark.parametrize(("max_steps", "eval_every"), [(6, 3), (4, 3), (5, 1), (7, 10), (100, 7)])

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance import trainconfig
 from appliance.errors import ValidationError
-from appliance.train import Example, LoopState, collate, epoch_batches, lr_at
-from appliance.trainconfig import TrainConfig, load_recipe, parse_override, validate
+from appliance.stages.train import config as trainconfig
+from appliance.stages.train.config import TrainConfig, load_recipe, parse_override, validate
+from appliance.stages.train.recipe import Example, LoopState, collate, epoch_batches, lr_at
 
 RECIPES = trainconfig.recipe_names()
 
@@ -203,7 +203,7 @@ def test_loop_state_round_trips_through_json() -> None:
 
 
 def test_a_checkpoint_without_its_complete_marker_is_never_loaded(tmp_path: Path) -> None:
-    from appliance import train
+    from appliance.stages.train import recipe as train
 
     for step, complete in ((2, True), (4, True), (6, False)):  # step 6: killed mid-write
         folder = tmp_path / "checkpoints" / f"step-{step:07d}"

@@ -1,9 +1,9 @@
 """Datasets: import a JSONL file for a model with its validation report, and preview what training
 will see.
 
-The import runs `appliance.datasets.import_file` in a worker (it measures every conversation with
-the model's tokenizer; the report accounts for every line: kept, duplicate, or rejected with its
-reason). The preview renders a conversation with the model's chat template through
+The import runs `appliance.stages.datasets.importer.import_file` in a worker (it measures every
+conversation with the model's tokenizer; the report accounts for every line: kept, duplicate,
+or rejected with its reason). The preview renders a conversation with the model's chat template through
 `appliance.chat.render_and_mask`, the function training uses, and highlights the assistant spans:
 exactly the characters the loss is computed on.
 """
@@ -77,7 +77,7 @@ class DatasetImport:
 
 
 def run_import(ws: Workspace, request: DatasetImport, progress: Any) -> tuple[str, dict[str, Any]]:
-    from appliance import datasets
+    from appliance.stages.datasets import importer as datasets
 
     model = ws.get("model", request.model)
     record, report = datasets.import_file(ws, Path(request.path), model, name=request.name,
@@ -135,8 +135,9 @@ class ImportDatasetDialog(PathFormDialog[DatasetImport]):
 def render_preview(ws: Workspace, dataset: str, index: int) -> tuple[Text, int]:
     """Conversation `index` of a dataset's train split, rendered with its model's template, the
     trained (assistant) characters highlighted; and how many conversations there are."""
-    from appliance import chat, datasets, manifest
-    from appliance.models import load_tokenizer
+    from appliance import chat, manifest
+    from appliance.hfmodel import load_tokenizer
+    from appliance.stages.datasets import importer as datasets
 
     record = ws.get("dataset", dataset)
     model = ws.get("model", record.summary["model"])

@@ -28,7 +28,8 @@ from textual.binding import Binding, BindingType
 from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Checkbox, ContentSwitcher, Input, Label, Select, Static
 
-from appliance import jobs, planner
+from appliance import jobs
+from appliance.stages.train import planner
 from appliance.workspace import Workspace
 from tui import trainform
 from tui.feed import Event, EventTail, TrainProgress, format_eta

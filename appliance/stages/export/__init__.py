@@ -1,7 +1,7 @@
 """The export stage: a run merged, converted and quantized, each artifact parity-gated.
 
 Its request (`ExportRequest`) is what the CLI, the TUI and the demo build; the pipeline itself is
-still `appliance/exports.py` (to move here), the file formats are `export/` (GGUF, ONNX,
+still `appliance/stages/export/pipeline.py` (to move here), the file formats are `export/` (GGUF, ONNX,
 Modelfile).
 """
 

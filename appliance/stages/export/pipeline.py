@@ -25,10 +25,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance import chat, manifest, parity
+from appliance import chat, manifest
 from appliance.errors import ApplianceError, BusyError, ValidationError
 from appliance.fsutil import atomic_write_text, disk_full_as_error
 from appliance.progress import Progress, Stages
+from appliance.stages.verify import parity
 from appliance.workspace import ArtifactRecord, Workspace, parent_ref
 
 if TYPE_CHECKING:
@@ -106,7 +107,7 @@ def parity_data(model: ArtifactRecord, dataset: ArtifactRecord, tokenizer: Any
                 ) -> tuple[list[parity.Sample], str]:
     """The held-out conversations to score (a fixed sample), and one rendered conversation for the
     tokenizer check."""
-    from appliance import datasets
+    from appliance.stages.datasets import importer as datasets
 
     info = manifest.read(model.path)["info"]
     rows = datasets.load_rows(dataset, "eval")
@@ -129,7 +130,7 @@ class HFScorer:
     def __init__(self, folder: Path) -> None:
         from transformers import AutoModelForCausalLM
 
-        from appliance.merge import scoring_dtype
+        from appliance.stages.merge.weights import scoring_dtype
 
         self.dtype = scoring_dtype(folder)
         self.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=self.dtype,
@@ -149,8 +150,8 @@ class AdapterScorer(HFScorer):
         import torch
         from peft import PeftModel
 
-        from appliance.train import load_model, pick_device
-        from appliance.trainconfig import validate
+        from appliance.stages.train.config import validate
+        from appliance.stages.train.recipe import load_model, pick_device
 
         cfg = validate({k: v for k, v in train_config.items() if k != "devices"})
         _, dtype = pick_device(cfg)
@@ -196,8 +197,8 @@ def merge(ws: Workspace, run: str, *, dtype: str | None = None, base: str | None
 
 def _merge(ws: Workspace, run: str, *, dtype: str | None, base: str | None, say: Say,
            check_cancel: Callable[[], None], stages: Stages) -> ArtifactRecord:
-    from appliance import merge as merging
-    from appliance.models import load_tokenizer
+    from appliance.hfmodel import load_tokenizer
+    from appliance.stages.merge import weights as merging
 
     name = merged_name(run)
     existing = _existing(ws, name)
@@ -313,7 +314,7 @@ def _reference_rows(reference_dir: Path, data: list[parity.Sample], say: Say,
 def _gate(ws: Workspace, merged: ArtifactRecord, artifact_name: str, kind: str, scorer: Any,
           runtime_ids: Callable[[str], list[int]], overrides: dict[str, float], say: Say,
           check_cancel: Callable[[], None], stages: Stages) -> dict[str, Any]:
-    from appliance.models import load_tokenizer
+    from appliance.hfmodel import load_tokenizer
 
     run = manifest.read(merged.path)["config"]["run"]
     _, model, dataset = run_inputs(ws, run, hash_model=False)  # hashed when the merge was made

@@ -35,8 +35,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from appliance import chat, fsutil, modelio, stack
+from appliance import chat, fsutil, hfmodel, modelio, stack
 from appliance.errors import RefusedError, ValidationError
+from appliance.hfmodel import PROBE, load_tokenizer, stop_token_ids
 from appliance.progress import Progress, Stages
 from appliance.workspace import ArtifactRecord, Workspace, check_name, slugify
 
@@ -54,13 +55,6 @@ GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                       "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "seq_length", "max_seq_len")
 SKIP_SUFFIXES = (*modelio.PICKLE_SUFFIXES, ".py", ".pyc", ".gguf", ".msgpack", ".h5", ".onnx")
-PROBE = [
-    {"role": "system", "content": "You answer briefly."},
-    {"role": "user", "content": "Name a colour."},
-    {"role": "assistant", "content": "Blue."},
-    {"role": "user", "content": "Another one?"},
-    {"role": "assistant", "content": "Green, like grass."},
-]
 LARGE_MODEL_PARAMS = 1_000_000_000
 MIB = 2**20
 LAYER_RE = re.compile(r"model\.layers\.(\d+)\.")
@@ -91,18 +85,6 @@ FIELD_RE = re.compile(r"[a-z_]+")
 
 def _quiet(*_: Any) -> None:
     pass
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValidationError(f"{path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValidationError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValidationError(f"{path} must hold a JSON object")
-    return data
 
 
 # -- what is read from the source ---------------------------------------------------------------
@@ -188,7 +170,7 @@ def _regular_file(path: Path) -> Path:
 def _refuse_custom_code(folder: Path) -> None:
     for name in ("config.json", "tokenizer_config.json"):
         path = folder / name
-        if path.exists() and "auto_map" in _read_json(path):
+        if path.exists() and "auto_map" in hfmodel.read_json(path):
             raise RefusedError(
                 f"{path} declares custom code (auto_map); the appliance never runs code that "
                 "ships with a model",
@@ -318,18 +300,6 @@ def check_tensors(folder: Path, config: dict[str, Any], shards: list[Path]) -> N
 
 
 # -- tokenizer ----------------------------------------------------------------------------------
-def load_tokenizer(folder: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
-        raise ValidationError(f"{folder} has no tokenizer (tokenizer.json or tokenizer.model)")
-    try:
-        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False,
-                                             local_files_only=True)
-    except Exception as exc:
-        raise ValidationError(f"{folder}: the tokenizer does not load: {exc}") from exc
-
-
 def _tokenizer_json_problem(path: Path) -> str | None:
     """Why tokenizer.json cannot stand in for the whole tokenizer (None: it can)."""
     if not path.is_file():
@@ -362,28 +332,6 @@ def tokenizer_model_left_out(folder: Path) -> dict[str, str] | None:
                       "what the tokenizer loads, and llama.cpp's converter would fail on it"}
 
 
-def _ids(value: Any) -> list[int]:
-    if value is None:
-        return []
-    return [int(v) for v in (value if isinstance(value, list) else [value])]
-
-
-def stop_token_ids(folder: Path, config: dict[str, Any], tokenizer: Any) -> list[int]:
-    """EOS ids from generation_config.json, config.json and the tokenizer, deduplicated."""
-    ids: list[int] = []
-    gen = folder / "generation_config.json"
-    if gen.exists():
-        ids += _ids(_read_json(gen).get("eos_token_id"))
-    ids += _ids(config.get("eos_token_id")) + _ids(tokenizer.eos_token_id)
-    unique = sorted(set(ids))
-    bad = [i for i in unique if not 0 <= i < len(tokenizer)]
-    if bad or not unique:
-        raise ValidationError(
-            f"{folder}: EOS/stop token ids {bad or 'missing'} are not in the vocabulary "
-            f"({len(tokenizer)} tokens)", hint="fix eos_token_id in generation_config.json")
-    return unique
-
-
 def _probe_template(tokenizer: Any, stops: list[str], folder: Path) -> dict[str, Any]:
     """Render a probe conversation; templates that reject a system turn are retried without."""
     supports_system = True
@@ -408,7 +356,7 @@ def check_model_files(folder: Path) -> tuple[dict[str, Any], list[Path]]:
     headers only (cheap even for a large model). Returns the config and the weight files."""
     if not folder.is_dir():
         raise ValidationError(f"{folder} is not a directory")
-    config = _read_json(folder / "config.json")
+    config = hfmodel.read_json(folder / "config.json")
     _refuse_custom_code(folder)
     shards = _check_weights(folder)
     _architecture(config, folder)
@@ -537,7 +485,7 @@ def _install_template(folder: Path, template: str) -> None:
     (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
     cfg_path = folder / "tokenizer_config.json"
     if cfg_path.exists():
-        cfg = _read_json(cfg_path)
+        cfg = hfmodel.read_json(cfg_path)
         if cfg.pop("chat_template", None) is not None:
             cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
 

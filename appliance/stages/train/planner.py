@@ -1,7 +1,7 @@
 """Memory planner: will this training run fit on this GPU (or on a named one), and if not, what is
 the largest batch x sequence that does?
 
-Peak GPU memory of a QLoRA step of the engine in `appliance/train.py`:
+Peak GPU memory of a QLoRA step of the engine in `appliance/stages/train/recipe.py`:
 - weights: NF4 linear layers at 4.125 bits/param (4-bit codes, 8-bit block scales with double
   quantization) plus 0.5 bits/param for the block scales the engine keeps unpacked in fp32
   (`unpack_scales`), LoRA parameters in fp32, embeddings (and an untied head) in the compute dtype;
@@ -30,11 +30,11 @@ from typing import Any
 
 from appliance.errors import ValidationError
 from appliance.gpus import GpuStatus, has_nvidia_smi, read_gpus
-from appliance.trainconfig import TrainConfig
+from appliance.stages.train.config import TrainConfig
 
 GIB = 2**30
 NF4_BYTES_PER_PARAM = 4.125 / 8 + 4 / (64 * 256)  # codes + 8-bit scales + fp32 second-level scales
-LOSS_CHUNK = 1024           # must match appliance.train.LOSS_CHUNK (a test checks)
+LOSS_CHUNK = 1024           # must match appliance.stages.train.recipe.LOSS_CHUNK (a test checks)
 LOSS_LOGITS = 1 << 26       # logit entries of one loss chunk at most (256 MiB in fp32)
 UNPACKED_SCALE_BYTES = 4 / 64  # per NF4 parameter when its block scales are kept in fp32
 EMBED_BYTES = 2.796         # per embedding parameter (fitted; 2 for bf16, plus the input-grad hook)

@@ -28,7 +28,7 @@ class TrainConfig:
     quantization: str = "nf4"            # nf4 (QLoRA, double quant) | none (bf16/fp32 LoRA)
     compute_dtype: str = "auto"          # auto: bf16 on CPU and on GPUs >= 8.0, fp16 on a T4
     gradient_checkpointing: bool = True
-    fused_lora: bool = True              # one autograd function per LoRA layer (appliance/fastlora.py)
+    fused_lora: bool = True              # one autograd function per LoRA layer (train/fastlora.py)
     unpack_scales: bool = True           # NF4 block scales kept in fp32: +0.06 bytes/param, faster steps
     # optimisation
     learning_rate: float = 2e-4

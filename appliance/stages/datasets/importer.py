@@ -389,7 +389,7 @@ def import_file(ws: Workspace, src: Path, model: ArtifactRecord, *, name: str | 
                 form: str = "auto", eval_fraction: float = 0.1, seed: int = 0,
                 max_tokens: int | None = None,
                 progress: Callable[[int], None] | None = None) -> tuple[ArtifactRecord, dict]:
-    from appliance.models import load_tokenizer
+    from appliance.hfmodel import load_tokenizer
 
     src = src.expanduser().resolve()
     if not src.exists():

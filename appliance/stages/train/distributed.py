@@ -119,7 +119,7 @@ def launch(ctx: JobContext, devices: int) -> dict[str, Any]:
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
                                                                           // devices)))}
-    cmd = [sys.executable, "-m", "appliance.distributed", "--standalone",
+    cmd = [sys.executable, "-m", "appliance.stages.train.distributed", "--standalone",
            f"--nproc-per-node={devices}", "-m", "appliance", "--home", str(ctx.ws.root),
            "jobs", "worker", ctx.job.id]
     ctx.log(f"starting {devices} data-parallel workers (torchrun; their output: workers.log)")

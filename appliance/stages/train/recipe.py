@@ -31,13 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance import chat, datasets, distributed, manifest
+from appliance import chat, manifest
 from appliance.errors import AlreadyExistsError, ApplianceError
 from appliance.fsutil import atomic_write_text, exchange, fsync_dir
 from appliance.jobs import JobCancelled, JobContext
-from appliance.planner import loss_chunk
 from appliance.progress import Stages
-from appliance.trainconfig import TrainConfig, validate
+from appliance.stages.datasets import importer as datasets
+from appliance.stages.train import distributed
+from appliance.stages.train.config import TrainConfig, validate
+from appliance.stages.train.planner import loss_chunk
 from appliance.workspace import ArtifactRecord, parent_ref
 
 KEEP_CHECKPOINTS = 2
@@ -174,7 +176,7 @@ def load_model(path: Path, cfg: TrainConfig, device: str, dtype: Any) -> Any:
                       task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, lora)
     if cfg.fused_lora:
-        from appliance import fastlora
+        from appliance.stages.train import fastlora
 
         fastlora.fuse(peft_model)
         if cfg.unpack_scales and cfg.quantization == "nf4":
@@ -434,7 +436,7 @@ class Trainer:
                  cfg: TrainConfig, stages: Stages | None = None) -> None:
         import torch
 
-        from appliance.models import load_tokenizer
+        from appliance.hfmodel import load_tokenizer
 
         self.ctx, self.cfg, self.model_record, self.data_record = ctx, cfg, model_record, data_record
         self.stages = stages or Stages()
@@ -537,7 +539,7 @@ class Trainer:
     def _step(self, state: LoopState) -> dict[str, Any]:
         import torch
 
-        from appliance import fastlora
+        from appliance.stages.train import fastlora
 
         # Every trained token of the step weighs the same, whichever micro-batch it is in (length-
         # grouped micro-batches differ a lot in trained tokens), so the step is the same as one
@@ -584,7 +586,7 @@ class Trainer:
         raise JobCancelled()
 
     def fit(self) -> LoopState:
-        from appliance import fastlora
+        from appliance.stages.train import fastlora
 
         state = LoopState()
         checkpoint = latest_checkpoint(self.work)
