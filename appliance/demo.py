@@ -22,14 +22,14 @@ from pathlib import Path
 from appliance import api, jobs, manifest, stack
 from appliance.errors import JobFailedError, NotFoundError
 from appliance.stages.datasets import importer as datasets
-from appliance.stages.export import DEFAULT_TYPES
+from appliance.stages.export import DEFAULT_TYPES, ExportRequest
 from appliance.stages.models import importer as models
-from appliance.stages.train import config as trainconfig
+from appliance.stages.train.request import DEFAULT_RECIPE, TrainRequest
 from appliance.workspace import ArtifactRecord, Workspace
 
 DATASET_NAME = "dolly-sample"
 RUN_NAME = "demo-qlora"
-RECIPE = "smollm2-cpu"
+RECIPE = DEFAULT_RECIPE
 STAGES = 6
 CHAT_MODEL = f"{RUN_NAME}-gguf-q8_0"
 CHAT = ("Give me three tips for writing a clear email.", "Write a subject line for a meeting request.")
@@ -88,11 +88,11 @@ def _train(ws: Workspace, model: ArtifactRecord, say: Callable[[str], None]) -> 
         say(f"[3/{STAGES}] resuming the demo's training job {job.id} ({job.state})")
         job = jobs.resume(ws, job.id)
     elif job is None:
-        values, source = trainconfig.load_recipe(RECIPE)
+        request = TrainRequest.from_recipe(model.name, DATASET_NAME, RECIPE, name=RUN_NAME)
+        values = request.config
         say(f"[3/{STAGES}] QLoRA on the CPU: recipe {RECIPE} (NF4 base, LoRA r={values['lora_r']}, "
             f"{values['max_steps']} steps of {values['batch_size']} conversations)")
-        job = api.start(ws, "train", {"model": model.name, "dataset": DATASET_NAME,
-                                       "config": values, "source": source, "name": RUN_NAME})
+        job = api.start_request(ws, request)
     say(f"      job {job.id} runs detached; Ctrl-C here leaves it running "
         f"(appliance jobs logs {job.id} --follow)")
     for event in jobs.follow(ws, job.id):
@@ -132,7 +132,8 @@ def _exports(ws: Workspace, say: Callable[[str], None]) -> list[ArtifactRecord]:
         else:
             what = "merge + " if stage == 4 else ""
             say(f"[{stage}/{STAGES}] {what}{fmt.upper()} export ({', '.join(types)}), parity-checked")
-            _follow_job(ws, "export", {"run": RUN_NAME, "format": fmt, "types": types}, say)
+            request = ExportRequest(RUN_NAME, fmt, tuple(types))
+            _follow_job(ws, request.kind, request.to_params(), say)
         records += [ws.get("export", n) for n in names]
     return records
 

@@ -1,6 +1,9 @@
 """`appliance doctor`: what this box has, what is missing, and how to fix it.
 
 Everything is read locally: package metadata, /proc, torch's CUDA probe, onnxruntime's providers.
+It names the install's profile (`full` or `edge`: `appliance.profile`) and the offline kit it came
+from, and checks what that profile needs: an edge install lacks torch and transformers on purpose
+and is not told to install them.
 
 It also lists the unfinished writes a killed process left in the workspace: hidden `.staging-*`
 folders (an import killed halfway leaves the default model's 94 MB there) and `.trash-*` folders
@@ -23,10 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from appliance import offline, stack
+from appliance import offline, profile, stack
 from appliance.errors import ApplianceError
 from appliance.fsutil import FileLock
-from appliance.versions import stack_versions
+from appliance.versions import package_version, stack_versions
 from appliance.workspace import KIND_DIRS, STAGING_PREFIX, Workspace
 
 LEFTOVER_RE = re.compile(rf"^(?:{re.escape(STAGING_PREFIX)}(?P<name>.+)-\d+-[0-9a-f]{{8}}"
@@ -36,6 +39,9 @@ CLEAN_COMMAND = "appliance doctor --clean"
 REQUIRED = ("torch", "transformers", "tokenizers", "peft", "bitsandbytes", "accelerate",
             "optimum", "optimum-onnx", "onnxruntime", "onnx-ir", "llama_cpp_python", "gguf",
             "safetensors", "textual", "huggingface-hub")
+# What the edge profile (serve and chat) needs: the package's own dependencies (pyproject.toml)
+EDGE_REQUIRED = ("llama_cpp_python", "gguf", "onnxruntime", "tokenizers", "numpy", "jinja2",
+                 "aiohttp", "textual", "psutil", "argcomplete")
 CPU_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx_vnni", "amx_tile")
 
 
@@ -55,8 +61,12 @@ def cpu_info() -> dict[str, Any]:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         pass
+    from appliance import cpus
+
+    dtype, why = cpus.cpu_compute_dtype()
     return {"model": model, "cores": os.cpu_count(), "memory_gib": mem and round(mem / 2**30, 1),
-            "features": [f for f in CPU_FLAGS if f in flags]}
+            "features": [f for f in CPU_FLAGS if f in flags], "train_dtype": dtype,
+            "train_dtype_why": why}
 
 
 def gpu_info() -> list[dict[str, Any]]:
@@ -207,22 +217,32 @@ def print_leftovers(leftovers: list[dict[str, Any]], say: Callable[[str], None])
             f"{_human_size(item['size_bytes'])}, {_human_age(item['age_s'])} old)")
 
 
+def required_packages(profile_name: str) -> tuple[str, ...]:
+    return REQUIRED if profile_name == profile.FULL else EDGE_REQUIRED
+
+
 def collect(ws: Workspace) -> dict[str, Any]:
     versions = stack_versions()
-    missing = [{"what": name, "problem": "not installed", "fix": stack.SETUP_HINT}
-               for name in REQUIRED if versions.get(name) is None]
+    install = profile.describe()
+    edge = install["profile"] == profile.EDGE
+    fix = stack.SETUP_HINT + (" (from a kit: the kit's ./install.sh)" if install["kit"] else "")
+    missing = [{"what": name, "problem": "not installed", "fix": fix}
+               for name in required_packages(install["profile"])
+               if (versions[name] if name in versions else package_version(name)) is None]
     default_model = _check_file("default model", lambda: stack.default_model_path(verify=True),
                                 missing)
-    converter = _check_file("GGUF converter", stack.converter_dir, missing)
+    # the converter makes GGUF exports of trained runs: the edge profile serves, it does not export
+    converter = _check_file("GGUF converter", stack.converter_dir, [] if edge else missing)
     disk = disk_info(ws)
     if disk["free_gib"] < 5:
         missing.append({"what": "disk space", "problem": f"only {disk['free_gib']} GiB free",
                         "fix": f"free space under {disk['workspace']} or set APPLIANCE_HOME"})
     return {
         "python": platform.python_version(),
+        "profile": install,
         "versions": versions,
         "cpu": cpu_info(),
-        "gpus": gpu_info(),
+        "gpus": [] if edge else gpu_info(),  # torch's probe: the edge profile has no torch
         "runtimes": runtime_info(),
         "disk": disk,
         "offline": offline.status(),
@@ -233,16 +253,56 @@ def collect(ws: Workspace) -> dict[str, Any]:
     }
 
 
+def _profile_lines(install: dict[str, Any]) -> list[str]:
+    """`profile     edge (serve and chat; training needs the full profile)` and the kit lines."""
+    name = install.get("profile")
+    if name == profile.FULL:
+        what = "full (training, export, serve and chat)"
+    elif install.get("forced") and not install.get("missing_for_full"):
+        what = f"edge (forced by {profile.OVERRIDE_ENV}=edge; training is refused)"
+    else:
+        lacking = ", ".join(install.get("missing_for_full") or [])
+        what = f"edge (serve and chat; training needs the full profile{': no ' + lacking if lacking else ''})"
+    lines = [f"profile     {what}"]
+    kit = install.get("kit")
+    if kit:
+        parts = [f"appliance {kit.get('appliance_version') or '?'}, {kit.get('profile') or '?'} profile"]
+        parts += [f"built {kit['created']}"] * bool(kit.get("created"))
+        parts += [f"for {kit['target']}"] * bool(kit.get("target"))
+        parts += [f"installed {kit['installed']}"] * bool(kit.get("installed"))
+        lines.append("kit         " + ", ".join(parts))
+        if kit.get("profile") and kit.get("profile") != name:
+            lines.append(f"            (the kit was the {kit['profile']} profile; this install now "
+                         f"reads as {name})")
+    else:
+        lines.append("kit         none (not installed from an offline kit)")
+    previous = install.get("previous_kit")
+    if previous:
+        was = f"appliance {previous.get('appliance_version') or '?'}"
+        if previous.get("profile"):
+            was += f", {previous['profile']} profile"
+        if previous.get("installed"):
+            was += f", installed {previous['installed']}"
+        lines.append(f"previous    {was}")
+    return lines
+
+
 def print_report(report: dict[str, Any], say: Callable[[str], None]) -> None:
     say(f"python      {report['python']}")
+    for line in _profile_lines(report.get("profile") or {}):
+        say(line)
     say("packages    " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v))
     cpu = report["cpu"]
     say(f"cpu         {cpu['model']}, {cpu['cores']} cores, {cpu['memory_gib']} GiB RAM, "
         f"features: {' '.join(cpu['features']) or 'none of ' + ' '.join(CPU_FLAGS)}")
+    if cpu.get("train_dtype_why"):
+        say(f"cpu train   {cpu['train_dtype_why']}")
     if report["gpus"]:
         for g in report["gpus"]:
             say(f"gpu {g['index']}       {g['name']}, {g['memory_gib']} GiB ({g['free_gib']} free), "
                 f"compute {g['compute_capability']}, bf16 {'yes' if g['bf16'] else 'no (fp16)'}")
+    elif (report.get("profile") or {}).get("profile") == profile.EDGE:
+        say("gpu         not probed (no torch on the edge profile; llama.cpp GPU offload below)")
     else:
         say("gpu         none found (training runs on CPU: small models only)")
     rt = report["runtimes"]
@@ -255,7 +315,8 @@ def print_report(report: dict[str, Any], say: Callable[[str], None]) -> None:
     say(f"offline     guard {'on' if off['guard_installed'] else 'OFF'}, HF offline variables "
         f"{'set' if off['offline_env'] else 'missing: ' + ', '.join(off['missing_env'])}")
     say(f"default     {report['default_model'] or 'missing'}")
-    say(f"converter   {report['converter'] or 'missing'}")
+    edge = (report.get("profile") or {}).get("profile") == profile.EDGE
+    say(f"converter   {report['converter'] or ('not needed on the edge profile' if edge else 'missing')}")
     print_leftovers(report.get("leftovers") or [], say)
     if report["missing"]:
         say("problems:")

@@ -23,6 +23,10 @@ load): nothing is made up, the stage is named and no bar is drawn; a viewer show
 taken instead (every event has its `ts`). A stage lasts until the next progress event. Counted
 stages report at most about `BUCKETS` times, so a model of a thousand tensors cannot flood the
 event file. Headless: the CLI and the TUI both describe the events with the functions below.
+
+A stage's operations report through one `Reporter` (log lines, progress events, the cancel check):
+a job passes its `JobContext`, which has exactly these methods; callers outside a job (tests, the
+bench) pass nothing and get `QUIET`, or a `Quiet` subclass that records what they look at.
 """
 
 from __future__ import annotations
@@ -39,6 +43,34 @@ class Progress(Protocol):
     """Where staged progress goes: `JobContext.progress` has this shape."""
 
     def __call__(self, done: float, total: float, **fields: Any) -> None: ...
+
+
+class Reporter(Protocol):
+    """Where an operation reports: a log line, a progress event, and a cancel check between units
+    of work (which raises to stop it). `appliance.jobs.JobContext` is one as it is."""
+
+    def log(self, message: str) -> None: ...
+
+    def progress(self, done: float, total: float, **fields: Any) -> None: ...
+
+    def check_cancel(self) -> None: ...
+
+
+class Quiet:
+    """A `Reporter` that drops everything and is never cancelled: for callers outside a job.
+    Override one method to watch that channel (a test recording progress events)."""
+
+    def log(self, message: str) -> None:
+        pass
+
+    def progress(self, done: float, total: float, **fields: Any) -> None:
+        pass
+
+    def check_cancel(self) -> None:
+        pass
+
+
+QUIET: Reporter = Quiet()
 
 
 @dataclass

@@ -48,7 +48,7 @@ from typing import Any
 from appliance import hfmodel, modelio, offline, stack
 from appliance.errors import ApplianceError, IntegrityError, RefusedError, ValidationError
 
-Progress = Callable[[str], None]
+LineSink = Callable[[str], None]  # where a tool's output lines go, one call per line
 Counts = Callable[[int, int], None]  # (done, total), from the tools' own output
 
 OUTTYPES = ("f16", "bf16", "f32", "q8_0")
@@ -126,7 +126,7 @@ class ChildResult:
         return "\n".join(self.tail)
 
 
-def _run_python(code: str, args: Sequence[str], progress: Progress, *, what: str,
+def _run_python(code: str, args: Sequence[str], progress: LineSink, *, what: str,
                 timeout: float | None = None) -> ChildResult:
     """Run `code` in a fresh interpreter; stream its merged output lines to `progress`. Past
     `timeout` seconds the child is killed and an ApplianceError names `what` timed out."""
@@ -169,7 +169,7 @@ _WRITING = re.compile(r"^Writing:\s*(\d+)%")
 _TENSOR = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
 
 
-def _counting(say: Progress, counts: Counts | None) -> Progress:
+def _counting(say: LineSink, counts: Counts | None) -> LineSink:
     """`say` every line, and pass the counts a line carries to `counts`."""
     if counts is None:
         return say
@@ -290,7 +290,7 @@ def _conversion_error(model_dir: Path, result: ChildResult) -> ApplianceError:
                           f"{result.returncode}); its last output:\n{text}", title="GGUF export failed")
 
 
-def convert(model_dir: Path, out: Path, *, outtype: str = "f16", progress: Progress | None = None,
+def convert(model_dir: Path, out: Path, *, outtype: str = "f16", progress: LineSink | None = None,
             timeout: float | None = None, counts: Counts | None = None) -> Path:
     """Convert an HF folder to one GGUF file with llama.cpp's converter; returns `out`. `counts`
     gets the percentage written (of 100) once the converter starts writing."""
@@ -348,7 +348,7 @@ def resolve_quant_type(name: str) -> tuple[str, int]:
 
 
 def quantize(src: Path, dst: Path, qtype: str, *, nthread: int | None = None,
-             progress: Progress | None = None, timeout: float | None = None,
+             progress: LineSink | None = None, timeout: float | None = None,
              counts: Counts | None = None) -> Path:
     """Quantize a GGUF (F16/BF16/F32) to `qtype` with llama.cpp's C API; returns `dst`. `counts`
     gets the tensors done of the file's total, as llama.cpp goes.

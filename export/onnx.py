@@ -42,7 +42,7 @@ import numpy as np
 
 from appliance.errors import ApplianceError, RefusedError, ValidationError
 
-Say = Callable[[str], None]
+LineSink = Callable[[str], None]  # where progress lines go, one call per line
 
 PRECISIONS = ("fp32", "fp16", "int4", "int8")
 QUANTIZED = ("int4", "int8")
@@ -68,7 +68,7 @@ def _quiet(_: str) -> None:
 
 # -- export -----------------------------------------------------------------------------------
 def export_onnx(model_dir: Path, out_dir: Path, precision: str,
-                progress: Say | None = None) -> dict[str, Any]:
+                progress: LineSink | None = None) -> dict[str, Any]:
     """Export the HF folder `model_dir` to an ONNX folder `out_dir`; returns what was written."""
     _check_precision(precision, PRECISIONS)
     model_dir = Path(model_dir).resolve()
@@ -78,13 +78,13 @@ def export_onnx(model_dir: Path, out_dir: Path, precision: str,
 
 
 def quantize_onnx(fp32_dir: Path, out_dir: Path, precision: str,
-                  progress: Say | None = None) -> dict[str, Any]:
+                  progress: LineSink | None = None) -> dict[str, Any]:
     """Quantize an fp32 folder written by `export_onnx` to int4/int8 without exporting again."""
     _check_precision(precision, QUANTIZED)
     fp32_dir = Path(fp32_dir).resolve()
     _check_fp32_export(fp32_dir)
 
-    def build(staging: Path, say: Say) -> dict[str, Any]:
+    def build(staging: Path, say: LineSink) -> dict[str, Any]:
         details = _quantize(fp32_dir, staging, precision, say)
         _copy_side_files(fp32_dir, staging, say)
         return details
@@ -92,8 +92,8 @@ def quantize_onnx(fp32_dir: Path, out_dir: Path, precision: str,
     return _staged(Path(out_dir), precision, progress or _quiet, f"quantizing {fp32_dir}", build)
 
 
-def _staged(out_dir: Path, precision: str, say: Say, what: str,
-            build: Callable[[Path, Say], dict[str, Any] | None]) -> dict[str, Any]:
+def _staged(out_dir: Path, precision: str, say: LineSink, what: str,
+            build: Callable[[Path, LineSink], dict[str, Any] | None]) -> dict[str, Any]:
     """Run `build` into a hidden sibling of `out_dir`, check the graph runs, rename into place."""
     _check_target(out_dir)
     staging = out_dir.parent / f".{out_dir.name}.partial"
@@ -173,7 +173,7 @@ def _publish(staging: Path, out_dir: Path) -> None:
     os.rename(staging, out_dir)
 
 
-def _build(model_dir: Path, staging: Path, precision: str, say: Say) -> dict[str, Any] | None:
+def _build(model_dir: Path, staging: Path, precision: str, say: LineSink) -> dict[str, Any] | None:
     raw = staging / "raw"
     dtype = "fp16" if precision == "fp16" else "fp32"
     say(f"exporting {model_dir.name} to an ONNX {dtype} graph (optimum, {TASK})")
@@ -190,7 +190,7 @@ def _build(model_dir: Path, staging: Path, precision: str, say: Say) -> dict[str
     return details
 
 
-def _copy_side_files(src: Path, staging: Path, say: Say) -> None:
+def _copy_side_files(src: Path, staging: Path, say: LineSink) -> None:
     say("copying the tokenizer and config files")
     for name in SIDE_FILES:
         if (src / name).is_file():
@@ -226,7 +226,7 @@ def _optimum_export(model_dir: Path, raw: Path, dtype: str) -> None:
 
 
 # -- quantization -----------------------------------------------------------------------------
-def _quantize(raw: Path, staging: Path, precision: str, say: Say) -> dict[str, Any]:
+def _quantize(raw: Path, staging: Path, precision: str, say: LineSink) -> dict[str, Any]:
     import onnx
 
     model = onnx.load(str(raw / MODEL_FILE))  # external data too

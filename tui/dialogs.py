@@ -1,12 +1,14 @@
 """Modal dialogs: confirm a destructive action, show an error an operator can act on, pick a file.
 
 Each is a typed `ModalScreen[T]` dismissed with its answer, every button has a key, and Escape always
-backs out, so nothing here needs a mouse.
+backs out, so nothing here needs a mouse. A form that builds a stage's typed request checks it
+before it closes (`FormDialog.dismiss_checked`): each problem is shown at its field (the field
+marked `-invalid`, the message on the line below it) and the form stays open.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
@@ -30,6 +32,8 @@ DIALOG_CSS = """
 {name} .title {{ text-style: bold; margin-bottom: 1; }}
 {name} .buttons {{ height: auto; align-horizontal: right; margin-top: 1; }}
 {name} Button {{ margin-left: 1; width: auto; min-width: 16; }}
+{name} .problem {{ color: $error; height: auto; }}
+{name} Select.-invalid > SelectCurrent, {name} SelectionList.-invalid {{ border: tall $error; }}
 """
 
 
@@ -197,11 +201,12 @@ class FormDialog(ModalScreen[R | None]):
     HEADING: ClassVar[str] = ""
     SUBMIT: ClassVar[str] = "OK"
     SUBMIT_ID: ClassVar[str] = "go"
+    FIELDS: ClassVar[dict[str, str]] = {}  # a request's field -> its widget, when not `#<field>`
     BINDINGS: ClassVar[list[BindingType]] = [Binding("ctrl+s", "submit", "Submit the form"),
                                              Binding("escape", "cancel", "Cancel")]
 
     def compose(self) -> ComposeResult:
-        with Vertical():
+        with Vertical(id="dialog"):
             yield Label(self.HEADING, classes="title")
             yield from self.compose_fields()
             with Horizontal(classes="buttons"):
@@ -212,7 +217,59 @@ class FormDialog(ModalScreen[R | None]):
         yield from ()
 
     def submit(self) -> None:
-        """Dismiss with the form's answer, or notify what is wrong with it."""
+        """Dismiss with the form's answer, or show what is wrong with it."""
+
+    def dismiss_checked(self, answer: R, problems: Callable[[], Mapping[str, str]]) -> None:
+        """Dismiss with `answer` if `problems()` (a request's, run in a thread: a check may load a
+        library) finds nothing; else show each problem at its field and stay open. A check that
+        fails itself dismisses: the door checks the request again and says what is wrong."""
+
+        def check() -> None:
+            try:
+                found = dict(problems())
+            except Exception:  # the door checks it again and reports it
+                found = {}
+            self.app.call_from_thread(done, found)
+
+        def done(found: dict[str, str]) -> None:
+            if not self.is_current:  # backed out meanwhile
+                return
+            if found:
+                self.show_problems(found)
+            else:
+                self.dismiss(answer)
+
+        self.run_worker(check, thread=True, group="check", exclusive=True, exit_on_error=False,
+                        description="check the request")
+
+    def field_widget(self, field: str) -> str:
+        """The selector of the widget that edits a request's field."""
+        return self.FIELDS.get(field, f"#{field}")
+
+    def show_problems(self, found: Mapping[str, str]) -> None:
+        """Each problem at its field: the widget marked `-invalid` (and the first one focused), its
+        message on the line below; a field the form has no widget for, above the buttons."""
+        body = self.query_one("#dialog", Vertical)
+        for line in body.query(".problem"):
+            line.remove()
+        for widget in body.query(".-invalid"):
+            widget.remove_class("-invalid")
+        first: Widget | None = None
+        for field, message in found.items():
+            line = Static(f"✗ {field}: {message}", markup=False, classes="problem")
+            matches = body.query(self.field_widget(field))
+            if not matches:
+                body.mount(line, before=body.query_one(".buttons"))
+                continue
+            widget = matches.first()
+            widget.add_class("-invalid")
+            first = first or widget
+            anchor = widget
+            while anchor.parent is not body and isinstance(anchor.parent, Widget):
+                anchor = anchor.parent
+            body.mount(line, after=anchor)
+        if first is not None and first.focusable:
+            first.focus()
 
     def action_cancel(self) -> None:
         self.dismiss(None)

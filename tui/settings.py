@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance import profile
 from appliance.runtime import DEFAULT_PORT
 from tui.system import Probe, read_system
 
@@ -25,3 +26,5 @@ class Settings:
     server_metrics: Callable[[str], Any] | None = None  # None: the server's own /metrics
     clock: Callable[[], float] = time.time  # "now" for elapsed times (tests fix it)
     prefs_path: Path | None = None  # where the theme choice is kept; None: nowhere (tests)
+    # `full` or `edge` (appliance.profile): on edge, what needs training is greyed out with a note
+    profile: str = field(default_factory=profile.current)

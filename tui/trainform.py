@@ -1,9 +1,9 @@
 """The training form's logic, apart from its widgets: choices, validation as you type, the planner's
 verdict, and the job parameters (the same the CLI's `appliance train` queues).
 
-`check` is pure and fast (a recipe's values, the fields' overrides, `trainconfig.validate`, and
-`planner.plan` on the model's shape), so the form runs it on every keystroke; everything it needs
-from disk is read once, in a worker, by `load_choices`.
+`check` is pure and fast (a recipe's values, the fields' overrides, the `TrainRequest`'s problems,
+each named by its field, and `planner.plan` on the model's shape), so the form runs it on every
+keystroke; everything it needs from disk is read once, in a worker, by `load_choices`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from appliance.errors import ApplianceError, ValidationError
 from appliance.gpus import GpuStatus
 from appliance.stages.train import config as trainconfig
 from appliance.stages.train import planner, runs
+from appliance.stages.train.request import DEFAULT_RECIPE, REQUEST_FIELDS, TrainRequest, default_run_name
 from appliance.workspace import Workspace, check_name
 
 FORM_KEYS = ("max_steps", "learning_rate", "lora_r", "lora_alpha", "batch_size", "grad_accum",
@@ -66,7 +67,7 @@ def load_choices(ws: Workspace, gpus: tuple[GpuStatus, ...]) -> TrainChoices:
 class FormState:
     model: str | None = None
     dataset: str | None = None
-    recipe: str = "smollm2-cpu"
+    recipe: str = DEFAULT_RECIPE
     target: str = HERE
     name: str = ""
     fields: dict[str, str] = field(default_factory=dict)  # FORM_KEYS -> text typed
@@ -111,14 +112,18 @@ def _overrides(form: FormState, problems: dict[str, str]) -> dict[str, Any]:
     return values
 
 
-def _config_problems(error: ValidationError) -> dict[str, str]:
-    """`trainconfig.validate`'s message, one problem per line `key: why`, by key."""
-    problems: dict[str, str] = {}
-    for line in error.message.splitlines()[1:]:
-        key, _, why = line.strip().partition(": ")
-        target, text = (key, why) if key in FORM_KEYS else ("extras", line.strip())
-        problems[target] = "; ".join(filter(None, (problems.get(target), text)))
-    return problems
+def form_field(key: str) -> str:
+    """The form field a request field's problem is shown at: a recipe key without a field of its
+    own is typed in "more" (`extras`)."""
+    return key if key in FORM_KEYS or key in ("name", "recipe") else "extras"
+
+
+def add_problems(out: Checked, found: dict[str, str]) -> None:
+    """A request's problems (field -> why) at the form's fields."""
+    for key, why in found.items():
+        target = form_field(key)
+        text = why if target == key else f"{key}: {why}"
+        out.problems[target] = "; ".join(filter(None, (out.problems.get(target), text)))
 
 
 def target_spec(target: str, gpus: tuple[GpuStatus, ...]) -> planner.GpuSpec | None:
@@ -136,8 +141,8 @@ def _selection_problems(form: FormState, choices: TrainChoices, out: Checked) ->
     if form.recipe not in choices.recipes:
         out.problems["recipe"] = "pick a recipe"
     # no made-up name ("None-None") before a model and a dataset are chosen: they are the problem
-    out.name = form.name.strip() or (f"{form.model}-{form.dataset}" if form.model and form.dataset
-                                      else "")
+    out.name = form.name.strip() or (default_run_name(form.model, form.dataset)
+                                      if form.model and form.dataset else "")
     if not out.name:
         return
     try:
@@ -177,15 +182,21 @@ def check(form: FormState, choices: TrainChoices) -> Checked:
     values, out.source = choices.recipes[form.recipe]
     out.values = {**values, **_overrides(form, out.problems)}
     model = choices.model(form.model)
-    try:
-        cfg = trainconfig.validate(out.values, source=form.recipe,
-                                   context_length=model.context_length if model else None)
-    except ValidationError as exc:
-        for key, problem in _config_problems(exc).items():
-            out.problems[key] = "; ".join(filter(None, (out.problems.get(key), problem)))
+    context = model.context_length if model else None
+    # model, dataset and name are checked above against the workspace, with what to do about them
+    found = {k: v for k, v in request(form, out).problems(context_length=context).items()
+             if k not in REQUEST_FIELDS or k == "config"}
+    if found:
+        add_problems(out, found)
         return out
-    _plan(form, choices, cfg, out)
+    _plan(form, choices, request(form, out).train_config(context_length=context), out)
     return out
+
+
+def request(form: FormState, checked: Checked) -> TrainRequest:
+    """The `train` job the form asks for (the one `appliance train` queues)."""
+    return TrainRequest(form.model or "", form.dataset or "", checked.values, checked.source,
+                        checked.name)
 
 
 def start(ws: Workspace, form: FormState, checked: Checked) -> jobs.Job:
@@ -194,6 +205,4 @@ def start(ws: Workspace, form: FormState, checked: Checked) -> jobs.Job:
         raise ValidationError("\n".join(f"{k}: {v}" for k, v in checked.problems.items()),
                               title="The form has problems")
     runs.check_new_run(ws, checked.name, rename="pick another name", jobs_at=" (5 Jobs)")
-    return api.start(ws, "train", {"model": form.model, "dataset": form.dataset,
-                                    "config": checked.values, "source": checked.source,
-                                    "name": checked.name})
+    return api.start_request(ws, request(form, checked))

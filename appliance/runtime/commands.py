@@ -128,7 +128,8 @@ def register(sub: Any) -> None:
     """Add `serve` and `keys` to the `appliance` parser."""
     p = sub.add_parser("serve", help="serve exports through an OpenAI-compatible HTTP API")
     p.add_argument("artifacts", nargs="+", metavar="ARTIFACT",
-                   help="export names (appliance exports list), .gguf files or ONNX folders")
+                   help="export or GGUF model names (appliance exports list, models list), .gguf files "
+                        "or ONNX folders")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"(default: {DEFAULT_PORT})")
     p.add_argument("--threads", type=int, help="CPU threads per model (default: half the cores, at most 8)")

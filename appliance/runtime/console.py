@@ -295,11 +295,13 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 def register(sub: Any) -> None:
     """Add `appliance chat` to the `appliance` parser."""
-    p = sub.add_parser("chat", help="chat with an exported model in the terminal",
-                       description="Multi-turn streaming chat with a GGUF or ONNX export. "
+    p = sub.add_parser("chat", help="chat with an export or a GGUF model in the terminal",
+                       description="Multi-turn streaming chat with a GGUF or ONNX export, or a "
+                                   "model imported from a GGUF file. "
                                    "Type /help inside for the commands.")
     p.add_argument("artifact", metavar="ARTIFACT",
-                   help="an export name (appliance exports list), a .gguf file or an ONNX folder")
+                   help="an export or model name (appliance exports list, models list), a .gguf file or an "
+                        "ONNX folder")
     p.add_argument("--system", help="system prompt")
     add_sampling_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: half the cores)")

@@ -3,7 +3,10 @@
 Kept apart from `runtime/engine.py` (the engine contract both backends implement): this factory
 imports the backends, which import that contract, so the two in one module made an import cycle.
 An export of the workspace is opened only if it passed its parity gate (or the operator
-overrides it), and only in a safe format (GGUF or an ONNX folder).
+overrides it), and only in a safe format (GGUF or an ONNX folder). A model of the workspace that
+was imported from a GGUF (a serve-only model of the edge profile, or a GGUF dequantized for
+training on the full one) is opened by its name too: its `gguf/` copy is the file it came as, a
+ready inference artifact with nothing to gate. An export name wins over a model of the same name.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ __all__ = ["Artifact", "ChatEngine", "Delta", "Done", "Sampling", "open_engine",
 
 
 def resolve(ref: str, ws: Workspace | None = None, *, allow_failed_parity: bool = False) -> Artifact:
-    """An export name in the workspace, a .gguf file, an export folder or an ONNX folder -> the
-    artifact to open. A workspace export that failed its parity gate is refused unless allowed; a
-    merged (HF safetensors) export is refused with the commands that make a servable one."""
+    """An export name in the workspace, a model name whose model was imported from a GGUF, a .gguf
+    file, an export folder or an ONNX folder -> the artifact to open. A workspace export that failed
+    its parity gate is refused unless allowed; a merged (HF safetensors) export or model is refused
+    with the commands that make a servable one."""
     path = Path(ref).expanduser()
     if path.exists():
         return _from_path(path.resolve(), allow_failed_parity)
@@ -40,11 +44,57 @@ def _from_workspace(name: str, ws: Workspace | None, allow: bool) -> Artifact:
     try:
         record = ws.get("export", name)
     except (NotFoundError, ValidationError):
+        pass
+    else:
+        return _from_export(record.path, allow)
+    try:
+        model = ws.get("model", name)
+    except (NotFoundError, ValidationError):
         names = [r.name for r in ws.list("export")] if ws.root.exists() else []
-        raise NotFoundError(f"no export named {name!r} in {ws.root}, and no such file or folder",
+        models = [r.name for r in ws.list("model")] if ws.root.exists() else []
+        raise NotFoundError(f"no export named {name!r} (and no model of that name) in {ws.root}, "
+                            "and no such file or folder",
                             hint="exports here: " + (", ".join(names) or "none (appliance export gguf RUN)")
+                            + "; models here: " + (", ".join(models) or "none (appliance models import "
+                                                   "--default)")
                             + "; or give a .gguf file or an ONNX folder") from None
-    return _from_export(record.path, allow)
+    return _from_model(model.path)
+
+
+def _from_model(folder: Path, data: dict[str, Any] | None = None) -> Artifact:
+    """A workspace model imported from a GGUF -> its `gguf/` copy (manifest checked by file sizes);
+    a model imported from an HF folder is refused with the commands that make a servable one."""
+    data = data or manifest.verify(folder, full=False)
+    info = data.get("info") or {}
+    name = data.get("name", folder.name)
+    rel = info.get("gguf_file")
+    if not isinstance(rel, str) or not rel:
+        raise RefusedError(f"model {name!r} is an HF safetensors model: the runtime serves GGUF and "
+                           "ONNX artifacts",
+                           hint="fine-tune it and export the run (appliance export gguf RUN), or "
+                                "import a .gguf of it")
+    path = folder / rel
+    if Path(rel).is_absolute() or ".." in Path(rel).parts or not path.is_file():
+        raise ApplianceError(f"model {name!r}: its GGUF ({rel}) is missing from {folder}",
+                             title="Damaged model", hint="import it again")
+    _check_model_template(name, path, info)
+    return Artifact(name, "gguf", path, "unknown")
+
+
+def _check_model_template(name: str, path: Path, info: dict[str, Any]) -> None:
+    """The runtime renders the template the GGUF carries; a model imported with another one
+    (--chat-template, full profile) would be served with a template it was not recorded with."""
+    from appliance.runtime.template import gguf_metadata
+
+    recorded = info.get("chat_template")
+    if not isinstance(recorded, str) or not recorded:
+        return
+    carried = gguf_metadata(path, lambda k: k == "tokenizer.chat_template").get("tokenizer.chat_template")
+    if isinstance(carried, str) and carried != recorded:
+        raise RefusedError(f"model {name!r} was imported with another chat template than its GGUF "
+                           "carries, and the runtime serves the GGUF's own",
+                           hint="fine-tune it and export the run (appliance export gguf RUN), or "
+                                "import the .gguf again without --chat-template")
 
 
 def _from_path(path: Path, allow: bool) -> Artifact:
@@ -90,6 +140,8 @@ def _from_export(folder: Path, allow: bool, gguf: Path | None = None) -> Artifac
     """A workspace export folder (manifest checked by file sizes) -> its artifact, gated."""
 
     data = manifest.verify(folder, full=False)
+    if data.get("kind") == "model" and gguf is None:  # a model folder named by its path
+        return _from_model(folder, data)
     config, summary = data.get("config") or {}, (data.get("info") or {}).get("summary") or {}
     fmt = config.get("format")
     if fmt not in ("gguf", "onnx"):

@@ -18,6 +18,10 @@ from typing import Any, Protocol
 
 from appliance.jobs import JobContext, JobFunction
 from appliance.stages.export.request import ExportRequest
+from appliance.stages.merge.request import MergeRequest
+from appliance.stages.models.request import ImportModelRequest
+from appliance.stages.train.request import TrainRequest
+from appliance.stages.verify.request import VerifyRequest
 
 
 class StageJob:
@@ -50,7 +54,22 @@ class RequestType(Protocol):
 
 
 # The stages whose requests are typed so far: checked before a job is queued (`appliance.api`).
-REQUESTS: dict[str, RequestType] = {"export": ExportRequest}
+REQUESTS: dict[str, RequestType] = {
+    "import-model": ImportModelRequest,
+    "train": TrainRequest,
+    "merge": MergeRequest,
+    "export": ExportRequest,
+    "verify": VerifyRequest,
+}
+
+# The kinds only the full profile can run (torch, transformers, peft: `appliance.profile`) -> what
+# the refusal calls them. An edge install refuses them at the door, in one line; the TUI greys them.
+FULL_PROFILE_KINDS: dict[str, str] = {
+    "train": "training",
+    "merge": "merging",
+    "export": "exporting a run",
+    "verify": "the parity check",
+}
 
 # The registry: a job kind's name (stored in the database: never rename one) -> its function.
 KINDS: dict[str, JobFunction] = {

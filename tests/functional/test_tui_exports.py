@@ -80,6 +80,21 @@ async def test_dialogs_queue_merge_export_and_verify_jobs(fixed_ws: Workspace) -
                        "the queued jobs in the activity line")
 
 
+async def test_an_edge_install_greys_merge_export_and_verify(fixed_ws: Workspace) -> None:
+    before = len(jobs.list_jobs(fixed_ws))
+    app = app_for(fixed_ws, profile="edge")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("6")
+        await settle(app, pilot)
+        screen = app.screen
+        assert [screen.check_action(a, ()) for a in ("merge", "export", "verify", "delete")] == [
+            None, None, None, True]  # greyed in the footer; deleting stays
+        await pilot.press("e", "m", "v")
+        await settle(app, pilot)
+        assert app.screen is screen  # no dialog opened
+    assert len(jobs.list_jobs(fixed_ws)) == before
+
+
 async def test_an_unknown_gguf_type_is_refused_naming_the_field_and_queues_nothing(
         fixed_ws: Workspace) -> None:
     """A typo in "more types" used to queue a job that failed minutes later, after merging."""
@@ -89,12 +104,36 @@ async def test_an_unknown_gguf_type_is_refused_naming_the_field_and_queues_nothi
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.press("6", "e")
         await settle(app, pilot)
-        app.screen.query_one("#more", Input).value = "Q3_X"
-        app.screen.query_one("#go").press()
+        dialog = app.screen
+        dialog.query_one("#more", Input).value = "Q3_X"
+        dialog.query_one("#go").press()
         await wait_for(pilot, lambda: "unknown quantization" in screen_text(app), 30, "the refusal")
-        text = screen_text(app)
-        assert "types:" in text and "unknown quantization type" in text
+        await settle(app, pilot)
+        # shown at the field, in the form that stays open (no error modal over a closed form)
+        assert app.screen is dialog and dialog.query_one("#more", Input).has_class("-invalid")
+        assert not dialog.query_one("#types").has_class("-invalid")
+        problem = str(dialog.query_one(".problem", Static).render())
+        assert problem.startswith("✗ types: unknown quantization type 'Q3_X'")
         assert not [j for j in jobs.list_jobs(fixed_ws) if j.kind == "export" and j.state == "queued"]
+        dialog.query_one("#more", Input).value = "q6_k"  # fixed: the form closes, the job is queued
+        dialog.query_one("#go").press()
+        await settle(app, pilot)
+        assert app.screen is not dialog
+        assert _queued(fixed_ws, "export")["types"] == ["Q8_0", "Q4_K_M", "q6_k"]
+
+
+async def test_no_type_ticked_is_shown_at_the_types_field(fixed_ws: Workspace) -> None:
+    app = app_for(fixed_ws, poll_s=0.3)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("6", "e")
+        await settle(app, pilot)
+        dialog = app.screen
+        dialog.query_one("#types", SelectionList).deselect_all()
+        dialog.query_one("#go").press()
+        await settle(app, pilot)
+        assert app.screen is dialog and dialog.query_one("#types").has_class("-invalid")
+        assert "pick at least one type" in str(dialog.query_one(".problem", Static).render())
+        assert not [j for j in jobs.list_jobs(fixed_ws) if j.state == "queued"]
 
 
 async def test_delete_asks_first(fixed_ws: Workspace) -> None:
@@ -118,7 +157,7 @@ async def test_delete_asks_first(fixed_ws: Workspace) -> None:
 # -- a running export's progress ---------------------------------------------------------------------
 def _running_export(ws: Workspace) -> Stages:
     """A running export job of fixed id (no process: never judged interrupted), and the `Stages`
-    that write its progress events exactly as `exports.export_gguf` would through the job."""
+    that write its progress events exactly as `convert.export_gguf` would through the job."""
     with ws.connect() as db:
         db.execute("INSERT INTO jobs (id, kind, params, state, created, started, attempt) VALUES "
                    "(?, 'export', ?, 'running', '2026-11-22T12:00:00+00:00', "

@@ -72,6 +72,28 @@ async def test_import_through_the_file_picker_queues_an_import_job(
                           "name": None, "chat_template": None}
 
 
+async def test_a_path_that_does_not_exist_is_shown_at_its_field_and_queues_nothing(
+        workspace: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jobs, "spawn", lambda ws, job_id: 0)
+    app = app_for(workspace, browse_from=tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("2", "i")
+        await settle(app, pilot)
+        dialog = app.screen
+        dialog.query_one("#path", Input).value = str(tmp_path / "no-such-model")
+        dialog.query_one("#name", Input).value = "bad name"
+        await pilot.press("enter")
+        await settle(app, pilot)
+        assert app.screen is dialog  # still open, each problem at its field
+        assert dialog.query_one("#path", Input).has_class("-invalid")
+        assert dialog.query_one("#name", Input).has_class("-invalid")
+        assert not dialog.query_one("#template", Input).has_class("-invalid")
+        problems = [str(p.render()) for p in dialog.query(".problem")]
+        assert problems[0].startswith("✗ path: ") and "no-such-model does not exist" in problems[0]
+        assert problems[1].startswith("✗ name: invalid model name 'bad name'")
+        assert jobs.list_jobs(workspace) == []
+
+
 @pytest.mark.skipif(not (stack.share_dir() / "models" / stack.DEFAULT_MODEL_FILE).exists(),
                     reason="the embedded default model is not installed (make setup)")
 async def test_import_the_embedded_default_model_from_the_ui(workspace: Workspace) -> None:

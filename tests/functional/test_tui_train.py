@@ -79,6 +79,28 @@ async def test_form_validates_as_you_type_and_shows_the_plan(tmp_path: Path,
     assert job.params["config"]["batch_size"] == 64 and job.params["config"]["eval_batches"] == 2
 
 
+async def test_a_bad_value_is_marked_at_its_field_and_queues_no_job(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The request's problems, by field: a recipe key with a field of its own is marked there, one
+    typed in "more" is marked at "more"; starting is refused and nothing is queued."""
+    monkeypatch.setattr(jobs, "spawn", lambda ws, job_id: 0)
+    ws = build_fixed_workspace(tmp_path)
+    app = app_for(ws)
+    async with app.run_test(size=(100, 40)) as pilot:
+        await pilot.press("4")
+        await settle(app, pilot)
+        await _type(app, pilot, "#f-learning_rate", "5")
+        await _type(app, pilot, "#extras", "optimizer=sgd")
+        marked = {w.id for w in app.screen.query(".-invalid")}
+        assert marked == {"f-learning_rate", "extras"}, marked
+        problems = _problems(app)
+        assert "learning_rate: 5 is out of range [1e-07, 1]" in problems
+        assert "extras: optimizer: must be one of auto, adamw, paged_adamw_8bit" in problems
+        await pilot.press("ctrl+s")
+        await settle(app, pilot)
+    assert not [j for j in jobs.list_jobs(ws) if j.kind == "train" and j.state == "queued"]
+
+
 async def test_no_gpu_here_says_so_instead_of_planning(tmp_path: Path) -> None:
     ws = build_fixed_workspace(tmp_path)
     app = app_for(ws, probe=no_gpu_probe)
@@ -161,3 +183,22 @@ async def test_the_run_name_placeholder_without_models(tmp_path: Path) -> None:
         placeholder = app.screen.query_one("#name", Input).placeholder
         assert "None" not in placeholder and placeholder
         assert "None" not in _problems(app)
+
+
+async def test_an_edge_install_shows_the_form_but_cannot_start_training(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[str] = []
+    monkeypatch.setattr(jobs, "spawn", lambda ws, job_id: started.append(job_id) or 0)
+    ws = build_fixed_workspace(tmp_path)
+    before = len(jobs.list_jobs(ws))
+    app = app_for(ws, profile="edge")
+    async with app.run_test(size=(100, 40)) as pilot:
+        await pilot.press("4")
+        await settle(app, pilot)
+        assert "training needs the full profile (this install is the edge profile)" in _problems(app)
+        assert "ready: run" not in _problems(app)
+        assert app.screen.query_one("#start", Button).disabled
+        assert app.screen.check_action("start", ()) is None  # greyed in the footer
+        await pilot.press("ctrl+s")
+        await settle(app, pilot)
+    assert started == [] and len(jobs.list_jobs(ws)) == before

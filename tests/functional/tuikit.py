@@ -61,11 +61,12 @@ def no_gpu_probe(_: Workspace) -> SystemStatus:
 def app_for(ws: Workspace, *, probe: Callable[[Workspace], SystemStatus] = fixed_probe,
             poll_s: float = 0.0, browse_from: Path | None = None,
             server_metrics: Callable[[str], Any] | None = None,
-            clock: Callable[[], float] = time.time) -> ApplianceApp:
-    """The app on `ws` with fixed system numbers, no polling unless asked, no settings file."""
+            clock: Callable[[], float] = time.time, profile: str = "full") -> ApplianceApp:
+    """The app on `ws` with fixed system numbers, no polling unless asked, no settings file, the
+    full profile unless asked."""
     return ApplianceApp(ws, Settings(poll_s=poll_s, workspace_label="/srv/appliance",
                                      browse_from=browse_from, probe=probe, server_probe=None,
-                                     server_metrics=server_metrics, clock=clock))
+                                     server_metrics=server_metrics, clock=clock, profile=profile))
 
 
 def gguf_export(ws: Workspace, name: str, status: str = "ready") -> None:

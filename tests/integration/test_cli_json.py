@@ -61,9 +61,15 @@ def test_train_export_merge_verify_as_json(train_ws: Workspace,
     assert code == 0 and doc["passed"] is True, err[-3000:]
     assert "verdict for tiny-small-gguf-f16: PASSED" in err
 
-    code, doc, err = appliance(ws, "verify", "tiny-small-gguf-f16", "--threshold", "agreement=1.5",
-                               "--json")  # a threshold nothing can meet
+    code, doc, err = appliance(ws, "verify", "tiny-small-gguf-f16", "--threshold", "kl=0",
+                               "--threshold", "ppl_increase=0", "--json")  # no loss at all: unmet
     assert code == ExitCode.PARITY_FAILED and doc["passed"] is False, err[-3000:]
-    assert "FAILED" in err and "agreement at least 150.0%" in err
+    assert "FAILED" in err and "KL at most 0," in err, err[-3000:]
+    refused = subprocess.run([sys.executable, "-m", "appliance", "--home", str(ws.root), "verify",
+                              "tiny-small-gguf-f16", "--threshold", "agreement=1.5"],
+                             capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert refused.returncode == ExitCode.INVALID, refused.stderr  # refused at the door, no job
+    assert "agreement: must be between 0 and 1, got 1.5" in refused.stderr
     code, listed, _ = appliance(ws, "exports", "list", "--json")
     assert {e["name"]: e["status"] for e in listed}["tiny-small-gguf-f16"] == "failed"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,12 @@ import pytest
 from appliance import api, jobs, manifest
 from appliance.demo import sample_dataset
 from appliance.errors import ApplianceError, DiskFullError, IntegrityError, RefusedError, ValidationError
+from appliance.progress import Quiet
 from appliance.stages.datasets import importer as datasets
-from appliance.stages.export import pipeline as exports
+from appliance.stages.export import convert
+from appliance.stages.merge.merged import merge
 from appliance.stages.models import importer as models
+from appliance.stages.verify.gate import verify
 from appliance.workspace import ArtifactRecord, Workspace, require_passed
 
 pytestmark = pytest.mark.integration
@@ -48,19 +50,19 @@ def smol_run(tmp_path_factory: pytest.TempPathFactory, smol_model: ArtifactRecor
 
 
 def test_merge_matches_the_adapter_and_is_idempotent(smol_run: Workspace) -> None:
-    merged = exports.merge(smol_run, "run")
+    merged = merge(smol_run, "run")
     check = json.loads((merged.path / "merge_check.json").read_text())
     assert check["max_abs_logit_diff"] < 1e-3 and check["adapted_weights"] == 210
     report = json.loads((merged.path / "parity.json").read_text())
     assert report["artifacts"][0]["name"] == "adapter" and report["artifacts"][0]["passed"] is None
-    again = exports.merge(smol_run, "run")
+    again = merge(smol_run, "run")
     assert again.manifest_sha256 == merged.manifest_sha256  # found, not rewritten
     with pytest.raises(ApplianceError, match="merged with dtype=auto base=full, not base=nf4"):
-        exports.merge(smol_run, "run", base="nf4")
+        merge(smol_run, "run", base="nf4")
 
 
 def test_gguf_export_is_scored_and_passes_its_gate(smol_run: Workspace) -> None:
-    (record,) = exports.export_gguf(smol_run, "run", ["q8_0"], scratch=smol_run.root / "scratch")
+    (record,) = convert.export_gguf(smol_run, "run", ["q8_0"], scratch=smol_run.root / "scratch")
     assert record.name == "run-gguf-q8_0" and record.status == "ready"
     report = json.loads((record.path / "parity.json").read_text())
     row = report["artifacts"][0]
@@ -73,7 +75,7 @@ def test_gguf_export_is_scored_and_passes_its_gate(smol_run: Workspace) -> None:
 
 def test_a_broken_artifact_fails_the_gate_and_is_refused(smol_run: Workspace) -> None:
     """Q2_K garbles a 135M model: the gate must say so, the registry must mark it failed."""
-    (record,) = exports.export_gguf(smol_run, "run", ["Q2_K"], scratch=smol_run.root / "scratch")
+    (record,) = convert.export_gguf(smol_run, "run", ["Q2_K"], scratch=smol_run.root / "scratch")
     assert record.status == "failed"
     row = json.loads((record.path / "parity.json").read_text())["artifacts"][0]
     assert not row["passed"] and row["reasons"]
@@ -82,7 +84,7 @@ def test_a_broken_artifact_fails_the_gate_and_is_refused(smol_run: Workspace) ->
     require_passed(record, override=True)
     _cancel_and_crash_leave_the_old_verdict(smol_run, record)
     # an explicit, recorded override of the thresholds flips the verdict and keeps the manifest valid
-    report = exports.verify(smol_run, record.name, overrides={"ppl_increase": 100.0, "kl": 100.0,
+    report = verify(smol_run, record.name, overrides={"ppl_increase": 100.0, "kl": 100.0,
                                                                "agreement": 0.0})
     assert report["passed"]
     assert smol_run.get("export", record.name).status == "ready"
@@ -95,13 +97,14 @@ def _cancel_and_crash_leave_the_old_verdict(ws: Workspace, record: ArtifactRecor
     lenient = {"ppl_increase": 100.0, "kl": 100.0, "agreement": 0.0}
     calls: list[int] = []
 
-    def cancel_on_third() -> None:
-        calls.append(1)
-        if len(calls) == 3:
-            raise jobs.JobCancelled("cancel requested")
+    class CancelOnThird(Quiet):
+        def check_cancel(self) -> None:
+            calls.append(1)
+            if len(calls) == 3:
+                raise jobs.JobCancelled("cancel requested")
 
     with pytest.raises(jobs.JobCancelled):
-        exports.verify(ws, record.name, overrides=lenient, check_cancel=cancel_on_third)
+        verify(ws, record.name, overrides=lenient, report=CancelOnThird())
     assert len(calls) == 3  # checked per conversation, not only at the end
 
     def crash(*_: object) -> bool:
@@ -110,7 +113,7 @@ def _cancel_and_crash_leave_the_old_verdict(ws: Workspace, record: ArtifactRecor
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("appliance.workspace.exchange", crash)
         with pytest.raises(OSError, match="simulated crash"):
-            exports.verify(ws, record.name, overrides=lenient)
+            verify(ws, record.name, overrides=lenient)
     again = ws.get("export", record.name)
     assert again.status == "failed"
     manifest.verify(again.path)
@@ -121,7 +124,7 @@ def _cancel_and_crash_leave_the_old_verdict(ws: Workspace, record: ArtifactRecor
 def test_onnx_int4_export_generates_and_is_scored(smol_run: Workspace) -> None:
     from export.onnx import OnnxLM
 
-    (record,) = exports.export_onnx(smol_run, "run", ["int4"], scratch=smol_run.root / "scratch")
+    (record,) = convert.export_onnx(smol_run, "run", ["int4"], scratch=smol_run.root / "scratch")
     row = json.loads((record.path / "parity.json").read_text())["artifacts"][0]
     assert row["tokens_identical"] is True and row["kind"] == "int4"
     assert row["passed"] is True and record.status == "ready", row  # +10% on the demo run
@@ -134,11 +137,11 @@ def test_onnx_int4_export_generates_and_is_scored(smol_run: Workspace) -> None:
 
 def test_bad_inputs_get_clear_errors(smol_run: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ApplianceError, match="no finished run named 'nope'"):
-        exports.merge(smol_run, "nope")
+        merge(smol_run, "nope")
     with pytest.raises(ValidationError, match="Q4_K_M"):
-        exports.export_gguf(smol_run, "run", ["Q9_Z"], scratch=smol_run.root / "scratch")
+        convert.export_gguf(smol_run, "run", ["Q9_Z"], scratch=smol_run.root / "scratch")
     with pytest.raises(ValidationError, match="int4"):
-        exports.export_onnx(smol_run, "run", ["int3"], scratch=smol_run.root / "scratch")
+        convert.export_onnx(smol_run, "run", ["int3"], scratch=smol_run.root / "scratch")
 
     from export import gguf
 
@@ -147,19 +150,19 @@ def test_bad_inputs_get_clear_errors(smol_run: Workspace, monkeypatch: pytest.Mo
 
     monkeypatch.setattr(gguf, "quantize", full_disk)
     with pytest.raises(DiskFullError, match=r"disk full at .*run-gguf-q6_k"):
-        exports.export_gguf(smol_run, "run", ["Q6_K"], scratch=smol_run.root / "scratch")
+        convert.export_gguf(smol_run, "run", ["Q6_K"], scratch=smol_run.root / "scratch")
     assert not list((smol_run.root / "exports").glob(".staging-*"))
     assert not smol_run.artifact_dir("export", "run-gguf-q6_k").exists()
 
 
 def test_tampered_export_is_not_reused(smol_run: Workspace) -> None:
-    record = exports.merge(smol_run, "run")
+    record = merge(smol_run, "run")
     config = record.path / "config.json"
     original = config.read_bytes()
     config.write_bytes(original + b" ")
     try:
         with pytest.raises(IntegrityError):
-            exports.merge(smol_run, "run")
+            merge(smol_run, "run")
     finally:
         config.write_bytes(original)
 
@@ -169,7 +172,7 @@ def test_missing_base_model_is_named(tmp_path: Path, smol_run: Workspace) -> Non
     shutil.copytree(smol_run.artifact_dir("run", "run"), ws.artifact_dir("run", "run"))
     ws.reconcile()
     with pytest.raises(ApplianceError, match="no longer in the workspace"):
-        exports.merge(ws, "run")
+        merge(ws, "run")
 
 
 def test_a_second_architecture_merges_and_exports_losslessly(tmp_path: Path, tiny_qwen2_source: Path
@@ -179,17 +182,17 @@ def test_a_second_architecture_merges_and_exports_losslessly(tmp_path: Path, tin
     ws = Workspace(tmp_path / "ws")
     model = models.import_path(ws, tiny_qwen2_source, name="tiny-qwen2")
     run = _trained(ws, model, tmp_path)
-    merge_events, progress = _recorder()
-    merged = exports.merge(ws, run, progress=progress)
+    merge_events, report = _recorder()
+    merged = merge(ws, run, report=report)
     assert json.loads((merged.path / "merge_check.json").read_text())["max_abs_logit_diff"] < 1e-3
     _check_merge_progress(merge_events, merged)
-    gguf_events, progress = _recorder()
-    gguf_record, q8_record = exports.export_gguf(ws, run, ["F16", "Q8_0"], scratch=tmp_path / "scratch",
-                                                 progress=progress)
+    gguf_events, report = _recorder()
+    gguf_record, q8_record = convert.export_gguf(ws, run, ["F16", "Q8_0"], scratch=tmp_path / "scratch",
+                                                 report=report)
     _check_gguf_progress(gguf_events, merged, [gguf_record, q8_record])
-    onnx_events, progress = _recorder()
-    (onnx_record,) = exports.export_onnx(ws, run, ["fp32"], scratch=tmp_path / "scratch",
-                                         progress=progress)
+    onnx_events, report = _recorder()
+    (onnx_record,) = convert.export_onnx(ws, run, ["fp32"], scratch=tmp_path / "scratch",
+                                         report=report)
     assert _stages(onnx_events) == ["reuse", "export-onnx", "load-runtime", "load-reference", "score",
                                     "record", "done"]
     for record in (gguf_record, onnx_record):
@@ -201,13 +204,19 @@ def test_a_second_architecture_merges_and_exports_losslessly(tmp_path: Path, tin
 
 
 # -- staged progress -------------------------------------------------------------------------------
-def _recorder() -> tuple[list[dict], Callable[..., None]]:
+class _Recorder(Quiet):
+    """A reporter that keeps the progress events."""
+
+    def __init__(self, events: list[dict]) -> None:
+        self.events = events
+
+    def progress(self, done: float, total: float, **fields: object) -> None:
+        self.events.append({"done": done, "total": total, **fields})
+
+
+def _recorder() -> tuple[list[dict], _Recorder]:
     events: list[dict] = []
-
-    def progress(done: float, total: float, **fields: object) -> None:
-        events.append({"done": done, "total": total, **fields})
-
-    return events, progress
+    return events, _Recorder(events)
 
 
 def _stages(events: list[dict]) -> list[str]:
@@ -291,10 +300,10 @@ def _check_gguf_progress(events: list[dict], merged: ArtifactRecord, records: li
 
 
 def _check_job_progress(ws: Workspace, run: str, record: ArtifactRecord) -> None:
-    """The job functions pass `JobContext.progress`: the stages land in the job's events, and
+    """The job functions pass their `JobContext` as the reporter: the stages land in the job's events, and
     `appliance jobs logs` prints them as one readable line each. (The verify job's impossible
     threshold leaves the export failed, for `_check_gated_again`.)"""
-    from appliance.cli import format_event
+    from appliance.textout import format_event
 
     job = jobs.submit(ws, "verify", {"export": record.name, "overrides": {"agreement": 1.01}})
     assert api.run(ws, job.id).result == {"passed": False}
@@ -314,9 +323,9 @@ def _check_gated_again(ws: Workspace, run: str, record: ArtifactRecord, scratch:
     """A failed artifact asked for again with thresholds is gated again, inside the export's
     stages (and counted as that export's artifact)."""
     assert ws.get("export", record.name).status == "failed"
-    events, progress = _recorder()
-    (again,) = exports.export_gguf(ws, run, ["F16"], scratch=scratch, overrides={"agreement": 0.5},
-                                   progress=progress)
+    events, report = _recorder()
+    (again,) = convert.export_gguf(ws, run, ["F16"], scratch=scratch, overrides={"agreement": 0.5},
+                                   report=report)
     assert again.status == "ready"
     assert _stages(events) == ["reuse", "check-files", "load-runtime", "load-reference", "score", "done"]
     assert {e["artifact"] for e in events[1:]} == {record.name}

@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 
 from appliance import cli, jobs, offline
+from appliance.cli import doctor as doctor_commands
+from appliance.cli import train as train_commands
 from appliance.errors import BusyError, DiskFullError, ExitCode, NotFoundError
 from appliance.workspace import Workspace
 
@@ -128,7 +130,7 @@ def test_a_broken_pipe_that_is_not_stdout_keeps_its_traceback(tmp_path: Path,
     def broken(args: Any) -> int:
         raise BrokenPipeError("a pipe to a child process")
 
-    monkeypatch.setattr(cli, "cmd_doctor", broken)
+    monkeypatch.setattr(doctor_commands, "cmd_doctor", broken)
     with pytest.raises(BrokenPipeError, match="child process"):
         cli.main(["--home", str(tmp_path), "doctor"])
 
@@ -260,11 +262,16 @@ def test_detached_jobs_print_the_job_as_json(tmp_path: Path, monkeypatch: pytest
     assert doc["job"]["id"] == fake.job.id and doc["job"]["state"] == "queued"
 
 
+def _train_params(ws: Workspace, args: Any) -> dict[str, Any]:
+    """What `train` queues, without reading a recipe or planning memory."""
+    return {"name": "m-d", "model": "m", "dataset": "d"}
+
+
 def test_train_follow_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                            capsys: pytest.CaptureFixture[str]) -> None:
     ws = Workspace(tmp_path / "ws")
     make_artifact(ws, "run", "m-d", summary={"model": "m", "dataset": "d", "steps": 2})
-    monkeypatch.setattr(cli, "train_params", lambda ws, args: {"name": "m-d", "model": "m"})
+    monkeypatch.setattr(train_commands, "train_params", _train_params)
     FakeJobs(monkeypatch, "succeeded", {"run": "m-d"}, params={"name": "m-d"})
     assert cli.main(["--home", str(ws.root), "train", "--model", "m", "--dataset", "d", "-f",
                      "--json"]) == 0
@@ -322,7 +329,7 @@ def _raising(exc: BaseException) -> Any:
 def test_each_failure_has_its_exit_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture[str], exc: BaseException,
                                         code: int) -> None:
-    monkeypatch.setattr(cli, "cmd_doctor", _raising(exc))
+    monkeypatch.setattr(doctor_commands, "cmd_doctor", _raising(exc))
     assert cli.main(["--home", str(tmp_path), "doctor"]) == code
     assert "Traceback" not in capsys.readouterr().err
 
@@ -332,7 +339,7 @@ def test_a_followed_job_that_did_not_succeed_exits_7(tmp_path: Path, monkeypatch
                                                      state: str) -> None:
     FakeJobs(monkeypatch, state, {})
     assert cli.main(["--home", str(tmp_path), "merge", "r"]) == ExitCode.JOB_FAILED
-    monkeypatch.setattr(cli, "train_params", lambda ws, args: {"name": "m-d"})
+    monkeypatch.setattr(train_commands, "train_params", _train_params)
     assert cli.main(["--home", str(tmp_path), "train", "--model", "m", "--dataset", "d",
                      "--follow"]) == ExitCode.JOB_FAILED
 

@@ -10,8 +10,10 @@ from typing import Any
 import pytest
 
 from appliance import api, cancellation, jobs, manifest, stages
+from appliance.stages.export import convert
 from appliance.stages.export import job as export_job
-from appliance.stages.export import pipeline as exports
+from appliance.stages.merge import merged
+from appliance.stages.verify import gate
 from appliance.workspace import ArtifactRecord, Workspace
 
 
@@ -40,7 +42,7 @@ def _run(ws: Workspace, kind: str, params: dict[str, Any]) -> jobs.Job:
 def test_an_export_job_finishes_at_the_commit_of_its_last_artifact(
         workspace: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
     made = Committer("r-merged", "r-onnx-fp16", "r-onnx-int8")
-    monkeypatch.setattr(exports, "export_onnx", lambda ws, *_, **__: made.commit_all(ws))
+    monkeypatch.setattr(convert, "export_onnx", lambda ws, *_, **__: made.commit_all(ws))
     job = _run(workspace, "export", {"run": "r", "format": "onnx", "types": ["fp16", "int8"]})
     assert made.finishing == [False, False, True]
     for name in made.names:
@@ -56,8 +58,8 @@ def test_a_merge_or_verify_job_finishes_at_its_one_commit(
         workspace: Workspace, monkeypatch: pytest.MonkeyPatch, kind: str, params: dict[str, Any],
         replace: bool) -> None:
     made = Committer("r-merged", replace=replace)
-    monkeypatch.setattr(exports, "merge", lambda ws, *_, **__: made.commit_all(ws)[0])
-    monkeypatch.setattr(exports, "verify", lambda ws, *_, **__: made.commit_all(ws) and {"passed": True})
+    monkeypatch.setattr(merged, "merge", lambda ws, *_, **__: made.commit_all(ws)[0])
+    monkeypatch.setattr(gate, "verify", lambda ws, *_, **__: made.commit_all(ws) and {"passed": True})
     _run(workspace, kind, params)
     assert made.finishing == [True]
     config = manifest.read(workspace.get("export", "r-merged").path)["config"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from appliance.cli import format_event
 from appliance.progress import BUCKETS, Stages, counts, describe, fraction
+from appliance.textout import format_event
 from export import gguf
 
 

@@ -38,7 +38,7 @@ from textual.timer import Timer
 from textual.widgets import DataTable, Footer, Header, Input, Label, Static, TextArea
 from textual.worker import Worker, get_current_worker
 
-from appliance import jobs, progress
+from appliance import jobs, profile, progress, stages
 from appliance.workspace import ArtifactRecord, Workspace
 from tui.dialogs import ConfirmDialog
 from tui.feed import Event, elapsed, last_events, stage_started, summary_line
@@ -176,6 +176,8 @@ class ApplianceScreen(Screen[None]):
     POLL: ClassVar[bool] = False  # call `poll` on the app's poll interval while visible
     JOB_KINDS: ClassVar[tuple[str, ...]] = ()  # jobs this screen starts and follows (#activity)
     FILTER_TABLE: ClassVar[str | None] = None  # the list `/` filters when no list has focus
+    # action -> the job kind it starts: greyed out on an edge install (stages.FULL_PROFILE_KINDS)
+    FULL_PROFILE_ACTIONS: ClassVar[dict[str, str]] = {}
     DEFAULT_CSS = FILTER_CSS
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("r", "reload", "Refresh", show=False),
@@ -314,7 +316,19 @@ class ApplianceScreen(Screen[None]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "filter":
             return self.filter_target() is not None
+        if action in self.FULL_PROFILE_ACTIONS and self.edge_profile:
+            return None  # shown greyed out: the edge profile cannot run it
         return True
+
+    @property
+    def edge_profile(self) -> bool:
+        """This install is the edge profile: no training, merging, exporting or parity checks."""
+        return self.appliance.settings.profile == profile.EDGE
+
+    def full_profile_note(self, kind: str) -> str:
+        """One line saying why an action is greyed out on an edge install."""
+        what = stages.FULL_PROFILE_KINDS.get(kind, kind)
+        return f"{what} needs the full profile (this install is the edge profile)"
 
     def on_selection_changed(self) -> None:
         """The selected row changed: keys that depend on it are re-checked (and greyed out)."""

@@ -11,7 +11,6 @@ exactly the characters the loss is computed on.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,12 +21,17 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Input, Select, Static
 
+from appliance.stages.datasets.request import (
+    DEFAULT_EVAL_FRACTION,
+    DEFAULT_FORMAT,
+    FORMATS,
+    ImportDatasetRequest,
+)
 from appliance.workspace import ArtifactRecord, Workspace
 from tui.dialogs import NamedSelect, PathFormDialog, dialog_css, named
 from tui.screens.base import ArtifactScreen, artifact_css, record_names
 from tui.widgets import histogram_lines
 
-FORMATS = ("auto", "messages", "sharegpt", "alpaca", "dolly")
 SHOWN_REJECTIONS = 50
 TRAINED_STYLE = "bold black on green"
 
@@ -67,26 +71,15 @@ def read_report(record_path: Path) -> str:
     return report_text(report, f"{source} (model {data['info']['summary']['model']})")
 
 
-@dataclass(frozen=True)
-class DatasetImport:
-    path: str
-    model: str
-    name: str | None
-    form: str
-    eval_fraction: float
-
-
-def run_import(ws: Workspace, request: DatasetImport, progress: Any) -> tuple[str, dict[str, Any]]:
+def run_import(ws: Workspace, request: ImportDatasetRequest,
+               progress: Any) -> tuple[str, dict[str, Any]]:
     from appliance.stages.datasets import importer as datasets
 
-    model = ws.get("model", request.model)
-    record, report = datasets.import_file(ws, Path(request.path), model, name=request.name,
-                                          form=request.form, eval_fraction=request.eval_fraction,
-                                          progress=progress)
+    record, report = datasets.run(ws, request, progress)
     return record.name, report
 
 
-class ImportDatasetDialog(PathFormDialog[DatasetImport]):
+class ImportDatasetDialog(PathFormDialog[ImportDatasetRequest]):
     """File (typed or browsed), the model whose tokenizer and template measure it, options."""
 
     HELP_TITLE = "import a dataset"
@@ -98,6 +91,7 @@ class ImportDatasetDialog(PathFormDialog[DatasetImport]):
     SUBMIT, SUBMIT_ID = "Import", "import"
     PATH_PLACEHOLDER = "file"
     BROWSE_TITLE, SUFFIXES, AFTER_BROWSE = "Pick a JSONL dataset", (".jsonl", ".json"), "#model"
+    FIELDS: ClassVar[dict[str, str]] = {"eval_fraction": "#eval"}
 
     def __init__(self, models: list[str], browse_from: Path) -> None:
         super().__init__(browse_from)
@@ -109,27 +103,24 @@ class ImportDatasetDialog(PathFormDialog[DatasetImport]):
                           field_name="for model (its tokenizer and template)")
         yield Input(placeholder="name (default: from the file name)", id="name")
         with Horizontal(classes="row"):
-            yield NamedSelect([(f, f) for f in FORMATS], value="auto", allow_blank=False, id="form",
-                              field_name="format")
-            yield named(Input("0.1", placeholder="eval fraction", id="eval"),
+            yield NamedSelect([(f, f) for f in FORMATS], value=DEFAULT_FORMAT, allow_blank=False,
+                              id="form", field_name="format")
+            yield named(Input(str(DEFAULT_EVAL_FRACTION), placeholder="eval fraction", id="eval"),
                         "held out for eval (fraction)")
 
     def submit(self) -> None:
-        path = self.path()
         model = self.query_one("#model", Select).value
+        text = self.query_one("#eval", Input).value.strip()
         try:
-            fraction = float(self.query_one("#eval", Input).value)
+            fraction = float(text)
         except ValueError:
-            fraction = -1.0
-        problem = ("give a file, or browse to one" if not path else
-                   "pick the model whose tokenizer and template to use"
-                   if model is Select.NULL else
-                   "eval fraction: a number in [0, 1)" if not 0 <= fraction < 1 else "")
-        if problem:
-            self.notify(problem, severity="warning")
+            self.show_problems({"eval_fraction": f"a number in [0, 1), got {text!r}"})
             return
-        self.dismiss(DatasetImport(path, str(model), self.query_one("#name", Input).value.strip()
-                                   or None, str(self.query_one("#form", Select).value), fraction))
+        request = ImportDatasetRequest.for_path(
+            self.path(), "" if model is Select.NULL else str(model),
+            name=self.query_one("#name", Input).value.strip() or None,
+            form=str(self.query_one("#form", Select).value), eval_fraction=fraction)
+        self.dismiss_checked(request, request.problems)
 
 
 def render_preview(ws: Workspace, dataset: str, index: int) -> tuple[Text, int]:
@@ -246,7 +237,7 @@ class DatasetsScreen(ArtifactScreen):
         start = self.appliance.settings.browse_from or Path.cwd()
         self.app.push_screen(ImportDatasetDialog(models, start), self._import)
 
-    def _import(self, request: DatasetImport | None) -> None:
+    def _import(self, request: ImportDatasetRequest | None) -> None:
         if request is None:
             return
         source = Path(request.path).name

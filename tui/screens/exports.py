@@ -13,7 +13,6 @@ the screen's poll; the list refreshes when they end.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,7 +25,9 @@ from textual.binding import Binding, BindingType
 from textual.widgets import Input, Select, SelectionList
 
 from appliance import api
-from appliance.stages.export import DEFAULT_TYPES, GGUF_OFFERED, ONNX_PRECISIONS
+from appliance.stages.export import DEFAULT_TYPES, GGUF_OFFERED, ONNX_PRECISIONS, ExportRequest
+from appliance.stages.merge.request import BASES, DEFAULT_BASE, DEFAULT_DTYPE, DTYPES, MergeRequest
+from appliance.stages.verify.request import VerifyRequest
 from appliance.workspace import ArtifactRecord
 from tui.dialogs import FormDialog, NamedSelect, dialog_css
 from tui.screens.base import ArtifactScreen, artifact_css, record_names
@@ -107,14 +108,13 @@ def export_details(path: Path) -> Group:
     return Group(*body)
 
 
-@dataclass(frozen=True)
-class ExportRequest:
-    kind: str                 # merge | export
-    params: dict[str, Any]
+JobRequest = MergeRequest | ExportRequest | VerifyRequest
+BASE_LABELS = {"full": "full base (as imported)", "nf4": "NF4-rounded base (as training saw it)"}
 
 
-class RunDialog(FormDialog[ExportRequest]):
-    """A form about one of the finished runs (the newest preselected), then its options."""
+class RunDialog(FormDialog[JobRequest]):
+    """A form about one of the finished runs (the newest preselected), then its options; the
+    request it makes is checked before the form closes, each problem shown at its field."""
 
     def __init__(self, runs: list[str]) -> None:
         super().__init__()
@@ -136,15 +136,15 @@ class MergeDialog(RunDialog):
     SUBMIT = "Merge"
 
     def compose_options(self) -> ComposeResult:
-        yield NamedSelect([("full base (as imported)", "full"),
-                           ("NF4-rounded base (as training saw it)", "nf4")], value="full",
+        yield NamedSelect([(BASE_LABELS.get(b, b), b) for b in BASES], value=DEFAULT_BASE,
                           allow_blank=False, id="base", field_name="merge into")
-        yield NamedSelect([(d, d) for d in ("auto", "fp32", "fp16", "bf16")], value="auto",
+        yield NamedSelect([(d, d) for d in DTYPES], value=DEFAULT_DTYPE,
                           allow_blank=False, id="dtype", field_name="dtype of the merged model")
 
     def submit(self) -> None:
-        values = {k: str(self.query_one(f"#{k}", Select).value) for k in ("run", "base", "dtype")}
-        self.dismiss(ExportRequest("merge", values))
+        run, base, dtype = (str(self.query_one(f"#{k}", Select).value) for k in ("run", "base", "dtype"))
+        request = MergeRequest(run, dtype=dtype, base=base)
+        self.dismiss_checked(request, request.problems)
 
 
 class ExportDialog(RunDialog):
@@ -173,22 +173,31 @@ class ExportDialog(RunDialog):
     def _format(self, event: Select.Changed) -> None:
         self._types(str(event.value))
 
+    def _more(self) -> list[str]:
+        if str(self.query_one("#format", Select).value) != "gguf":
+            return []
+        return [t.strip() for t in self.query_one("#more", Input).value.split(",") if t.strip()]
+
+    def field_widget(self, field: str) -> str:
+        if field == "types":  # only a typed type can be unknown: the ticked ones are all valid
+            return "#more" if self._more() else "#types"
+        return super().field_widget(field)
+
     def submit(self) -> None:
         fmt = str(self.query_one("#format", Select).value)
-        types = list(self.query_one("#types", SelectionList).selected)
-        if fmt == "gguf":
-            types += [t.strip() for t in self.query_one("#more", Input).value.split(",") if t.strip()]
-        if not types:
-            self.notify("pick at least one type", severity="warning")
+        types = [*self.query_one("#types", SelectionList).selected, *self._more()]
+        if not types:  # none is a valid request (only the merged model), but not this form's
+            self.show_problems({"types": "pick at least one type"})
             return
-        self.dismiss(ExportRequest("export", {"run": str(self.query_one("#run", Select).value),
-                                              "format": fmt, "types": types, "overrides": {}}))
+        request = ExportRequest(str(self.query_one("#run", Select).value), fmt, tuple(types))
+        self.dismiss_checked(request, request.problems)
 
 
 class ExportsScreen(ArtifactScreen):
     MODE = "exports"
     SUB_TITLE = "Exports"
     JOB_KINDS = ("merge", "export", "verify")
+    FULL_PROFILE_ACTIONS: ClassVar[dict[str, str]] = {k: k for k in ("merge", "export", "verify")}
     # textual annotates it `ClassVar[...] | None`, which mypy reads as an instance variable
     HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (150, "-wide")]  # type: ignore[misc]
     DEFAULT_CSS = artifact_css("ExportsScreen", 62)
@@ -236,13 +245,13 @@ class ExportsScreen(ArtifactScreen):
     def action_verify(self) -> None:
         name = self.selected()
         if name is not None:
-            self._start(ExportRequest("verify", {"export": name, "overrides": {}}))
+            self._start(VerifyRequest(name))
 
-    def _start(self, request: ExportRequest | None) -> None:
+    def _start(self, request: JobRequest | None) -> None:
         if request is None:
             return
         ws = self.ws
-        self.background(lambda: api.start(ws, request.kind, request.params), self.job_started,
+        self.background(lambda: api.start_request(ws, request), self.job_started,
                         group="start", title=f"Could not start the {request.kind}", modal=True)
 
 

@@ -8,7 +8,6 @@ in a worker; `v` re-hashes every file against it (the activity line counts the t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,6 +17,7 @@ from textual.widgets import Input
 
 from appliance import api, jobs, manifest, stack
 from appliance.errors import ApplianceError
+from appliance.stages.models.request import ImportModelRequest
 from appliance.textout import human_count
 from appliance.workspace import ArtifactRecord, Workspace
 from tui.dialogs import PathFormDialog, dialog_css
@@ -73,35 +73,21 @@ def model_details(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@dataclass(frozen=True)
-class ModelImport:
-    path: str
-    name: str | None
-    chat_template: str | None
-
-
-def start_import(ws: Workspace, request: ModelImport | None) -> jobs.Job:
-    """An `import-model` job for a path, or for the embedded default when `request` is None."""
-    if request is None:
+def start_import(ws: Workspace, request: ImportModelRequest) -> jobs.Job:
+    """An `import-model` job: for a path, or for the embedded default (refused here, before a job,
+    if it is imported already or not installed)."""
+    if request.default:
         if ws.exists() and ws.artifact_dir("model", stack.DEFAULT_MODEL_NAME).exists():
             raise ApplianceError(f"model {stack.DEFAULT_MODEL_NAME!r} is already imported",
                                  title="Already imported", hint="delete it first (x) to import "
                                  "it again")
         stack.default_model_path()  # not installed: say so now, not in a job log
-        return api.start(ws, "import-model", {"default": True, "path": None, "name": None,
-                                                "chat_template": None})
-    path = Path(request.path).expanduser().resolve()
-    if not path.exists():
-        raise ApplianceError(f"{path} does not exist", title="Nothing to import",
-                             hint="pick an HF model folder or a .gguf file")
-    template = str(Path(request.chat_template).expanduser().resolve()) if request.chat_template \
-        else None
-    return api.start(ws, "import-model", {"default": False, "path": str(path),
-                                            "name": request.name, "chat_template": template})
+    return api.start_request(ws, request)
 
 
-class ImportModelDialog(PathFormDialog[ModelImport]):
-    """Path (typed or browsed), optional name and chat template."""
+class ImportModelDialog(PathFormDialog[ImportModelRequest]):
+    """Path (typed or browsed), optional name and chat template; the request is checked before
+    the form closes (a path that does not exist, a bad name: shown at the field)."""
 
     HELP_TITLE = "import a model"
     DEFAULT_CSS = dialog_css("ImportModelDialog") + """
@@ -112,6 +98,7 @@ class ImportModelDialog(PathFormDialog[ModelImport]):
     SUBMIT, SUBMIT_ID = "Import", "import"
     BROWSE_TITLE, SUFFIXES, FOLDERS = "Pick a model folder or .gguf file", (".gguf",), True
     AFTER_BROWSE = "#import"
+    FIELDS: ClassVar[dict[str, str]] = {"chat_template": "#template"}
 
     def compose_options(self) -> ComposeResult:
         yield Input(placeholder="name (default: from the path)", id="name")
@@ -120,11 +107,12 @@ class ImportModelDialog(PathFormDialog[ModelImport]):
     def submit(self) -> None:
         path = self.path()
         if not path:
-            self.notify("give a path, or browse to one", severity="warning")
+            self.show_problems({"path": "give a path, or browse to one"})
             return
         name = self.query_one("#name", Input).value.strip() or None
         template = self.query_one("#template", Input).value.strip() or None
-        self.dismiss(ModelImport(path, name, template))
+        request = ImportModelRequest.for_path(path, name, template)
+        self.dismiss_checked(request, request.problems)
 
 
 class ModelsScreen(ArtifactScreen):
@@ -161,14 +149,14 @@ class ModelsScreen(ArtifactScreen):
         start = self.appliance.settings.browse_from or Path.cwd()
         self.app.push_screen(ImportModelDialog(start), self._dialog_done)
 
-    def _dialog_done(self, request: ModelImport | None) -> None:
+    def _dialog_done(self, request: ImportModelRequest | None) -> None:
         if request is not None:
             self._start_import(request)
 
     def action_import_default(self) -> None:
-        self._start_import(None)
+        self._start_import(ImportModelRequest(default=True))
 
-    def _start_import(self, request: ModelImport | None) -> None:
+    def _start_import(self, request: ImportModelRequest) -> None:
         ws = self.ws
         self.background(lambda: start_import(ws, request), self.job_started, group="import",
                         title="Could not start the import", modal=True)

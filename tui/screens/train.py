@@ -30,6 +30,7 @@ from textual.widgets import Button, Checkbox, ContentSwitcher, Input, Label, Sel
 
 from appliance import jobs
 from appliance.stages.train import planner
+from appliance.stages.train.request import DEFAULT_RECIPE
 from appliance.workspace import Workspace
 from tui import trainform
 from tui.feed import Event, EventTail, TrainProgress, format_eta
@@ -122,6 +123,7 @@ class TrainScreen(ApplianceScreen):
     TrainScreen #live-head, TrainScreen #live-foot { height: auto; }
     TrainScreen LineChart { height: 1fr; min-height: 6; border: round $panel; }
     """
+    FULL_PROFILE_ACTIONS: ClassVar[dict[str, str]] = {"start": "train"}
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+s", "start", "Start training", priority=True),
         Binding("ctrl+l", "toggle_view", "Form / live view", priority=True),
@@ -208,7 +210,7 @@ class TrainScreen(ApplianceScreen):
         self.choices = choices
         _set_options(self.query_one("#model", Select), [m.name for m in choices.models])
         _set_options(self.query_one("#recipe", Select), list(choices.recipes),
-                     default="smollm2-cpu")
+                     default=DEFAULT_RECIPE)
         gpu = f"this machine ({choices.gpus[0].name})" if choices.gpus else "this machine (CPU)"
         _set_options(self.query_one("#target", Select), [HERE, *planner.TARGETS], labels={HERE: gpu})
         self._datasets_for_model()
@@ -250,9 +252,11 @@ class TrainScreen(ApplianceScreen):
             widget.set_class(key in problems, "-invalid")
         lines = [f"[b red]✗[/] {k}: {v}" for k, v in problems.items()]
         ready = f"[b green]✓[/] ready: run [b]{self.checked.name}[/] (ctrl+s starts it)"
-        self.query_one("#problems", Static).update("\n".join(lines) if problems else ready)
+        if self.edge_profile:  # the form still shows what a run would be; it cannot start here
+            lines, ready = [f"[b yellow]![/] {self.full_profile_note('train')}", *lines], ""
+        self.query_one("#problems", Static).update("\n".join(lines) if lines else ready)
         self.query_one("#plan", Static).update(plan_text(self.checked))
-        self.query_one("#start", Button).disabled = not self.checked.ok
+        self.query_one("#start", Button).disabled = not self.checked.ok or self.edge_profile
 
     @on(Select.Changed)
     def _select_changed(self, event: Select.Changed) -> None:
@@ -277,8 +281,8 @@ class TrainScreen(ApplianceScreen):
             state = self.progress.state if self.progress else ""
             can = state in ("queued", "running") if action == "cancel" else state in jobs.RESUMABLE
             return True if can else None  # None: shown greyed out
-        if action == "start":
-            return not live
+        if action == "start" and live:
+            return False
         return super().check_action(action, parameters)
 
     @on(Button.Pressed, "#start")

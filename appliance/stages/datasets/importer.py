@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from appliance import chat
-from appliance.errors import NotFoundError, ValidationError
+from appliance.errors import InvalidRequest, NotFoundError, ValidationError
 from appliance.fsutil import sha256_file, write_jsonl
+from appliance.stages.datasets.request import FORMS, ImportDatasetRequest
 from appliance.workspace import ArtifactRecord, Workspace, check_name, parent_ref, slugify
 
-FORMS = ("messages", "sharegpt", "alpaca", "dolly")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "chatgpt": "assistant"}
 Messages = list[dict[str, str]]
@@ -428,3 +428,19 @@ def load_rows(record: ArtifactRecord, part: str = "train") -> list[dict[str, Any
     path = record.path / f"{part}.jsonl"
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def run(ws: Workspace, request: ImportDatasetRequest,
+        progress: Callable[[int], None] | None = None) -> tuple[ArtifactRecord, dict]:
+    """The data import stage's one entry (the CLI and the TUI): the model looked up (an unknown
+    one names the available ones), the request's problems refused naming each field, then
+    `import_file`."""
+    model = ws.get("model", request.model)
+    found = request.problems()
+    if "path" in found and request.path and not Path(request.path).exists():
+        raise NotFoundError(found["path"], hint="give the path of a JSONL file")
+    if found:
+        raise InvalidRequest("the dataset import is not valid", found)
+    return import_file(ws, Path(request.path), model, name=request.name, form=request.form,
+                       eval_fraction=request.eval_fraction, seed=request.seed,
+                       max_tokens=request.max_tokens, progress=progress)

@@ -12,15 +12,14 @@ from appliance.jobs import JobCancelled, JobContext
 
 def run(ctx: JobContext) -> dict[str, Any]:
     """params {run, format: gguf|onnx, types: [...], overrides: {threshold key: value}}"""
-    from appliance.stages.export import pipeline
+    from appliance.stages.export import convert
 
     p = ctx.params
-    func = pipeline.export_gguf if p["format"] == "gguf" else pipeline.export_onnx
+    func = convert.export_gguf if p["format"] == "gguf" else convert.export_onnx
     ctx.finishes_with("export", last_artifact_name(p))
     try:
         records = func(ctx.ws, p["run"], p["types"], scratch=ctx.dir / "work",
-                       overrides=p.get("overrides"), say=ctx.log, check_cancel=ctx.check_cancel,
-                       progress=ctx.progress)
+                       overrides=p.get("overrides"), report=ctx)
     except JobCancelled:
         raise  # resumable: keep the intermediate files
     except BaseException:
@@ -32,9 +31,10 @@ def run(ctx: JobContext) -> dict[str, Any]:
 
 
 def last_artifact_name(p: dict[str, Any]) -> str:
-    """The artifact an export job writes last, named as the pipeline names them (the merged model
+    """The artifact an export job writes last, named as `convert` names them (the merged model
     if no type is asked for): its commit ends the job."""
-    from appliance.stages.export.pipeline import artifact_name, merged_name
+    from appliance.stages.export.convert import artifact_name
+    from appliance.stages.merge.inputs import merged_name
 
     types = [str(t) for t in p["types"]]
     if p["format"] == "gguf":

@@ -8,10 +8,9 @@ from appliance.jobs import JobContext
 
 
 def run(ctx: JobContext) -> dict[str, Any]:
-    from appliance.stages.export import pipeline
+    from appliance.stages.merge.merged import merge
 
     p = ctx.params
     ctx.finishes_with("export")  # its one commit: the merged model (none if it exists already)
-    record = pipeline.merge(ctx.ws, p["run"], dtype=p.get("dtype"), base=p.get("base"),
-                            say=ctx.log, check_cancel=ctx.check_cancel, progress=ctx.progress)
+    record = merge(ctx.ws, p["run"], dtype=p.get("dtype"), base=p.get("base"), report=ctx)
     return {"export": record.name, "path": str(record.path)}

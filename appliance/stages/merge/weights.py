@@ -19,23 +19,17 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from appliance import tensorstream
 from appliance.errors import ApplianceError, ValidationError
 from appliance.modelio import check_shards
+from appliance.progress import QUIET, Counter, Reporter
+from appliance.stages.merge.request import BASES, DTYPES
 
-Say = Callable[[str], None]
-DTYPES = ("auto", "fp32", "fp16", "bf16")
-BASES = ("full", "nf4")
 WEIGHT_FILES = (".safetensors",)
 SKIP = ("manifest.json", "gguf", "model.safetensors.index.json")
-
-
-def _quiet(_: str) -> None:
-    pass
 
 
 def adapter_deltas(adapter_dir: Path) -> tuple[dict[str, tuple[Any, Any]], float, dict[str, Any]]:
@@ -123,11 +117,11 @@ def _out_spec(entry: tensorstream.Entry, out_type: Any) -> tensorstream.Entry:
 
 
 def merge_folder(base_dir: Path, adapter_dir: Path, out_dir: Path, *, dtype: str = "auto",
-                 base: str = "full", train_dtype: str = "bf16", say: Say = _quiet,
-                 check_cancel: Callable[[], None] = lambda: None,
-                 counts: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                 base: str = "full", train_dtype: str = "bf16", report: Reporter = QUIET,
+                 counts: Counter | None = None) -> dict[str, Any]:
     """Write the merged HF folder into `out_dir` (which must exist, empty). Returns its summary.
-    `counts` gets the tensors written of the model's total (all shards) as they are written."""
+    `report` gets a line per shard and is checked for a cancel before each; `counts` gets the
+    tensors written of the model's total (all shards) as they are written."""
     import torch
 
     if dtype not in DTYPES or base not in BASES:
@@ -141,7 +135,7 @@ def merge_folder(base_dir: Path, adapter_dir: Path, out_dir: Path, *, dtype: str
     total, written = sum(map(len, tables)), 0
     used: set[str] = set()
     for i, (shard, table) in enumerate(zip(shards, tables, strict=True), 1):
-        check_cancel()
+        report.check_cancel()
         specs = [_out_spec(e, out_type) for e in table]
         with tensorstream.TensorFileWriter(out_dir / shard.name, specs, {"format": "pt"}) as out:
             for key, value in tensorstream.read_tensors(shard):
@@ -153,7 +147,7 @@ def merge_folder(base_dir: Path, adapter_dir: Path, out_dir: Path, *, dtype: str
                 written += 1
                 if counts is not None:
                     counts(written, total)
-        say(f"merged shard {i}/{len(shards)} ({shard.name})")
+        report.log(f"merged shard {i}/{len(shards)} ({shard.name})")
     unused = sorted(set(deltas) - used)
     if unused:
         raise ApplianceError(f"the adapter adapts weights the base does not have: {unused[:3]}",

@@ -17,6 +17,14 @@ A GGUF file is dequantized into an HF folder (transformers reads GGUF) for train
 `gguf/<file>` as a ready inference artifact. Its tokenizer is rebuilt from the GGUF's own metadata
 (special tokens, BOS policy, template) and checked token-for-token against llama.cpp's.
 
+On the edge profile (no torch, no transformers: `appliance.profile`) a GGUF import makes a
+serve-only model instead: the GGUF is copied and hashed under `gguf/`, its metadata read, its chat
+template checked with the runtime's own template code (the same probe and stop-token checks as
+above, with the special tokens llama.cpp reads from the file), its stop tokens recorded, and the
+manifest says `serve_only: true`. There is no HF folder: chat and serve open the GGUF by the
+model's name; training, merging and exporting refuse it (`require_trainable`). Importing an HF
+folder needs the full profile.
+
 Both kinds of import report their stages (`appliance.progress.Stages`: read, copy, dequantize,
 save, tokenizer, check, hash, with counts where there are some) to an optional `progress`, so a
 40-second dequantization is a named, counted stage rather than silence.
@@ -35,7 +43,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from appliance import chat, fsutil, hfmodel, modelio, stack
+from appliance import chat, fsutil, hfmodel, modelio, profile, stack
 from appliance.errors import RefusedError, ValidationError
 from appliance.hfmodel import PROBE, load_tokenizer, stop_token_ids
 from appliance.progress import Progress, Stages
@@ -511,6 +519,7 @@ def _select(files: dict[str, Path], left_out: dict[str, str] | None) -> tuple[di
 def import_folder(ws: Workspace, src: Path, *, name: str | None = None,
                   chat_template_file: Path | None = None, say: Say = _quiet,
                   progress: Progress | None = None) -> ArtifactRecord:
+    profile.require_full("importing an HF model folder")  # its checks build it in transformers
     src = src.expanduser().resolve()
     _refuse_cache_repo(src)
     template = _read_template(chat_template_file)
@@ -652,7 +661,11 @@ def import_gguf(ws: Workspace, src: Path, *, name: str | None = None,
                 chat_template_file: Path | None = None, say: Say = _quiet,
                 source: str = "gguf", progress: Progress | None = None) -> ArtifactRecord:
     """Import a GGUF file. A link named by the operator is followed (the hub cache's
-    snapshots/REV/x.gguf -> ../../blobs/SHA); the copy keeps the name it was given."""
+    snapshots/REV/x.gguf -> ../../blobs/SHA); the copy keeps the name it was given. On the edge
+    profile the model is serve-only (`import_gguf_serve_only`)."""
+    if not profile.is_full():
+        return import_gguf_serve_only(ws, src, name=name, chat_template_file=chat_template_file,
+                                      say=say, source=source, progress=progress)
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -714,6 +727,216 @@ def import_gguf(ws: Workspace, src: Path, *, name: str | None = None,
                        "tokenizer_parity": parity, "summary": _summary(info)},
                  progress=_hash_count(stages, w.path))
     return ws.get("model", name)
+
+
+# -- serve-only GGUF import (the edge profile) ---------------------------------------------------
+class _TemplateOnly:
+    """What `appliance.chat.render` reads of a tokenizer (its template and special tokens), with no
+    tokenizer: the probe checks a serve-only import's template exactly as an HF import's."""
+
+    def __init__(self, template: str, special_tokens: dict[str, str], origin: str) -> None:
+        self.chat_template = template
+        self.special_tokens_map = special_tokens
+        self.name_or_path = origin
+
+    def get_chat_template(self, template: str | None = None) -> str:
+        return template or self.chat_template
+
+
+# GGUF metadata keys of the special tokens, by the name templates know them under
+GGUF_SPECIAL_KEYS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
+                     "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
+GGUF_STOP_KEYS = ("eos_token_id", "eot_token_id", "eom_token_id")
+
+
+def _metadata_id(meta: dict[str, Any], key: str) -> int | None:
+    value = meta.get(f"tokenizer.ggml.{key}")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _gguf_vocab(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """What the runtime sees of the GGUF's vocabulary: the text of every special token the metadata
+    names, the end-of-generation ids and the vocabulary size, read by llama.cpp itself (vocab only,
+    a fraction of a second), or by gguf-py when llama-cpp-python is not installed."""
+    wanted = {i for key in (*GGUF_SPECIAL_KEYS.values(), *GGUF_STOP_KEYS)
+              if (i := _metadata_id(meta, key)) is not None}
+    try:
+        import llama_cpp
+    except ImportError:
+        from gguf import GGUFReader
+
+        tokens = GGUFReader(str(path)).fields.get("tokenizer.ggml.tokens")
+        size = len(tokens.data) if tokens is not None else 0
+        texts = {i: str(tokens.contents(i)) for i in wanted if tokens is not None and i < size}
+        return {"texts": texts, "eog": sorted(i for i in wanted if i in texts), "size": size or None,
+                "tokenize": None, "runtime": "gguf-py (llama-cpp-python is not installed)"}
+    from appliance.runtime.template import check_gguf_templates
+
+    check_gguf_templates(path)  # Llama() compiles the file's templates with unbounded Jinja
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        size = int(llm.n_vocab())
+        eog = [i for i in range(size) if llama_cpp.llama_vocab_is_eog(vocab, i)]
+
+        def text(i: int) -> str:
+            return bytes(llama_cpp.llama_vocab_get_text(vocab, i)).decode("utf-8", "replace")
+
+        texts = {i: text(i) for i in wanted | set(eog) if i < size}
+        def probe_len(t: str) -> int:
+            return len(llm.tokenize(t.encode("utf-8"), add_bos=False, special=True))
+
+        return {"texts": texts, "eog": eog, "size": size, "tokenize": probe_len,
+                "runtime": f"llama.cpp {llama_cpp.__version__}", "_llm": llm}
+    except Exception:
+        with contextlib.suppress(Exception):
+            llm.close()
+        raise
+
+
+def _check_serve_template(path: Path, template: str, meta: dict[str, Any],
+                          vocab: dict[str, Any]) -> dict[str, Any]:
+    """The probe conversation through the runtime's bounded template code, with the special tokens
+    the runtime renders with: it must render (with a system turn, or without when the template
+    refuses one), be prefix-stable and end each assistant turn with an end-of-generation token.
+    Returns what the manifest records: the special tokens, the stop tokens (the GGUF's EOS/EOT/EOM
+    ids and every end-of-generation token the template writes), the probe's token count."""
+    texts: dict[int, str] = vocab["texts"]
+    special = {name: texts[i] for name, key in GGUF_SPECIAL_KEYS.items()
+               if (i := _metadata_id(meta, key)) is not None and i in texts}
+    stops_by_id = {i: texts[i] for i in vocab["eog"] if texts.get(i)}
+    declared = [i for key in GGUF_STOP_KEYS if (i := _metadata_id(meta, key)) is not None]
+    stops_by_id |= {i: texts[i] for i in declared if texts.get(i)}
+    if not stops_by_id:
+        raise RefusedError(f"{path}: the GGUF names no end-of-generation token "
+                           "(tokenizer.ggml.eos_token_id)",
+                           hint="a model that cannot stop cannot be served: use another GGUF")
+    shim = _TemplateOnly(template, special, f"{path}: tokenizer.chat_template")
+    stop_texts = list(dict.fromkeys(stops_by_id.values()))
+    supports_system = True
+    try:
+        text, spans = chat.assistant_spans(shim, PROBE, stop_texts)
+    except chat.TemplateError:
+        supports_system = False
+        text, spans = chat.assistant_spans(shim, PROBE[1:], stop_texts)
+    trained = "".join(text[a:b] for a, b in spans)
+    if "Green, like grass." not in trained or "Blue." not in trained:
+        raise chat.TemplateError(f"{path}: the chat template drops assistant content "
+                                 f"(assistant text: {trained!r})")
+    written = {i for i, t in stops_by_id.items() if t in trained}
+    stop_ids = list(dict.fromkeys([*declared, *sorted(written)]))
+    chat.render(shim, PROBE[1:], generation_prompt=True)  # what the runtime renders: it must too
+    tokenize = vocab["tokenize"]
+    return {
+        **special,
+        "stop_token_ids": stop_ids,
+        "stop_tokens": [texts.get(i, "") for i in stop_ids],
+        "chat_template": template,
+        "supports_system": supports_system,
+        "probe_tokens": tokenize(text) if tokenize else None,
+        "template_check": {"checked": True, "runtime": vocab["runtime"]},
+    }
+
+
+def _gguf_dtype(meta: dict[str, Any]) -> str | None:
+    """The GGUF's file type by name (`Q4_1`), from general.file_type."""
+    value = meta.get("general.file_type")
+    if not isinstance(value, int):
+        return None
+    try:
+        from gguf import LlamaFileType
+
+        return LlamaFileType(value).name.removeprefix("MOSTLY_")
+    except (ImportError, ValueError):
+        return f"file type {value}"
+
+
+def import_gguf_serve_only(ws: Workspace, src: Path, *, name: str | None = None,
+                           chat_template_file: Path | None = None, say: Say = _quiet,
+                           source: str = "gguf", progress: Progress | None = None) -> ArtifactRecord:
+    """A serve-only model from a GGUF file, with no torch and no transformers (the edge profile):
+    the GGUF copied and hashed under gguf/, its template checked with the runtime's template code
+    and the special tokens llama.cpp reads from it, its stop tokens recorded. No HF folder, no
+    tokenizer rebuild: it is served, never trained (`require_trainable`)."""
+    given = src.expanduser()
+    real = _regular_file(given)
+    name = check_name(name or slugify(given.stem))
+    stages = Stages(progress, artifact=name)
+    stages.emit("read", f"reading {given.name}")
+    meta = modelio.gguf_metadata(real)
+    arch = meta.get("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise RefusedError(f"{given}: GGUF architecture {arch!r} is not supported",
+                           hint="supported GGUF architectures: " + ", ".join(GGUF_ARCHITECTURES))
+    template = meta.get("tokenizer.chat_template")
+    supplied = _read_template(chat_template_file)
+    if supplied is not None and supplied != template:
+        # the runtime renders the template the GGUF carries; only a dequantized model takes another
+        profile.require_full("importing a GGUF with another chat template (--chat-template)")
+    if not template or not isinstance(template, str):
+        raise RefusedError(f"{given} carries no chat template (tokenizer.chat_template)",
+                           hint="the runtime serves a GGUF with the template it carries: use a GGUF "
+                                "that has one, or import this one on the full profile with "
+                                "--chat-template FILE")
+    check_space(ws, [real])
+    with ws.writer("model", name) as w:
+        (w.path / "gguf").mkdir(mode=0o700)
+        copy = w.path / "gguf" / given.name
+        size = real.stat().st_size
+        if size > 50 * MIB:
+            say(f"  copying {given.name} ({size / MIB:.0f} MiB)")
+        sha256 = _copy(real, copy, stages.counter("copy", f"copying {given.name}", "MiB",
+                                                  max(size // MIB, 1)), digest=True)
+        say("checking the chat template and stop tokens (serve-only: no HF folder on this profile)")
+        stages.emit("check", "checking the chat template with the runtime's template code")
+        vocab = _gguf_vocab(copy, meta)  # read from the copy: what will be served
+        try:
+            checked = _check_serve_template(copy, template, meta, vocab)
+        finally:
+            llm = vocab.pop("_llm", None)
+            if llm is not None:
+                with contextlib.suppress(Exception):
+                    llm.close()
+        context = meta.get(f"{arch}.context_length")
+        info = {
+            "architecture": GGUF_ARCHITECTURES[arch],
+            "family": arch,
+            "model_type": arch,
+            "parameters": meta["_parameters"],
+            "dtype": _gguf_dtype(meta),
+            "context_length": int(context) if isinstance(context, int) else None,
+            "vocab_size": vocab["size"],
+            **checked,
+            "serve_only": True,
+            "gguf_file": f"gguf/{given.name}",
+            "gguf_file_type": meta.get("general.file_type"),
+            "gguf_sha256": sha256,
+        }
+        say("hashing files")
+        w.commit(parents=[], config={"source": {"type": source, "path": str(given.absolute()),
+                                                "sha256": sha256},
+                                     "profile": profile.current()},
+                 info={**info, "summary": {**_summary(info), "serve_only": True}},
+                 progress=_hash_count(stages, w.path))
+    return ws.get("model", name)
+
+
+def is_serve_only(record: ArtifactRecord) -> bool:
+    """A model with no HF folder (a GGUF imported on the edge profile): it can be served only."""
+    return bool(record.summary.get("serve_only"))
+
+
+def require_trainable(record: ArtifactRecord, what: str = "training") -> None:
+    """Refuse `what` (training, merging, exporting) on this install or from this model, in one line:
+    the edge profile cannot train at all; a serve-only model has no weights to train from."""
+    profile.require_full(what)
+    if is_serve_only(record):
+        raise RefusedError(
+            f"model {record.name!r} is serve-only (a GGUF imported on the edge profile): {what} "
+            "needs its HF weights, which it does not have",
+            title="Serve-only model",
+            hint=f"import it again on this full install: appliance models rm {record.name}, then "
+                 "appliance models import FILE.gguf (or --default); chat and serve take it as it is")
 
 
 def import_default(ws: Workspace, *, name: str | None = None, say: Say = _quiet,

@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from appliance import cpus
 from appliance.errors import ValidationError
 
 
@@ -26,7 +27,8 @@ class TrainConfig:
     target_modules: str | list[str] = "all-linear"
     # base model
     quantization: str = "nf4"            # nf4 (QLoRA, double quant) | none (bf16/fp32 LoRA)
-    compute_dtype: str = "auto"          # auto: bf16 on CPU and on GPUs >= 8.0, fp16 on a T4
+    compute_dtype: str = "auto"          # auto: bf16 on GPUs >= 8.0, fp16 on a T4; on the CPU bf16
+                                         # only with native bf16 (avx512_bf16/amx_bf16), else fp32
     gradient_checkpointing: bool = True
     fused_lora: bool = True              # one autograd function per LoRA layer (train/fastlora.py)
     unpack_scales: bool = True           # NF4 block scales kept in fp32: +0.06 bytes/param, faster steps
@@ -118,6 +120,29 @@ def validate(values: dict[str, Any], *, source: str = "config",
         raise ValidationError(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(problems),
                               title="Invalid training config")
     return config
+
+
+def resolve_compute_dtype(cfg: TrainConfig, cuda_capability: tuple[int, int] | None,
+                          cpu: cpus.CpuInfo | None = None) -> tuple[str, str]:
+    """The compute dtype ("bf16", "fp16" or "fp32") a run uses and why, in one line for the job
+    log. `cuda_capability` is the GPU's (major, minor), None on the CPU; `cpu` is read from
+    /proc/cpuinfo when not given (and only when it matters). An explicit compute_dtype wins."""
+    if cfg.compute_dtype != "auto":
+        why = f"compute dtype {cfg.compute_dtype}: set in the config"
+        if cuda_capability is None and cfg.compute_dtype == "bf16":
+            cpu = cpu if cpu is not None else cpus.read_cpu()
+            if not cpu.native_bf16:
+                why += (f" (this CPU has no native bf16: steps may run {cpus.BF16_SLOWDOWN}; "
+                        "compute_dtype=auto picks fp32 here)")
+        return cfg.compute_dtype, why
+    if cuda_capability is not None:
+        major, minor = cuda_capability
+        if major >= 8:
+            return "bf16", f"compute dtype bf16: GPU compute capability {major}.{minor} has bf16"
+        return "fp16", f"compute dtype fp16: GPU compute capability {major}.{minor} has no bf16"
+    if cfg.quantization != "nf4":
+        return "fp32", "compute dtype fp32: full-precision LoRA (quantization none) on the CPU"
+    return cpus.cpu_compute_dtype(cpu)
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -38,7 +38,7 @@ from appliance.jobs import JobCancelled, JobContext
 from appliance.progress import Stages
 from appliance.stages.datasets import importer as datasets
 from appliance.stages.train import distributed
-from appliance.stages.train.config import TrainConfig, validate
+from appliance.stages.train.config import TrainConfig, resolve_compute_dtype, validate
 from appliance.stages.train.planner import loss_chunk
 from appliance.workspace import ArtifactRecord, parent_ref
 
@@ -134,17 +134,18 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 # -- model -------------------------------------------------------------------------------------
-def pick_device(cfg: TrainConfig) -> tuple[str, Any]:
-    """cuda when present; compute dtype bf16 where the GPU supports it, fp16 on a T4 (7.5)."""
+def pick_device(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> tuple[str, Any]:
+    """cuda when present, else the CPU; the compute dtype as `resolve_compute_dtype` decides (bf16
+    where the GPU supports it, fp16 on a T4 (7.5); on the CPU bf16 only where it is native), and
+    why, said to `log` in one line."""
     import torch
 
     names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if torch.cuda.is_available():
-        major, _ = torch.cuda.get_device_capability()
-        auto = torch.bfloat16 if major >= 8 else torch.float16
-        return "cuda", names.get(cfg.compute_dtype, auto)
-    auto = torch.bfloat16 if cfg.quantization == "nf4" else torch.float32
-    return "cpu", names.get(cfg.compute_dtype, auto)
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    name, why = resolve_compute_dtype(cfg, capability)
+    if log is not None:
+        log(why)
+    return ("cpu" if capability is None else "cuda"), names[name]
 
 
 def load_model(path: Path, cfg: TrainConfig, device: str, dtype: Any) -> Any:
@@ -465,7 +466,7 @@ class Trainer:
                 f" ({dropped} dropped)", title="Nothing to train on",
                 hint="raise max_seq_len (appliance plan shows what fits) or use shorter prompts")
         self.rank = distributed.current()
-        self.device, self.dtype = pick_device(cfg)
+        self.device, self.dtype = pick_device(cfg, ctx.log)
         if self.device == "cuda":
             self.device = f"cuda:{self.rank.local_rank}"
         loading = (f"loading {model_record.name} ({cfg.quantization}, compute "

@@ -8,9 +8,8 @@ from appliance.jobs import JobContext
 
 
 def run(ctx: JobContext) -> dict[str, Any]:
-    from appliance.stages.export import pipeline
+    from appliance.stages.verify.gate import verify
 
     ctx.finishes_with("export")  # its one commit: the export with its new verdict
-    report = pipeline.verify(ctx.ws, ctx.params["export"], overrides=ctx.params.get("overrides"),
-                             say=ctx.log, check_cancel=ctx.check_cancel, progress=ctx.progress)
-    return {"passed": report["passed"]}
+    verdict = verify(ctx.ws, ctx.params["export"], overrides=ctx.params.get("overrides"), report=ctx)
+    return {"passed": verdict["passed"]}

@@ -1,0 +1,168 @@
+"""`appliance merge`, `appliance export gguf|onnx`, `appliance verify` and
+`appliance exports list|show|rm`: from a run to deployable artifacts, parity-checked."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from appliance.cli.common import (
+    SUMMARY_KEYS,
+    add_list,
+    add_rm,
+    add_show,
+    artifact_json,
+    complete,
+    json_flag,
+    list_artifacts,
+    names,
+    run_job,
+    show_artifact,
+)
+from appliance.errors import ExitCode, ValidationError
+from appliance.textout import open_workspace, say
+
+
+def _thresholds(items: list[str] | None) -> dict[str, float]:
+    from appliance.stages.train.config import parse_override
+    from appliance.stages.verify.request import THRESHOLD_KEYS
+
+    out = {}
+    for item in items or []:
+        key, value = parse_override(item)
+        if key not in THRESHOLD_KEYS or not isinstance(value, int | float):
+            raise ValidationError(f"--threshold {item!r}: expected one of "
+                                  f"{', '.join(THRESHOLD_KEYS)}=NUMBER")
+        out[key] = float(value)
+    return out
+
+
+def _types(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _parity(record: Any) -> dict[str, Any] | None:
+    path = record.path / "parity.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def parity_lines(report: dict[str, Any]) -> list[str]:
+    """The parity table, then one verdict line per gated artifact with the thresholds it was judged
+    by (what `verify` and `exports show` print)."""
+    from appliance.stages.verify import parity
+
+    lines = [parity.table(report)]
+    for row in report["artifacts"]:
+        if row["passed"] is None:  # reported, not gated (the adapter beside a merged model)
+            continue
+        t = row["threshold"]
+        limits = (f"perplexity increase at most {t['ppl_increase']:+.2%}, KL at most {t['kl']:g}, "
+                  f"agreement at least {t['agreement']:.1%}")
+        verdict = "PASSED" if row["passed"] else "FAILED (" + "; ".join(row["reasons"]) + ")"
+        lines.append(f"verdict for {row['name']}: {verdict}; thresholds for {row['kind']}: {limits}")
+    return lines
+
+
+def _merge_report(ws: Any, job: Any) -> tuple[dict[str, Any], int]:
+    return {"export": artifact_json(ws.get("export", job.result["export"]))}, ExitCode.OK
+
+
+def _export_report(ws: Any, job: Any) -> tuple[dict[str, Any], int]:
+    records = [ws.get("export", name) for name in job.result.get("exports", {})]
+    failed = [r.name for r in records if r.status == "failed"]
+    if failed:
+        say(f"parity gate FAILED for: {', '.join(failed)} (marked failed in the registry)")
+    doc = {"exports": [{**artifact_json(r), "parity": _parity(r)} for r in records],
+           "passed": not failed}
+    return doc, ExitCode.PARITY_FAILED if failed else ExitCode.OK
+
+
+def _verify_report(ws: Any, job: Any) -> tuple[dict[str, Any], int]:
+    record = ws.get("export", job.params["export"])
+    report = _parity(record)
+    for line in parity_lines(report) if report else []:
+        say(line)
+    passed = job.result.get("passed") is not False
+    doc = {"export": artifact_json(record), "passed": passed, "parity": report}
+    return doc, ExitCode.OK if passed else ExitCode.PARITY_FAILED
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from appliance.stages.merge.request import MergeRequest
+
+    request = MergeRequest(run=args.run, dtype=args.dtype, base=args.base)
+    return run_job(args, "merge", request.to_params(), "merge", _merge_report)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    types = _types(args.quant if args.format == "gguf" else args.precision)
+    params = {"run": args.run, "format": args.format, "types": types,
+              "overrides": _thresholds(args.threshold)}
+    return run_job(args, "export", params, f"{args.format} export", _export_report)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from appliance.stages.verify.request import VerifyRequest
+
+    request = VerifyRequest(export=args.export, overrides=_thresholds(args.threshold))
+    return run_job(args, "verify", request.to_params(), "parity", _verify_report)
+
+
+def cmd_exports_list(args: argparse.Namespace) -> int:
+    keys = ("status", *SUMMARY_KEYS["export"])
+    return list_artifacts(args, "export", ["name", *keys, "created"],
+                          lambda r: {"status": r.status, **{k: r.summary.get(k) for k in keys[1:]}})
+
+
+def cmd_exports_show(args: argparse.Namespace) -> int:
+    def render(data: dict[str, Any]) -> None:
+        say(f"  status   {data.get('status', 'ready')}")
+        say("  parents  " + ", ".join(f"{p['kind']} {p['name']}" for p in data["parents"]))
+        say("  config   " + json.dumps(data["config"]))
+        report = _parity(open_workspace(args).get("export", args.name))
+        for line in parity_lines(report) if report else []:
+            say(line)
+
+    return show_artifact(args, "export", render)
+
+
+def register(sub: Any) -> None:
+    from appliance.stages.merge import request as merge_request
+
+    p = sub.add_parser("merge", help="merge a run's adapter into a full-precision copy of its base")
+    complete(p.add_argument("run"), names("run"))
+    p.add_argument("--dtype", choices=merge_request.DTYPES, default=merge_request.DEFAULT_DTYPE)
+    p.add_argument("--base", choices=merge_request.BASES, default=merge_request.DEFAULT_BASE,
+                   help="full: the base as imported; nf4: the base as training saw it (NF4 round trip)")
+    p.add_argument("--detach", action="store_true", help="start the job and return")
+    json_flag(p)
+    p.set_defaults(func=cmd_merge)
+    exp = sub.add_parser("export", help="export a run to GGUF or ONNX (merges first; parity-checked)")
+    esub = exp.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    from appliance.stages.export import DEFAULT_TYPES, GGUF_OFFERED, ONNX_PRECISIONS
+
+    for fmt, option, default, text in (
+            ("gguf", "--quant", ",".join(DEFAULT_TYPES["gguf"]), "llama.cpp types, comma-separated "
+             f"({', '.join(GGUF_OFFERED)}, ...)"),
+            ("onnx", "--precision", ",".join(DEFAULT_TYPES["onnx"]),
+             f"comma-separated: {', '.join(ONNX_PRECISIONS)} (fp16 on CUDA)")):
+        p = esub.add_parser(fmt, help=f"export to {fmt.upper()}")
+        complete(p.add_argument("run"), names("run"))
+        p.add_argument(option, default=default, help=text)
+        p.add_argument("--threshold", action="append", metavar="KEY=VALUE",
+                       help="override a parity threshold: ppl_increase, kl or agreement")
+        p.add_argument("--detach", action="store_true", help="start the job and return")
+        json_flag(p, "the exports and their parity reports")
+        p.set_defaults(func=cmd_export)
+    p = sub.add_parser("verify", help="run the parity gate of an export again")
+    complete(p.add_argument("export"), names("export"))
+    p.add_argument("--threshold", action="append", metavar="KEY=VALUE")
+    p.add_argument("--detach", action="store_true")
+    json_flag(p, "the verdict and the parity report")
+    p.set_defaults(func=cmd_verify)
+    exs = sub.add_parser("exports", help="list, show and remove exports")
+    xsub = exs.add_subparsers(metavar="ACTION", required=True)
+    add_list(xsub, "list exports with their parity verdicts", cmd_exports_list)
+    add_show(xsub, cmd_exports_show, "export")
+    add_rm(xsub, "export")

@@ -1,0 +1,198 @@
+"""From a run's merged model to deployable artifacts, each checked by the parity gate.
+
+Artifacts (kind `export`, under `exports/`), one per deployable thing:
+- `<run>-merged`: made first if it is not there yet (the merge stage, `appliance.stages.merge.merged`);
+- `<run>-gguf-<type>`: one GGUF (F16, Q8_0, Q4_K_M, ...) with its Ollama `Modelfile`;
+- `<run>-onnx-<precision>`: one ONNX folder (fp32, fp16, int8, int4), self-contained.
+Every GGUF/ONNX artifact is scored against the merged model before it is committed
+(`appliance.stages.verify.gate`); its `parity.json` holds the verdict and a failing one is
+registered with status `failed`.
+
+Each step is idempotent: an artifact that exists and still matches its manifest is reused.
+
+`export_gguf` and `export_onnx` report through `report` (`appliance.progress.Reporter`: log lines,
+staged progress, the cancel check; the export job passes its `JobContext`): which artifact, which
+stage, counts only where they are really known, so the CLI and the TUI can draw it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance import manifest
+from appliance.errors import ApplianceError, ValidationError
+from appliance.fsutil import disk_full_as_error
+from appliance.progress import QUIET, Reporter, Stages
+from appliance.stages.merge.inputs import existing
+from appliance.stages.merge.merged import merged_model
+from appliance.stages.verify.gate import Gate
+from appliance.stages.verify.scoring import PARITY_MAX_TOKENS
+from appliance.workspace import ArtifactRecord, Workspace
+
+
+def tool_lines(say: Callable[[str], None]) -> Callable[[str], None]:
+    """llama.cpp's converter and quantizer print a line per tensor, and the converter a progress
+    bar many times a second (the staged progress counts it): keep the rest."""
+    def inner(line: str) -> None:
+        if ("-->" in line or "falling back to" in line or line.startswith(("llama_", "Writing:"))
+                or re.match(r"\s*\[\s*\d+/\s*\d+\]", line)
+                or (line.startswith("INFO:") and not re.search(r"architecture|successfully", line))):
+            return
+        say(line)
+    return inner
+
+
+def artifact_name(run: str, fmt: str, kind: str) -> str:
+    """An exported artifact's name: `<run>-gguf-q4_k_m`, `<run>-onnx-int4` (the job's result)."""
+    return f"{run}-{fmt}-{kind.lower()}"
+
+
+@dataclass
+class _Export:
+    """One export call: its artifacts are made from `merged`, gated by `gate`, reported to
+    `stages` (each artifact counted) and `report`."""
+
+    ws: Workspace
+    run: str
+    merged: ArtifactRecord
+    gate: Gate
+
+    @property
+    def stages(self) -> Stages:
+        return self.gate.stages
+
+    @property
+    def report(self) -> Reporter:
+        return self.gate.report
+
+
+def _start(ws: Workspace, run: str, total: int, overrides: Mapping[str, float] | None,
+           report: Reporter) -> _Export:
+    """The merged model first (made, or found and reused), inside the export's stages."""
+    stages = Stages(report.progress, artifacts_total=total)
+    merged = merged_model(ws, run, stages, report)
+    return _Export(ws, run, merged, Gate(ws, stages, report, overrides=overrides))
+
+
+# -- GGUF ----------------------------------------------------------------------------------------
+def export_gguf(ws: Workspace, run: str, quants: list[str], *, scratch: Path,
+                overrides: Mapping[str, float] | None = None,
+                report: Reporter = QUIET) -> list[ArtifactRecord]:
+    from export import gguf
+
+    names = [gguf.resolve_quant_type(q)[0] for q in quants]  # unknown types fail before any work
+    todo = {artifact_name(run, "gguf", q): q for q in names}
+    job = _start(ws, run, len(todo), overrides, report)
+    base = scratch / f"{run}-F16.gguf"
+
+    def make(qtype: str) -> ArtifactRecord:
+        if not base.exists():  # converted once, for every type of this job
+            scratch.mkdir(parents=True, exist_ok=True)
+            gguf.convert(job.merged.path, base, progress=tool_lines(report.log),
+                         counts=job.stages.counter("convert", "converting to GGUF F16", "%"))
+        return _one_gguf(job, qtype, base)
+
+    return _each(job, todo, make)
+
+
+def _one_gguf(job: _Export, qtype: str, base: Path) -> ArtifactRecord:
+    from export import gguf, ollama
+
+    name = artifact_name(job.run, "gguf", qtype)
+    with job.ws.writer("export", name) as w:
+        path = w.path / f"{job.run}-{qtype}.gguf"
+        if qtype == "F16":
+            shutil.copy2(base, path)
+        else:
+            gguf.quantize(base, path, qtype, progress=tool_lines(job.report.log),
+                          counts=job.stages.counter("quantize", f"quantizing to {qtype}", "tensors"))
+        job.report.log(f"checking {path.name}")
+        job.stages.emit("check", f"checking {path.name}")
+        check = gguf.check_gguf(path, job.merged.path)
+        ollama.write_modelfile(path, job.merged.path, out=w.path / "Modelfile")
+        (w.path / "gguf_check.json").write_text(json.dumps(check, indent=2, default=str))
+        job.stages.emit("load-runtime", f"loading {path.name} in llama.cpp")
+        with gguf.GgufLM(path, n_ctx=PARITY_MAX_TOKENS + 16) as lm:
+            verdict = job.gate.check(job.merged, name, qtype.lower(), lm)
+        job.gate.commit(w, verdict, job.merged, {"format": "gguf", "type": qtype, "run": job.run},
+                        {"format": "gguf", "type": qtype, "run": job.run, "file": path.name})
+    return job.ws.get("export", name)
+
+
+# -- ONNX ----------------------------------------------------------------------------------------
+def export_onnx(ws: Workspace, run: str, precisions: list[str], *, scratch: Path,
+                overrides: Mapping[str, float] | None = None,
+                report: Reporter = QUIET) -> list[ArtifactRecord]:
+    from export import onnx
+
+    bad = [p for p in precisions if p not in onnx.PRECISIONS]
+    if bad:
+        raise ValidationError(f"unknown ONNX precision {bad[0]!r}; valid: {', '.join(onnx.PRECISIONS)}")
+    todo = {artifact_name(run, "onnx", p): p for p in precisions}
+    job = _start(ws, run, len(todo), overrides, report)
+    return _each(job, todo, lambda p: _one_onnx(job, p, scratch))
+
+
+def _one_onnx(job: _Export, precision: str, scratch: Path) -> ArtifactRecord:
+    from export import onnx
+
+    name = artifact_name(job.run, "onnx", precision)
+    fp32 = scratch / "onnx-fp32"
+    with job.ws.writer("export", name) as w:
+        target = w.path / "onnx"
+        if precision in ("int4", "int8"):
+            if not (fp32 / onnx.MODEL_FILE).exists():  # exported once, for every type of this job
+                shutil.rmtree(fp32, ignore_errors=True)
+                job.stages.emit("export-onnx", "exporting the fp32 ONNX graph")
+                onnx.export_onnx(job.merged.path, fp32, "fp32", progress=job.report.log)
+            job.stages.emit("quantize", f"quantizing the ONNX graph to {precision}")
+            details = onnx.quantize_onnx(fp32, target, precision, progress=job.report.log)
+        else:
+            job.stages.emit("export-onnx", f"exporting the {precision} ONNX graph")
+            details = onnx.export_onnx(job.merged.path, target, precision, progress=job.report.log)
+        (w.path / "onnx_export.json").write_text(json.dumps(details, indent=2, default=str))
+        job.stages.emit("load-runtime", f"loading {name} in onnxruntime")
+        verdict = job.gate.check(job.merged, name, precision, onnx.OnnxLM(target))
+        job.gate.commit(w, verdict, job.merged, {"format": "onnx", "precision": precision, "run": job.run},
+                        {"format": "onnx", "type": precision, "run": job.run})
+    return job.ws.get("export", name)
+
+
+# -- each artifact, made or reused ---------------------------------------------------------------
+def _each(job: _Export, todo: dict[str, str], make: Callable[[str], ArtifactRecord]
+          ) -> list[ArtifactRecord]:
+    """{artifact name: type} -> the artifacts, reusing those that exist, verify and were made from
+    this merged model; a failed one asked for again with thresholds is gated again."""
+    out = []
+    for name, kind in todo.items():
+        job.stages.start(name)
+        out.append(_one(job, name, kind, make))
+        job.stages.finished(name)
+    job.stages.done()
+    return out
+
+
+def _one(job: _Export, name: str, kind: str, make: Callable[[str], ArtifactRecord]) -> ArtifactRecord:
+    """One artifact of `_each`: found and reused (or gated again), else made."""
+    found = existing(job.ws, name)
+    if found is not None:
+        parents = manifest.read(found.path)["parents"]
+        if not parents or parents[0]["manifest_sha256"] != job.merged.manifest_sha256:
+            raise ApplianceError(f"{name} was made from an earlier {job.merged.name}",
+                                 title="Stale export",
+                                 hint=f"remove it (appliance exports rm {name}) and export again")
+        if found.status == "failed" and job.gate.overrides:
+            job.report.log(f"{name} exists: gating it again with the given thresholds")
+            job.gate.again(name)
+            return job.ws.get("export", name)
+        job.report.log(f"{name} exists and matches its manifest: reused")
+        job.stages.reused(name)
+        return found
+    job.report.check_cancel()
+    with disk_full_as_error(job.ws.kind_dir("export"), f"exporting {name}"):
+        return make(kind)
