@@ -15,7 +15,6 @@ import pytest
 from appliance import api, doctor, jobs, kit, profile, stages
 from appliance.errors import InvalidRequest, RefusedError
 from appliance.workspace import Workspace
-from appliance.workspace import Workspace
 
 
 def _only(monkeypatch: pytest.MonkeyPatch, missing: set[str], *, raises: bool = False) -> list[str]:
