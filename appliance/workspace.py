@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from appliance import cancellation, fsutil, manifest
+from appliance import audit, cancellation, fsutil, manifest
 from appliance.errors import (
     AlreadyExistsError,
     ApplianceError,
@@ -68,7 +68,7 @@ STAGING_RE = re.compile(r"-\d+-[0-9a-f]{8}")  # what follows ".staging-<name>": 
 DB = "appliance.db"
 # What the workspace itself creates at its root: the only entries `ensure` changes modes of (a
 # workspace set up in a directory that also holds other things leaves those alone).
-OWN_DIRS = (*KIND_DIRS.values(), ".locks", "jobs")
+OWN_DIRS = (*KIND_DIRS.values(), ".locks", ".secrets", "jobs")
 OWN_FILES = (DB, f"{DB}-wal", f"{DB}-shm", f"{DB}-journal", "audit.log", ".reserve")
 RESERVE = ".reserve"
 RESERVE_BYTES = 2 * 2**20  # a key revocation needs a few database pages, SQLite's 32 KiB index, a log line
@@ -333,42 +333,8 @@ class Workspace:
 
     # -- audit log --------------------------------------------------------------------------
     def audit(self, event: str, **fields: Any) -> None:
-        """Append a hash-chained line: each entry carries the sha256 of the previous line."""
-        log = self.root / "audit.log"
-        undone = f"{event!r} was carried out, but its audit log entry could not be written"
-        with blocking_lock(self.root / ".locks" / "audit.lock"), disk_full_as_error(log, undone):
-            prev = "0" * 64
-            if log.exists() and log.stat().st_size:
-                prev = hashlib.sha256(_last_line(log)).hexdigest()
-            entry = {"ts": manifest.now_iso(), "event": event, "prev": prev, **fields}
-            line = (json.dumps(entry, sort_keys=True, default=str) + "\n").encode("utf-8")
-            fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                size = os.fstat(fd).st_size
-                try:
-                    while line:
-                        line = line[os.write(fd, line):]
-                    os.fsync(fd)
-                except OSError:
-                    with contextlib.suppress(OSError):  # no half line to break the chain
-                        os.ftruncate(fd, size)
-                    raise
-            finally:
-                os.close(fd)
-
-
-def _last_line(path: Path) -> bytes:
-    """The last line of a file, however long, reading backwards in growing windows."""
-    size = path.stat().st_size
-    window = 4096
-    with open(path, "rb") as fh:
-        while True:
-            start = max(0, size - window)
-            fh.seek(start)
-            lines = fh.read().rstrip(b"\n").split(b"\n")
-            if len(lines) > 1 or start == 0:
-                return lines[-1]
-            window *= 4
+        """Append a keyed, hash-chained line (appliance/audit.py says how it is checked)."""
+        audit.append(self.root, self.connect, event, fields)
 
 
 class ArtifactWriter:
@@ -434,24 +400,36 @@ class ArtifactWriter:
         with cancellation.deferred():  # a cancel must not land between the rename and the index
             make_private(self.path)
             manifest.write(self.path, data)
-            fsync_dir(self.path)
-            trash = None
-            if self.final.exists():
-                if exchange(self.path, self.final):
-                    trash = self.path
-                else:
-                    trash = self.final.with_name(f".trash-{self.name}-{secrets.token_hex(4)}")
-                    os.rename(self.final, trash)
-                    os.rename(self.path, self.final)
+            return self._publish(data)
+
+    def commit_as_staged(self) -> dict[str, Any]:
+        """Put the artifact in place with the manifest already staged, byte for byte (a bundle
+        import: the manifest's sha256 is the artifact's identity in its children and bundles)."""
+        with cancellation.deferred():
+            make_private(self.path)
+            return self._publish(manifest.read(self.path))
+
+    def _publish(self, data: dict[str, Any]) -> dict[str, Any]:
+        """Rename the staged directory into place (swapping out an existing one), index it,
+        and record the commit. The caller holds `cancellation.deferred()`."""
+        fsync_dir(self.path)
+        trash = None
+        if self.final.exists():
+            if exchange(self.path, self.final):
+                trash = self.path
             else:
+                trash = self.final.with_name(f".trash-{self.name}-{secrets.token_hex(4)}")
+                os.rename(self.final, trash)
                 os.rename(self.path, self.final)
-            fsync_dir(self.final.parent)
-            self.committed = True
-            self.ws.register(self.kind, self.final)
-            if trash is not None:
-                shutil.rmtree(trash, ignore_errors=True)
-            self.ws.audit("commit", kind=self.kind, name=self.name,
-                          files=len(data["files"]), parents=data["parents"])
+        else:
+            os.rename(self.path, self.final)
+        fsync_dir(self.final.parent)
+        self.committed = True
+        self.ws.register(self.kind, self.final)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        self.ws.audit("commit", kind=self.kind, name=self.name,
+                      files=len(data["files"]), parents=data["parents"])
         return data
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

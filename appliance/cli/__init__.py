@@ -43,6 +43,9 @@ COMMAND_MODULES = (
     "appliance.cli.jobs",
     "appliance.cli.doctor",
     "appliance.cli.kit",  # kit build, kit verify
+    "appliance.cli.bundle",  # bundle create, verify, import, list
+    "appliance.cli.signing",  # signing-key, trust
+    "appliance.cli.audit",  # audit verify, show, export
     "appliance.cli.toplevel",  # demo, tui, completion
     "appliance.runtime.console",  # chat
     "appliance.runtime.commands",  # serve, keys

@@ -26,6 +26,7 @@ SUMMARY_KEYS = {
     "dataset": ("model", "form", "train", "eval", "rejected", "duplicates"),
     "run": ("model", "dataset", "steps", "perplexity_before", "perplexity_after"),
     "export": ("format", "type", "run", "parity"),
+    "bundle": ("bundle", "artifacts", "key_id", "trusted_as", "file"),
 }
 
 

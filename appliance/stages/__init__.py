@@ -1,6 +1,6 @@
 """The pipeline's stages as job kinds: the one table the job runner is given.
 
-Each stage is a package here (`models`, `datasets`, `train`, `merge`, `export`, `verify`; serving
+Each stage is a package here (`models`, `datasets`, `train`, `merge`, `export`, `verify`, `bundle`; serving
 is `appliance.runtime`) holding its code, its typed request (`request.py`) and its job function
 (`job.run`). `appliance.jobs` is a state machine that knows no stage (SQLite rows, spawning,
 cancel, resume): it is handed `KINDS`, which names each job function by module, loaded only when a
@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from appliance.jobs import JobContext, JobFunction
+from appliance.stages.bundle.request import BundleCreateRequest, BundleImportRequest
 from appliance.stages.export.request import ExportRequest
 from appliance.stages.merge.request import MergeRequest
 from appliance.stages.models.request import ImportModelRequest
@@ -60,6 +61,8 @@ REQUESTS: dict[str, RequestType] = {
     "merge": MergeRequest,
     "export": ExportRequest,
     "verify": VerifyRequest,
+    "bundle-create": BundleCreateRequest,
+    "bundle-import": BundleImportRequest,
 }
 
 # The kinds only the full profile can run (torch, transformers, peft: `appliance.profile`) -> what
@@ -80,4 +83,6 @@ KINDS: dict[str, JobFunction] = {
     "export": StageJob("appliance.stages.export.job"),
     "verify": StageJob("appliance.stages.verify.job"),
     "serve": StageJob("appliance.runtime.service", "run_job"),
+    "bundle-create": StageJob("appliance.stages.bundle.job", "run_create"),
+    "bundle-import": StageJob("appliance.stages.bundle.job", "run_import"),
 }

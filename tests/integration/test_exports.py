@@ -330,3 +330,69 @@ def _check_gated_again(ws: Workspace, run: str, record: ArtifactRecord, scratch:
     assert _stages(events) == ["reuse", "check-files", "load-runtime", "load-reference", "score", "done"]
     assert {e["artifact"] for e in events[1:]} == {record.name}
     assert events[-1]["done"] == events[-1]["total"] == 1
+
+
+# The importing box runs the edge profile: torch and friends cannot be imported there.
+EDGE_IMPORT = """
+import sys
+for _name in ("torch", "transformers", "peft", "safetensors", "sentencepiece", "bitsandbytes", "optimum"):
+    sys.modules[_name] = None
+import json
+from pathlib import Path
+from appliance import audit, signing
+from appliance.runtime import engines
+from appliance.stages.bundle import importer
+from appliance.stages.bundle.request import BundleImportRequest
+from appliance.workspace import Workspace
+ws = Workspace(Path(sys.argv[1])).ensure()
+signing.trust_add(ws, Path(sys.argv[3]), "training-box")
+done = importer.import_bundle(ws, BundleImportRequest.make(sys.argv[2]))
+engine = engines.open_engine(engines.resolve(done.imported[0], ws), threads=1, context_length=512)
+items = list(engine.generate([{"role": "user", "content": "Name a colour."}],
+                             engines.Sampling(temperature=0.0, max_tokens=4)))
+engine.close()
+print("RESULT", json.dumps({"imported": done.imported, "trusted_as": done.trusted_as,
+                            "tokens": items[-1].completion_tokens,
+                            "audit_ok": audit.verify(ws.root, ws.connect).ok}))
+"""
+
+
+def test_a_bundle_carries_an_export_to_an_edge_box_that_chats_with_it(
+        smol_run: Workspace, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from appliance import signing
+    from appliance.errors import NotFoundError
+    from appliance.stages.bundle import create
+    from appliance.stages.bundle.request import BundleCreateRequest
+
+    try:  # made by the GGUF test above when the whole module runs
+        record = smol_run.get("export", "run-gguf-q8_0")
+    except NotFoundError:
+        (record,) = convert.export_gguf(smol_run, "run", ["q8_0"], scratch=smol_run.root / "scratch")
+    if not signing.own_keys(smol_run):
+        signing.create(smol_run, "training-box")
+    out = tmp_path / "run.bundle"
+    made = create.create(smol_run, BundleCreateRequest.make([record.name], str(out)))
+    assert made.key_id and out.stat().st_size > (record.path / "run-Q8_0.gguf").stat().st_size
+    pub = tmp_path / "training-box.pub"
+    pub.write_bytes(signing.own_key(smol_run).pem)
+    edge = tmp_path / "edge"
+    done = subprocess.run([sys.executable, "-c", EDGE_IMPORT, str(edge), str(out), str(pub)],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))[7:])
+    assert result == {"imported": [record.name], "trusted_as": "training-box",
+                      "tokens": result["tokens"], "audit_ok": True} and result["tokens"] > 0
+    imported = Workspace(edge).get("export", record.name)
+    assert imported.manifest_sha256 == record.manifest_sha256
+    assert json.loads((imported.path / "parity.json").read_text()) == \
+        json.loads((record.path / "parity.json").read_text())
+    kept = Workspace(edge).list("bundle")[0].path
+    bom = json.loads((kept / "bom.cdx.json").read_text())
+    kinds = {p["value"] for c in bom["components"] for p in c.get("properties", [])
+             if p["name"] == "appliance:kind"}
+    assert {"export", "run", "model", "dataset"} <= kinds
+    assert any(c["type"] == "library" and c["name"] == "torch" for c in bom["components"])
