@@ -36,6 +36,13 @@ OFFLINE_ENV = {
     "DO_NOT_TRACK": "1",
     "ANONYMIZED_TELEMETRY": "False",
     "BITSANDBYTES_NOWELCOME": "1",
+    # ONNX Runtime (1.31, Linux) starts Microsoft's 1DS telemetry in native threads: a device id and
+    # an event store under ~/.cache/Microsoft/DeveloperTools, then DNS lookups and uploads to
+    # mobile.events.data.microsoft.com while a session lives (Python's socket guard cannot see
+    # native code). Its opt-out is read once, when the runtime starts: set here, before any import,
+    # and inherited by every child. Both spellings (versions differ). docs/PITFALLS.md, "Telemetry".
+    "ORT_DISABLE_TELEMETRY": "1",
+    "ORT_TELEMETRY_DISABLED": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
 
