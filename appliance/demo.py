@@ -36,6 +36,10 @@ CHAT = ("Give me three tips for writing a clear email.", "Write a subject line f
 EXPORTS = tuple((fmt, list(DEFAULT_TYPES[fmt])) for fmt in ("gguf", "onnx"))  # the defaults
 
 
+SAMPLE_ATTRIBUTION = ("databricks-dolly-15k by Databricks, Inc., CC BY-SA 3.0; an unmodified subset "
+                      "(ATTRIBUTION.md)")
+
+
 def sample_dataset() -> Path:
     return Path(str(resources.files("appliance") / "data" / "dolly-sample" / "dolly_sample.jsonl"))
 
@@ -65,7 +69,8 @@ def _dataset(ws: Workspace, model: ArtifactRecord, say: Callable[[str], None]) -
     if record is not None:
         return json.loads((record.path / "report.json").read_text(encoding="utf-8"))
     say(f"[2/{STAGES}] importing the Dolly sample (CC BY-SA 3.0) for {model.name!r}")
-    _, report = datasets.import_file(ws, sample_dataset(), model, name=DATASET_NAME)
+    _, report = datasets.import_file(ws, sample_dataset(), model, name=DATASET_NAME,
+                                     attribution=SAMPLE_ATTRIBUTION)
     return report
 
 

@@ -270,6 +270,11 @@ def _set_state(ws: Workspace, job_id: str, state: str, **fields: Any) -> None:
 
 
 # -- the API ---------------------------------------------------------------------------------------
+# What a job's audit line names of its request: its subjects, never data or text (a prompt, a key).
+AUDITED_PARAMS = ("model", "dataset", "run", "name", "exports", "artifacts", "path", "format",
+                  "types", "recipe")
+
+
 def submit(ws: Workspace, kind: str, params: dict[str, Any]) -> Job:
     """Queue a job (its kind is checked by the caller's registry: `appliance.api.submit`)."""
     _ensure(ws)
@@ -279,6 +284,8 @@ def submit(ws: Workspace, kind: str, params: dict[str, Any]) -> Job:
         db.execute("INSERT INTO jobs (id, kind, params, state, created) VALUES (?, ?, ?, ?, ?)",
                    (job_id, kind, json.dumps(params), "queued", _now()))
     append_event(job_dir(ws, job_id), {"type": "state", "state": "queued", "kind": kind})
+    ws.audit("job-submit", job=job_id, job_kind=kind,
+             **{k: params[k] for k in AUDITED_PARAMS if params.get(k) not in (None, "", [])})
     return get(ws, job_id)
 
 
@@ -388,6 +395,7 @@ def cancel(ws: Workspace, job_id: str) -> Job:
     if job.state in ("queued", "running"):  # running, or it started while we looked
         (job_dir(ws, job_id) / "cancel").touch()
         append_event(job_dir(ws, job_id), {"type": "log", "message": "cancel requested"})
+        ws.audit("job-cancel", job=job_id, job_kind=job.kind)
         return get(ws, job_id)
     hint = f"`appliance jobs resume {job_id}` continues it" if job.state in RESUMABLE else \
         "nothing runs for it any more"
@@ -416,6 +424,7 @@ def resume(ws: Workspace, job_id: str, *, detach: bool = True) -> Job:
     if not _transition(ws, job_id, RESUMABLE, "queued", pid=None, pid_start=None, message="resumed"):
         raise BusyError(f"job {job_id} changed state meanwhile (another resume?)",
                         title="Cannot resume", hint="`appliance jobs show` tells its state")
+    ws.audit("job-resume", job=job_id, job_kind=job.kind, attempt=job.attempt + 1)
     if detach:
         spawn(ws, job_id)
     return get(ws, job_id)

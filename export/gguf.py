@@ -244,7 +244,7 @@ def normalized_tokenizer_json(data: dict[str, Any]) -> dict[str, Any] | None:
 
 
 @contextlib.contextmanager
-def _converter_source(model_dir: Path, scratch: Path) -> Iterator[Path]:
+def _converter_source(model_dir: Path, scratch: Path, card: str | None = None) -> Iterator[Path]:
     """The folder the converter reads: `model_dir` itself, or a staging view of it (symlinks)
     whose tokenizer.json is normalized, or that leaves out a tokenizer.model that is not
     SentencePiece (see the module docstring). The model folder is never modified."""
@@ -254,10 +254,11 @@ def _converter_source(model_dir: Path, scratch: Path) -> Iterator[Path]:
     sp_path = model_dir / "tokenizer.model"
     hidden = {"tokenizer.model"} if sp_path.is_file() and tok_path.is_file() \
         and modelio.sentencepiece_problem(sp_path) is not None else set()
-    if fixed is None and not hidden:
+    if fixed is None and not hidden and card is None:
         yield model_dir
         return
-    replaced = hidden | ({"tokenizer.json"} if fixed is not None else set())
+    replaced = hidden | ({"tokenizer.json"} if fixed is not None else set()) | \
+        ({"README.md"} if card is not None else set())
     with tempfile.TemporaryDirectory(prefix=".gguf-src-", dir=scratch) as tmp:
         stage = Path(tmp)
         for item in model_dir.iterdir():
@@ -266,6 +267,8 @@ def _converter_source(model_dir: Path, scratch: Path) -> Iterator[Path]:
         if fixed is not None:
             (stage / "tokenizer.json").write_text(json.dumps(fixed, ensure_ascii=False),
                                                   encoding="utf-8")
+        if card is not None:  # the converter reads general.license from the model card only
+            (stage / "README.md").write_text(card, encoding="utf-8")
         yield stage
 
 
@@ -291,9 +294,12 @@ def _conversion_error(model_dir: Path, result: ChildResult) -> ApplianceError:
 
 
 def convert(model_dir: Path, out: Path, *, outtype: str = "f16", progress: LineSink | None = None,
-            timeout: float | None = None, counts: Counts | None = None) -> Path:
+            timeout: float | None = None, counts: Counts | None = None,
+            metadata: tuple[dict[str, Any], dict[str, Any]] | None = None) -> Path:
     """Convert an HF folder to one GGUF file with llama.cpp's converter; returns `out`. `counts`
-    gets the percentage written (of 100) once the converter starts writing."""
+    gets the percentage written (of 100) once the converter starts writing. `metadata` is (model
+    card front matter, e.g. {"license": "apache-2.0"}; the converter's --metadata override, e.g.
+    general.base_models / general.datasets): lineage and licence written into the GGUF."""
     outtype = outtype.lower()
     if outtype not in OUTTYPES:
         raise ValidationError(f"unknown GGUF output type {outtype!r}", hint="one of " + ", ".join(OUTTYPES))
@@ -304,9 +310,17 @@ def convert(model_dir: Path, out: Path, *, outtype: str = "f16", progress: LineS
     script = stack.converter_dir() / "convert_hf_to_gguf.py"
     out = Path(out)
     say = progress or _quiet
-    with _writing(out) as partial, _converter_source(model_dir, out.parent) as source:
+    card, override = metadata or ({}, {})
+    card_text = ("---\n" + "".join(f"{k}: {json.dumps(v)}\n" for k, v in card.items()) + "---\n") \
+        if card else None
+    with _writing(out) as partial, _converter_source(model_dir, out.parent, card_text) as source, \
+            tempfile.TemporaryDirectory(prefix=".gguf-meta-", dir=out.parent) as meta_dir:
         say(f"converting {model_dir} to GGUF ({outtype})")
         args = [str(script), str(source), "--outfile", str(partial), "--outtype", outtype]
+        if override:
+            meta_file = Path(meta_dir) / "metadata.json"
+            meta_file.write_text(json.dumps(override), encoding="utf-8")
+            args += ["--metadata", str(meta_file)]
         result = _run_python(_CONVERT_CODE, args, _counting(say, counts),
                              what="llama.cpp's GGUF converter", timeout=timeout)
         if result.returncode != 0:

@@ -441,7 +441,8 @@ def generation_parameters(model_dir: Path) -> dict[str, Any]:
 
 
 def modelfile_text(gguf_name: str, *, template: OllamaTemplate | None, stop_tokens: Sequence[str],
-                   parameters: dict[str, Any] | None = None, source: str = "") -> str:
+                   parameters: dict[str, Any] | None = None, source: str = "",
+                   licences: Sequence[str] = ()) -> str:
     """An Ollama Modelfile: FROM the GGUF beside it, TEMPLATE/SYSTEM when the family is known,
     a stop parameter per stop token, then `parameters`."""
     lines = [f"# Ollama Modelfile written by the appliance{f' for {source}' if source else ''}.",
@@ -458,12 +459,17 @@ def modelfile_text(gguf_name: str, *, template: OllamaTemplate | None, stop_toke
                       f"SYSTEM {_triple(template.system, 'default system prompt')}"]
     lines += [f"PARAMETER stop {_quoted(s, 'stop token')}" for s in stop_tokens]
     lines += [f"PARAMETER {k} {_number(v)}" for k, v in (parameters or {}).items()]
+    for text in licences:  # the base model's and the data's licence texts, as Ollama shows them
+        if '"""' in text:
+            lines.append("# LICENSE left out: its text contains \"\"\" (see the export's licenses/)")
+        else:
+            lines.append(f"LICENSE {_triple(text, 'licence')}")
     return "\n".join(lines) + "\n"
 
 
 def write_modelfile(gguf_path: Path, model_dir: Path, *, out: Path | None = None,
                     spec: ChatSpec | None = None, tokenizer: Any = None, meta: dict[str, Any] | None = None,
-                    max_ctx: int = 4096) -> Path:
+                    max_ctx: int = 4096, licences: Sequence[str] = ()) -> Path:
     """Write `<gguf stem>.Modelfile` beside the GGUF (or `out`) for `ollama create`; num_ctx is the
     model's context length capped at `max_ctx`."""
     from appliance import chat
@@ -482,7 +488,7 @@ def write_modelfile(gguf_path: Path, model_dir: Path, *, out: Path | None = None
     if context:
         params["num_ctx"] = min(int(context), max_ctx)
     text = modelfile_text(gguf_path.name, template=found, stop_tokens=spec.stop_tokens, parameters=params,
-                          source=model_dir.name)
+                          source=model_dir.name, licences=licences)
     out = out or gguf_path.with_name(gguf_path.stem + ".Modelfile")
     atomic_write_text(out, text)
     return out

@@ -31,7 +31,8 @@ def cmd_data_import(args: argparse.Namespace) -> int:
     require_trainable(model, "importing a dataset")
     request = ImportDatasetRequest.for_path(args.file, args.model, name=args.name, form=args.format,
                                             eval_fraction=args.eval_fraction, seed=args.seed,
-                                            max_tokens=args.max_tokens)
+                                            max_tokens=args.max_tokens, license=args.license,
+                                            attribution=args.attribution)
     record, report = datasets.run(ws, request, progress=lambda n: say(f"  ... {n} lines"))
     say(f"imported dataset {record.name!r} for model {model.name!r}\n  at {record.path}")
     print_dataset_report(report)
@@ -69,6 +70,9 @@ def register(sub: Any) -> None:
     p.add_argument("--format", default=data_request.DEFAULT_FORMAT, choices=data_request.FORMATS)
     p.add_argument("--eval-fraction", type=float, default=data_request.DEFAULT_EVAL_FRACTION)
     p.add_argument("--seed", type=int, default=data_request.DEFAULT_SEED)
+    p.add_argument("--license", help="the data's licence as an SPDX id (e.g. CC-BY-SA-3.0); default: "
+                                     "what LICENSE/ATTRIBUTION files beside the file say")
+    p.add_argument("--attribution", help="the line that credits the data's authors")
     p.add_argument("--max-tokens", type=int, help="reject longer conversations "
                                                   "(default: the model's context length)")
     json_flag(p, "the dataset and its import report")

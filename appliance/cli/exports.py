@@ -123,6 +123,11 @@ def cmd_exports_show(args: argparse.Namespace) -> int:
         report = _parity(open_workspace(args).get("export", args.name))
         for line in parity_lines(report) if report else []:
             say(line)
+        from appliance import licences
+
+        found = data.get("info", {}).get("licenses") or []
+        say("  licences " + ("\n           ".join(licences.summary(found)) if found else
+                             "none recorded (made before licences were carried, or none was found)"))
 
     return show_artifact(args, "export", render)
 

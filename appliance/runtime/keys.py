@@ -165,6 +165,8 @@ class KeyChecker:
 
     def __init__(self, ws: Workspace) -> None:
         self.ws = ws
+        self.uses: dict[str, int] = {}  # key name -> requests it authorised (the audit's use counts)
+        self.refused = 0
         with _db(ws):  # the table exists before the first request
             pass
 
@@ -172,10 +174,13 @@ class KeyChecker:
         """The key's name if it is valid and active, else None."""
         match = KEY_RE.fullmatch(key or "")
         if match is None:
+            self.refused += 1
             return None
         with self.ws.connect() as db:
             row = db.execute("SELECT name, sha256 FROM api_keys WHERE id = ? AND revoked IS NULL",
                              (match[1],)).fetchone()
         if row is None or not hmac.compare_digest(row[1], _digest(key or "")):
+            self.refused += 1
             return None
+        self.uses[str(row[0])] = self.uses.get(str(row[0]), 0) + 1
         return str(row[0])

@@ -15,6 +15,7 @@ shows exactly what Prometheus would scrape.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import http.client
 import json
@@ -176,13 +177,32 @@ async def _listen(srv: Any) -> tuple[Any, int]:
         raise cannot_listen(srv.config.host, srv.config.port, exc.strerror or str(exc)) from None
 
 
+def audit_start(srv: Any, port: int) -> None:
+    """The audit line of a server that listens: where, and what it serves."""
+    if getattr(srv.keys, "ws", None) is None:
+        return
+    srv.keys.ws.audit("server-start", host=srv.config.host, port=port, models=list(srv.engines),
+                      pid=os.getpid())
+
+
+def audit_stop(srv: Any) -> None:
+    """The audit line of a server that stopped: how many requests each API key made (the counts,
+    never the text), and how many were refused a key."""
+    if getattr(srv.keys, "ws", None) is None:
+        return
+    with contextlib.suppress(Exception):  # a full disk must not turn a clean stop into a crash
+        srv.keys.ws.audit("server-stop", models=list(srv.engines), pid=os.getpid(),
+                          key_uses=dict(srv.keys.uses), refused=srv.keys.refused)
+
+
 def serve_foreground(srv: Any) -> None:
     """`appliance serve` (and the systemd unit): serve until SIGINT or SIGTERM, then stop cleanly
     (answers in progress get `shutdown_timeout` to finish)."""
     import signal
 
     async def serve() -> None:
-        runner, _ = await _listen(srv)
+        runner, port = await _listen(srv)
+        audit_start(srv, port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -191,12 +211,14 @@ def serve_foreground(srv: Any) -> None:
             await stop.wait()
         finally:
             await runner.cleanup()
+            audit_stop(srv)
 
     asyncio.run(serve())
 
 
 async def _serve_until_cancelled(srv: Any, ctx: jobs.JobContext) -> None:
     runner, port = await _listen(srv)
+    audit_start(srv, port)
     url = url_for(srv.config.host, port)
     ctx.emit("listening", url=url, host=srv.config.host, port=port, models=list(srv.engines))
     ctx.log(f"listening at {url}/v1, serving {', '.join(srv.engines)}")
@@ -206,6 +228,7 @@ async def _serve_until_cancelled(srv: Any, ctx: jobs.JobContext) -> None:
         ctx.log("stopping: finishing or cutting the answers in progress")
     finally:
         await runner.cleanup()
+        audit_stop(srv)
 
 
 def start(ws: Workspace, options: ServeOptions) -> jobs.Job:

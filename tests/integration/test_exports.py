@@ -71,6 +71,18 @@ def test_gguf_export_is_scored_and_passes_its_gate(smol_run: Workspace) -> None:
     assert report["conversations"] >= 5 and report["tokens"] > 200
     assert "\nFROM ./run-Q8_0.gguf\n" in (record.path / "Modelfile").read_text()
     manifest.verify(record.path)
+    # the base model's licence travels: recorded, its text copied, in the GGUF and the Modelfile
+    from appliance import modelio
+
+    (lic,) = manifest.read(record.path)["info"]["licenses"]
+    assert lic["role"] == "base model" and lic["id"] == "apache-2.0"
+    assert "smollm2" in lic["attribution"].lower() and "HuggingFaceTB" in lic["attribution"]
+    assert "Apache License" in (record.path / lic["files"][0]).read_text()
+    meta = modelio.gguf_metadata(record.path / "run-Q8_0.gguf")
+    assert meta["general.license"] == "apache-2.0"
+    assert meta["general.base_model.count"] == 1
+    assert meta["general.base_model.0.name"] == lic["name"]
+    assert 'LICENSE """' in (record.path / "Modelfile").read_text()
 
 
 def test_a_broken_artifact_fails_the_gate_and_is_refused(smol_run: Workspace) -> None:

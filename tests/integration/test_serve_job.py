@@ -74,6 +74,12 @@ def test_serve_job_lifecycle(ws: Workspace) -> None:
     _wait("the job to stop", lambda: jobs.get(ws, job.id).state == "cancelled", 30)
     assert service.health(url, timeout=0.5) is None and service.port_free("127.0.0.1", port)
     assert service.running(ws) == []
+    from appliance import audit  # start and stop are audited, with the key's use count, not the text
+
+    trail = [e for e in audit.entries(ws.root) if e["event"].startswith("server-")]
+    assert [e["event"] for e in trail] == ["server-start", "server-stop"]
+    assert trail[0]["port"] == port and trail[1]["key_uses"] == {"tests": 1}  # the one chat
+    assert audit.verify(ws.root, ws.connect).ok
 
     jobs.resume(ws, job.id)
     again = _wait("listening after resume", lambda: _listening(ws, job.id))

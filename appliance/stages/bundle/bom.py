@@ -52,9 +52,12 @@ def _component(kind: str, data: dict[str, Any]) -> Any:
         if summary.get(key) is not None:
             props.append(Property(name=f"appliance:{key}", value=str(summary[key])))
     ctype = ComponentType.DATA if KINDS.get(kind) == "data" else ComponentType.MACHINE_LEARNING_MODEL
+    info = data.get("info", {})
+    own = info.get("license") or next(  # what was made from a model carries its base's licence
+        (lic for lic in info.get("licenses") or [] if lic.get("role") == "base model"), None)
     return Component(type=ctype, name=name, version=str(data.get("created", "")),
                      bom_ref=BomRef(_ref(kind, name)), hashes=hashes, properties=props,
-                     licenses=_license(data.get("info", {}).get("license")))
+                     licenses=_license(own))
 
 
 def build(artifacts: Iterable[dict[str, Any]], lineage: Iterable[dict[str, Any]],

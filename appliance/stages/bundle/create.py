@@ -82,12 +82,17 @@ def _audit_lines(ws: Workspace, subjects: set[tuple[str, str]]) -> bytes:
 
 
 def _licences(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    found = []
+    """The licences of the models and datasets in the lineage (each once): what the artifacts
+    carry (`info.licenses`) and what the ancestors recorded at import (`info.license`)."""
+    found: dict[tuple[str, str], dict[str, Any]] = {}
     for data in manifests:
-        lic = data.get("info", {}).get("license")
-        if lic:
-            found.append({"kind": data.get("kind"), "name": data.get("name"), **lic})
-    return found
+        for lic in data.get("info", {}).get("licenses") or []:
+            found.setdefault((str(lic.get("kind")), str(lic.get("name"))), lic)
+        own = data.get("info", {}).get("license")
+        if own:
+            key = (str(data.get("kind")), str(data.get("name")))
+            found.setdefault(key, {"kind": key[0], "name": key[1], **own})
+    return list(found.values())
 
 
 def _plan(ws: Workspace, request: BundleCreateRequest, reporter: Reporter) -> tuple[

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance import chat
+from appliance import chat, licences
 from appliance.errors import InvalidRequest, NotFoundError, ValidationError
 from appliance.fsutil import sha256_file, write_jsonl
 from appliance.stages.datasets.request import FORMS, ImportDatasetRequest
@@ -387,7 +387,8 @@ def build_report(result: ImportResult, eval_rows: list[dict[str, Any]],
 
 def import_file(ws: Workspace, src: Path, model: ArtifactRecord, *, name: str | None = None,
                 form: str = "auto", eval_fraction: float = 0.1, seed: int = 0,
-                max_tokens: int | None = None,
+                max_tokens: int | None = None, license: str | None = None,
+                attribution: str | None = None,
                 progress: Callable[[int], None] | None = None) -> tuple[ArtifactRecord, dict]:
     from appliance.hfmodel import load_tokenizer
 
@@ -415,11 +416,14 @@ def import_file(ws: Workspace, src: Path, model: ArtifactRecord, *, name: str | 
         write_jsonl(w.path / "train.jsonl", train_rows)
         write_jsonl(w.path / "eval.jsonl", eval_rows)
         (w.path / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+        texts = licences.copy_texts(licences.files_beside(src), w.path)
+        licence = licences.record({}, texts, w.path, license, attribution)
         w.commit(
             parents=[parent_ref(model)],
             config={"source": {"path": str(src), "sha256": sha256_file(src)}, "form": report["form"],
                     "eval_fraction": eval_fraction, "seed": seed, "max_tokens": limit},
-            info={"summary": {k: report[k] for k in ("form", "train", "eval", "rejected",
+            info={"license": licence,
+                  "summary": {k: report[k] for k in ("form", "train", "eval", "rejected",
                                                      "duplicates")} | {"model": model.name}})
     return ws.get("dataset", name), report
 
@@ -443,4 +447,5 @@ def run(ws: Workspace, request: ImportDatasetRequest,
         raise InvalidRequest("the dataset import is not valid", found)
     return import_file(ws, Path(request.path), model, name=request.name, form=request.form,
                        eval_fraction=request.eval_fraction, seed=request.seed,
-                       max_tokens=request.max_tokens, progress=progress)
+                       max_tokens=request.max_tokens, license=request.license,
+                       attribution=request.attribution, progress=progress)

@@ -11,6 +11,7 @@ can become one. Only the standard library and the core at module scope.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ class ImportDatasetRequest:
     eval_fraction: float = DEFAULT_EVAL_FRACTION
     seed: int = DEFAULT_SEED
     max_tokens: int | None = None  # None: the model's context length
+    license: str | None = None  # an SPDX id (else what the texts beside the file say, or unknown)
+    attribution: str | None = None  # the line that credits the data's authors
 
     kind: ClassVar[str] = "import-dataset"
 
@@ -63,6 +66,8 @@ class ImportDatasetRequest:
         if not (isinstance(self.eval_fraction, int | float) and math.isfinite(self.eval_fraction)
                 and 0 <= self.eval_fraction < 1):
             found["eval_fraction"] = f"must be in [0, 1), got {self.eval_fraction!r}"
+        if self.license is not None and not re.fullmatch(r"[A-Za-z0-9.+-]{1,64}", self.license):
+            found["license"] = f"{self.license!r} is not a licence id (e.g. CC-BY-SA-3.0, MIT)"
         if self.max_tokens is not None and self.max_tokens < 1:
             found["max_tokens"] = f"must be at least 1, got {self.max_tokens}"
         if self.name:
@@ -74,7 +79,8 @@ class ImportDatasetRequest:
 
     def to_params(self) -> dict[str, Any]:
         return {"path": self.path, "model": self.model, "name": self.name, "form": self.form,
-                "eval_fraction": self.eval_fraction, "seed": self.seed, "max_tokens": self.max_tokens}
+                "eval_fraction": self.eval_fraction, "seed": self.seed, "max_tokens": self.max_tokens,
+                "license": self.license, "attribution": self.attribution}
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> ImportDatasetRequest:
@@ -84,4 +90,6 @@ class ImportDatasetRequest:
                    form=str(params.get("form") or DEFAULT_FORMAT),
                    eval_fraction=DEFAULT_EVAL_FRACTION if fraction is None else float(fraction),
                    seed=DEFAULT_SEED if seed is None else int(seed),
-                   max_tokens=None if limit is None else int(limit))
+                   max_tokens=None if limit is None else int(limit),
+                   license=str(params["license"]) if params.get("license") else None,
+                   attribution=str(params["attribution"]) if params.get("attribution") else None)

@@ -23,8 +23,9 @@ import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from appliance import manifest
+from appliance import licences, manifest
 from appliance.errors import ApplianceError, ValidationError
 from appliance.fsutil import disk_full_as_error
 from appliance.progress import QUIET, Reporter, Stages
@@ -32,7 +33,7 @@ from appliance.stages.merge.inputs import existing
 from appliance.stages.merge.merged import merged_model
 from appliance.stages.verify.gate import Gate
 from appliance.stages.verify.scoring import PARITY_MAX_TOKENS
-from appliance.workspace import ArtifactRecord, Workspace
+from appliance.workspace import ArtifactRecord, Workspace, parent_ref
 
 
 def tool_lines(say: Callable[[str], None]) -> Callable[[str], None]:
@@ -70,6 +71,11 @@ class _Export:
     def report(self) -> Reporter:
         return self.gate.report
 
+    @property
+    def licences(self) -> list[dict[str, Any]]:
+        """The base model's and the datasets' licences (appliance.licences)."""
+        return licences.ancestors(self.ws, [parent_ref(self.merged)])
+
 
 def _start(ws: Workspace, run: str, total: int, overrides: Mapping[str, float] | None,
            report: Reporter) -> _Export:
@@ -94,7 +100,8 @@ def export_gguf(ws: Workspace, run: str, quants: list[str], *, scratch: Path,
         if not base.exists():  # converted once, for every type of this job
             scratch.mkdir(parents=True, exist_ok=True)
             gguf.convert(job.merged.path, base, progress=tool_lines(report.log),
-                         counts=job.stages.counter("convert", "converting to GGUF F16", "%"))
+                         counts=job.stages.counter("convert", "converting to GGUF F16", "%"),
+                         metadata=licences.gguf_metadata(job.licences))
         return _one_gguf(job, qtype, base)
 
     return _each(job, todo, make)
@@ -114,7 +121,8 @@ def _one_gguf(job: _Export, qtype: str, base: Path) -> ArtifactRecord:
         job.report.log(f"checking {path.name}")
         job.stages.emit("check", f"checking {path.name}")
         check = gguf.check_gguf(path, job.merged.path)
-        ollama.write_modelfile(path, job.merged.path, out=w.path / "Modelfile")
+        ollama.write_modelfile(path, job.merged.path, out=w.path / "Modelfile",
+                               licences=licences.texts(job.licences))
         (w.path / "gguf_check.json").write_text(json.dumps(check, indent=2, default=str))
         job.stages.emit("load-runtime", f"loading {path.name} in llama.cpp")
         with gguf.GgufLM(path, n_ctx=PARITY_MAX_TOKENS + 16) as lm:

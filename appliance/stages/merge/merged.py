@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from appliance import manifest
+from appliance import licences, manifest
 from appliance.errors import ApplianceError
 from appliance.fsutil import disk_full_as_error
 from appliance.progress import QUIET, Reporter, Stages
@@ -84,7 +84,9 @@ def merged_model(ws: Workspace, run: str, stages: Stages, report: Reporter = QUI
         stages.emit("record", f"recording {name} (hashing its files into the manifest)")
         w.commit(parents=[parent_ref(record), parent_ref(model)],
                  config={"dtype": dtype, "base": base, "run": run},
-                 info={"format": "hf", "summary": {"format": "merged", "run": run, "base": base,
+                 info={"format": "hf",
+                       "licenses": licences.carry(ws, [parent_ref(record), parent_ref(model)], w.path),
+                       "summary": {"format": "merged", "run": run, "base": base,
                                                    "type": f"{summary['dtype']}, {base} base",
                                                    "parity": "reference"}},
                  metrics={"merge_gap": gap, "adapter_parity": verdict["artifacts"][0]})

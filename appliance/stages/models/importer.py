@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from appliance import chat, fsutil, hfmodel, modelio, profile, stack
+from appliance import chat, fsutil, hfmodel, licences, modelio, profile, stack
 from appliance.errors import RefusedError, ValidationError
 from appliance.hfmodel import PROBE, load_tokenizer, stop_token_ids
 from appliance.progress import Progress, Stages
@@ -548,6 +548,8 @@ def import_folder(ws: Workspace, src: Path, *, name: str | None = None,
         stages.emit("check", "checking the copy")
         info = inspect_folder(w.path)  # the copy must pass every check
         say("hashing files")
+        texts = licences.copy_texts(licences.files_beside(src), w.path)
+        info["license"] = licences.record(licences.from_model_card(src), texts, w.path)
         w.commit(parents=[], config={"source": {"type": "hf-folder", "path": str(src)},
                                      "chat_template_file": str(chat_template_file or "")},
                  info={**info, "skipped_files": skipped, "left_out": [left_out] if left_out else [],
@@ -719,6 +721,8 @@ def import_gguf(ws: Workspace, src: Path, *, name: str | None = None,
         saved = load_tokenizer(w.path)  # what training will load, not the object we built
         parity = check_tokenizer_parity(copy, saved, chat.render(saved, PROBE[1:]))
         say("hashing files")
+        texts = licences.copy_texts(licences.files_beside(given), w.path)
+        info["license"] = licences.record(licences.from_gguf(meta), texts, w.path)
         w.commit(parents=[], config={"source": {"type": source, "path": str(given.absolute()),
                                                 "sha256": sha256},
                                      "dequantized_dtype": kind},
@@ -912,6 +916,8 @@ def import_gguf_serve_only(ws: Workspace, src: Path, *, name: str | None = None,
             "gguf_file_type": meta.get("general.file_type"),
             "gguf_sha256": sha256,
         }
+        texts = licences.copy_texts(licences.files_beside(given), w.path)
+        info["license"] = licences.record(licences.from_gguf(meta), texts, w.path)
         say("hashing files")
         w.commit(parents=[], config={"source": {"type": source, "path": str(given.absolute()),
                                                 "sha256": sha256},

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance import chat, manifest
+from appliance import chat, licences, manifest
 from appliance.errors import AlreadyExistsError, ApplianceError
 from appliance.fsutil import atomic_write_text, exchange, fsync_dir
 from appliance.jobs import JobCancelled, JobContext
@@ -676,7 +676,10 @@ class Trainer:
                              "compute_dtype": str(self.dtype),
                              "job": self.ctx.job.id},
                      metrics=metrics,
-                     info={"summary": {"model": self.model_record.name, "dataset": self.data_record.name,
+                     info={"licenses": licences.carry(
+                               ws, [parent_ref(self.model_record), parent_ref(self.data_record)],
+                               w.path),
+                           "summary": {"model": self.model_record.name, "dataset": self.data_record.name,
                                        "steps": state.step, **{k: metrics.get(k) for k in (
                                            "perplexity_before", "perplexity_after")}}})
         return ws.get("run", name)

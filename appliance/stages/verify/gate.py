@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from appliance import manifest
+from appliance import licences, manifest
 from appliance.errors import BusyError, ValidationError
 from appliance.fsutil import atomic_write_text
 from appliance.progress import QUIET, Reporter, Stages
@@ -53,8 +53,10 @@ class Gate:
         passed = verdict["passed"]
         self.report.log(parity.table(verdict))
         self.stages.emit("record", f"recording {w.name} (hashing its files into the manifest)")
+        carried = licences.carry(self.ws, [parent_ref(merged)], w.path)
         w.commit(parents=[parent_ref(merged)], config=config, status="ready" if passed else "failed",
-                 info={"summary": {**summary, "parity": "pass" if passed else "FAIL"}},
+                 info={"summary": {**summary, "parity": "pass" if passed else "FAIL"},
+                       "licenses": carried},
                  metrics={"parity": verdict["artifacts"][0]})
 
     def again(self, name: str) -> dict[str, Any]:
