@@ -363,13 +363,37 @@ engine = engines.open_engine(engines.resolve(done.imported[0], ws), threads=1, c
 items = list(engine.generate([{"role": "user", "content": "Name a colour."}],
                              engines.Sampling(temperature=0.0, max_tokens=4)))
 engine.close()
+import asyncio, urllib.request
+from appliance.runtime import keys, server, service
+key = keys.create(ws, "edge")
+srv = service.load(ws, service.ServeOptions((done.imported[0],), port=0, threads=1, context=512),
+                   lambda _: None)
+
+def ask(port):
+    body = json.dumps({"model": done.imported[0], "max_tokens": 4, "temperature": 0,
+                       "messages": [{"role": "user", "content": "Say hi."}]}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                 headers={"Authorization": f"Bearer {key}",
+                                          "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as response:
+        return json.loads(response.read())
+
+async def serve_one():
+    runner, port = await server.start(srv)
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, ask, port)
+    finally:
+        await runner.cleanup()
+
+answer = asyncio.run(serve_one())
 print("RESULT", json.dumps({"imported": done.imported, "trusted_as": done.trusted_as,
                             "tokens": items[-1].completion_tokens,
+                            "served": answer["usage"]["completion_tokens"],
                             "audit_ok": audit.verify(ws.root, ws.connect).ok}))
 """
 
 
-def test_a_bundle_carries_an_export_to_an_edge_box_that_chats_with_it(
+def test_a_bundle_carries_an_export_to_an_edge_box_that_serves_and_chats_with_it(
         smol_run: Workspace, tmp_path: Path) -> None:
     import subprocess
     import sys
@@ -397,7 +421,8 @@ def test_a_bundle_carries_an_export_to_an_edge_box_that_chats_with_it(
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))[7:])
     assert result == {"imported": [record.name], "trusted_as": "training-box",
-                      "tokens": result["tokens"], "audit_ok": True} and result["tokens"] > 0
+                      "tokens": result["tokens"], "served": result["served"], "audit_ok": True}
+    assert result["tokens"] > 0 and result["served"] > 0  # chatted with, and served over HTTP
     imported = Workspace(edge).get("export", record.name)
     assert imported.manifest_sha256 == record.manifest_sha256
     assert json.loads((imported.path / "parity.json").read_text()) == \
