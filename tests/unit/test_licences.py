@@ -95,3 +95,18 @@ def test_descendants_carry_the_texts_and_the_lineage(tmp_path: Path) -> None:
                           licences=licences.texts(licences.ancestors(ws, parents)))
     assert f'LICENSE """{APACHE}"""' in text
     manifest.verify(ws.get("model", "base").path)
+
+
+def test_the_exports_screen_lists_an_exports_licences(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from tui.screens.exports import export_details
+
+    ws, parents = _ws_with_lineage(tmp_path)
+    with ws.writer("export", "e") as w:
+        w.commit(parents=parents, info={"licenses": licences.carry(ws, parents, w.path)})
+    console = Console(width=120, record=True)
+    console.print(export_details(ws.get("export", "e").path))
+    text = console.export_text()
+    assert "base model base: Apache-2.0 - Base by Org" in text
+    assert "dataset data: CC-BY-SA-3.0 - data by them" in text

@@ -93,12 +93,17 @@ class ParityTable:
 
 
 def export_details(path: Path) -> Group:
-    from appliance import manifest
+    from appliance import licences, manifest
 
     data = manifest.read(path)
     lines = [f"{data['name']}  ({data.get('status', 'ready')})",
              "parents  " + ", ".join(f"{p['kind']} {p['name']}" for p in data["parents"]),
-             "config   " + json.dumps(data["config"], sort_keys=True), ""]
+             "config   " + json.dumps(data["config"], sort_keys=True)]
+    carried = data.get("info", {}).get("licenses")
+    if carried is not None:  # exports made before licences travelled have no such key
+        found = licences.summary(carried) or ["none found at import (no licence text or id)"]
+        lines += ["licences " + "\n         ".join(found)]
+    lines.append("")
     report = path / "parity.json"
     body: list[Any] = [Text("\n".join(lines))]
     if report.exists():
