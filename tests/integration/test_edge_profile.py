@@ -108,7 +108,10 @@ def test_the_default_import_on_edge_is_a_serve_only_model(edge_home: Path) -> No
     assert info["gguf_file"] == f"gguf/{stack.DEFAULT_MODEL_FILE}"
     assert info["gguf_sha256"] == stack.DEFAULT_MODEL_SHA256 == data["config"]["source"]["sha256"]
     assert data["files"][info["gguf_file"]]["sha256"] == stack.DEFAULT_MODEL_SHA256
-    assert sorted(data["files"]) == [info["gguf_file"]]  # no HF folder, no tokenizer files
+    # no HF folder, no tokenizer files: the GGUF and the licence text that ships beside it
+    assert sorted(data["files"]) == [info["gguf_file"], "licenses/SmolLM2-LICENSE.txt"]
+    assert info["license"]["id"] == "apache-2.0" and info["license"]["files"] == [
+        "licenses/SmolLM2-LICENSE.txt"]
     assert info["stop_tokens"] == ["<|im_end|>"] and info["stop_token_ids"] == [2]
     assert info["eos_token"] == "<|im_end|>" and info["template_check"]["checked"] is True
     assert info["architecture"] == "LlamaForCausalLM" and info["context_length"] == 8192
