@@ -184,6 +184,7 @@ def trusted(ws: Workspace) -> list[PublicKey]:
 
 def trust_add(ws: Workspace, pem_path: Path, name: str) -> PublicKey:
     _check_key_name(name)
+    ws.ensure()  # the first thing an operator does on a new edge box
     try:
         pem = pem_path.read_bytes()
     except OSError as exc:

@@ -26,7 +26,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         return ExitCode.OK if verdict.ok else ExitCode.FAILED
     unkeyed = f" ({verdict.unkeyed} from before keying, chain only)" if verdict.unkeyed else ""
     if verdict.ok:
-        say(f"audit log ok: {verdict.lines} lines{unkeyed}, every MAC, number and link checked, "
+        lines = f"{verdict.lines} line{'s' if verdict.lines != 1 else ''}"
+        say(f"audit log ok: {lines}{unkeyed}, every MAC, number and link checked, "
             "the end matches the workspace's record")
         return ExitCode.OK
     say(f"audit log FAILED: {len(verdict.findings)} finding(s) in {verdict.lines} lines{unkeyed}")

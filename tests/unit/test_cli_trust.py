@@ -100,3 +100,11 @@ def test_audit_verify_export_and_tamper(tmp_path: Path) -> None:
 @pytest.mark.parametrize("command", [["bundle", "--help"], ["audit", "--help"], ["trust", "--help"]])
 def test_the_groups_have_help(tmp_path: Path, command: list[str]) -> None:
     assert run(*command, home=tmp_path).returncode == 0
+
+
+def test_trust_add_is_the_first_command_on_a_new_box(tmp_path: Path) -> None:
+    run("signing-key", "create", "boxa", home=tmp_path / "a")
+    pub = tmp_path / "boxa.pub"
+    pub.write_bytes(signing.own_key(Workspace(tmp_path / "a")).pem)
+    out = run("trust", "add", str(pub), "--name", "boxa", home=tmp_path / "new")
+    assert out.returncode == 0, out.stderr
