@@ -74,10 +74,11 @@ def random_model(shape: str, folder: Path) -> Path:
     h, i, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     d = h // cfg["num_attention_heads"]
     kv = cfg["num_key_value_heads"] * d
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=device).manual_seed(0)
 
     def rand(*size: int) -> torch.Tensor:
-        return (torch.randn(*size, generator=gen, device="cuda", dtype=torch.bfloat16) * 0.02).cpu()
+        return (torch.randn(*size, generator=gen, device=device, dtype=torch.bfloat16) * 0.02).cpu()
 
     tensors = {"model.embed_tokens.weight": rand(49152, h), "lm_head.weight": rand(49152, h),
                "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
@@ -97,12 +98,24 @@ def random_model(shape: str, folder: Path) -> Path:
     return folder
 
 
+def convert(hf: Path, out: Path, converter: Path) -> None:
+    """The product's own conversion (export.gguf.convert: it normalises a tokenizer.json written by
+    a GGUF import, which llama.cpp's converter alone turns into a vocabulary its tokenizer aborts
+    on), with `converter` as the share's llama.cpp folder."""
+    share = out.parent / "share"
+    share.mkdir(exist_ok=True)
+    if not (share / "llama.cpp").exists():
+        (share / "llama.cpp").symlink_to(converter.resolve())
+    os.environ["APPLIANCE_SHARE"] = str(share)
+    from export import gguf
+
+    gguf.convert(hf, out, outtype="f16")
+
+
 def make_ggufs(shape: str, work: Path, build: Path, converter: Path, types: list[str]) -> dict[str, Path]:
     hf = random_model(shape, work / f"hf-{shape}")
     f16 = work / f"{shape}-F16.gguf"
-    env = {**os.environ, "PYTHONPATH": f"{converter / 'gguf-py'}:{os.environ.get('PYTHONPATH', '')}"}
-    subprocess.run([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(hf), "--outfile",
-                    str(f16), "--outtype", "f16"], check=True, env=env, capture_output=True)
+    convert(hf, f16, converter)
     shutil.rmtree(hf)
     out = {}
     for qtype in types:
