@@ -160,6 +160,19 @@ def ours(gguf: Path, tokens: int) -> tuple[float, float]:
     return statistics.median(rates[1:]), statistics.median(firsts[1:])
 
 
+def ours_in_child(gguf: Path, tokens: int) -> tuple[float, float]:
+    """`ours` in a process where torch never touched CUDA (two CUDA runtimes in one process crash)."""
+    code = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); from bench.gguf_gpu import ours; "
+            f"print('RESULT', json.dumps(ours(__import__('pathlib').Path({str(gguf)!r}), {tokens})))")
+    done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True,
+                          text=True, check=False)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"the engine run failed ({done.returncode}): {done.stderr[-1500:]}")
+    rate, ttft = json.loads(line[7:])
+    return float(rate), float(ttft)
+
+
 def tensor_bytes(gguf: Path) -> int:
     """Bytes a decode step reads: every tensor but the token embedding (one row of it is read)."""
     from gguf import GGUFReader
@@ -191,7 +204,7 @@ def main() -> None:
                                       args.types.split(",")).items():
             size = tensor_bytes(gguf)
             ref = llama_bench(args.build, gguf, args.tokens)
-            rate, ttft = ours(gguf, args.tokens)
+            rate, ttft = ours_in_child(gguf, args.tokens)
             row = {"shape": shape, "type": qtype, "gib": round(size / 2**30, 3),
                    "llama_bench_tps": round(ref, 1), "ours_tps": round(rate, 1),
                    "ours_vs_llama_bench": round(rate / ref, 3), "ttft_ms": round(ttft * 1000, 1),
