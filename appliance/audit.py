@@ -387,17 +387,22 @@ def _check_head(lines: list[_Line], head: Head | None, log: Path) -> list[Findin
     return []
 
 
-# -- reading for people ----------------------------------------------------------------------------
-def entries(root: Path, *, since: str | None = None, user: str | None = None,
-            action: str | None = None) -> Iterator[dict[str, Any]]:
-    """The log's entries (without their MACs), filtered; `since` compares ISO times as text."""
-    for number, raw in enumerate(iter_lines(root / LOG), 1):
+def parsed_lines(path: Path) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
+    """(line number, the line as written, its JSON object) for every line that is one."""
+    for number, raw in enumerate(iter_lines(path), 1):
         try:
             entry = json.loads(raw)
         except ValueError:
             continue
-        if not isinstance(entry, dict):
-            continue
+        if isinstance(entry, dict):
+            yield number, raw, entry
+
+
+# -- reading for people ----------------------------------------------------------------------------
+def entries(root: Path, *, since: str | None = None, user: str | None = None,
+            action: str | None = None) -> Iterator[dict[str, Any]]:
+    """The log's entries (without their MACs), filtered; `since` compares ISO times as text."""
+    for number, _, entry in parsed_lines(root / LOG):
         entry.pop("mac", None)
         entry.setdefault("seq", number)
         if since and str(entry.get("ts", "")) < since:

@@ -23,8 +23,8 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance import manifest
 from appliance.errors import RefusedError
+from appliance.workspace import ancestors as walk_lineage
 
 if TYPE_CHECKING:
     from appliance.workspace import Workspace
@@ -149,25 +149,17 @@ def record(declared: dict[str, Any], texts: list[str], dest: Path,
 def ancestors(ws: Workspace, parents: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The licences of every model and dataset an artifact comes from (nearest first, each once):
     [{role, kind, name, id, attribution?, link?, files?, path}]."""
-    todo, seen, out = list(parents), set(), []
-    while todo:
-        ref = todo.pop(0)
+    out = []
+    for ref, record, data in walk_lineage(ws, parents):
+        if record is None or data is None:  # removed since: its licence is what the child recorded
+            continue
         key = (str(ref.get("kind")), str(ref.get("name")))
-        if key in seen:
-            continue
-        seen.add(key)
-        try:
-            record_ = ws.get(*key)
-            data = manifest.read(record_.path)
-        except Exception:  # an ancestor removed since: its licence is what the child recorded
-            continue
         own = data.get("info", {}).get("license")
         if own and key[0] in ("model", "dataset"):
             role = "dataset" if key[0] == "dataset" else (
                 "base model" if not data.get("parents") else "model")
             out.append({"role": role, "kind": key[0], "name": key[1], **own,
-                        "path": str(record_.path)})
-        todo += data.get("parents", [])
+                        "path": str(record.path)})
     return out
 
 

@@ -110,8 +110,12 @@ def own_keys(ws: Workspace) -> list[PublicKey]:
     folder = ws.root / KEYS_DIR
     if not folder.is_dir():
         return []
-    return [PublicKey(p.stem, key_id_of(p.read_bytes()), p.read_bytes(), "own")
-            for p in sorted(folder.glob("*.pub")) if (folder / f"{p.stem}.key").exists()]
+    return [_public(p, "own") for p in sorted(folder.glob("*.pub")) if (folder / f"{p.stem}.key").exists()]
+
+
+def _public(path: Path, source: str) -> PublicKey:
+    pem = path.read_bytes()
+    return PublicKey(path.stem, key_id_of(pem), pem, source)
 
 
 def default_name(ws: Workspace) -> str | None:
@@ -177,8 +181,7 @@ def check_signature(pem: bytes, signature: bytes, data: bytes) -> bool:
 def trusted(ws: Workspace) -> list[PublicKey]:
     """Every key whose signature this workspace accepts: its own and the added ones."""
     folder = ws.root / TRUST_DIR
-    added = [PublicKey(p.stem, key_id_of(p.read_bytes()), p.read_bytes(), "trusted")
-             for p in sorted(folder.glob("*.pub"))] if folder.is_dir() else []
+    added = [_public(p, "trusted") for p in sorted(folder.glob("*.pub"))] if folder.is_dir() else []
     return own_keys(ws) + added
 
 
@@ -210,7 +213,7 @@ def trust_remove(ws: Workspace, name: str) -> PublicKey:
     if not path.exists():
         raise NotFoundError(f"no trusted key named {name!r}",
                             hint="appliance trust list shows them (own keys cannot be removed here)")
-    key = PublicKey(name, key_id_of(path.read_bytes()), path.read_bytes(), "trusted")
+    key = _public(path, "trusted")
     os.unlink(path)
     ws.audit("trust-remove", key=name, key_id=key.key_id)
     return key

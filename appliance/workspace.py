@@ -43,6 +43,7 @@ from appliance.errors import (
     ApplianceError,
     BusyError,
     DiskFullError,
+    IntegrityError,
     NotFoundError,
     RefusedError,
     ValidationError,
@@ -452,6 +453,28 @@ class ArtifactWriter:
         if is_disk_full(exc):
             return True
         return isinstance(exc, OSError | RuntimeError) and 0 <= fsutil.free_bytes(self.path) < LOW_FREE
+
+
+def ancestors(ws: Workspace, parents: list[dict[str, Any]]
+              ) -> Iterator[tuple[dict[str, Any], ArtifactRecord | None, dict[str, Any] | None]]:
+    """Walk a lineage breadth-first from `parents` (manifest parent refs), each artifact once:
+    (its ref, its record and manifest, or None, None where this workspace no longer has it or
+    its kind is unknown). What licences and bundles both follow."""
+    todo, seen = list(parents), set()
+    while todo:
+        ref = todo.pop(0)
+        key = (str(ref.get("kind")), str(ref.get("name")))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            record = ws.get(*key)
+            data = manifest.read(record.path)
+        except (NotFoundError, ValidationError, IntegrityError):
+            yield ref, None, None
+            continue
+        yield ref, record, data
+        todo += data.get("parents", [])
 
 
 def parent_ref(record: ArtifactRecord) -> dict[str, str]:

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from appliance import __version__, audit, manifest, signing
-from appliance.errors import IntegrityError, NotFoundError
+from appliance.errors import IntegrityError
 from appliance.progress import QUIET, Reporter
 from appliance.stages.bundle import bom, layout
 from appliance.stages.bundle.request import BundleCreateRequest
+from appliance.workspace import ancestors
 
 if TYPE_CHECKING:
     from appliance.workspace import ArtifactRecord, Workspace
@@ -35,32 +36,22 @@ class Created:
     doc_sha256: str
 
 
-def _manifest_sha(path: Path) -> str:
-    return hashlib.sha256((path / manifest.MANIFEST).read_bytes()).hexdigest()
-
-
-def lineage(ws: Workspace, records: list[ArtifactRecord]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every ancestor's manifest (each once, nearest first), and the ones this workspace lacks."""
-    seen = {(r.kind, r.name) for r in records}
-    todo = [p for r in records for p in manifest.read(r.path).get("parents", [])]
+def lineage(ws: Workspace, manifests: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every ancestor's manifest (each once, nearest first, the artifacts' own left out), and the
+    ones this workspace lacks."""
+    own = {(str(m["kind"]), str(m["name"])) for m in manifests}
     found, missing = [], []
-    while todo:
-        ref = todo.pop(0)
+    for ref, record, data in ancestors(ws, [p for m in manifests for p in m.get("parents", [])]):
         key = (str(ref.get("kind")), str(ref.get("name")))
-        if key in seen:
+        if key in own:
             continue
-        seen.add(key)
-        try:
-            record = ws.get(*key)
-        except (NotFoundError, Exception):  # an unknown kind is as absent as a removed artifact
+        if record is None or data is None:
             missing.append(f"{key[0]} {key[1]}")
             continue
-        data = manifest.read(record.path)
-        data["_manifest_sha256"] = _manifest_sha(record.path)
-        if ref.get("manifest_sha256") and ref["manifest_sha256"] != data["_manifest_sha256"]:
+        data["_manifest_sha256"] = record.manifest_sha256
+        if ref.get("manifest_sha256") and ref["manifest_sha256"] != record.manifest_sha256:
             data["_changed_since_child"] = True
         found.append(data)
-        todo += data.get("parents", [])
     return found, missing
 
 
@@ -68,13 +59,7 @@ def _audit_lines(ws: Workspace, subjects: set[tuple[str, str]]) -> bytes:
     """The raw audit lines (MACs kept) whose subject is in the lineage."""
     names = {name for _, name in subjects}
     out = io.BytesIO()
-    for raw in audit.iter_lines(ws.root / audit.LOG):
-        try:
-            entry = json.loads(raw)
-        except ValueError:
-            continue
-        if not isinstance(entry, dict):
-            continue
+    for _, raw, entry in audit.parsed_lines(ws.root / audit.LOG):
         kind, name = entry.get("kind"), entry.get("name")
         if (kind, name) in subjects or (kind is None and name in names):
             out.write(raw if raw.endswith(b"\n") else raw + b"\n")
@@ -115,22 +100,22 @@ def _plan(ws: Workspace, request: BundleCreateRequest, reporter: Reporter) -> tu
         raw = (record.path / manifest.MANIFEST).read_bytes()
         artifact_files[prefix + manifest.MANIFEST] = (record.path / manifest.MANIFEST, {
             "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()})
-    ancestors, missing = lineage(ws, records)
+    parents, missing = lineage(ws, manifests)
     if missing:
         reporter.log(f"not in this workspace, so not in the bundle: {', '.join(missing)}")
-    subjects = {(str(m["kind"]), str(m["name"])) for m in [*manifests, *ancestors]}
+    subjects = {(str(m["kind"]), str(m["name"])) for m in [*manifests, *parents]}
     small: dict[str, bytes] = {
         f"lineage/{m['kind']}/{m['name']}.json":
             (json.dumps({k: v for k, v in m.items() if not k.startswith("_")}, indent=2,
-                        sort_keys=True) + "\n").encode() for m in ancestors}
+                        sort_keys=True) + "\n").encode() for m in parents}
     small[layout.AUDIT] = _audit_lines(ws, subjects)
     versions = manifests[0].get("versions", {})
-    small[layout.BOM] = bom.build(manifests, ancestors, versions, __version__).encode()
+    small[layout.BOM] = bom.build(manifests, parents, versions, __version__).encode()
     info = {"lineage": [{"kind": m["kind"], "name": m["name"],
                          "manifest_sha256": m["_manifest_sha256"],
                          "changed_since_child": bool(m.get("_changed_since_child"))}
-                        for m in ancestors],
-            "lineage_missing": missing, "licenses": _licences([*manifests, *ancestors]),
+                        for m in parents],
+            "lineage_missing": missing, "licenses": _licences([*manifests, *parents]),
             "manifests": manifests}
     return records, small, artifact_files, info
 

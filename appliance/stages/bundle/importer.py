@@ -89,7 +89,7 @@ def import_bundle(ws: Workspace, request: BundleImportRequest,
                     prefix = layout.artifact_prefix(art["kind"], art["name"])
                     writers[prefix] = stack.enter_context(ws.writer(art["kind"], art["name"]))
             record_writer.append(stack.enter_context(
-                ws.writer("bundle", _record_name(ws, doc), replace=True)))
+                ws.writer("bundle", _record_name(doc), replace=True)))
 
             def target(name: str) -> IO[bytes] | None:
                 for prefix, writer in writers.items():
@@ -123,7 +123,7 @@ def import_bundle(ws: Workspace, request: BundleImportRequest,
                     checked.key_id, trusted_as)
 
 
-def _record_name(ws: Workspace, doc: dict[str, Any]) -> str:
+def _record_name(doc: dict[str, Any]) -> str:
     from appliance.workspace import slugify
 
     return slugify(f"{doc.get('name', 'bundle')}-{str(doc.get('created', ''))[:19]}")
