@@ -132,6 +132,32 @@ def cmd_exports_show(args: argparse.Namespace) -> int:
     return show_artifact(args, "export", render)
 
 
+def cmd_exports_fit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from appliance.runtime import engines, fit
+
+    ws = open_workspace(args)
+    prints = []
+    for ref in args.names:
+        art = engines.resolve(ref, ws, allow_failed_parity=True)
+        context = args.context or fit.default_context(art.kind, Path(art.path))
+        prints.append(fit.footprint(art.kind, Path(art.path), art.name, context))
+    card = fit.this_card(args.card_gib)
+    placement, lines = fit.report(prints, card)
+    if args.json:
+        print(json.dumps({"card": {"label": card.label, "total_mib": card.total_bytes / fit.MIB,
+                                   "usable_mib": card.free_bytes / fit.MIB},
+                          "overhead_mib": fit.CUDA_OVERHEAD / fit.MIB,
+                          "models": [f.row() for f in prints], "fits": placement.fits,
+                          "on_gpu": list(placement.on_gpu), "on_cpu": list(placement.on_cpu)},
+                         indent=2))
+    else:
+        for line in lines:
+            say(line)
+    return ExitCode.OK if placement.fits else ExitCode.FAILED
+
+
 def register(sub: Any) -> None:
     from appliance.stages.merge import request as merge_request
 
@@ -171,3 +197,13 @@ def register(sub: Any) -> None:
     add_list(xsub, "list exports with their parity verdicts", cmd_exports_list)
     add_show(xsub, cmd_exports_show, "export")
     add_rm(xsub, "export")
+    p = xsub.add_parser("fit", help="would these exports fit on the GPU (or a 16 GiB T4-class card)?",
+                        description="Estimate the GPU memory of serving the exports together "
+                                    "(weights, KV cache at the context, scratch, the CUDA context) "
+                                    "from their headers, and place them on the card.")
+    complete(p.add_argument("names", nargs="+", metavar="EXPORT"), names("export"))
+    p.add_argument("--context", type=int, help="tokens of context (default: what serve opens with)")
+    p.add_argument("--card-gib", type=float, help="plan for a card of this size (default: this box's "
+                   "GPU 0, its free memory; 16 with no GPU)")
+    json_flag(p, "the plan")
+    p.set_defaults(func=cmd_exports_fit)

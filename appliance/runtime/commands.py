@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from appliance.runtime import DEFAULT_PORT, limits
+from appliance.runtime import DEFAULT_PORT, add_device_arguments, limits
 
 
 def _workspace(args: argparse.Namespace) -> Any:
@@ -29,7 +29,8 @@ def _options(args: argparse.Namespace) -> Any:
                         header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
                         body_timeout=args.body_timeout, max_connections=args.max_connections,
                         max_connections_per_client=args.max_connections_per_client,
-                        protect_metrics=args.protect_metrics, log_level=args.log_level).validated()
+                        protect_metrics=args.protect_metrics, log_level=args.log_level,
+                        device=args.device).validated()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -134,6 +135,7 @@ def register(sub: Any) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"(default: {DEFAULT_PORT})")
     p.add_argument("--threads", type=int, help="CPU threads per model (default: half the cores, at most 8)")
     p.add_argument("--context", type=int, help="context length to open models with")
+    add_device_arguments(p)
     p.add_argument("--queue", type=int, default=16,
                    help="requests that may wait per model before 429 (default: 16)")
     p.add_argument("--max-tokens", type=int, default=2048,

@@ -31,6 +31,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from appliance.runtime import add_device_arguments, gpu_wanted
+
 HELP = """commands:
   /help               this list
   /reset              forget the conversation (the system prompt stays)
@@ -305,6 +307,7 @@ def register(sub: Any) -> None:
     p.add_argument("--system", help="system prompt")
     add_sampling_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: half the cores)")
+    add_device_arguments(p)
     p.add_argument("--allow-failed-parity", action="store_true",
                    help="open an export whose parity gate failed")
     p.set_defaults(func=cmd_chat)
@@ -328,7 +331,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                        allow_failed_parity=args.allow_failed_parity)
     if artifact.parity == "fail":
         _stderr(f"warning: {artifact.name} failed its parity gate (opened with --allow-failed-parity)")
-    engine = open_engine(artifact, threads=args.threads)
+    engine = open_engine(artifact, threads=args.threads, gpu=gpu_wanted(args.device))
     try:
         return ChatSession(engine, sampling, system=args.system, artifact=artifact.name).run()
     finally:

@@ -166,6 +166,20 @@ def _export_gguf(folder: Path, summary: dict[str, Any]) -> Path:
     return found[0]
 
 
+def has_gpu_runtime(kind: str) -> bool:
+    """Whether the runtime of an artifact kind here can compute on a GPU: a llama.cpp build with a
+    GPU backend, an onnxruntime with the CUDA execution provider."""
+    if kind == "gguf":
+        import llama_cpp
+
+        return bool(llama_cpp.llama_supports_gpu_offload())
+    if kind == "onnx":
+        import onnxruntime as ort
+
+        return "CUDAExecutionProvider" in ort.get_available_providers()
+    return False
+
+
 def open_engine(artifact: Artifact, *, threads: int | None = None, context_length: int | None = None,
                 gpu: bool | None = None) -> ChatEngine:
     """Load the artifact in its runtime. threads None: `default_threads()`; context_length None:

@@ -54,6 +54,7 @@ class Metrics:
         self.disconnects: dict[str, int] = defaultdict(int)
         self.connections = 0  # open now
         self.rejected: dict[str, int] = defaultdict(int)  # by reason: connections.ConnectionGuard
+        self.models: dict[str, tuple[str, str]] = {}  # model -> (format, device): set by the server
 
     def render(self) -> str:
         out: list[str] = []
@@ -67,6 +68,10 @@ class Metrics:
         self._counter(out, "appliance_connections_rejected_total",
                       "connections and requests refused or closed by the server's limits, by reason",
                       ("reason",), {(k,): v for k, v in self.rejected.items()})
+        out += ["# HELP appliance_model_info the models served, their format and where they compute",
+                "# TYPE appliance_model_info gauge"]
+        out += [f"appliance_model_info{_labels(('model', 'format', 'device'), (m, *fd))} 1"
+                for m, fd in sorted(self.models.items())]
         out += ["# HELP appliance_connections_open client connections open now",
                 "# TYPE appliance_connections_open gauge", f"appliance_connections_open {self.connections}"]
         self._gauge(out, "appliance_queue_depth", "requests waiting for a generation slot", self.queued)

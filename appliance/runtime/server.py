@@ -305,6 +305,8 @@ class Server:
         self.info = info or {}
         self.models: dict[str, Model] = {}
         self.metrics = Metrics()
+        self.metrics.models = {n: (str(getattr(e, "kind", "?")), "gpu" if getattr(e, "gpu", False) else "cpu")
+                               for n, e in self.engines.items()}
         self.created = int(time.time())
         self.guard: ConnectionGuard | None = None  # made by start()
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from appliance import jobs
 from appliance.errors import ApplianceError, BusyError, RefusedError, ValidationError
-from appliance.runtime import DEFAULT_PORT, limits
+from appliance.runtime import DEFAULT_PORT, DEVICES, gpu_wanted, limits
 from appliance.workspace import Workspace
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -62,6 +62,7 @@ class ServeOptions:
     max_connections_per_client: int = limits.DEFAULT_MAX_CONNECTIONS_PER_CLIENT
     protect_metrics: bool = False
     log_level: str = "info"
+    device: str = "auto"  # runtime.DEVICES
 
     def validated(self) -> ServeOptions:
         if not self.artifacts:
@@ -77,6 +78,9 @@ class ServeOptions:
                 raise ValidationError(f"{name.replace('_', ' ')} is {getattr(self, name)} s; it must "
                                       "be more than 0 and at most 3600",
                                       hint=f"--{name.replace('_', '-')} on the command line")
+        if self.device not in DEVICES:
+            raise ValidationError(f"device {self.device!r} is not one of {', '.join(DEVICES)}",
+                                  hint="--gpu or --cpu (neither: the GPU when the models fit)")
         if self.log_level not in limits.LOG_LEVELS:
             raise ValidationError(f"log level {self.log_level!r} is not one of "
                                   f"{', '.join(limits.LOG_LEVELS)}", hint="--log-level")
@@ -131,15 +135,50 @@ def load(ws: Workspace, options: ServeOptions, say: Callable[[str], None],
     names = [a.name for a in artifacts]
     if len(set(names)) != len(names):
         raise ValidationError(f"the same artifact is named twice: {', '.join(names)}")
+    places = placement(artifacts, options, say)
     opened, info = {}, {}
     for art in artifacts:
         check_cancel()
         say(f"loading {art.name} ({art.kind}, parity {art.parity}) ...")
-        opened[art.name] = engines.open_engine(art, threads=options.threads,
-                                               context_length=options.context)
+        engine = opened[art.name] = engines.open_engine(art, threads=options.threads,
+                                                        context_length=options.context,
+                                                        gpu=places[art.name])
         info[art.name] = {"format": art.kind, "parity": art.parity,
-                          "context_length": opened[art.name].context_length}
+                          "context_length": engine.context_length,
+                          "device": "gpu" if getattr(engine, "gpu", False) else "cpu"}
     return server.Server(opened, keys.KeyChecker(ws), server_config(options), info)
+
+
+def placement(artifacts: list[Any], options: ServeOptions,
+              say: Callable[[str], None]) -> dict[str, bool | None]:
+    """Each artifact's `gpu` argument: --cpu: none on the GPU; else, where the runtime has a GPU,
+    the models in the order named while they fit its free memory (`runtime.fit`); the rest on the
+    CPU (auto, said in the log) or a refusal before anything loads (--gpu)."""
+    from appliance.runtime import engines, fit
+
+    wanted = gpu_wanted(options.device)
+    if wanted is False:
+        return {a.name: False for a in artifacts}
+    capable = [a for a in artifacts if engines.has_gpu_runtime(a.kind)]
+    out: dict[str, bool | None] = {a.name: wanted for a in artifacts}  # the engine says why not
+    if not capable:
+        return out
+    prints = [fit.footprint(a.kind, Path(a.path), a.name,
+                            options.context or fit.default_context(a.kind, Path(a.path)))
+              for a in capable]
+    placed, lines = fit.report(prints, fit.this_card(None))
+    if placed.fits:
+        return out
+    if wanted:
+        raise ValidationError("the models do not fit the GPU's free memory:\n  " + "\n  ".join(lines),
+                              title="Does not fit the GPU",
+                              hint="serve fewer models, a shorter --context, a smaller quantization, "
+                                   "or --cpu")
+    for name in placed.on_cpu:
+        out[name] = False
+        say(f"{name} goes on the CPU: it does not fit the GPU's free memory "
+            f"({'; '.join(lines[-1:])})")
+    return out
 
 
 def address_in_use(host: str, port: int) -> BusyError:
@@ -338,6 +377,7 @@ class ModelStats:
     latency_count: int = 0
     ttft_sum: float = 0.0
     ttft_count: int = 0
+    device: str = ""  # "gpu" or "cpu" (appliance_model_info); "" from a server that does not say
 
     @property
     def mean_latency(self) -> float | None:
@@ -422,6 +462,8 @@ def summarize(samples: list[Sample]) -> MetricsSnapshot:
             snap.rejected += n
         elif name == "appliance_connections_open":
             snap.connections = n
+        elif name == "appliance_model_info" and model:
+            stats[model].device = labels.get("device", "")
         elif name == "appliance_tokens_total":
             kind = "prompt_tokens" if labels.get("kind") == "prompt" else "completion_tokens"
             setattr(stats[model], kind, getattr(stats[model], kind) + n)

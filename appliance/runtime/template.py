@@ -218,6 +218,13 @@ class GGUFLongString:
     length: int
 
 
+@dataclass(frozen=True)
+class GGUFArray:
+    """A wanted array value (the vocabulary): its length, its items unread."""
+
+    count: int
+
+
 class _BadGGUF(Exception):
     """The header cannot be read; the message says why (the file's path is added)."""
 
@@ -342,13 +349,16 @@ def _read_gguf_metadata(reader: _GGUFReader, want: Callable[[str], bool],
             if want(key):
                 found[key] = value
         elif kind == _GGUF_ARRAY:
-            _skip_gguf_array(reader, key)
+            count = _skip_gguf_array(reader, key)
+            if want(key):
+                found[key] = GGUFArray(count)
         else:
             raise _BadGGUF(f"not a readable GGUF file: {key} has unknown value type {kind}")
     return found
 
 
-def _skip_gguf_array(reader: _GGUFReader, key: str) -> None:
+def _skip_gguf_array(reader: _GGUFReader, key: str) -> int:
+    """Skip an array value; its length."""
     item, count = reader.unpack("<I"), reader.unpack("<Q")
     if item == _GGUF_STRING:
         reader.skip_strings(count)
@@ -359,13 +369,15 @@ def _skip_gguf_array(reader: _GGUFReader, key: str) -> None:
         reader.skip(count * size)
     else:  # nested arrays: llama.cpp refuses them too
         raise _BadGGUF(f"not a readable GGUF file: {key} is an array of value type {item}")
+    return int(count)
 
 
 def gguf_metadata(path: Path, want: Callable[[str], bool], *,
                   max_string: int = 1 << 20) -> dict[str, Any]:
     """The string and number values of the GGUF metadata keys that `want` accepts, from the file's
-    header alone: arrays (the vocabulary) are skipped, and the tensor infos after the metadata are
-    never read. A wanted string longer than `max_string` bytes comes back as GGUFLongString.
+    header alone: arrays (the vocabulary) are skipped (a wanted one comes back as GGUFArray, its
+    length), and the tensor infos after the metadata are never read. A wanted string longer than
+    `max_string` bytes comes back as GGUFLongString.
     A file that is not a readable GGUF is a ValidationError naming it."""
     try:
         with open(path, "rb") as fh:

@@ -93,7 +93,7 @@ async def test_keys_start_request_stop(ws: Workspace) -> None:
         await wait_for(pilot, lambda: _rows(screen, "metrics") and
                        _rows(screen, "metrics")[0][1] == "1")
         name, _, errors, run_wait, tokens = _rows(screen, "metrics")[0][:5]
-        assert (name, errors, run_wait) == ("smol-a", "0", "0/0") and tokens.split("/")[1] != "0"
+        assert (name, errors, run_wait) == ("smol-a (cpu)", "0", "0/0") and tokens.split("/")[1] != "0"
 
         screen.query_one("#servers", KeyedTable).focus()
         await pilot.press("t")

@@ -216,7 +216,13 @@ class ChatScreen(ApplianceScreen):
                 for key, name in targets:
                     if self.cancel.is_set():
                         break
-                    self._answer(self.panes[key], self._engine(name, allow), system, sampling)
+                    pane = self.panes[key]
+                    opened = name in self.engines
+                    engine = self._engine(name, allow)
+                    if not opened:
+                        where = "the GPU" if getattr(engine, "gpu", False) else "the CPU"
+                        app.call_from_thread(pane.add, f"{name} opened on {where}", "note")
+                    self._answer(pane, engine, system, sampling)
             finally:
                 app.call_from_thread(self._idle)
 

@@ -115,7 +115,8 @@ def metric_rows(read: ServerRead) -> list[tuple[str, tuple[object, ...]]]:
     for s in read.servers:
         for name, m in sorted((s.metrics.models if s.metrics else {}).items()):
             rows.append((f"{s.url} {name}", (
-                middle(name, MODEL_WIDTH), m.requests, m.errors, f"{m.running}/{m.queued}",
+                middle(name + (f" ({m.device})" if m.device else ""), MODEL_WIDTH), m.requests,
+                m.errors, f"{m.running}/{m.queued}",
                 f"{m.prompt_tokens}/{m.completion_tokens}", generation_speed(m),
                 _seconds(m.mean_latency), _seconds(m.mean_ttft))))
     return rows
