@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import platform
 import re
@@ -101,7 +102,34 @@ def runtime_info() -> dict[str, Any]:
         info["llama_cpp_gpu_offload"] = bool(llama_cpp.llama_supports_gpu_offload())
     except ImportError:
         info["llama_cpp_gpu_offload"] = None
+    info["setup"] = setup_accelerator()
     return info
+
+
+def setup_accelerator() -> dict[str, Any] | None:
+    """What set-up chose (scripts/setup.sh writes accelerator.json: cpu or cuda, and why)."""
+    try:
+        data = json.loads((stack.share_dir() / "accelerator.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _runtime_problems(rt: dict[str, Any]) -> list[dict[str, str]]:
+    """A CUDA set-up whose runtimes cannot reach the GPU (a driver gone, a CPU wheel over it)."""
+    chose = (rt.get("setup") or {}).get("accelerator")
+    if chose != "cuda":
+        return []
+    out = []
+    if rt.get("llama_cpp_gpu_offload") is False:
+        out.append({"what": "llama.cpp GPU offload", "problem": "set-up built for CUDA, but this "
+                    "llama.cpp cannot offload (no GPU visible, or a CPU build installed over it)",
+                    "fix": "check nvidia-smi; run the set-up again (APPLIANCE_ACCEL=cuda)"})
+    if rt.get("onnxruntime_providers") is not None and \
+            "CUDAExecutionProvider" not in rt["onnxruntime_providers"]:
+        out.append({"what": "onnxruntime CUDA", "problem": "set-up chose CUDA, but onnxruntime has "
+                    "no CUDA execution provider", "fix": "run the set-up again (APPLIANCE_ACCEL=cuda)"})
+    return out
 
 
 def disk_info(ws: Workspace) -> dict[str, Any]:
@@ -233,6 +261,8 @@ def collect(ws: Workspace) -> dict[str, Any]:
                                 missing)
     # the converter makes GGUF exports of trained runs: the edge profile serves, it does not export
     converter = _check_file("GGUF converter", stack.converter_dir, [] if edge else missing)
+    runtimes = runtime_info()
+    missing += _runtime_problems(runtimes)
     disk = disk_info(ws)
     if disk["free_gib"] < 5:
         missing.append({"what": "disk space", "problem": f"only {disk['free_gib']} GiB free",
@@ -243,7 +273,7 @@ def collect(ws: Workspace) -> dict[str, Any]:
         "versions": versions,
         "cpu": cpu_info(),
         "gpus": [] if edge else gpu_info(),  # torch's probe: the edge profile has no torch
-        "runtimes": runtime_info(),
+        "runtimes": runtimes,
         "disk": disk,
         "offline": offline.status(),
         "default_model": default_model,
@@ -308,6 +338,9 @@ def print_report(report: dict[str, Any], say: Callable[[str], None]) -> None:
     rt = report["runtimes"]
     say(f"runtimes    onnxruntime {rt['onnxruntime_providers']}, llama.cpp GPU offload "
         f"{rt['llama_cpp_gpu_offload']}")
+    chose = rt.get("setup")
+    say("set-up      " + (f"{chose.get('accelerator')} ({chose.get('why')})" if chose else
+                          "no record (made before set-up recorded its accelerator, or from a kit)"))
     d = report["disk"]
     say(f"workspace   {d['workspace']} ({'exists' if d['exists'] else 'not created yet'}), "
         f"{d['free_gib']} GiB free of {d['total_gib']}")

@@ -137,11 +137,22 @@ def llama_bench(build: Path, gguf: Path, tokens: int) -> float:
     return float(next(r["avg_ts"] for r in rows if r.get("n_gen") == tokens))
 
 
-def ours(gguf: Path, tokens: int) -> tuple[float, float]:
+def process_gpu_mib() -> float:
+    """This process's GPU memory as nvidia-smi reports it (the CUDA context included)."""
+    done = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                           "--format=csv,noheader,nounits"], capture_output=True, text=True, check=True)
+    rows = [line.split(",") for line in done.stdout.splitlines() if line.strip()]
+    return sum(float(mib) for pid, mib in rows if int(pid) == os.getpid())
+
+
+CONTEXT = 2048
+
+
+def ours(gguf: Path, tokens: int) -> tuple[float, float, float]:
     from appliance.runtime.engine import Artifact, Sampling
     from appliance.runtime.llama_engine import LlamaEngine
 
-    engine = LlamaEngine(Artifact(gguf.stem, "gguf", gguf, "unknown"), context_length=2048, gpu=True)
+    engine = LlamaEngine(Artifact(gguf.stem, "gguf", gguf, "unknown"), context_length=CONTEXT, gpu=True)
     bias = {int(t): -100.0 for t in engine.stop_ids}
     rates, firsts = [], []
     try:
@@ -155,12 +166,13 @@ def ours(gguf: Path, tokens: int) -> tuple[float, float]:
             if len(stamps) >= 2:
                 rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
                 firsts.append(stamps[0] - start)
+        used = process_gpu_mib()
     finally:
         engine.close()
-    return statistics.median(rates[1:]), statistics.median(firsts[1:])
+    return statistics.median(rates[1:]), statistics.median(firsts[1:]), used
 
 
-def ours_in_child(gguf: Path, tokens: int) -> tuple[float, float]:
+def ours_in_child(gguf: Path, tokens: int) -> tuple[float, float, float]:
     """`ours` in a process where torch never touched CUDA (two CUDA runtimes in one process crash)."""
     code = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); from bench.gguf_gpu import ours; "
             f"print('RESULT', json.dumps(ours(__import__('pathlib').Path({str(gguf)!r}), {tokens})))")
@@ -169,8 +181,8 @@ def ours_in_child(gguf: Path, tokens: int) -> tuple[float, float]:
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"the engine run failed ({done.returncode}): {done.stderr[-1500:]}")
-    rate, ttft = json.loads(line[7:])
-    return float(rate), float(ttft)
+    rate, ttft, used = json.loads(line[7:])
+    return float(rate), float(ttft), float(used)
 
 
 def tensor_bytes(gguf: Path) -> int:
@@ -204,13 +216,17 @@ def main() -> None:
                                       args.types.split(",")).items():
             size = tensor_bytes(gguf)
             ref = llama_bench(args.build, gguf, args.tokens)
-            rate, ttft = ours_in_child(gguf, args.tokens)
+            rate, ttft, used = ours_in_child(gguf, args.tokens)
+            from appliance.runtime import fit
+
+            est = fit.footprint("gguf", gguf, gguf.stem, CONTEXT).total + fit.CUDA_OVERHEAD
             row = {"shape": shape, "type": qtype, "gib": round(size / 2**30, 3),
                    "llama_bench_tps": round(ref, 1), "ours_tps": round(rate, 1),
                    "ours_vs_llama_bench": round(rate / ref, 3), "ttft_ms": round(ttft * 1000, 1),
                    "limit_tps": round(gbs * 1e9 / size, 1),
                    "ours_pct_of_limit": round(100 * rate * size / (gbs * 1e9), 1),
-                   "llama_bench_pct_of_limit": round(100 * ref * size / (gbs * 1e9), 1)}
+                   "llama_bench_pct_of_limit": round(100 * ref * size / (gbs * 1e9), 1),
+                   "gpu_mib_used": round(used), "fit_estimate_mib": round(est / 2**20)}
             rows.append(row)
             print(json.dumps(row), flush=True)
             if qtype != "F16":
@@ -218,9 +234,12 @@ def main() -> None:
         for left in args.work.glob(f"{shape}-*.gguf"):
             left.unlink()
     table = ["| shape | type | GiB | llama-bench tok/s | ours tok/s | ours/llama-bench | TTFT ms | "
-             "% of limit (ours) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "% of limit (ours) | % of limit (llama-bench) | GPU MiB used | estimate MiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     table += [f"| {r['shape']} | {r['type']} | {r['gib']} | {r['llama_bench_tps']} | {r['ours_tps']} | "
-              f"{r['ours_vs_llama_bench']} | {r['ttft_ms']} | {r['ours_pct_of_limit']} |" for r in rows]
+              f"{r['ours_vs_llama_bench']} | {r['ttft_ms']} | {r['ours_pct_of_limit']} | "
+              f"{r['llama_bench_pct_of_limit']} | {r['gpu_mib_used']} | {r['fit_estimate_mib']} |"
+              for r in rows]
     print("\n".join(table))
     if args.out:
         args.out.write_text(json.dumps({**info, "rows": rows}, indent=2))

@@ -15,9 +15,17 @@
 # (or `make setup KIT=DIR`): every file of the kit is checked against its kit.json first (a kit
 # for another Python or platform, a missing, changed or extra file is refused and nothing is
 # installed), then everything installs from the kit with no index, no network and no compiler.
+#
+# On a CUDA box (nvidia-smi lists a GPU and nvcc is there) llama-cpp-python is built with its CUDA
+# backend for the T4 (sm75) and newer (APPLIANCE_CUDA_ARCHS, default 75;80;86;89;90) and
+# onnxruntime-gpu (CUDA 13, with the nvidia-* runtime wheels) replaces onnxruntime. The choice and
+# why are written to $VENV/share/appliance/accelerator.json (`appliance doctor` shows it).
+#   APPLIANCE_ACCEL=cpu   the CPU build even where a GPU is        (=cuda: require CUDA)
+#   scripts/setup.sh --detect   print the choice and why, install nothing
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--kit" ]; then KIT=${2:?"--kit needs a folder"}; fi
+DETECT_ONLY=$([ "${1:-}" = "--detect" ] && echo 1 || true)
 KIT=${KIT:-}
 
 VENV=${VENV:-.venv}
@@ -31,9 +39,37 @@ SMOL_GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 SMOL_GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 
 say() { printf '[setup] %s\n' "$*"; }
+
+# The accelerator: sets ACCEL (cpu|cuda) and ACCEL_WHY.
+detect_accel() {
+  local asked=${APPLIANCE_ACCEL:-auto} gpus nvcc
+  gpus=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU ' || true)
+  local home=${CUDA_HOME:-/usr/local/cuda}
+  nvcc=$(command -v nvcc || { [ -x "$home/bin/nvcc" ] && echo "$home/bin/nvcc"; } || true)
+  case "$asked" in
+    cpu) ACCEL=cpu; ACCEL_WHY="APPLIANCE_ACCEL=cpu" ;;
+    cuda|auto)
+      if [ "$gpus" -gt 0 ] && [ -n "$nvcc" ]; then
+        ACCEL=cuda; ACCEL_WHY="nvidia-smi lists $gpus GPU(s); nvcc at $nvcc"
+      elif [ "$asked" = cuda ]; then
+        say "APPLIANCE_ACCEL=cuda, but $([ "$gpus" -gt 0 ] && echo "no nvcc (the CUDA toolkit) to build llama.cpp with" || echo "nvidia-smi lists no GPU")"
+        exit 2
+      elif [ "$gpus" -gt 0 ]; then
+        ACCEL=cpu; ACCEL_WHY="a GPU is here but no nvcc to build llama.cpp for it: install the CUDA toolkit (or set up from a cuda kit) for the GPU runtime"
+      else
+        ACCEL=cpu; ACCEL_WHY="no NVIDIA GPU (nvidia-smi lists none)"
+      fi ;;
+    *) say "APPLIANCE_ACCEL=$asked: use cpu, cuda or auto"; exit 2 ;;
+  esac
+}
 check_sha() { echo "$2  $1" | sha256sum --check --status; }
 
-stamp_inputs() { cat requirements/*.txt scripts/setup.sh pyproject.toml | sha256sum | cut -c1-16; }
+detect_accel
+if [ -n "$DETECT_ONLY" ]; then echo "$ACCEL: $ACCEL_WHY"; exit 0; fi
+CUDA_ARCHS=${APPLIANCE_CUDA_ARCHS:-75;80;86;89;90}
+ORT_VERSION=$(sed -n 's/^onnxruntime==//p' requirements/constraints.txt)
+
+stamp_inputs() { { cat requirements/*.txt scripts/setup.sh pyproject.toml; echo "$ACCEL $CUDA_ARCHS"; } | sha256sum | cut -c1-16; }
 STAMP="$VENV/.appliance-setup-$(stamp_inputs)"
 SHARE="$VENV/share/appliance"
 
@@ -82,16 +118,42 @@ if ! check_sha "$SDIST" "$LLAMA_SDIST_SHA" 2>/dev/null; then
   "$VPY" -m pip download -q --no-deps --no-binary :all: -d "$CACHE/sdist" "llama-cpp-python==$LLAMA_VERSION"
   check_sha "$SDIST" "$LLAMA_SDIST_SHA" || { say "sdist sha256 mismatch: $SDIST"; exit 1; }
 fi
-WHEEL=$(ls "$CACHE"/wheels/llama_cpp_python-"$LLAMA_VERSION"-*.whl 2>/dev/null | head -n1 || true)
-if [ -z "$WHEEL" ]; then
-  say "building llama-cpp-python $LLAMA_VERSION from source (portable, ~10 min on 2 cores)"
-  CMAKE_ARGS="-DGGML_NATIVE=OFF ${CMAKE_ARGS:-}" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-    "$VPY" -m pip wheel -q --no-deps "$SDIST" -w "$CACHE/wheels"
-  WHEEL=$(ls "$CACHE"/wheels/llama_cpp_python-"$LLAMA_VERSION"-*.whl | head -n1)
+# The CUDA build is cached apart (same file name), per architecture list.
+if [ "$ACCEL" = cuda ]; then
+  WHEELS="$CACHE/wheels-cuda-$(echo "$CUDA_ARCHS" | tr ';' '-')"
+  LLAMA_ARGS="-DGGML_NATIVE=OFF -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCHS"
+  OFFLOAD=True
+else
+  WHEELS="$CACHE/wheels"
+  LLAMA_ARGS="-DGGML_NATIVE=OFF"
+  OFFLOAD=False
 fi
-if ! "$VPY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA_VERSION')" 2>/dev/null; then
-  say "installing $(basename "$WHEEL")"
+mkdir -p "$WHEELS"
+WHEEL=$(ls "$WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl 2>/dev/null | head -n1 || true)
+if [ -z "$WHEEL" ]; then
+  say "building llama-cpp-python $LLAMA_VERSION from source ($ACCEL: $LLAMA_ARGS; ~10 min on 2 cores for the CPU)"
+  CMAKE_ARGS="$LLAMA_ARGS ${CMAKE_ARGS:-}" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    "$VPY" -m pip wheel -q --no-deps "$SDIST" -w "$WHEELS"
+  WHEEL=$(ls "$WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl | head -n1)
+fi
+if ! "$VPY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA_VERSION'
+                or bool(llama_cpp.llama_supports_gpu_offload()) != $OFFLOAD)" 2>/dev/null; then
+  say "installing $(basename "$WHEEL") ($ACCEL)"
+  "$VPY" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps "$WHEEL"
   "$VPY" -m pip install -q --disable-pip-version-check "$WHEEL" -c requirements/constraints.txt
+fi
+
+# onnxruntime-gpu and onnxruntime install the same module: one of them, never both.
+if [ "$ACCEL" = cuda ]; then
+  if ! "$VPY" -m pip show -q onnxruntime-gpu 2>/dev/null || "$VPY" -m pip show -q onnxruntime 2>/dev/null; then
+    say "installing onnxruntime-gpu $ORT_VERSION (CUDA 13) in place of onnxruntime"
+    "$VPY" -m pip uninstall -q -y onnxruntime onnxruntime-gpu >/dev/null 2>&1 || true
+    "$VPY" -m pip install -q --disable-pip-version-check "onnxruntime-gpu[cuda,cudnn]==$ORT_VERSION"
+  fi
+elif "$VPY" -m pip show -q onnxruntime-gpu 2>/dev/null; then
+  say "replacing onnxruntime-gpu with onnxruntime $ORT_VERSION (CPU)"
+  "$VPY" -m pip uninstall -q -y onnxruntime onnxruntime-gpu >/dev/null 2>&1 || true
+  "$VPY" -m pip install -q --disable-pip-version-check "onnxruntime==$ORT_VERSION"
 fi
 
 # The GGUF converter and gguf-py, from the same sdist the runtime was built from.
@@ -131,8 +193,12 @@ EOF
   check_sha "$SHARE/models/$SMOL_GGUF" "$SMOL_GGUF_SHA" || { say "default model sha256 mismatch"; exit 1; }
 fi
 
+printf '{"accelerator": "%s", "why": "%s", "cuda_architectures": "%s", "llama_cpp_wheel": "%s"}\n' \
+  "$ACCEL" "$ACCEL_WHY" "$([ "$ACCEL" = cuda ] && echo "$CUDA_ARCHS")" "$(basename "$WHEEL")" \
+  > "$SHARE/accelerator.json"
+
 say "installing the appliance (editable)"
 "$VPY" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 rm -f "$VENV"/.appliance-setup-*
 touch "$STAMP"
-say "ready: $VENV/bin/appliance ($("$VENV/bin/appliance" --version))"
+say "ready: $VENV/bin/appliance ($("$VENV/bin/appliance" --version), $ACCEL: $ACCEL_WHY)"
