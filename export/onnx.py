@@ -356,21 +356,34 @@ NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
 
 @dataclass
 class KVCache:
-    """The past keys/values fed to the next step, by graph input name, and how many positions."""
+    """The past keys/values fed to the next step, by graph input name, and how many positions.
+    A tensor is a numpy array, or an onnxruntime OrtValue on the device (IO binding)."""
 
-    tensors: dict[str, np.ndarray]
+    tensors: dict[str, Any]
     length: int
+
+    def cut(self, keep: int) -> KVCache:
+        """The first `keep` positions (a device tensor is copied to the host first: rare, when a
+        conversation is edited; the next step puts it back on the device)."""
+        def host(v: Any) -> np.ndarray:
+            return v if isinstance(v, np.ndarray) else v.numpy()
+
+        return KVCache({k: host(v)[:, :, :keep] for k, v in self.tensors.items()}, keep)
 
 
 class OnnxLM:
     """One exported decoder (batch 1) on onnxruntime: no torch, transformers or optimum needed."""
 
     def __init__(self, folder: Path, threads: int | None = None,
-                 providers: list[str] | None = None) -> None:
+                 providers: list[str] | None = None, bind: bool | None = None) -> None:
+        """bind: keep the cache on the execution provider's device between steps (IO binding);
+        None: on CUDA only (on the CPU the plain feed has no copy to save)."""
         import onnxruntime as ort
 
         self.folder = Path(folder)
         self.providers = _check_providers(providers or ["CPUExecutionProvider"])
+        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        self.bind = self.device == "cuda" if bind is None else bind
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:
@@ -424,10 +437,32 @@ class OnnxLM:
             feeds["attention_mask"] = np.ones((1, total), dtype=np.int64)
         if "position_ids" in self.input_names:
             feeds["position_ids"] = np.arange(cache.length, total, dtype=np.int64)[None, :]
-        feeds.update(cache.tensors)
-        logits, *presents = self.session.run(self.output_names, feeds)
-        past = {self._past_for[n]: t for n, t in zip(self.output_names[1:], presents)}
+        if self.bind:
+            logits, presents = self._run_bound(feeds, cache)
+        else:
+            feeds.update(cache.tensors)
+            logits, *presents = self.session.run(self.output_names, feeds)
+        past = {self._past_for[n]: t for n, t in zip(self.output_names[1:], presents, strict=True)}
         return logits[0].astype(np.float32, copy=False), KVCache(past, total)
+
+    def _run_bound(self, feeds: dict[str, np.ndarray], cache: KVCache) -> tuple[np.ndarray, list[Any]]:
+        """One step through IO binding: the ids and the mask from the host, the past from where the
+        last step left it (the device), the presents kept on the device, only the logits copied
+        back to the host."""
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name, value in cache.tensors.items():
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self.output_names[1:]:
+            binding.bind_output(name, self.device, 0)
+        self.session.run_with_iobinding(binding)
+        logits, *presents = binding.get_outputs()
+        return logits.numpy(), presents
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """Score a whole sequence in one pass: float32 [len(ids), vocab]."""

@@ -114,7 +114,6 @@ class OnnxEngine(EngineBase):
     # -- generation ----------------------------------------------------------------------------
     def _resume(self, ids: list[int]) -> Any:
         """The cache cut back to the longest prefix of `ids` it holds (leaving at least one id to run)."""
-        from export.onnx import KVCache
 
         n = min(len(self._cached), self._cache.length, len(ids) - 1)
         keep = next((i for i in range(n) if self._cached[i] != ids[i]), max(n, 0))
@@ -122,7 +121,7 @@ class OnnxEngine(EngineBase):
             return self._cache
         if keep == 0:
             return self.lm.empty_cache()
-        return KVCache({k: v[:, :, :keep] for k, v in self._cache.tensors.items()}, keep)
+        return self._cache.cut(keep)
 
     def _tokens(self, ids: list[int], sampling: Sampling,
                 cancel: threading.Event | None) -> Generator[int, None, None]:

@@ -184,6 +184,22 @@ def test_runner_basics(tiny: dict) -> None:
         lm.logits([])
 
 
+@pytest.mark.parametrize("name", ["llama-fp32", "llama-fp16", "llama-int4-direct", "qwen2-int8"])
+def test_io_binding_gives_the_plain_feed_s_logits(name: str, tiny: dict) -> None:
+    """The IO-binding step (the cache left where the provider computes: CUDA's memory on a GPU)
+    run on the CPU provider: the same logits and greedy tokens as the plain feed, and a cache cut
+    back (an edited conversation) goes on from the right place."""
+    plain, bound = OnnxLM(tiny[name][0]), OnnxLM(tiny[name][0], bind=True)
+    assert not plain.bind and bound.bind and bound.device == "cpu"
+    assert plain.generate(IDS, 12, []) == bound.generate(IDS, 12, [])
+    logits, cache = bound.prefill(IDS, chunk=3)
+    np.testing.assert_array_equal(logits, plain.prefill(IDS, chunk=3)[0])
+    assert not any(isinstance(v, np.ndarray) for v in cache.tensors.values())  # OrtValues
+    cut = cache.cut(4)
+    assert cut.length == 4 and all(v.shape[2] == 4 for v in cut.tensors.values())
+    np.testing.assert_array_equal(bound.forward(IDS[4:], cut)[0], plain.logits(IDS)[4:])
+
+
 def test_a_missing_execution_provider_is_reported(tiny: dict) -> None:
     import onnxruntime as ort
 
