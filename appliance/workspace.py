@@ -107,6 +107,15 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
+def name_problem(name: str, what: str = "name") -> str | None:
+    """What `check_name` would refuse `name` for, as one line (a request's field message), or None."""
+    try:
+        check_name(name, what)
+    except ValidationError as exc:
+        return f"{exc.message} ({exc.hint})" if exc.hint else exc.message
+    return None
+
+
 def slugify(text: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._")[:80]
     return slug.lower() or "artifact"

@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from appliance.errors import ValidationError
-from appliance.workspace import check_name
+from appliance.workspace import name_problem
 
 TARGET_KINDS = ("model", "run", "export")  # a target may be written KIND:NAME to pick one
 MAX_TARGETS = 8
@@ -18,14 +17,6 @@ MAX_LIMIT = 10_000
 DEFAULT_MAX_NEW_TOKENS = 128
 MAX_NEW_TOKENS = 4096
 DEFAULT_SEED = 0
-
-
-def _name_problem(name: str, what: str) -> str | None:
-    try:
-        check_name(name, what)
-    except ValidationError as exc:
-        return f"{exc.message} ({exc.hint})" if exc.hint else exc.message
-    return None
 
 
 def split_target(target: str) -> tuple[str | None, str]:
@@ -68,10 +59,10 @@ class EvalRequest:
         elif len(set(self.targets)) != len(self.targets):
             found["targets"] = "a target is named twice"
         for target in self.targets:
-            if why := _name_problem(split_target(target)[1], "target name"):
+            if why := name_problem(split_target(target)[1], "target name"):
                 found["targets"] = why
         if self.data and not Path(self.data).is_absolute() and (
-                why := _name_problem(self.data, "dataset name")):
+                why := name_problem(self.data, "dataset name")):
             found["data"] = why
         elif self.data and Path(self.data).is_absolute() and not Path(self.data).is_file():
             found["data"] = f"{self.data} is not a file"
@@ -80,7 +71,7 @@ class EvalRequest:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 found[key] = f"must be an integer from {low} to {high}, got {value!r}"
-        if self.name and (why := _name_problem(self.name, "eval name")):
+        if self.name and (why := name_problem(self.name, "eval name")):
             found["name"] = why
         return found
 
