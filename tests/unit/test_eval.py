@@ -154,3 +154,19 @@ def test_flips_deltas_table_and_report() -> None:
     assert "no item moved past a threshold" in results.table({**doc, "targets": [rows[0], {
         **rows[0], "name": "same", "flips": results.flips(*[[i["scores"] for i in rows[0]["items"]]] * 2),
         "deltas": doc["targets"][0]["deltas"]}]})
+
+
+def test_the_cli_parses_targets_and_an_edge_install_refuses_in_one_line(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance import api
+    from appliance.cli import build_parser
+    from appliance.cli.eval import cmd_eval
+    from appliance.errors import RefusedError
+
+    args = build_parser().parse_args(["eval", "base", "run:demo", "--limit", "4", "--max-new-tokens", "8"])
+    assert (args.func, args.targets, args.limit, args.max_new_tokens) == (
+        cmd_eval, ["base", "run:demo"], 4, 8)
+    assert build_parser().parse_args(["evals", "list"]).func.__name__ == "cmd_evals_list"
+    monkeypatch.setenv("APPLIANCE_PROFILE", "edge")
+    with pytest.raises(RefusedError, match="evaluation needs the full profile"):
+        api.check("eval", EvalRequest(("base",)).to_params())
