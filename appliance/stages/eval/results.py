@@ -109,8 +109,8 @@ def table(report: dict[str, Any]) -> str:
              f"{report['settings']['max_new_tokens']} new tokens); ROUGE, exact and contains in %, "
              f"BLEU ({report['settings']['bleu_tokenize']}) and chrF 0-100; (delta to "
              f"{rows[0]['name']})",
-             "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+             "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     lines += [line for r in rows[1:] for line in flip_lines(rows[0]["name"], r)]
     return "\n".join(lines)
 
