@@ -6,7 +6,9 @@ detached job (its progress followed here; Ctrl-C leaves it running), and eval pe
 after; then the adapter merged into the base, exported to GGUF (Q8_0, Q4_K_M) and ONNX (int4), each
 export scored by the parity gate against the merged model, and the parity table; last, a short
 scripted chat with the fine-tuned Q8_0 model through the runtime's engine (the same one `appliance
-chat` and `appliance serve` use), and the commands to serve it. Re-running it reuses
+chat` and `appliance serve` use); then a before/after evaluation (the base model, the run as
+trained and its Q8_0 GGUF answering a few held-out items, scored against the references), and the
+commands to serve it. Re-running it reuses
 what is already in the workspace after checking it against its manifest, and picks up a training
 job that an earlier demo left running or interrupted.
 """
@@ -30,8 +32,10 @@ from appliance.workspace import ArtifactRecord, Workspace
 DATASET_NAME = "dolly-sample"
 RUN_NAME = "demo-qlora"
 RECIPE = DEFAULT_RECIPE
-STAGES = 6
+STAGES = 7
 CHAT_MODEL = f"{RUN_NAME}-gguf-q8_0"
+EVAL_NAME = "demo-eval"
+EVAL_ITEMS, EVAL_MAX_NEW_TOKENS = 4, 48  # a glimpse, kept short: `appliance eval` does all 16
 CHAT = ("Give me three tips for writing a clear email.", "Write a subject line for a meeting request.")
 EXPORTS = tuple((fmt, list(DEFAULT_TYPES[fmt])) for fmt in ("gguf", "onnx"))  # the defaults
 
@@ -123,7 +127,8 @@ def _follow_job(ws: Workspace, kind: str, params: dict, say: Callable[[str], Non
     finished = jobs.get(ws, job.id)
     if finished.state != "succeeded":
         raise JobFailedError(f"the demo's {kind} job ended {finished.state}: {finished.message}",
-                             title="Export did not finish", hint=f"see `appliance jobs logs {job.id}`")
+                             title=f"{kind.capitalize()} did not finish",
+                             hint=f"see `appliance jobs logs {job.id}`")
 
 
 def _exports(ws: Workspace, say: Callable[[str], None]) -> list[ArtifactRecord]:
@@ -175,6 +180,25 @@ def _chat(ws: Workspace, say: Callable[[str], None]) -> None:
         engine.close()
 
 
+def _eval(ws: Workspace, model: ArtifactRecord, say: Callable[[str], None]) -> None:
+    """Before/after on a few held-out items: the base, the run as trained, its Q8_0 GGUF (the job
+    logs the table; an earlier demo's eval is shown again)."""
+    from appliance.stages.eval import results
+    from appliance.stages.eval.request import EvalRequest
+
+    record = _existing(ws, "eval", EVAL_NAME, 7, "evaluated", say)
+    if record is None:
+        say(f"[7/{STAGES}] before/after: {model.name}, {RUN_NAME} and {CHAT_MODEL} answer "
+            f"{EVAL_ITEMS} held-out items (greedy, at most {EVAL_MAX_NEW_TOKENS} tokens)")
+        request = EvalRequest((model.name, RUN_NAME, CHAT_MODEL), limit=EVAL_ITEMS,
+                              max_new_tokens=EVAL_MAX_NEW_TOKENS, name=EVAL_NAME)
+        _follow_job(ws, request.kind, request.to_params(), say)
+        record = ws.get("eval", EVAL_NAME)
+    else:
+        say(results.table(json.loads((record.path / "eval.json").read_text(encoding="utf-8"))))
+    say(f"      report: {record.path / 'report.md'}")
+
+
 def _serve_hint(ws: Workspace) -> str:
     home = f" --home {ws.root}"
     return (f"Serve it: `appliance{home} keys create me` (prints a key), then `appliance{home} serve "
@@ -205,6 +229,7 @@ def run(ws: Workspace, say: Callable[[str], None]) -> int:
         files = [f for f in record.path.iterdir() if f.suffix == ".gguf"] or [record.path / "onnx"]
         say(f"      {record.name}: {record.status} -> {files[0]}")
     _chat(ws, say)
+    _eval(ws, model, say)
     say(_serve_hint(ws))
     say(f"done in {time.monotonic() - started:.1f} s. Next: `appliance exports list`, `appliance "
         f"exports show {exported[-1].name}`, `appliance jobs list`.")

@@ -1,7 +1,7 @@
 """The workspace: one directory (APPLIANCE_HOME) holding every artifact, an SQLite index and an
 audit log.
 
-    models/<name>/     datasets/<name>/     runs/<id>/     exports/<id>/     bundles/
+    models/<name>/     datasets/<name>/     runs/<id>/     exports/<id>/     bundles/     evals/<name>/
     appliance.db       (SQLite, WAL: the registry index and, later, jobs)
     audit.log          (append-only, hash-chained)
 
@@ -62,7 +62,7 @@ from appliance.fsutil import (
 T = TypeVar("T")
 
 KIND_DIRS = {"model": "models", "dataset": "datasets", "run": "runs", "export": "exports",
-             "bundle": "bundles"}
+             "bundle": "bundles", "eval": "evals"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 STAGING_PREFIX = ".staging-"
 STAGING_RE = re.compile(r"-\d+-[0-9a-f]{8}")  # what follows ".staging-<name>": -<pid>-<hex>
@@ -105,6 +105,15 @@ def check_name(name: str, what: str = "name") -> str:
             "or digit",
         )
     return name
+
+
+def name_problem(name: str, what: str = "name") -> str | None:
+    """What `check_name` would refuse `name` for, as one line (a request's field message), or None."""
+    try:
+        check_name(name, what)
+    except ValidationError as exc:
+        return f"{exc.message} ({exc.hint})" if exc.hint else exc.message
+    return None
 
 
 def slugify(text: str) -> str:

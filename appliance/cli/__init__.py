@@ -40,6 +40,7 @@ COMMAND_MODULES = (
     "appliance.cli.data",
     "appliance.cli.train",  # train, runs, plan
     "appliance.cli.exports",  # merge, export, verify, exports
+    "appliance.cli.eval",  # eval, evals
     "appliance.cli.jobs",
     "appliance.cli.doctor",
     "appliance.cli.kit",  # kit build, kit verify

@@ -27,6 +27,7 @@ SUMMARY_KEYS = {
     "run": ("model", "dataset", "steps", "perplexity_before", "perplexity_after"),
     "export": ("format", "type", "run", "parity"),
     "bundle": ("bundle", "artifacts", "key_id", "trusted_as", "file"),
+    "eval": ("targets", "data", "items"),
 }
 
 

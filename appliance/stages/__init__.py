@@ -1,8 +1,8 @@
 """The pipeline's stages as job kinds: the one table the job runner is given.
 
-Each stage is a package here (`models`, `datasets`, `train`, `merge`, `export`, `verify`, `bundle`; serving
-is `appliance.runtime`) holding its code, its typed request (`request.py`) and its job function
-(`job.run`). `appliance.jobs` is a state machine that knows no stage (SQLite rows, spawning,
+Each stage is a package here (`models`, `datasets`, `train`, `merge`, `export`, `verify`, `bundle`,
+`eval`; serving is `appliance.runtime`) holding its code, its typed request (`request.py`) and its
+job function (`job.run`). `appliance.jobs` is a state machine that knows no stage (SQLite rows, spawning,
 cancel, resume): it is handed `KINDS`, which names each job function by module, loaded only when a
 job of that kind runs (so `appliance --help` and the TUI load no stage they do not use).
 
@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from appliance.jobs import JobContext, JobFunction
 from appliance.stages.bundle.request import BundleCreateRequest, BundleImportRequest
+from appliance.stages.eval.request import EvalRequest
 from appliance.stages.export.request import ExportRequest
 from appliance.stages.merge.request import MergeRequest
 from appliance.stages.models.request import ImportModelRequest
@@ -63,6 +64,7 @@ REQUESTS: dict[str, RequestType] = {
     "verify": VerifyRequest,
     "bundle-create": BundleCreateRequest,
     "bundle-import": BundleImportRequest,
+    "eval": EvalRequest,
 }
 
 # The kinds only the full profile can run (torch, transformers, peft: `appliance.profile`) -> what
@@ -72,6 +74,7 @@ FULL_PROFILE_KINDS: dict[str, str] = {
     "merge": "merging",
     "export": "exporting a run",
     "verify": "the parity check",
+    "eval": "evaluation",
 }
 
 # The registry: a job kind's name (stored in the database: never rename one) -> its function.
@@ -85,4 +88,5 @@ KINDS: dict[str, JobFunction] = {
     "serve": StageJob("appliance.runtime.service", "run_job"),
     "bundle-create": StageJob("appliance.stages.bundle.job", "run_create"),
     "bundle-import": StageJob("appliance.stages.bundle.job", "run_import"),
+    "eval": StageJob("appliance.stages.eval.job"),
 }

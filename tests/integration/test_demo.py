@@ -50,7 +50,11 @@ def test_demo_trains_and_is_idempotent(model_workspace: tuple[Workspace, Artifac
     assert len(chat) == 2 and all(answer.strip() and int(n) > 0 for answer, n, _ in chat), \
         first.stdout[-2500:]
     assert "serve demo-qlora-gguf-q8_0" in first.stdout
+    assert re.search(r"^\s*demo-qlora-gguf-q8_0 +[\d.]+ \([+-][\d.]+\)", first.stdout, re.M), \
+        first.stdout[-2500:]  # the before/after table: the GGUF's perplexity with its delta to the base
+    assert (ws.get("eval", "demo-eval").path / "report.md").is_file()
     second = demo(ws.root)
     assert second.returncode == 0
     assert "run 'demo-qlora' already trained" in second.stdout and "step 1/" not in second.stdout
     assert "already exported" in second.stdout and "parity on" in second.stdout
+    assert "eval 'demo-eval' already evaluated" in second.stdout

@@ -8,18 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from appliance.errors import ValidationError
-from appliance.workspace import check_name
+from appliance.workspace import name_problem
 
 SUFFIX = ".bundle"  # the default file name: EXPORT.bundle
-
-
-def _name_problem(name: str, what: str) -> str | None:
-    try:
-        check_name(name, what)
-    except ValidationError as exc:
-        return f"{exc.message} ({exc.hint})" if exc.hint else exc.message
-    return None
 
 
 @dataclass(frozen=True)
@@ -50,9 +41,9 @@ class BundleCreateRequest:
         if not self.exports:
             found["exports"] = "name at least one export (appliance exports list)"
         for name in self.exports:
-            if why := _name_problem(name, "export name"):
+            if why := name_problem(name, "export name"):
                 found["exports"] = why
-        if self.name and (why := _name_problem(self.name, "bundle name")):
+        if self.name and (why := name_problem(self.name, "bundle name")):
             found["name"] = why
         out = Path(self.output) if self.output else None
         if out is None or not out.parent.is_dir():

@@ -88,6 +88,15 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def _nll(log_probs: np.ndarray, targets: list[int]) -> float:
+    return float(-log_probs[np.arange(len(targets)), targets].sum())
+
+
+def target_nll(logits: np.ndarray, targets: list[int]) -> float:
+    """The summed negative log-likelihood of `targets`, one per row of `logits`."""
+    return _nll(_log_softmax(logits), targets)
+
+
 @dataclass
 class Score:
     nll: float = 0.0
@@ -97,8 +106,7 @@ class Score:
 
     def add(self, ref: np.ndarray, got: np.ndarray, targets: list[int]) -> None:
         lp_ref, lp = _log_softmax(ref), _log_softmax(got)
-        rows = np.arange(len(targets))
-        self.nll += float(-lp[rows, targets].sum())
+        self.nll += _nll(lp, targets)
         self.kl += float((np.exp(lp_ref) * (lp_ref - lp)).sum())
         self.agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
         self.count += len(targets)

@@ -1,0 +1,164 @@
+"""An evaluation's results: per-item answers kept as they are made, and what people read.
+
+`ItemLog` is one target's answers, one JSON line per finished item, appended and fsynced as each
+item finishes, in the job's folder. A job killed (kill -9, OOM, reboot) and resumed reads it back
+and generates only the items it lacks; a line torn by the kill is cut off first. Each line names
+its item by a hash of the item's text, so a line never counts for another item.
+
+From the scored items: each target's totals with their deltas to the first target (the base), and
+the per-item "flips": items whose score moved past a threshold from the base to a target, so a
+regression an average hides is listed by item. `table` is what the CLI and the demo print;
+`markdown` the report an auditor opens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+# A flip is a per-item change of at least this much, base -> target (ROUGE 0-1, BLEU/chrF 0-100,
+# exact/contains 0 or 1: any change).
+FLIP_THRESHOLDS = {"rougeL": 0.10, "bleu": 10.0, "chrf": 10.0, "exact": 0.5, "contains": 0.5}
+TABLE_METRICS = ("ppl", "rouge1", "rouge2", "rougeL", "bleu", "chrf", "exact", "contains", "tokens")
+PERCENT = ("rouge1", "rouge2", "rougeL", "exact", "contains")  # 0-1, shown as 0-100
+
+
+def item_key(item: dict[str, Any]) -> str:
+    """What identifies an item's line: a hash of its prompt and reference."""
+    text = json.dumps([item["messages"], item["reference"]], ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+class ItemLog:
+    """One target's finished items in a JSONL file (see the module docstring)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.done: dict[str, dict[str, Any]] = {}
+        if path.exists():
+            self._read()
+
+    def _read(self) -> None:
+        raw = self.path.read_bytes()
+        whole = raw[: raw.rfind(b"\n") + 1]  # a line the kill cut short is dropped
+        if len(whole) != len(raw):
+            with open(self.path, "r+b") as fh:
+                fh.truncate(len(whole))
+        for line in whole.splitlines():
+            entry = json.loads(line)
+            self.done[entry["key"]] = entry
+
+    def add(self, entry: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.done[entry["key"]] = entry
+
+
+def perplexity(entries: Iterable[dict[str, Any]]) -> float | None:
+    """Token-weighted perplexity of the reference answers over entries that were scored."""
+    import math
+
+    scored = [e for e in entries if e.get("count")]
+    count = sum(e["count"] for e in scored)
+    return math.exp(min(sum(e["nll"] for e in scored) / count, 50)) if count else None
+
+
+def deltas(totals: list[dict[str, Any]]) -> list[dict[str, float | None]]:
+    """Each target's totals minus the first target's (None where either is missing)."""
+    base = totals[0]
+    return [{k: None if t.get(k) is None or base.get(k) is None else t[k] - base[k]
+             for k in TABLE_METRICS} for t in totals]
+
+
+def flips(base: Sequence[dict[str, float]], target: Sequence[dict[str, float]]
+          ) -> dict[str, dict[str, list[int]]]:
+    """metric -> {"better": item indexes, "worse": item indexes} past FLIP_THRESHOLDS."""
+    out: dict[str, dict[str, list[int]]] = {}
+    for metric, limit in FLIP_THRESHOLDS.items():
+        moved = [(i, t[metric] - b[metric]) for i, (b, t) in enumerate(zip(base, target, strict=True))]
+        out[metric] = {"better": [i for i, d in moved if d >= limit],
+                       "worse": [i for i, d in moved if d <= -limit]}
+    return out
+
+
+def _cell(metric: str, value: float | None, delta: float | None = None) -> str:
+    if value is None:
+        return "-"
+    scale = 100 if metric in PERCENT else 1
+    shown = f"{value * scale:.1f}" if metric not in ("ppl",) else f"{value:.3f}"
+    if delta is None:
+        return shown
+    return f"{shown} ({delta * scale:+.1f})" if metric != "ppl" else f"{shown} ({delta:+.3f})"
+
+
+def table(report: dict[str, Any]) -> str:
+    """Targets x metrics, each with its delta to the first target, then the flips."""
+    rows = report["targets"]
+    header = ["target", *TABLE_METRICS]
+    cells = [[r["name"], *(_cell(m, r["totals"].get(m), None if i == 0 else r["deltas"].get(m))
+                           for m in TABLE_METRICS)] for i, r in enumerate(rows)]
+    widths = [max(len(h), *(len(c[j]) for c in cells)) for j, h in enumerate(header)]
+    lines = [f"eval on {report['items']} held-out items of {report['data']['name']} (greedy, at most "
+             f"{report['settings']['max_new_tokens']} new tokens); ROUGE, exact and contains in %, "
+             f"BLEU ({report['settings']['bleu_tokenize']}) and chrF 0-100; (delta to "
+             f"{rows[0]['name']})",
+             "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines += [line for r in rows[1:] for line in flip_lines(rows[0]["name"], r)]
+    return "\n".join(lines)
+
+
+def flip_lines(base: str, row: dict[str, Any]) -> list[str]:
+    """One line per metric with flips: which items got better or worse from the base."""
+    out = []
+    for metric, moved in row["flips"].items():
+        if moved["better"] or moved["worse"]:
+            out.append(f"{row['name']} vs {base}: {metric} better on {_items(moved['better'])}, "
+                       f"worse on {_items(moved['worse'])} (threshold {FLIP_THRESHOLDS[metric]:g})")
+    return out or [f"{row['name']} vs {base}: no item moved past a threshold"]
+
+
+def _items(indexes: list[int]) -> str:
+    return f"{len(indexes)} item(s)" + (f" (#{', #'.join(map(str, indexes))})" if indexes else "")
+
+
+def _md(text: str, limit: int = 160) -> str:
+    text = " ".join(text.split())
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;")
+
+
+def markdown(report: dict[str, Any], items: Sequence[dict[str, Any]]) -> str:
+    """The report file: what was evaluated how, the totals with deltas, flips, and every item."""
+    rows, settings = report["targets"], report["settings"]
+    out = [f"# Evaluation {report['name']}", "",
+           f"- data: {report['data']['kind']} `{report['data']['name']}`, {report['items']} items",
+           f"- generation: greedy, at most {settings['max_new_tokens']} new tokens, seed "
+           f"{settings['seed']}, each target through its own runtime",
+           f"- tokens: ROUGE on {settings['rouge_tokens']}; BLEU with sacrebleu's "
+           f"`{settings['bleu_tokenize']}` tokenizer; chrF on characters",
+           "- perplexity: of the reference answers, per target, through its runtime", "",
+           "| target | runtime | " + " | ".join(TABLE_METRICS) + " |",
+           "|---|---|" + "---|" * len(TABLE_METRICS)]
+    for i, r in enumerate(rows):
+        values = (_cell(m, r["totals"].get(m), None if i == 0 else r["deltas"].get(m))
+                  for m in TABLE_METRICS)
+        out.append(f"| {_md(r['name'])} | {r['runtime']} | " + " | ".join(values) + " |")
+    out += ["", "## Flips (per item, against the first target)", ""]
+    out += [f"- {_md(line)}" for r in rows[1:] for line in flip_lines(rows[0]["name"], r)]
+    out += ["", "## Items (chrF per target)", "",
+            "| # | prompt | reference | " + " | ".join(_md(r["name"]) for r in rows) + " |",
+            "|---|---|---|" + "---|" * len(rows)]
+    for i, item in enumerate(items):
+        answers = (f"{_md(r['items'][i]['answer'], 120)} (chrF {r['items'][i]['scores']['chrf']:.1f})"
+                   for r in rows)
+        out.append(f"| {i} | {_md(item['messages'][-1]['content'], 100)} | "
+                   f"{_md(item['reference'], 120)} | " + " | ".join(answers) + " |")
+    return "\n".join(out) + "\n"
