@@ -6,8 +6,8 @@ detached job (its progress followed here; Ctrl-C leaves it running), and eval pe
 after; then the adapter merged into the base, exported to GGUF (Q8_0, Q4_K_M) and ONNX (int4), each
 export scored by the parity gate against the merged model, and the parity table; last, a short
 scripted chat with the fine-tuned Q8_0 model through the runtime's engine (the same one `appliance
-chat` and `appliance serve` use); then a before/after evaluation (the base model, the run as
-trained and its Q8_0 GGUF answering a few held-out items, scored against the references), and the
+chat` and `appliance serve` use); then a before/after evaluation (the base model and the Q8_0
+GGUF that will be served answering a few held-out items, scored against the references), and the
 commands to serve it. Re-running it reuses
 what is already in the workspace after checking it against its manifest, and picks up a training
 job that an earlier demo left running or interrupted.
@@ -181,16 +181,18 @@ def _chat(ws: Workspace, say: Callable[[str], None]) -> None:
 
 
 def _eval(ws: Workspace, model: ArtifactRecord, say: Callable[[str], None]) -> None:
-    """Before/after on a few held-out items: the base, the run as trained, its Q8_0 GGUF (the job
-    logs the table; an earlier demo's eval is shown again)."""
+    """Before/after on a few held-out items: the base and the Q8_0 GGUF that is served (the job
+    logs the table; an earlier demo's eval is shown again). The run itself is left out: as trained
+    it answers on the NF4 base, whose own loss on a 135M model would read as the fine-tune's
+    (`appliance eval demo-qlora` shows it)."""
     from appliance.stages.eval import results
     from appliance.stages.eval.request import EvalRequest
 
     record = _existing(ws, "eval", EVAL_NAME, 7, "evaluated", say)
     if record is None:
-        say(f"[7/{STAGES}] before/after: {model.name}, {RUN_NAME} and {CHAT_MODEL} answer "
+        say(f"[7/{STAGES}] before/after: {model.name} and {CHAT_MODEL} answer "
             f"{EVAL_ITEMS} held-out items (greedy, at most {EVAL_MAX_NEW_TOKENS} tokens)")
-        request = EvalRequest((model.name, RUN_NAME, CHAT_MODEL), limit=EVAL_ITEMS,
+        request = EvalRequest((model.name, CHAT_MODEL), limit=EVAL_ITEMS,
                               max_new_tokens=EVAL_MAX_NEW_TOKENS, name=EVAL_NAME)
         _follow_job(ws, request.kind, request.to_params(), say)
         record = ws.get("eval", EVAL_NAME)
