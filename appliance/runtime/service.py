@@ -163,9 +163,13 @@ def placement(artifacts: list[Any], options: ServeOptions,
     out: dict[str, bool | None] = {a.name: wanted for a in artifacts}  # the engine says why not
     if not capable:
         return out
-    prints = [fit.footprint(a.kind, Path(a.path), a.name,
-                            options.context or fit.default_context(a.kind, Path(a.path)))
-              for a in capable]
+    prints = []
+    for a in capable:
+        try:
+            prints.append(fit.footprint(a.kind, Path(a.path), a.name,
+                                        options.context or fit.default_context(a.kind, Path(a.path))))
+        except ValidationError as exc:  # no shape in its header: the runtime decides when it loads
+            say(f"{a.name}: its GPU memory cannot be estimated ({exc.message}); placed without a check")
     placed, lines = fit.report(prints, fit.this_card(None))
     if placed.fits:
         return out

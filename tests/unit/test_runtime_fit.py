@@ -157,6 +157,15 @@ def test_auto_puts_what_does_not_fit_on_the_cpu(tmp_path: Path, gpu_here: None,
         {"m0": False, "m1": False, "m2": False}
 
 
+def test_a_model_without_its_shape_is_placed_without_a_check(tmp_path: Path, gpu_here: None) -> None:
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "config.json").write_text("{}")
+    said: list[str] = []
+    arts = [Artifact("bare", "onnx", tmp_path / "bare", "pass")]
+    assert service.placement(arts, service.ServeOptions(("bare",)), said.append) == {"bare": None}
+    assert said[0].startswith("bare: its GPU memory cannot be estimated (")
+
+
 def test_without_a_gpu_runtime_the_engines_decide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from appliance.runtime import engines
 
