@@ -172,8 +172,9 @@ class ApplianceApp(App[int]):
                         severity="warning", markup=False)
 
     # -- navigation -------------------------------------------------------------------------
-    def nav_items(self) -> list[tuple[str, str, str]]:
-        return [(e.key, e.mode, e.title) for e in SCREENS]
+    def nav_items(self) -> list[tuple[str, str, str, str]]:
+        """(key, mode, title, the bar's short title) per screen."""
+        return [(e.key, e.mode, e.title, e.nav_title) for e in SCREENS]
 
     def workspace_label(self) -> str:
         return self.settings.workspace_label or str(self.workspace.root)
