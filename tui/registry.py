@@ -39,4 +39,5 @@ SCREENS = (
     ScreenEntry("exports", "6", "Exports", "tui.screens.exports", "ExportsScreen"),
     ScreenEntry("chat", "7", "Chat", "tui.screens.chat", "ChatScreen"),
     ScreenEntry("server", "8", "Server", "tui.screens.server", "ServerScreen"),
+    ScreenEntry("evals", "9", "Eval", "tui.screens.evals", "EvalsScreen"),
 )
