@@ -1,11 +1,11 @@
 """The operator's cockpit: a Textual app with one screen per stage of the pipeline.
 
-Screens are Textual modes (`1`..`8`, the navigation bar, the command palette), imported only when
+Screens are Textual modes (`1`..`9`, the navigation bar, the command palette), imported only when
 first shown, so the first paint costs Textual plus the dashboard. Nothing reads the workspace or
 the system before that first frame is on the terminal: reads that would compete with it for the
 CPU and the GIL (worker threads) wait for it (`after_first_paint`), the screen showing `reading…`
 until their results arrive. A screen lives as long as the app: switching away and back keeps what
-it holds (a chat, a filter, a followed job). `alt+1`..`alt+8` switch screens even while a text box
+it holds (a chat, a filter, a followed job). `alt+1`..`alt+9` switch screens even while a text box
 has focus (where the digits type), `escape` goes back to the screen before. Every key of every
 screen is listed by the help screen (`?`, `f1`) and offered by the command palette, both generated
 from the screens' BINDINGS so they cannot drift from what the keys do.
@@ -172,8 +172,9 @@ class ApplianceApp(App[int]):
                         severity="warning", markup=False)
 
     # -- navigation -------------------------------------------------------------------------
-    def nav_items(self) -> list[tuple[str, str, str]]:
-        return [(e.key, e.mode, e.title) for e in SCREENS]
+    def nav_items(self) -> list[tuple[str, str, str, str]]:
+        """(key, mode, title, the bar's short title) per screen."""
+        return [(e.key, e.mode, e.title, e.nav_title) for e in SCREENS]
 
     def workspace_label(self) -> str:
         return self.settings.workspace_label or str(self.workspace.root)

@@ -30,30 +30,47 @@ class NavBar(Static):
     """`1 Dashboard  2 Models ...`: the screens and their keys, the current one highlighted.
 
     While a text box has focus the digits type into it, so the bar then reads
-    `alt+ 1 Dashboard 2 Models ...`: the keys that switch screens now."""
+    `alt+ 1 Dashboard 2 Models ...`: the keys that switch screens now. The bar takes the widest
+    form that fits its width: two spaces between the screens, else one, else one and the short
+    titles (`Dash`, `Data`): nine screens with `alt+` need that at 80 columns."""
 
     DEFAULT_CSS = "NavBar { height: 1; background: $panel; color: $text-muted; }"
 
-    def __init__(self, items: Sequence[tuple[str, str, str]], current: str) -> None:
-        super().__init__(self._markup(items, current, typing=False), markup=True)
+    def __init__(self, items: Sequence[tuple[str, str, str, str]], current: str) -> None:
+        super().__init__(self._markup(items, current, typing=False, width=None), markup=True)
         self.items, self.current, self.typing = list(items), current, False
 
     def set_typing(self, typing: bool) -> None:
         if typing != self.typing:
             self.typing = typing
-            self.update(self._markup(self.items, self.current, typing=typing))
+            self._redraw()
+
+    def on_resize(self) -> None:
+        self._redraw()
+
+    def _redraw(self) -> None:
+        self.update(self._markup(self.items, self.current, typing=self.typing,
+                                 width=self.size.width or None))
 
     @staticmethod
-    def _markup(items: Sequence[tuple[str, str, str]], current: str, *, typing: bool) -> str:
+    def _markup(items: Sequence[tuple[str, str, str, str]], current: str, *, typing: bool,
+                width: int | None) -> str:
+        prefix, room = (" [b $accent]alt+[/] ", 6) if typing else (" ", 1)
+        forms = [("  ", False), (" ", False), (" ", True)]
+        if typing:  # the prefix takes the room of the double spaces at 80 columns
+            forms = forms[1:]
+        for separator, short in forms:
+            titles = [(key, mode, nav if short else title) for key, mode, title, nav in items]
+            plain = room + len(separator.join(f"{key} {title}" for key, _, title in titles))
+            if width is None or plain <= width:
+                break
         parts = []
-        for key, mode, title in items:
+        for key, mode, title in titles:
             style = "reverse bold" if mode == current else ""
             label = f"[b $accent]{key}[/] {title}" if mode != current else f"{key} {title}"
             text = f"[@click=app.switch_mode('{mode}')]{label}[/]"
             parts.append(f"[{style}]{text}[/]" if style else text)
-        if typing:  # 80 columns hold the prefix only with single spaces between the screens
-            return " [b $accent]alt+[/] " + " ".join(parts)
-        return " " + "  ".join(parts)
+        return prefix + separator.join(parts)
 
 
 def rate(value: float) -> str:
@@ -221,6 +238,16 @@ class KeyedTable(DataTable):
     def fill(self, rows: list[tuple[str, tuple[object, ...]]]) -> None:
         self._all = rows
         self._show(self._matching(rows))
+
+    def set_columns(self, *columns: str) -> None:
+        """Other columns (a table whose columns depend on what it shows): the rows are dropped,
+        to be refilled; nothing happens when the columns are the same."""
+        if columns == self._columns:
+            return
+        self._columns = columns
+        self.clear(columns=True)
+        self.add_columns(*columns)
+        self._rows = None
 
     def set_filter(self, text: str) -> None:
         self.filter_text = text.strip()

@@ -71,11 +71,12 @@ async def test_the_navigation_bar_says_which_keys_work_now(fixed_ws: Workspace) 
     async with app.run_test(size=(80, 24)) as pilot:
         await settle(app, pilot)
         bar = screen_text(app).splitlines()[1]
-        assert bar.startswith(" 1 Dashboard") and "8 Server" in bar
+        assert bar.startswith(" 1 Dashboard") and bar.rstrip().endswith("8 Server 9 Eval")
         await pilot.press("7")
         await settle(app, pilot)
         bar = screen_text(app).splitlines()[1]
-        assert bar.lstrip().startswith("alt+") and "8 Server" in bar and len(bar.rstrip()) <= 80
+        assert bar.lstrip().startswith("alt+") and "9 Eval" in bar and len(bar.rstrip()) <= 80
+        assert "1 Dash 2 Models 3 Data" in bar  # the short titles: nine screens and alt+ fit 80
 
 
 @pytest.mark.parametrize("key", ["2", "3", "6"])

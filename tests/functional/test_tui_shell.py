@@ -26,7 +26,8 @@ async def test_number_keys_reach_every_screen_and_nothing_creates_the_workspace(
             await settle(app, pilot)
             assert app.current_mode == entry.mode
             assert type(app.screen).__name__ == entry.cls
-            await pilot.press("escape")  # Chat puts the cursor in its prompt: leave it first
+            if entry.mode == "chat":  # Chat puts the cursor in its prompt: leave it first
+                await pilot.press("escape")  # (elsewhere escape goes back a screen)
     assert not (tmp_path / "none").exists()  # looking does not create a workspace
 
 

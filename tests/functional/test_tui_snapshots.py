@@ -76,6 +76,10 @@ CASES: list[tuple[str, Steps, tuple[tuple[int, int], ...]]] = [
     ("exports-export", keys("6", "e"), (SMALL,)),
     ("chat", keys("7"), (SMALL,)),
     ("server", keys("8"), (SMALL,)),
+    ("evals", keys("9"), (SMALL, LARGE)),
+    ("evals-worst-first", keys("9", "enter", "s"), (SMALL, LARGE)),
+    ("evals-item", keys("9", "enter", "s", "enter"), (SMALL, LARGE)),
+    ("evals-new", keys("9", "n"), (SMALL,)),
     ("help", keys("question_mark"), (SMALL, LARGE)),
     ("error", _error, (SMALL,)),
 ]

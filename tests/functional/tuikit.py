@@ -275,6 +275,67 @@ def _jobs(ws: Workspace) -> None:
                 "".join(json.dumps({"ts": 1795000000.0, **e}) + "\n" for e in events))
 
 
+EVAL = "support-before-after"
+EVAL_ITEMS = [  # prompt, reference, answers of the base, the run and its Q8_0 GGUF
+    ("How do I reset device 3?", "Hold the button for ten seconds, then release it.",
+     "Unplug it.", "Hold the button for ten seconds, then release it.",
+     "Hold the button for ten seconds, then release it."),
+    ("How do I reset device 7?\nIt blinks red.", "Hold the button for ten seconds, ten seconds, "
+     "then release it.", "Press the reset button for ten seconds, then release it.",
+     "Hold the button for ten seconds, then release it.", "Hold it."),
+    ("Where is the serial number?", "On the label under the stand.",
+     "The serial number is on the label under the stand.", "On the label under the stand.",
+     "On the label under the stand."),
+    ("Can I use a USB-C charger?", "Yes, any 20 W USB-C charger works.",
+     "Yes, a USB-C charger works.", "No.", "Yes, any 20 W USB-C charger works."),
+    ("Why is the screen dim?", "Power saving is on: turn it off in Settings > Display.",
+     "The screen is dim.", "Power saving is on: turn it off in Settings > Display.",
+     "Power saving is on: turn it off in Settings."),
+]
+EVAL_TARGETS = [(MODEL, "model", "transformers", None), (RUN, "run", "transformers+peft", None),
+                (f"{RUN}-gguf-q8_0", "export", "llama.cpp", "pass")]
+
+
+def add_eval(ws: Workspace, name: str = EVAL) -> None:
+    """An eval artifact shaped as the eval stage writes it: fixed answers scored with the stage's
+    own metrics, totals, deltas and flips from its own functions (`evaluate.build_report`), then
+    written as `evaluate._commit` writes it (eval.json, report.md, items.jsonl, answers/)."""
+    from appliance.stages.eval import evaluate, metrics, results
+    from appliance.stages.eval.request import EvalRequest
+
+    items = [{"messages": [{"role": "system", "content": "Answer in one short sentence."},
+                           {"role": "user", "content": prompt}], "reference": reference}
+             for prompt, reference, *_ in EVAL_ITEMS]
+    references = [i["reference"] for i in items]
+    tokenize = metrics.bleu_tokenizer(references)
+    rows = []
+    for t, (target, kind, runtime, parity) in enumerate(EVAL_TARGETS):
+        answers = [row[2 + t] for row in EVAL_ITEMS]
+        scores = [metrics.item_scores(a, r, tokenize) for a, r in zip(answers, references, strict=True)]
+        totals = metrics.corpus_scores(answers, references, tokenize, scores)
+        totals["ppl"], totals["tokens"] = 9.8 - 2.1 * min(t, 1) + 0.05 * t, 12.0 - t
+        rows.append({"name": target, "kind": kind, "artifact": target, "runtime": runtime,
+                     "parity": parity, "totals": totals, "stopped": len(items) - t,
+                     "items": [{"answer": a, "tokens": len(a.split()), "reason": "stop",
+                                "ppl": 9.0 + i, "scores": s}
+                               for i, (a, s) in enumerate(zip(answers, scores, strict=True))]})
+    request = EvalRequest(tuple(t[0] for t in EVAL_TARGETS), DATASET, limit=len(items),
+                          max_new_tokens=48, name=name)
+    data = {"kind": "dataset", "name": DATASET, "ref": parent_ref(ws.get("dataset", DATASET))}
+    doc = evaluate.build_report(name, request, data, items, rows, tokenize)
+    with ws.writer("eval", name) as w:
+        (w.path / "eval.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False))
+        (w.path / "report.md").write_text(results.markdown(doc, items))
+        (w.path / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+        (w.path / "answers").mkdir()
+        w.commit(parents=[parent_ref(ws.get(kind, target)) for target, kind, *_ in EVAL_TARGETS],
+                 config={**request.to_params(), "name": name},
+                 info={"summary": {"targets": [t[0] for t in EVAL_TARGETS], "data": DATASET,
+                                   "items": len(items)}},
+                 metrics={r["name"]: {"totals": r["totals"], "deltas": r["deltas"]}
+                          for r in doc["targets"]})
+
+
 def build_fixed_workspace(root: Path) -> Workspace:
     """The snapshot workspace (see the module docstring); ~2 s, most of it the tokenizer."""
     ws = Workspace(root / "ws").ensure()
@@ -283,5 +344,6 @@ def build_fixed_workspace(root: Path) -> Workspace:
                          eval_fraction=0.25)
     _run(ws)
     _exports(ws)
+    add_eval(ws)
     _jobs(ws)
     return ws

@@ -61,7 +61,7 @@ class Pane:
 class ChatScreen(ApplianceScreen):
     MODE = "chat"
     SUB_TITLE = "Chat"
-    AUTO_FOCUS = "#prompt"  # typing is what this screen is for (escape, then 1-8, leaves it)
+    AUTO_FOCUS = "#prompt"  # typing is what this screen is for (escape, then 1-9, leaves it)
     DEFAULT_CSS = CSS
     BINDINGS: ClassVar[list[BindingType]] = [
         *ApplianceScreen.BINDINGS,

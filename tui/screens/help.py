@@ -24,7 +24,7 @@ from textual.widgets import Input, Label, Static
 from tui import dialogs
 
 SHARED_DIALOGS = (dialogs.ConfirmDialog, dialogs.ErrorDialog, dialogs.FilePicker)
-EVERYWHERE = [("1…8 / alt+1…8", "Go to a screen (alt+: also while typing in a text box)"),
+EVERYWHERE = [("1…9 / alt+1…9", "Go to a screen (alt+: also while typing in a text box)"),
               ("ctrl+p", "Command palette: every screen and action, searchable"),
               ("tab / shift+tab", "Next / previous field or table")]
 IN_LISTS = [("↑ ↓ / j k", "Previous / next row"), ("g / G", "First / last row")]
