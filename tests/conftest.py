@@ -3,6 +3,7 @@ non-loopback address fails, unless it is marked `network_probe` (tests of the gu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -135,5 +136,6 @@ def stop_jobs_after() -> Iterator[Callable[[Workspace], Workspace]]:
             time.sleep(0.2)
         for job in (jobs.get(ws, j.id) for j in left):
             if jobs.is_alive(job.pid, job.pid_start):
-                os.killpg(job.pid, signal.SIGKILL)  # the job leads its own session
+                with contextlib.suppress(ProcessLookupError):  # a pid that leads no group, or gone
+                    os.killpg(job.pid, signal.SIGKILL)  # the job leads its own session
                 pytest.fail(f"job {job.id} did not stop when cancelled; killed")

@@ -1,5 +1,6 @@
 """`appliance eval TARGET...` (did the fine-tune help? a job: held-out answers from each target
-through its own runtime, scored against the references) and `appliance evals list|show|rm`."""
+through its own runtime, scored against the references, optionally judged by a local GGUF) and
+`appliance evals list|show|rm|rubric`."""
 
 from __future__ import annotations
 
@@ -36,7 +37,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from appliance.stages.eval.request import EvalRequest
 
     request = EvalRequest.make(args.targets, args.data, limit=args.limit,
-                               max_new_tokens=args.max_new_tokens, seed=args.seed, name=args.name)
+                               max_new_tokens=args.max_new_tokens, seed=args.seed, name=args.name,
+                               judge=args.judge, rubric=args.rubric)
+    if request.judge and not request.problems():  # a judge that is no GGUF: refused before queueing
+        from appliance.stages.eval import judge
+
+        judge.resolve(open_workspace(args), request.judge)
     return run_job(args, request.kind, request.to_params(), "eval", _eval_report)
 
 
@@ -56,6 +62,13 @@ def cmd_evals_show(args: argparse.Namespace) -> int:
     return show_artifact(args, "eval", render)
 
 
+def cmd_evals_rubric(args: argparse.Namespace) -> int:
+    from appliance.stages.eval import rubric
+
+    print(rubric.default_text(), end="")
+    return 0
+
+
 def register(sub: Any) -> None:
     from appliance.stages.eval import request
 
@@ -73,6 +86,12 @@ def register(sub: Any) -> None:
                    help=f"longest answer (default {request.DEFAULT_MAX_NEW_TOKENS})")
     p.add_argument("--seed", type=int, default=request.DEFAULT_SEED)
     p.add_argument("--name", help="the eval's name (default eval-JOB)")
+    p.add_argument("--judge", metavar="MODEL_OR_EXPORT",
+                   help="a local GGUF (an export, a model imported from a .gguf, or a .gguf file) "
+                        "that compares each target's answers with the base's, both orders")
+    p.add_argument("--rubric", metavar="FILE",
+                   help="the judge's prompt (default: the shipped one; print it with "
+                        "appliance evals rubric)")
     p.add_argument("--detach", action="store_true", help="start the job and return")
     json_flag(p, "the eval artifact and its report")
     p.set_defaults(func=cmd_eval)
@@ -81,3 +100,6 @@ def register(sub: Any) -> None:
     add_list(esub, "list evaluations", cmd_evals_list)
     add_show(esub, cmd_evals_show, "eval")
     add_rm(esub, "eval")
+    r = esub.add_parser("rubric", help="print the judge's default rubric (copy it, edit it, pass "
+                                       "--rubric FILE)")
+    r.set_defaults(func=cmd_evals_rubric)

@@ -1,11 +1,13 @@
 """`appliance eval` on the real SmolLM2: the base model, a short QLoRA run on the demo's Dolly data
 and its Q8_0 GGUF answer 16 held-out items through their own runtimes (transformers, peft,
 llama.cpp); every metric is checked against rouge-score and sacrebleu called directly on the same
-strings, the flips against the per-item scores; and a job killed with -9 resumes without
-generating again the items it had finished."""
+strings, the flips against the per-item scores; a job killed with -9 resumes without
+generating again the items it had finished; and SmolLM2's own GGUF judges the base against the
+GGUF through llama.cpp, its verdict blocks complete and consistent with the per-item verdicts."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -21,8 +23,9 @@ from rouge_score import rouge_scorer
 
 from appliance import api, jobs, manifest
 from appliance.demo import sample_dataset
+from appliance.errors import RefusedError
 from appliance.stages.datasets import importer as datasets
-from appliance.stages.eval import metrics, results
+from appliance.stages.eval import judge, metrics, results, rubric
 from appliance.stages.eval.request import EvalRequest
 from appliance.stages.export import convert
 from appliance.workspace import ArtifactRecord, Workspace
@@ -143,3 +146,43 @@ def test_a_job_killed_with_9_resumes_without_answering_finished_items_again(
            f"{8 - len(kept)} to go" in logs
     answers = _lines(eval_ws.get("eval", "resumed").path / "answers" / "00-run-gguf-q8_0.jsonl")
     assert answers == lines and not math.isnan(answers[0]["nll"])
+
+
+def test_a_gguf_judges_base_against_target_in_both_orders(eval_ws: Workspace) -> None:
+    """Not the quality of a 135M judge's opinion: that every item was asked in both orders through
+    llama.cpp, each verdict follows from its probabilities, and the counts from the verdicts."""
+    model = eval_ws.list("model")[0]
+    with pytest.raises(RefusedError, match="the judge must be a GGUF: 'run' is a run"):
+        judge.resolve(eval_ws, "run")
+    request = EvalRequest((model.name, "run-gguf-q8_0"), limit=3, max_new_tokens=MAX_NEW,
+                          name="judged", judge=model.name)
+    job, doc = _run_eval(eval_ws, request)
+    gguf = model.path / manifest.read(model.path)["info"]["gguf_file"]
+    settings = doc["settings"]["judge"]
+    assert settings["sha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest()
+    assert (settings["rubric"], settings["rubric_sha256"]) == (
+        "default", hashlib.sha256(rubric.default_text().encode()).hexdigest())
+    base, target = doc["targets"]
+    assert "judge" not in base and all("judge" not in i for i in base["items"])
+    verdicts = [i["judge"] for i in target["items"]]
+    for v in verdicts:
+        for n, asked in enumerate((v["order1"], v["order2"])):
+            assert asked["label"] in judge.LABELS and 0 < asked["mass"] <= 1 and asked["tokens"] > 50
+            assert asked["mass"] == pytest.approx(sum(asked["p"].values()), abs=1e-5)
+            assert asked["label"] == max(judge.LABELS, key=lambda k: asked["p"][k])
+            assert asked["winner"] == judge.winner(n, asked["label"])
+        assert v["verdict"] == judge.outcome(v["order1"]["winner"], v["order2"]["winner"])
+        assert v["consistent"] == (v["verdict"] != "inconsistent")
+    block = target["judge"]
+    counted = [sum(v["verdict"] == o for v in verdicts) for o in ("win", "loss", "tie", "inconsistent")]
+    assert [block["wins"], block["losses"], block["ties"], block["inconsistent"]] == counted
+    assert block["skipped"] == 0 and block["judged"] == 3 == sum(counted)
+    assert block["agreement"] == pytest.approx((3 - block["inconsistent"]) / 3)
+    record = eval_ws.get("eval", "judged")
+    lines = _lines(record.path / "answers" / "judge-01-run-gguf-q8_0.jsonl")
+    assert lines == _lines(jobs.job_dir(eval_ws, job.id) / "eval" / "judge-01-run-gguf-q8_0.jsonl")
+    assert len(lines) == 3 and all(len(line["orders"]) == 2 for line in lines)
+    assert manifest.read(record.path)["metrics"]["run-gguf-q8_0"]["judge"] == block
+    logs = "\n".join(e["message"] for e in jobs.read_events(eval_ws, job.id) if e["type"] == "log")
+    assert results.judge_line(model.name, target) in logs
+    assert "## Judge" in (record.path / "report.md").read_text(encoding="utf-8")

@@ -379,7 +379,8 @@ class EvalDialog(FormDialog[EvalRequest]):
             numbers[field] = int(text)
         request = EvalRequest(tuple(self.query_one("#targets", SelectionList).selected),
                               str(self.query_one("#data", Select).value),
-                              name=self.query_one("#name", Input).value.strip() or None, **numbers)
+                              limit=numbers["limit"], max_new_tokens=numbers["max_new_tokens"],
+                              name=self.query_one("#name", Input).value.strip() or None)
         self.dismiss_checked(request, request.problems)
 
 

@@ -7,6 +7,9 @@ and their answers are scored against the reference answers.
 - `targets`: what a target name means and the runtime that answers for it;
 - `results`: the per-item answers written as they are made (a resumed job skips finished items),
   deltas to the first target, flips, the summary table and the Markdown report;
+- `judge`: optionally, a local GGUF compares the base's answer with each target's, both orders,
+  reading its verdict from next-token probabilities; `rubric`: the prompt it reads (shipped in
+  `appliance/data/judge-rubric.md`, or the operator's file);
 - `evaluate`: one evaluation end to end, writing the `evals/<name>/` artifact;
 - `job`: its job function `job.run` (kind `eval`); `request`: its typed request.
 """

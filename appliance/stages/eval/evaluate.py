@@ -1,7 +1,9 @@
 """One evaluation end to end: the held-out items, each target's answers (kept item by item in the
-job's folder, so a resumed job generates only what it lacks), the scores, and the `evals/<name>/`
-artifact: `eval.json` (settings, totals, deltas, flips, every item's scores), `report.md`,
-`answers/NN-TARGET.jsonl` and a manifest whose parents are the targets and the dataset.
+job's folder, so a resumed job generates only what it lacks), the scores, the judge's verdicts
+when one is asked for (`judge`: base vs each other target, both orders, kept item by item too),
+and the `evals/<name>/` artifact: `eval.json` (settings, totals, deltas, flips, the judge's counts,
+every item's scores and verdicts), `report.md`, `answers/NN-TARGET.jsonl` (and
+`answers/judge-NN-TARGET.jsonl`) and a manifest whose parents are the targets and the dataset.
 
 Targets are loaded one at a time and closed before the next (one model in memory at a time; the
 GGUF engine and its scorer map the same file).
@@ -17,7 +19,7 @@ from typing import Any
 from appliance.errors import AlreadyExistsError, ApplianceError, ValidationError
 from appliance.fsutil import sha256_file
 from appliance.progress import QUIET, Reporter
-from appliance.stages.eval import metrics, results
+from appliance.stages.eval import judge, metrics, results
 from appliance.stages.eval.request import EvalRequest
 from appliance.stages.eval.targets import Target, open_runner, resolve
 from appliance.workspace import Workspace, parent_ref, slugify
@@ -105,8 +107,19 @@ def score_target(target: Target, items: list[Item], log: results.ItemLog, tokeni
                       for e, s in zip(entries, scores, strict=True)]}
 
 
+def add_verdicts(rows: list[dict[str, Any]], items: list[Item], logs: list[results.ItemLog]) -> None:
+    """Each non-base row gets its `judge` block and each of its items the judge's verdict; `logs`:
+    the judge logs of rows[1:]."""
+    for row, log in zip(rows[1:], logs, strict=True):
+        verdicts = [judge.item_verdict(log.done[results.item_key(i)]) for i in items]
+        for entry, verdict in zip(row["items"], verdicts, strict=True):
+            entry["judge"] = verdict
+        row["judge"] = judge.summary(verdicts)
+
+
 def build_report(name: str, request: EvalRequest, data: dict[str, Any], items: list[Item],
-                 rows: list[dict[str, Any]], tokenize: str) -> dict[str, Any]:
+                 rows: list[dict[str, Any]], tokenize: str,
+                 judged: judge.JudgeSetup | None = None) -> dict[str, Any]:
     for row, delta in zip(rows, results.deltas([r["totals"] for r in rows]), strict=True):
         row["deltas"] = delta
         row["flips"] = results.flips([i["scores"] for i in rows[0]["items"]],
@@ -116,7 +129,8 @@ def build_report(name: str, request: EvalRequest, data: dict[str, Any], items: l
                          "greedy": True, "bleu_tokenize": tokenize,
                          "rouge_tokens": "lowercased words of any alphabet, one token per "
                                          "character of Han, kana, Thai, Lao, Khmer, Myanmar",
-                         "flip_thresholds": results.FLIP_THRESHOLDS}}
+                         "flip_thresholds": results.FLIP_THRESHOLDS,
+                         "judge": judged.settings() if judged else None}}
 
 
 def evaluate(ws: Workspace, request: EvalRequest, work: Path, *, default_name: str,
@@ -127,17 +141,27 @@ def evaluate(ws: Workspace, request: EvalRequest, work: Path, *, default_name: s
         raise AlreadyExistsError(f"eval {name!r} already exists",
                                  hint=f"pick another --name, or remove it (appliance evals rm {name})")
     targets = [resolve(ws, t) for t in request.targets]
+    judged = judge.setup(ws, request.judge, request.rubric, report) if request.judge else None
     data, items = held_out(ws, request, targets)
     report.log(f"{len(items)} held-out items of {data['name']}; targets: "
                + ", ".join(f"{t.name} ({t.runtime})" for t in targets))
     logs = [results.ItemLog(work / f"{n:02d}-{slugify(t.name)}.jsonl") for n, t in enumerate(targets)]
     for target, log in zip(targets, logs, strict=True):
         answer_all(ws, target, items, log, request, attempt, report)
+    verdict_logs = [results.ItemLog(work / f"judge-{n:02d}-{slugify(t.name)}.jsonl")
+                    for n, t in enumerate(targets) if n > 0] if judged else []
+    if judged:
+        setup = judged
+        judge.judge_all(setup, lambda: judge.LlamaJudge(setup.path), items, logs[0],
+                        [(t.name, log, v) for t, log, v in zip(targets[1:], logs[1:], verdict_logs,
+                                                               strict=True)], attempt, report)
     tokenize = metrics.bleu_tokenizer([i["reference"] for i in items])
     rows = [score_target(t, items, log, tokenize) for t, log in zip(targets, logs, strict=True)]
-    doc = build_report(name, request, data, items, rows, tokenize)
+    if judged:
+        add_verdicts(rows, items, verdict_logs)
+    doc = build_report(name, request, data, items, rows, tokenize, judged)
     report.log(results.table(doc))
-    _commit(ws, name, request, doc, items, targets, logs)
+    _commit(ws, name, request, doc, items, targets, logs + verdict_logs)
     return doc
 
 
@@ -157,5 +181,6 @@ def _commit(ws: Workspace, name: str, request: EvalRequest, doc: dict[str, Any],
         w.commit(parents=parents, config={**request.to_params(), "name": name},
                  info={"summary": {"targets": [t.name for t in targets], "data": doc["data"]["name"],
                                    "items": len(items)}},
-                 metrics={r["name"]: {"totals": r["totals"], "deltas": r["deltas"]}
+                 metrics={r["name"]: {"totals": r["totals"], "deltas": r["deltas"],
+                                      **({"judge": r["judge"]} if "judge" in r else {})}
                           for r in doc["targets"]})

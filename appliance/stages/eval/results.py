@@ -7,8 +7,9 @@ its item by a hash of the item's text, so a line never counts for another item.
 
 From the scored items: each target's totals with their deltas to the first target (the base), and
 the per-item "flips": items whose score moved past a threshold from the base to a target, so a
-regression an average hides is listed by item. `table` is what the CLI and the demo print;
-`markdown` the report an auditor opens.
+regression an average hides is listed by item. With a judge, each target's verdict counts
+(`judge_line`) follow. `table` is what the CLI and the demo print; `markdown` the report an auditor
+opens.
 """
 
 from __future__ import annotations
@@ -112,7 +113,56 @@ def table(report: dict[str, Any]) -> str:
              "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     lines += [line for r in rows[1:] for line in flip_lines(rows[0]["name"], r)]
+    judge = report["settings"].get("judge")
+    if judge:
+        lines.append(f"judge {judge['name']} (asked twice per item, A and B swapped; rubric "
+                     f"{judge['rubric']}):")
+        lines += [f"  {judge_line(rows[0]['name'], r)}" for r in rows[1:]]
     return "\n".join(lines)
+
+
+def judge_line(base: str, row: dict[str, Any]) -> str:
+    """A target's verdict counts against the base and how often the two orders agreed."""
+    j = row["judge"]
+    agreement = "-" if j["agreement"] is None else f"{j['agreement'] * 100:.0f}%"
+    skipped = f", {j['skipped']} skipped (prompt too long for the judge)" if j["skipped"] else ""
+    return (f"{row['name']} vs {base}: {j['wins']} won, {j['losses']} lost, {j['ties']} tied, "
+            f"{j['inconsistent']} inconsistent{skipped}; the two orders agree on {j['agreed']} of "
+            f"{j['judged']} ({agreement})")
+
+
+def _order_cell(asked: dict[str, Any]) -> str:
+    if asked.get("label") is None:
+        return f"not asked ({asked.get('reason', '?')})"
+    p = asked["p"]
+    return f"{asked['label']} = {asked['winner']} (A {p['A']:.2f}, B {p['B']:.2f}, tie {p['tie']:.2f})"
+
+
+def _judge_markdown(report: dict[str, Any]) -> list[str]:
+    rows, judge = report["targets"], report["settings"]["judge"]
+    out = ["", "## Judge", "",
+           f"- judge: `{_md(judge['name'])}` ({_md(judge['file'])}, sha256 {judge['sha256'][:16]}…, "
+           f"parity {judge['parity']})",
+           f"- rubric: {_md(judge['rubric'])} (sha256 {judge['rubric_sha256'][:16]}…)",
+           f"- each item asked twice: {'; '.join(judge['orders'])}; verdict: {judge['verdict']}",
+           "- an item is a win or a loss for the target only when both orders say so; orders that "
+           "disagree make it inconsistent", "",
+           "| target | won | lost | tied | inconsistent | skipped | orders agree |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows[1:]:
+        j = r["judge"]
+        agreement = "-" if j["agreement"] is None else f"{j['agreement'] * 100:.0f}%"
+        out.append(f"| {_md(r['name'])} | {j['wins']} | {j['losses']} | {j['ties']} | "
+                   f"{j['inconsistent']} | {j['skipped']} | {j['agreed']} of {j['judged']} "
+                   f"({agreement}) |")
+    out += ["", "| # | target | order 1 (A = base) | order 2 (A = target) | verdict |",
+            "|---|---|---|---|---|"]
+    for r in rows[1:]:
+        for i, item in enumerate(r["items"]):
+            v = item["judge"]
+            out.append(f"| {i} | {_md(r['name'])} | {_order_cell(v['order1'])} | "
+                       f"{_order_cell(v['order2'])} | {v['verdict']} |")
+    return out
 
 
 def flip_lines(base: str, row: dict[str, Any]) -> list[str]:
@@ -153,6 +203,8 @@ def markdown(report: dict[str, Any], items: Sequence[dict[str, Any]]) -> str:
         out.append(f"| {_md(r['name'])} | {r['runtime']} | " + " | ".join(values) + " |")
     out += ["", "## Flips (per item, against the first target)", ""]
     out += [f"- {_md(line)}" for r in rows[1:] for line in flip_lines(rows[0]["name"], r)]
+    if settings.get("judge"):
+        out += _judge_markdown(report)
     out += ["", "## Items (chrF per target)", "",
             "| # | prompt | reference | " + " | ".join(_md(r["name"]) for r in rows) + " |",
             "|---|---|---|" + "---|" * len(rows)]
