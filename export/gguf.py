@@ -526,7 +526,8 @@ def check_gguf(path: Path, model_dir: Path, *, spec: ChatSpec | None = None, tok
 class GgufLM:
     """A GGUF in llama.cpp for scoring (all-position logits) and greedy generation."""
 
-    def __init__(self, path: Path, n_ctx: int = 2048, n_threads: int | None = None) -> None:
+    def __init__(self, path: Path, n_ctx: int = 2048, n_threads: int | None = None,
+                 n_gpu_layers: int = 0) -> None:
         import llama_cpp
 
         self.path = Path(path)
@@ -536,7 +537,8 @@ class GgufLM:
         check_gguf_templates(self.path)  # Llama() compiles the file's templates with unbounded Jinja
         try:
             self._llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=n_threads,
-                                        n_threads_batch=n_threads, logits_all=True, verbose=False)
+                                        n_threads_batch=n_threads, logits_all=True,
+                                        n_gpu_layers=n_gpu_layers, verbose=False)
         except ValueError as exc:
             raise IntegrityError(f"{self.path}: llama.cpp cannot load it: {exc}") from None
         vocab = llama_cpp.llama_model_get_vocab(self._llm.model)

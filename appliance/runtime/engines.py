@@ -190,6 +190,8 @@ def open_engine(artifact: Artifact, *, threads: int | None = None, context_lengt
     if context_length is not None and context_length < 16:
         raise ValidationError(f"context_length is {context_length}", hint="context_length: 16 or more")
     if artifact.kind == "gguf":
+        import llama_cpp  # noqa: F401  # before numpy loads: docs/PITFALLS.md, "GPU runtime"
+
         from appliance.runtime.llama_engine import LlamaEngine
 
         return LlamaEngine(artifact, threads=threads, context_length=context_length, gpu=gpu)
