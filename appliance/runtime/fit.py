@@ -13,9 +13,11 @@ with no GPU too ("would it fit a 16 GB T4?"), and `serve` places models before i
               (heads x context x batch x 4), plus the MLP's activations
     overhead  once per process: the CUDA context and the BLAS workspace
 
-The constants are calibrated on a GPU host against what the runtimes allocate (llama.cpp's own
-"compute buffer size" and nvidia-smi before/after), recorded in bench/results/gguf-gpu-*.md; the
-estimate errs on the large side.
+The constants are calibrated on a GPU host against what the engine process holds (nvidia-smi's
+per-process memory after loading and generating), recorded in bench/results/gguf-gpu-h100.md: with
+512 MiB of overhead the 0.5B shape's estimate was 11% under for Q4_K_M/Q8_0 (969/1112 MiB against
+1092/1216 used) and exact for F16 (1510/1512); 640 MiB covers all three. One card and one shape so
+far: the 8B shape and a T4 are still to measure.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from appliance.errors import ValidationError
 MIB = 1 << 20
 GIB = 1 << 30
 UBATCH = 512  # tokens per compute batch: llama-cpp-python's n_ubatch, the ONNX engine's prefill chunk
-CUDA_OVERHEAD = 512 * MIB  # the CUDA context + cuBLAS workspace, once per process
+CUDA_OVERHEAD = 640 * MIB  # the CUDA context + cuBLAS workspace, once per process (H100, measured)
 KV_BYTES = 2  # f16 keys and values
 T4_GIB = 16.0  # the card the product is sized for when no GPU is here
 MARGIN = 0.95  # of the free memory: fragmentation, the driver's own

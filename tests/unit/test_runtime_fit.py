@@ -101,7 +101,7 @@ def test_the_report_says_what_does_not_fit() -> None:
     placed, lines = fit.report([_print("big", 900)], card)
     assert not placed.fits
     assert lines[0].startswith("big: 900 MiB at 100 tokens (weights 900, KV cache 0, scratch 0)")
-    assert lines[-1].startswith("does not fit a 1 GiB card: 1,412 MiB needed, 1,024 MiB usable")
+    assert lines[-1].startswith("does not fit a 1 GiB card: 1,540 MiB needed, 1,024 MiB usable")
     assert "left for the CPU: big" in lines[-1]
 
 
