@@ -11,6 +11,7 @@ ready inference artifact with nothing to gate. An export name wins over a model 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,15 @@ def _export_gguf(folder: Path, summary: dict[str, Any]) -> Path:
     return found[0]
 
 
+def preload() -> None:
+    """Load llama.cpp's library before anything else loads libstdc++ (numpy, aiohttp's extensions,
+    torch): on a GPU host, a libllama built there and loaded after libstdc++ segfaulted in its
+    tokenizer's set-up (bench/results/gguf-gpu-h100.md). Harmless where it is not needed; nothing
+    where llama_cpp is not installed."""
+    with contextlib.suppress(ImportError):
+        import llama_cpp  # noqa: F401
+
+
 def has_gpu_runtime(kind: str) -> bool:
     """Whether the runtime of an artifact kind here can compute on a GPU: a llama.cpp build with a
     GPU backend, an onnxruntime with the CUDA execution provider."""
@@ -190,8 +200,7 @@ def open_engine(artifact: Artifact, *, threads: int | None = None, context_lengt
     if context_length is not None and context_length < 16:
         raise ValidationError(f"context_length is {context_length}", hint="context_length: 16 or more")
     if artifact.kind == "gguf":
-        import llama_cpp  # noqa: F401  # before numpy loads: docs/PITFALLS.md, "GPU runtime"
-
+        preload()
         from appliance.runtime.llama_engine import LlamaEngine
 
         return LlamaEngine(artifact, threads=threads, context_length=context_length, gpu=gpu)

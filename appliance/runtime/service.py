@@ -128,7 +128,10 @@ def load(ws: Workspace, options: ServeOptions, say: Callable[[str], None],
          check_cancel: Callable[[], None] = lambda: None) -> Any:
     """Resolve and open every artifact and build the `Server` over them (not yet listening);
     `check_cancel` is asked before each model is opened (a stop while loading stops there)."""
-    from appliance.runtime import engines, keys, server
+    from appliance.runtime import engines
+
+    engines.preload()  # before the server's own C extensions: docs/PITFALLS.md, "GPU runtime"
+    from appliance.runtime import keys, server
 
     artifacts = [engines.resolve(ref, ws, allow_failed_parity=options.allow_failed_parity)
                  for ref in options.artifacts]
