@@ -190,7 +190,7 @@ async def test_n_starts_an_eval_through_the_door(fixed_ws: Workspace, monkeypatc
         assert isinstance(app.screen, EvalsScreen)
     assert [r.to_params() for r in started] == [
         {"targets": [f"{RUN}-gguf-q8_0", MODEL], "data": "", "limit": 4, "max_new_tokens": 32,
-         "seed": 0, "name": None}]
+         "seed": 0, "name": None, "judge": "", "rubric": ""}]
 
 
 async def test_without_an_eval_the_screen_says_how_to_make_one(tmp_path: Path) -> None:
