@@ -148,7 +148,7 @@ def onnx_weights(folder: Path) -> int:
 
 def footprint(kind: str, path: Path, name: str, context: int) -> Footprint:
     """The footprint of a GGUF file or an ONNX folder at `context` tokens."""
-    if context < 1:
+    if context < 16:  # what open_engine accepts
         raise ValidationError(f"context is {context}", hint="a context of 16 tokens or more")
     if kind == "gguf":
         return estimate(name, gguf_shape(path), path.stat().st_size, context)
@@ -160,9 +160,8 @@ def footprint(kind: str, path: Path, name: str, context: int) -> Footprint:
 # -- placing models on a card ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class Placement:
-    """Which models go on the GPU, in the order asked, and what is left of the card."""
+    """Which models go on the GPU, in the order asked, and what they need of the card."""
 
-    card_bytes: int
     on_gpu: tuple[str, ...]
     on_cpu: tuple[str, ...]
     needed: int  # bytes the GPU models need, the overhead included
@@ -184,7 +183,7 @@ def place(footprints: Sequence[Footprint], card_bytes: int) -> Placement:
             used += f.total
         else:
             cpu.append(f.name)
-    return Placement(card_bytes, tuple(gpu), tuple(cpu), used if gpu else 0)
+    return Placement(tuple(gpu), tuple(cpu), used if gpu else 0)
 
 
 def usable_bytes(free_mib: float) -> int:

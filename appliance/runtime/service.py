@@ -183,8 +183,7 @@ def placement(artifacts: list[Any], options: ServeOptions,
                                    "or --cpu")
     for name in placed.on_cpu:
         out[name] = False
-        say(f"{name} goes on the CPU: it does not fit the GPU's free memory "
-            f"({'; '.join(lines[-1:])})")
+        say(f"{name} goes on the CPU: it does not fit the GPU's free memory ({lines[-1]})")
     return out
 
 

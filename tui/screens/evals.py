@@ -6,7 +6,8 @@ An evaluation is the `eval` stage's artifact (`evals/<name>/`): `eval.json` (per
 deltas to the first target, flips and every item's answer and scores) and `items.jsonl` (each
 item's prompt messages and reference, in the same order). This screen only reads them (in a
 worker, when an eval is selected); the metric names and which of them are fractions shown as
-percentages are the stage's own (`results.TABLE_METRICS`, `results.PERCENT`), imported from
+percentages, and how a value or delta is written, are the stage's own (`results.TABLE_METRICS`,
+`results.scale`, `format_value`, `format_delta`: the CLI's table and this screen agree), imported from
 `appliance.stages.eval.results`, which loads nothing but the standard library.
 
 The items table has one row per item: the prompt's first line, one metric (chrF first; `m` cycles
@@ -40,7 +41,7 @@ from appliance.stages.eval.request import (
     TARGET_KINDS,
     EvalRequest,
 )
-from appliance.stages.eval.results import PERCENT, TABLE_METRICS
+from appliance.stages.eval.results import TABLE_METRICS, format_delta, format_value, scale
 from appliance.workspace import ArtifactRecord, Workspace
 from tui.dialogs import FormDialog, NamedSelect, dialog_css, named
 from tui.screens.base import ArtifactScreen, record_names
@@ -96,23 +97,17 @@ def read_eval(path: Path) -> EvalView:
     return EvalView(path.name, report, items)
 
 
-def scale(metric: str) -> float:
-    return 100.0 if metric in PERCENT else 1.0
-
-
 def metric_cell(metric: str, value: float | None, delta: float | None = None) -> Text:
-    """`41.2 (+3.1)`: percentages for ROUGE/exact/contains, three decimals for perplexity; the
-    delta's sign written out (and coloured: better green, worse red; lower perplexity is better)."""
+    """`41.2 (+3.1)` as the CLI's table writes it (`results.format_value`/`format_delta`), the
+    delta coloured: better green, worse red (lower perplexity is better)."""
     if value is None:
         return Text("-", style="dim")
-    digits = 3 if metric == "ppl" else 1
-    text = Text(f"{value * scale(metric):.{digits}f}")
+    text = Text(format_value(metric, value))
     if delta is not None:
-        shown = delta * scale(metric)
-        better = -shown if metric == "ppl" else shown
-        style = "" if metric == "tokens" or round(shown, digits) == 0 else \
-            "green" if better > 0 else "red"
-        text.append(f" ({shown:+.{digits}f})", style=style)
+        written = format_delta(metric, delta)
+        better = -delta if metric == "ppl" else delta
+        style = "" if metric == "tokens" or float(written) == 0 else "green" if better > 0 else "red"
+        text.append(f" ({written})", style=style)
     return text
 
 

@@ -89,14 +89,26 @@ def flips(base: Sequence[dict[str, float]], target: Sequence[dict[str, float]]
     return out
 
 
+def scale(metric: str) -> float:
+    """ROUGE, exact and contains are kept 0-1 and shown 0-100; the rest as they are."""
+    return 100.0 if metric in PERCENT else 1.0
+
+
+def format_value(metric: str, value: float) -> str:
+    """A total as shown: three decimals for perplexity, one for the rest (after `scale`)."""
+    return f"{value * scale(metric):.{3 if metric == 'ppl' else 1}f}"
+
+
+def format_delta(metric: str, delta: float) -> str:
+    """A delta to the base as shown, its sign written out."""
+    return f"{delta * scale(metric):+.{3 if metric == 'ppl' else 1}f}"
+
+
 def _cell(metric: str, value: float | None, delta: float | None = None) -> str:
     if value is None:
         return "-"
-    scale = 100 if metric in PERCENT else 1
-    shown = f"{value * scale:.1f}" if metric not in ("ppl",) else f"{value:.3f}"
-    if delta is None:
-        return shown
-    return f"{shown} ({delta * scale:+.1f})" if metric != "ppl" else f"{shown} ({delta:+.3f})"
+    shown = format_value(metric, value)
+    return shown if delta is None else f"{shown} ({format_delta(metric, delta)})"
 
 
 def table(report: dict[str, Any]) -> str:

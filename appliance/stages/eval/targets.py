@@ -143,10 +143,6 @@ class EngineRunner(Runner):
         text = "".join(d.text for d in stream if isinstance(d, Delta))
         return text, done.completion_tokens, done.reason
 
-    def tokens_identical(self, text: str) -> bool:
-        """Does the runtime tokenize a rendered conversation as the lineage's tokenizer does?"""
-        return list(self.scorer.tokenize(text)) == self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
     def close(self) -> None:
         self.engine.close()
         if hasattr(self.scorer, "close"):
