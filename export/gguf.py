@@ -524,7 +524,9 @@ def check_gguf(path: Path, model_dir: Path, *, spec: ChatSpec | None = None, tok
 
 # -- scoring and generation -----------------------------------------------------------------------
 class GgufLM:
-    """A GGUF in llama.cpp for scoring (all-position logits) and greedy generation."""
+    """A GGUF in llama.cpp for scoring and greedy generation. Logits are computed only at the
+    positions asked for (`logits_at`): llama.cpp then skips the output layer elsewhere, and no
+    context-sized [n_ctx, vocab] buffer is kept (logits_all would hold 200 MB for SmolLM2 at 1k)."""
 
     def __init__(self, path: Path, n_ctx: int = 2048, n_threads: int | None = None,
                  n_gpu_layers: int = 0) -> None:
@@ -537,8 +539,8 @@ class GgufLM:
         check_gguf_templates(self.path)  # Llama() compiles the file's templates with unbounded Jinja
         try:
             self._llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=n_threads,
-                                        n_threads_batch=n_threads, logits_all=True,
-                                        n_gpu_layers=n_gpu_layers, verbose=False)
+                                        n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers,
+                                        verbose=False)
         except ValueError as exc:
             raise IntegrityError(f"{self.path}: llama.cpp cannot load it: {exc}") from None
         vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
@@ -553,37 +555,36 @@ class GgufLM:
             ids.insert(0, self.bos_id)
         return ids
 
-    def _run(self, ids: Sequence[int]) -> None:
-        if not ids:
-            raise ValidationError("no tokens to evaluate")
-        if len(ids) > self.n_ctx:
-            raise ValidationError(f"{len(ids)} tokens do not fit the context of {self.n_ctx}",
-                                  hint="open the model with a larger n_ctx")
-        self._llm.reset()
-        self._llm.eval(list(ids))
+    def _decode(self, ids: Sequence[int], start: int, want: Sequence[int]) -> Any:
+        from appliance.runtime.llama_batch import decode_at
+
+        return decode_at(self._llm, ids, start, want)
+
+    def logits_at(self, ids: Sequence[int], positions: Sequence[int]) -> Any:
+        """float32 array [len(positions), vocab]: the logits after each of `positions` (ascending)
+        of `ids`, evaluated from an empty cache."""
+        return self._decode(ids, 0, list(positions))
 
     def logits(self, ids: Sequence[int]) -> Any:
         """float32 array [len(ids), vocab]: the logits after each position."""
-        import numpy as np
-
-        self._run(ids)
-        return np.array(self._llm.scores[:len(ids)], dtype=np.float32, copy=True)
+        return self._decode(ids, 0, range(len(ids)))
 
     def generate(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Iterable[int]) -> list[int]:
         """Greedy continuation of `ids`; stops before a stop id (not included) or at the limit."""
         import numpy as np
 
         stops = set(stop_ids)
-        self._run(ids)
-        out: list[int] = []
+        row = self._decode(ids, 0, [len(ids) - 1])[0]
+        n, out = len(ids), list[int]()
         while len(out) < max_new_tokens:
-            nxt = int(np.argmax(self._llm.scores[self._llm.n_tokens - 1]))
+            nxt = int(np.argmax(row))
             if nxt in stops:
                 break
             out.append(nxt)
-            if len(out) == max_new_tokens or self._llm.n_tokens >= self.n_ctx:
+            if len(out) == max_new_tokens or n >= self.n_ctx:
                 break
-            self._llm.eval([nxt])
+            row = self._decode([nxt], n, [n])[0]
+            n += 1
         return out
 
     def close(self) -> None:

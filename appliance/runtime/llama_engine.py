@@ -220,6 +220,15 @@ class LlamaEngine(EngineBase):
         finally:
             llama_cpp.llama_sampler_free(chain)
 
+    def logits_at(self, ids: list[int], positions: list[int]) -> Any:
+        """Teacher-forced logits after each of `positions` (ascending) of `ids`, in this engine's
+        own context: the prefix it already holds (the prompt it just answered) is not evaluated
+        again. For scoring a reference answer (appliance eval); not thread-safe with `generate`."""
+        from appliance.runtime.llama_batch import decode_at
+
+        keep = min(self._reusable_prefix(ids), positions[0]) if positions else 0
+        return decode_at(self._llm, ids[keep:], keep, positions)
+
     def _decoder(self) -> tuple[Callable[[int], str], Callable[[], str]]:
         """Token bytes from llama.cpp through an incremental UTF-8 decoder (a character split over
         tokens comes out whole with the token that completes it)."""

@@ -154,6 +154,37 @@ def test_gguf_lm_tokenizes_scores_and_generates(exported: Exported, smol_tokeniz
         assert "Paris" in smol_tokenizer.decode(answer)
         assert lm.generate(ids, 3, stop_ids=[]) == answer[:3]
         assert np.array_equal(lm.logits(ids[:5]), logits[:5])  # reset between calls
+        some = [0, 3, len(ids) - 1]  # only these rows computed: the same numbers
+        assert np.allclose(lm.logits_at(ids, some), logits[some], atol=1e-4)
+        with pytest.raises(ValidationError, match="ascend"):
+            lm.logits_at(ids, [3, 0])
+
+
+def test_the_engine_scores_in_its_own_context_reusing_the_prompt(exported: Exported,
+                                                                 smol_tokenizer: Any) -> None:
+    """After answering, the engine's context holds the prompt: scoring a reference that follows it
+    evaluates only the reference, with the logits a fresh full pass gives (appliance eval)."""
+    import numpy as np
+
+    from appliance.runtime.engine import Artifact, Sampling
+    from appliance.runtime.llama_engine import LlamaEngine
+
+    path = exported.files["Q8_0"].path
+    conversation = [*QUESTION, {"role": "assistant", "content": "The capital of France is Paris."}]
+    ids = smol_tokenizer(chat.render(smol_tokenizer, conversation), add_special_tokens=False)["input_ids"]
+    prompt = len(smol_tokenizer(chat.render(smol_tokenizer, QUESTION, generation_prompt=True),
+                                add_special_tokens=False)["input_ids"])
+    positions = list(range(prompt - 1, len(ids) - 1))
+    with gguf.GgufLM(path, n_ctx=512, n_threads=1) as lm:
+        fresh = lm.logits_at(ids, positions)
+    engine = LlamaEngine(Artifact("q8", "gguf", path, "pass"), threads=1, context_length=512)
+    try:
+        list(engine.generate(QUESTION, Sampling(temperature=0, max_tokens=8, seed=0)))
+        assert engine._reusable_prefix(ids) >= prompt - 1  # the prompt is still there
+        assert np.allclose(engine.logits_at(ids, positions), fresh, atol=1e-3)
+        assert engine._reusable_prefix(ids) == len(ids) - 1  # and now the reference too
+    finally:
+        engine.close()
 
 
 def test_modelfile_renders_like_the_chat_template(exported: Exported, smol_tokenizer: Any) -> None:

@@ -36,6 +36,11 @@ def to_item(messages: list[dict[str, str]]) -> Item | None:
     return {"messages": messages[:last], "reference": messages[last]["content"]}
 
 
+def scored(item: Item) -> list[dict[str, str]]:
+    """The conversation whose reference answer's perplexity is scored: the prompt, then it."""
+    return [*item["messages"], {"role": "assistant", "content": item["reference"]}]
+
+
 def held_out(ws: Workspace, request: EvalRequest, targets: list[Target]
              ) -> tuple[dict[str, Any], list[Item]]:
     """(what the data is, for the report and lineage; the first `limit` items)."""
@@ -74,13 +79,13 @@ def answer_all(ws: Workspace, target: Target, items: list[Item], log: results.It
     if not todo:
         return
     report.log(f"loading {target.name} ({target.record.kind}, {target.runtime})")
-    runner = open_runner(ws, target, [i["messages"] for i in todo], request.max_new_tokens)
+    runner = open_runner(ws, target, [i["messages"] for i in todo], request.max_new_tokens,
+                         [scored(i) for i in todo])
     try:
         for item in todo:
             report.check_cancel()
             text, tokens, reason = runner.answer(item["messages"], request.max_new_tokens, request.seed)
-            nll, count = runner.nll([*item["messages"],
-                                     {"role": "assistant", "content": item["reference"]}])
+            nll, count = runner.nll(scored(item))  # after answering: a GGUF engine reuses the prompt
             log.add({"key": results.item_key(item), "answer": text, "tokens": tokens,
                      "reason": reason, "nll": nll, "count": count, "attempt": attempt})
             report.progress(len(log.done), len(items), stage="generate", unit="items",

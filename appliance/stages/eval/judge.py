@@ -181,21 +181,22 @@ class LlamaJudge:
         self.tokens: dict[str, list[int]] = {}
 
     def size(self, prompts: Sequence[Messages]) -> None:
-        from appliance.runtime.engine import default_threads
+        from appliance.runtime.engine import job_threads
         from export.gguf import GgufLM
 
         longest = max((len(self.engine.prompt_ids(p)) for p in prompts), default=1)
         n_ctx = min(-(-longest // 256) * 256, self.trained)
         if self.scorer is not None:
             self.scorer.close()
-        self.scorer = GgufLM(self.path, n_ctx=n_ctx, n_threads=default_threads())
+        self.scorer = GgufLM(self.path, n_ctx=n_ctx, n_threads=job_threads())
         self.tokens = label_tokens(self.scorer.tokenize, self.scorer.add_bos, self.scorer.bos_id)
 
     def ask(self, messages: Messages) -> dict[str, Any]:
         ids = self.engine.prompt_ids(messages)
         if len(ids) > self.scorer.n_ctx:
             return {"label": None, "reason": "overflow", "tokens": len(ids)}
-        return {**read_verdict(self.scorer.logits(ids)[-1], self.tokens), "tokens": len(ids)}
+        last = self.scorer.logits_at(ids, [len(ids) - 1])[0]
+        return {**read_verdict(last, self.tokens), "tokens": len(ids)}
 
     def close(self) -> None:
         if self.scorer is not None:

@@ -87,7 +87,8 @@ class Runner:
         if not found:
             return None, 0
         s = found[0]
-        return parity.target_nll(self.scorer.logits(s.input_ids)[s.positions], s.targets), len(s.targets)
+        rows = parity.logits_at(self.scorer, s.input_ids, s.positions)
+        return parity.target_nll(rows, s.targets), len(s.targets)
 
     def close(self) -> None:
         pass
@@ -145,13 +146,14 @@ class EngineRunner(Runner):
 
     def close(self) -> None:
         self.engine.close()
-        if hasattr(self.scorer, "close"):
+        if self.scorer is not self.engine and hasattr(self.scorer, "close"):
             self.scorer.close()
 
 
-def open_runner(ws: Workspace, target: Target, prompts: Sequence[Messages],
-                max_new_tokens: int) -> Runner:
-    """Load the target in its runtime, with a context that fits the longest of `prompts`."""
+def open_runner(ws: Workspace, target: Target, prompts: Sequence[Messages], max_new_tokens: int,
+                conversations: Sequence[Messages] = ()) -> Runner:
+    """Load the target in its runtime, with a context that fits the longest of `prompts` and its
+    answer, and the longest of the `conversations` to score."""
     from appliance.hfmodel import load_tokenizer
 
     stops = list(manifest.read(target.model.path)["info"]["stop_tokens"])
@@ -167,37 +169,41 @@ def open_runner(ws: Workspace, target: Target, prompts: Sequence[Messages],
         return TorchRunner(tokenizer, stops, AdapterScorer(target.model.path,
                                                            target.record.path / "adapter", train))
     return _engine_runner(ws, target, tokenizer, stops,
-                          context_needed(tokenizer, prompts, max_new_tokens))
+                          context_needed(tokenizer, prompts, max_new_tokens, conversations))
 
 
 def _engine_runner(ws: Workspace, target: Target, tokenizer: Any, stops: list[str],
                    context: int) -> EngineRunner:
+    """The engine answers; a GGUF's engine also scores the reference in its own context (after
+    answering, it holds the prompt: one prompt pass per item, one model load); an ONNX target's
+    reference is scored by the export stage's `OnnxLM` on the same folder."""
     from appliance.runtime import engines
-    from appliance.runtime.engine import default_threads
+    from appliance.runtime.engine import job_threads
 
     artifact = engines.resolve(target.record.name, ws, allow_failed_parity=True)
-    engine = engines.open_engine(artifact, context_length=context)
+    engine = engines.open_engine(artifact, threads=job_threads(), context_length=context)
+    if artifact.kind == "gguf":
+        return EngineRunner(tokenizer, stops, engine, engine)
     try:
-        if artifact.kind == "gguf":
-            from export.gguf import GgufLM
+        from export.onnx import OnnxLM
 
-            scorer: Any = GgufLM(artifact.path, n_ctx=PPL_MAX_TOKENS + 16,
-                                 n_threads=default_threads())
-        else:
-            from export.onnx import OnnxLM
-
-            scorer = OnnxLM(artifact.path, threads=default_threads())
+        scorer = OnnxLM(artifact.path, threads=job_threads())
     except BaseException:
         engine.close()
         raise
     return EngineRunner(tokenizer, stops, scorer, engine)
 
 
-def context_needed(tokenizer: Any, prompts: Sequence[Messages], max_new_tokens: int) -> int:
-    """Tokens the longest prompt plus its answer need, rounded up to 256."""
+def context_needed(tokenizer: Any, prompts: Sequence[Messages], max_new_tokens: int,
+                   conversations: Sequence[Messages] = ()) -> int:
+    """Tokens the longest prompt plus its answer need, or the longest scored conversation (at
+    most PPL_MAX_TOKENS) if more, rounded up to 256."""
     from appliance import chat
 
-    longest = max((len(tokenizer(chat.render(tokenizer, m, generation_prompt=True),
-                                 add_special_tokens=False)["input_ids"]) for m in prompts), default=0)
-    need = longest + max_new_tokens + 16
+    def longest(rows: Sequence[Messages], prompt: bool) -> int:
+        return max((len(tokenizer(chat.render(tokenizer, m, generation_prompt=prompt),
+                                  add_special_tokens=False)["input_ids"]) for m in rows), default=0)
+
+    need = max(longest(prompts, True) + max_new_tokens + 16,
+               min(longest(conversations, False), PPL_MAX_TOKENS) + 16)
     return -(-need // 256) * 256

@@ -100,6 +100,12 @@ class CancellableScorer:
         self.scored()
         return out
 
+    def logits_at(self, ids: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+        self.report.check_cancel()
+        out = parity.logits_at(self.scorer, ids, positions)
+        self.scored()
+        return out
+
 
 def _scoring(stages: Stages, label: str, total: int) -> Callable[[], None]:
     """A `score` stage of `total` conversations, counted one call at a time."""
