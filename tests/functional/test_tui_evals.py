@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from rich.console import Console
-from textual.widgets import Input, SelectionList, Static
+from textual.widgets import Input, Select, SelectionList, Static
 from tuikit import (
     EVAL,
     EVAL_ITEMS,
@@ -79,6 +79,9 @@ async def test_targets_side_by_side_with_their_deltas(fixed_ws: Workspace) -> No
         run = doc["targets"][1]
         assert f"{run['totals']['chrf']:.1f} ({run['deltas']['chrf']:+.1f})" in report
         assert f"{run['deltas']['rougeL'] * 100:+.1f}" in report  # ROUGE shown in %
+        judged = run["judge"]  # the judge's counts, as the CLI writes them (EVAL_JUDGE)
+        assert (judged["wins"], judged["losses"], judged["inconsistent"]) == (2, 2, 1)
+        assert f"{RUN} vs {MODEL}: 2 won, 2 lost, 0 tied, 1 inconsistent" in " ".join(report.split())
         items = screen.query_one("#items", KeyedTable)
         assert _keys(items) == [str(i) for i in range(len(EVAL_ITEMS))]
         assert [str(c.label) for c in items.columns.values()] == ["#", "prompt", "base", "T1", "T2", "Δ"]
@@ -135,6 +138,9 @@ async def test_an_item_shows_its_prompt_reference_and_both_answers(fixed_ws: Wor
         assert reference in _text(view, "#reference")
         assert MODEL in _text(view, "#answer-base") and base in _text(view, "#answer-base")
         assert RUN in _text(view, "#answer-target") and run in _text(view, "#answer-target")
+        # the judge preferred the base's answer in both orders (EVAL_JUDGE[0][3])
+        assert "judge: worse than the base" in _text(view, "#answer-target")
+        assert "judge:" not in _text(view, "#answer-base")
         await pilot.press("n")
         await settle(app, pilot)
         assert view.item == view.order[1] and EVAL_ITEMS[view.item][1] in _text(view, "#reference")
@@ -185,12 +191,15 @@ async def test_n_starts_an_eval_through_the_door(fixed_ws: Workspace, monkeypatc
             str(s.render()) for s in dialog.query(".problem"))
         dialog.query_one("#limit", Input).value = "4"
         dialog.query_one("#max_new_tokens", Input).value = "32"
+        judges = dialog.query_one("#judge", Select)
+        assert [v for _, v in judges._options] == ["", f"{RUN}-gguf-q8_0"]  # GGUF exports only
+        judges.value = f"{RUN}-gguf-q8_0"
         await pilot.press("ctrl+s")
         await settle(app, pilot)
         assert isinstance(app.screen, EvalsScreen)
     assert [r.to_params() for r in started] == [
         {"targets": [f"{RUN}-gguf-q8_0", MODEL], "data": "", "limit": 4, "max_new_tokens": 32,
-         "seed": 0, "name": None, "judge": "", "rubric": ""}]
+         "seed": 0, "name": None, "judge": f"{RUN}-gguf-q8_0", "rubric": ""}]
 
 
 async def test_without_an_eval_the_screen_says_how_to_make_one(tmp_path: Path) -> None:

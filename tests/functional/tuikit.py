@@ -294,6 +294,26 @@ EVAL_ITEMS = [  # prompt, reference, answers of the base, the run and its Q8_0 G
 ]
 EVAL_TARGETS = [(MODEL, "model", "transformers", None), (RUN, "run", "transformers+peft", None),
                 (f"{RUN}-gguf-q8_0", "export", "llama.cpp", "pass")]
+EVAL_JUDGE = [  # per target after the base, per item: the judge's label in each order (A/B swapped)
+    [("B", "A"), ("B", "A"), ("A", "B"), ("A", "B"), ("B", "B")],
+    [("B", "A"), ("A", "B"), ("tie", "tie"), ("B", "A"), (None, None)],
+]
+
+
+def _judge(rows: list[dict[str, Any]]) -> Any:
+    """The judge's verdicts on the fixed answers, through the stage's own verdict functions, and
+    the judge's settings (the default rubric; the file is the Q8_0 export's)."""
+    from appliance.stages.eval import judge, rubric
+
+    for row, labels in zip(rows[1:], EVAL_JUDGE, strict=True):
+        verdicts = [judge.item_verdict({"orders": [
+            {"label": label, "p": {"A": 0.6, "B": 0.3, "tie": 0.1}} if label else
+            {"label": None, "reason": "overflow"} for label in pair]}) for pair in labels]
+        for entry, verdict in zip(row["items"], verdicts, strict=True):
+            entry["judge"] = verdict
+        row["judge"] = judge.summary(verdicts)
+    return judge.JudgeSetup(f"{RUN}-gguf-q8_0", Path(f"{RUN}-gguf-q8_0.gguf"), "0" * 64, "pass",
+                            rubric.load(""))
 
 
 def add_eval(ws: Workspace, name: str = EVAL) -> None:
@@ -322,7 +342,7 @@ def add_eval(ws: Workspace, name: str = EVAL) -> None:
     request = EvalRequest(tuple(t[0] for t in EVAL_TARGETS), DATASET, limit=len(items),
                           max_new_tokens=48, name=name)
     data = {"kind": "dataset", "name": DATASET, "ref": parent_ref(ws.get("dataset", DATASET))}
-    doc = evaluate.build_report(name, request, data, items, rows, tokenize)
+    doc = evaluate.build_report(name, request, data, items, rows, tokenize, _judge(rows))
     with ws.writer("eval", name) as w:
         (w.path / "eval.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False))
         (w.path / "report.md").write_text(results.markdown(doc, items))

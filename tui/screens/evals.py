@@ -13,7 +13,10 @@ percentages, and how a value or delta is written, are the stage's own (`results.
 The items table has one row per item: the prompt's first line, one metric (chrF first; `m` cycles
 chrF, ROUGE-L, BLEU) per target, and the chosen target's delta to the base (`t` cycles the target).
 `s` cycles the order: as evaluated, worst regressions first, best first. `n` starts a new
-evaluation (a job, through the door, as `appliance eval` does); it goes on if the UI closes.
+evaluation (a job, through the door, as `appliance eval` does); it goes on if the UI closes. Its
+form offers the workspace's GGUF exports as a judge; an eval with a judge shows its verdict counts
+under the flips (`results.judge_line`, the CLI's words) and each item's verdict above the target's
+answer.
 """
 
 from __future__ import annotations
@@ -41,7 +44,13 @@ from appliance.stages.eval.request import (
     TARGET_KINDS,
     EvalRequest,
 )
-from appliance.stages.eval.results import TABLE_METRICS, format_delta, format_value, scale
+from appliance.stages.eval.results import (
+    TABLE_METRICS,
+    format_delta,
+    format_value,
+    judge_line,
+    scale,
+)
 from appliance.workspace import ArtifactRecord, Workspace
 from tui.dialogs import FormDialog, NamedSelect, dialog_css, named
 from tui.screens.base import ArtifactScreen, record_names
@@ -167,14 +176,45 @@ def flips_text(view: EvalView) -> Text:
     return text
 
 
+def judge_text(view: EvalView) -> Text:
+    """The judge's verdict counts per target, as the CLI writes them (`results.judge_line`);
+    empty without a judge."""
+    judge = view.report.get("settings", {}).get("judge")
+    text = Text()
+    if not judge:
+        return text
+    text.append(f"\njudge {judge.get('name', '?')} (each item asked twice, A and B swapped)",
+                style="bold")
+    for t in view.targets[1:]:
+        if "judge" in t:
+            text.append(f"\n{judge_line(view.targets[0]['name'], t)}")
+    return text
+
+
+VERDICTS = {"win": ("better than the base", "green"), "loss": ("worse than the base", "red"),
+            "tie": ("a tie", ""), "inconsistent": ("the two orders disagree", "yellow"),
+            "skipped": ("not asked: too long for the judge", "dim")}
+
+
+def verdict_text(row: dict[str, Any]) -> Text:
+    """An item's judge verdict for a target (empty without one)."""
+    verdict = row.get("judge")
+    if not verdict:
+        return Text()
+    words, style = VERDICTS.get(verdict.get("verdict", ""), (str(verdict.get("verdict")), ""))
+    return Text.assemble(("judge: ", "dim"), (words, style))
+
+
 def report_body(view: EvalView) -> Group:
-    """What was evaluated, the totals table, the flips, then the delta chart."""
+    """What was evaluated, the totals table, the flips, the judge's verdicts, then the delta
+    chart."""
     report, settings = view.report, view.report.get("settings", {})
     head = Text(f"{report['items']} items of {report.get('data', {}).get('name', '?')} · base "
                 f"{view.targets[0]['name']} · greedy, ≤{settings.get('max_new_tokens', '?')} new "
                 "tokens")
     units = Text("ROUGE, exact, contains in %; BLEU, chrF 0-100; (Δ to the base)", style="dim")
-    return Group(head, totals_table(view), units, flips_text(view), Text(""), delta_chart(view))
+    return Group(head, totals_table(view), units, flips_text(view), judge_text(view), Text(""),
+                 delta_chart(view))
 
 
 def item_order(view: EvalView, target: int, metric: str, order: str) -> list[int]:
@@ -230,7 +270,8 @@ def answer_text(view: EvalView, target: int, item: int, metric: str) -> Text:
     if target:
         note += f" ({view.delta(target, item, metric):+.1f})"
     head.append(f"{note}, {row.get('tokens', '?')} tokens, {row.get('reason', '?')}", style="dim")
-    return Text.assemble(head, "\n", row.get("answer", ""))
+    verdict = verdict_text(row)
+    return Text.assemble(head, *(("\n", verdict) if verdict else ()), "\n", row.get("answer", ""))
 
 
 def prompt_text(view: EvalView, item: int) -> Text:
@@ -329,10 +370,19 @@ def target_choices(ws: Workspace) -> list[tuple[str, str]]:
 class Choices:
     targets: list[tuple[str, str]]
     datasets: list[str]
+    judges: list[str]  # GGUF exports (a .gguf file as judge: `appliance eval --judge FILE`)
+
+
+def judge_choices(ws: Workspace) -> list[str]:
+    """The GGUF exports whose parity gate did not fail, by name."""
+    if not ws.exists():
+        return []
+    return sorted(r.name for r in ws.list("export")
+                  if r.summary.get("format") == "gguf" and r.status != "failed")
 
 
 def read_choices(ws: Workspace) -> Choices:
-    return Choices(target_choices(ws), record_names(ws, "dataset"))
+    return Choices(target_choices(ws), record_names(ws, "dataset"), judge_choices(ws))
 
 
 class EvalDialog(FormDialog[EvalRequest]):
@@ -363,6 +413,9 @@ class EvalDialog(FormDialog[EvalRequest]):
             yield named(Input(str(DEFAULT_LIMIT), id="limit"), "items")
             yield named(Input(str(DEFAULT_MAX_NEW_TOKENS), id="max_new_tokens"), "max new tokens")
             yield named(Input(placeholder="default eval-JOB", id="name"), "name")
+        yield NamedSelect([("no judge", ""), *((f"judge {j} (compares each target with the base)", j)
+                                               for j in self.choices.judges)],
+                          value="", allow_blank=False, id="judge", field_name="judge")
 
     def submit(self) -> None:
         numbers: dict[str, int] = {}
@@ -375,7 +428,8 @@ class EvalDialog(FormDialog[EvalRequest]):
         request = EvalRequest(tuple(self.query_one("#targets", SelectionList).selected),
                               str(self.query_one("#data", Select).value),
                               limit=numbers["limit"], max_new_tokens=numbers["max_new_tokens"],
-                              name=self.query_one("#name", Input).value.strip() or None)
+                              name=self.query_one("#name", Input).value.strip() or None,
+                              judge=str(self.query_one("#judge", Select).value))
         self.dismiss_checked(request, request.problems)
 
 
