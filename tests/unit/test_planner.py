@@ -118,3 +118,18 @@ def test_unknown_target_lists_the_known_ones() -> None:
     with pytest.raises(trainconfig.ValidationError, match="unknown --target") as err:
         planner.target_named("v100")
     assert "t4-16gb" in str(err.value)
+
+
+@pytest.mark.parametrize("model", sorted(PUBLIC_SHAPES))
+@pytest.mark.parametrize("settings", [{}, {"gradient_checkpointing": False},
+                                      {"batch_size": 4, "max_seq_len": 4096}])
+def test_the_eval_pass_is_counted_and_never_above_the_step(model: str, settings: dict) -> None:
+    """The verdict names the eval pass's bound (no gradients: one layer and one loss chunk at a
+    time), which keeps the weights and optimizer state and never exceeds the step's."""
+    cfg = validate(settings)
+    est = planner.estimate(shape(model), cfg, cfg.batch_size, cfg.max_seq_len)
+    assert est.weights + est.optimizer + est.context < est.eval_total <= est.total
+    if cfg.gradient_checkpointing is False:
+        assert est.eval_total < est.total  # every layer's activations are kept only for a backward
+    text = planner.plan(shape(model), cfg, T4).describe(cfg)
+    assert f"its eval pass (no gradients) at most {est.eval_total / planner.GIB:.2f} GiB" in text

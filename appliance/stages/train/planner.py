@@ -102,6 +102,7 @@ class Estimate:
     optimizer: float
     context: float
     calibrated: bool
+    eval_activations: float = 0.0  # the eval pass's (no gradients): a bound, see `estimate`
 
     @property
     def allocated(self) -> float:
@@ -111,6 +112,12 @@ class Estimate:
     @property
     def total(self) -> float:
         return self.allocated * (1 + HEADROOM) + self.optimizer + self.context
+
+    @property
+    def eval_total(self) -> float:
+        """The eval pass's peak (bounded above), with the weights and optimizer state in place."""
+        return ((self.weights + self.eval_activations) * (1 + HEADROOM) + self.optimizer
+                + self.context)
 
 
 def loss_chunk(vocab: int) -> int:
@@ -144,9 +151,16 @@ def estimate(shape: Shape, cfg: TrainConfig, batch: int, seq: int, *, gpu: bool 
     n_lora = lora_params(shape, cfg.lora_r)
     paged = cfg.optimizer == "paged_adamw_8bit" or (cfg.optimizer == "auto" and gpu)
     optimizer = 2 * n_lora if paged else 12 * n_lora
+    # The eval pass (recipe.evaluate: the same batches and chunked loss, under no_grad) keeps no
+    # layer's inputs for a backward and no gradients: at most one layer's activations at a time
+    # (bounded by the recomputed layer's HIDDEN_BYTES) and one loss chunk (bounded by LOGIT_BYTES,
+    # which counts the gradients too). A bound, not a fit: it is never above the step's.
+    eval_activations = (tokens * shape.hidden * HIDDEN_BYTES
+                        + LOGIT_BYTES * min(tokens, loss_chunk(shape.vocab)) * shape.vocab)
     return Estimate(weights=weight_bytes(shape, cfg), activations=activations + CONSTANT_BYTES,
                     optimizer=optimizer, context=CUDA_CONTEXT_BYTES,
-                    calibrated=cfg.gradient_checkpointing and cfg.quantization == "nf4")
+                    calibrated=cfg.gradient_checkpointing and cfg.quantization == "nf4",
+                    eval_activations=min(eval_activations, activations) + CONSTANT_BYTES)
 
 
 @dataclass(frozen=True)
@@ -163,8 +177,9 @@ class Plan:
                  f"(weights {e.weights / GIB:.2f}, activations {e.activations / GIB:.2f}, "
                  f"optimizer {e.optimizer / GIB:.2f}, CUDA context {e.context / GIB:.2f})"
                  + ("" if e.calibrated else "; rough: calibrated for NF4 with gradient checkpointing")]
+        eval_pass = f"its eval pass (no gradients) at most {e.eval_total / GIB:.2f} GiB"
         if self.fits:
-            lines.append("fits")
+            lines.append(f"fits; {eval_pass}")
         elif self.proposal:
             b, s = self.proposal
             accum = max(1, round(cfg.batch_size * cfg.grad_accum / b))
@@ -174,6 +189,8 @@ class Plan:
             lines.append(f"does NOT fit even at batch 1 x 256 tokens (the weights alone take "
                          f"{e.weights / GIB:.2f} GiB): lower lora_r, or pick a smaller model or a "
                          "bigger GPU")
+        if not self.fits:
+            lines.append(eval_pass)
         return "\n".join(lines)
 
 
