@@ -187,6 +187,49 @@ def test_the_engine_scores_in_its_own_context_reusing_the_prompt(exported: Expor
         engine.close()
 
 
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_backend_sampling_gives_the_host_chains_tokens(exported: Exported, penalty: float,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU path samples inside llama.cpp's graph (backend sampling); run here on the CPU
+    backend: the same greedy tokens as the host chain, with a logit bias, with and without a repeat
+    penalty; the chain stays attached for the next request with the same settings (attaching
+    costs a graph reservation) and is replaced for other settings; the context scores again
+    afterwards (scoring detaches it)."""
+    import llama_cpp
+    import numpy as np
+
+    from appliance.runtime import llama_engine
+    from appliance.runtime.engine import Artifact, Sampling
+
+    attached: list[bool] = []
+    real = llama_cpp.llama_set_sampler
+    monkeypatch.setattr(llama_cpp, "llama_set_sampler",
+                        lambda ctx, seq, chain: attached.append(chain is not None) or real(ctx, seq, chain))
+    engine = llama_engine.LlamaEngine(Artifact("q8", "gguf", exported.files["Q8_0"].path, "pass"),
+                                      threads=1, context_length=512)
+    # seeded: the whole prompt is evaluated each time (a prompt partly from the cache gives logits
+    # that differ in the last bits, which a penalty's near-ties can turn into another token)
+    sampling = Sampling(temperature=0, max_tokens=24, repeat_penalty=penalty, logit_bias=((2, -100.0),),
+                        seed=0)
+
+    def tokens(s: Sampling) -> list[int]:
+        return [d.token_id for d in engine.generate(QUESTION, s) if hasattr(d, "token_id")]
+
+    try:
+        host = tokens(sampling)
+        assert attached == [] and len(host) == 24  # <|im_end|> biased away: all 24 tokens
+        engine.backend_sampling = True
+        assert tokens(sampling) == host and tokens(sampling) == host
+        assert attached == [True]  # attached once for both requests
+        assert tokens(Sampling(temperature=0, max_tokens=4, seed=0)) == host[:4] or penalty != 1.0
+        assert attached == [True, False, True]  # other settings: detached, the new chain attached
+        ids = engine.prompt_ids(QUESTION)
+        assert np.isfinite(engine.logits_at(ids, [len(ids) - 1])).all()
+        assert attached[-1] is False  # scoring took it off
+    finally:
+        engine.close()
+
+
 def test_modelfile_renders_like_the_chat_template(exported: Exported, smol_tokenizer: Any) -> None:
     modelfile = exported.files["Q4_K_M"].modelfile
     assert modelfile is not None and modelfile.name == "smollm2-135m-instruct-Q4_K_M.Modelfile"
