@@ -213,6 +213,24 @@ def test_a_second_architecture_merges_and_exports_losslessly(tmp_path: Path, tin
         assert row["tokens_identical"] is True and row["agreement"] > 0.97
     _check_job_progress(ws, run, gguf_record)
     _check_gated_again(ws, run, gguf_record, tmp_path / "scratch")
+    _check_eval_of_the_onnx_export(ws, run, onnx_record)
+
+
+def _check_eval_of_the_onnx_export(ws: Workspace, run: str, onnx_record: ArtifactRecord) -> None:
+    """`appliance eval` of an ONNX export answers through onnxruntime (the engine `serve` runs;
+    `OnnxLM` scores the reference) and each reference's perplexity is within 1% of the adapter's
+    through peft: the same weights, merged and exported."""
+    from appliance.stages.eval.request import EvalRequest
+
+    request = EvalRequest((run, onnx_record.name), limit=3, max_new_tokens=8, name="onnx-eval")
+    job = api.run(ws, api.submit(ws, request.kind, request.to_params()).id)
+    assert job.state == "succeeded", job.message
+    doc = json.loads((ws.get("eval", "onnx-eval").path / "eval.json").read_text(encoding="utf-8"))
+    adapter, onnx = doc["targets"]
+    assert (adapter["runtime"], onnx["runtime"]) == ("transformers+peft", "onnxruntime")
+    assert all(0 < i["tokens"] <= 8 for i in onnx["items"])
+    for mine, theirs in zip(onnx["items"], adapter["items"], strict=True):
+        assert mine["ppl"] == pytest.approx(theirs["ppl"], rel=0.01)
 
 
 # -- staged progress -------------------------------------------------------------------------------
