@@ -261,6 +261,7 @@ def collect(ws: Workspace) -> dict[str, Any]:
                                 missing)
     # the converter makes GGUF exports of trained runs: the edge profile serves, it does not export
     converter = _check_file("GGUF converter", stack.converter_dir, [] if edge else missing)
+    tools = _check_file("llama.cpp tools", stack.llama_tools_dir, [] if edge else missing)
     runtimes = runtime_info()
     missing += _runtime_problems(runtimes)
     disk = disk_info(ws)
@@ -278,6 +279,7 @@ def collect(ws: Workspace) -> dict[str, Any]:
         "offline": offline.status(),
         "default_model": default_model,
         "converter": converter,
+        "llama_tools": tools,
         "leftovers": find_leftovers(ws),
         "missing": missing,
     }
@@ -350,6 +352,10 @@ def print_report(report: dict[str, Any], say: Callable[[str], None]) -> None:
     say(f"default     {report['default_model'] or 'missing'}")
     edge = (report.get("profile") or {}).get("profile") == profile.EDGE
     say(f"converter   {report['converter'] or ('not needed on the edge profile' if edge else 'missing')}")
+    tools = report.get("llama_tools")
+    say("imatrix     " + (f"{tools} (llama-imatrix, llama-quantize)" if tools else
+                          "not needed on the edge profile" if edge else
+                          "missing: GGUF exports quantize without an importance matrix"))
     print_leftovers(report.get("leftovers") or [], say)
     if report["missing"]:
         say("problems:")

@@ -2,7 +2,8 @@
 no compiler, checked file by file before anything is installed.
 
 A kit holds every wheel a profile needs (`full`: training box; `edge`: serve and chat only), the
-portable llama-cpp-python wheel, llama.cpp's converter tree, the embedded default model, the
+portable llama-cpp-python wheel, llama.cpp's converter tree with its llama-imatrix and
+llama-quantize (built at set-up against that wheel's libraries), the embedded default model, the
 appliance itself as a wheel, and `kit.json`: the target (Python version, platform, accelerator),
 the profile, the appliance version, and every file with its size and sha256. `verify` refuses a
 kit for another Python or platform, a missing, changed or extra file, or a link, naming the file
@@ -33,6 +34,7 @@ MANIFEST = "kit.json"
 PROFILES = ("full", "edge")
 ACCELERATORS = ("cpu", "cuda")
 CHUNK = 1 << 20
+LLAMA_TOOLS = ("llama-imatrix", "llama-quantize")  # share/llama.cpp/bin: export gguf --imatrix
 
 
 class KitError(Exception):
@@ -189,6 +191,7 @@ PIP_CONFIG_FILE=/dev/null "$VENV/bin/python" -m pip install -q --no-index --no-c
   --disable-pip-version-check --find-links "$KIT/wheels" --upgrade "appliance[$PROFILE]"
 mkdir -p "$VENV/share/appliance"
 cp -R "$KIT/share/." "$VENV/share/appliance/"
+chmod +x "$VENV"/share/appliance/llama.cpp/bin/llama-* 2>/dev/null || true
 "$VENV/bin/python" -I "$KIT/verify.py" record "$KIT" "$VENV/share/appliance" ${OLD:+--previous "$OLD"}
 echo "installed: $VENV/bin/appliance ($PROFILE profile)"
 """
@@ -231,8 +234,11 @@ def build(kit_dir: Path, *, profile: str, checkout: Path, share: Path, cache: Pa
     kit_dir = Path(kit_dir)
     if kit_dir.exists() and any(kit_dir.iterdir()):
         raise KitError(str(kit_dir), "kit folder", "is not empty: give a new or empty folder")
+    # the full profile exports GGUF with an importance matrix; the edge one serves (they travel anyway)
+    tools = [share / "llama.cpp" / "bin" / name for name in LLAMA_TOOLS] if profile == "full" else []
     for need, what in ((share / "llama.cpp" / "convert_hf_to_gguf.py", "the GGUF converter"),
-                       (share / "models", "the embedded default model")):
+                       (share / "models", "the embedded default model"),
+                       *((tool, f"llama.cpp's {tool.name}") for tool in tools)):
         if not need.exists():
             raise KitError(str(need), "set-up", f"{what} is missing: run `make setup` first")
     wheels = kit_dir / "wheels"
@@ -257,7 +263,8 @@ def build(kit_dir: Path, *, profile: str, checkout: Path, share: Path, cache: Pa
     sizes = {"wheels": sum(p.stat().st_size for p in wheels.iterdir()),
              "share": sum(p.stat().st_size for p in (kit_dir / "share").rglob("*") if p.is_file())}
     return write_manifest(kit_dir, profile=profile, target=Target.here(accelerator), version=version,
-                          contents={"wheels": sorted(p.name for p in wheels.iterdir()), "bytes": sizes})
+                          contents={"wheels": sorted(p.name for p in wheels.iterdir()), "bytes": sizes,
+                                    "llama_tools": [f"share/llama.cpp/bin/{n}" for n in LLAMA_TOOLS]})
 
 
 def _wheel_version(wheels: Path) -> str:

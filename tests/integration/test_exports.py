@@ -86,8 +86,10 @@ def test_gguf_export_is_scored_and_passes_its_gate(smol_run: Workspace) -> None:
 
 
 def test_a_broken_artifact_fails_the_gate_and_is_refused(smol_run: Workspace) -> None:
-    """Q2_K garbles a 135M model: the gate must say so, the registry must mark it failed."""
-    (record,) = convert.export_gguf(smol_run, "run", ["Q2_K"], scratch=smol_run.root / "scratch")
+    """Q2_K garbles a 135M model (without an importance matrix): the gate must say so, the registry
+    must mark it failed."""
+    (record,) = convert.export_gguf(smol_run, "run", ["Q2_K"], scratch=smol_run.root / "scratch",
+                                    imatrix="off")
     assert record.status == "failed"
     row = json.loads((record.path / "parity.json").read_text())["artifacts"][0]
     assert not row["passed"] and row["reasons"]
@@ -145,6 +147,69 @@ def test_onnx_int4_export_generates_and_is_scored(smol_run: Workspace) -> None:
                       "<|im_start|>assistant\n")
     out = lm.generate(ids, 40, lm.stop_ids)
     assert 0 < len(out) < 40  # stopped on EOS before the limit
+
+
+def test_below_six_bits_the_gguf_uses_an_imatrix_of_the_runs_training_chats(
+        smol_run: Workspace, tmp_path: Path) -> None:
+    """The real llama-imatrix and llama-quantize (set-up builds them): the importance matrix is made
+    from the run's training conversations, recorded (with their hashes) and used."""
+    import hashlib
+
+    from appliance import modelio, stack
+    from appliance.fsutil import sha256_file
+    from appliance.stages.export import importance
+    from appliance.stages.merge.inputs import run_inputs
+    from export import gguf
+
+    if stack.llama_tools_missing():
+        pytest.skip(f"llama.cpp's {', '.join(stack.llama_tools_missing())} are not installed here "
+                    "(scripts/setup.sh builds them; CI runs it)")
+    lines: list[str] = []
+    events: list[dict[str, object]] = []
+
+    class Recorder(Quiet):
+        def log(self, message: str) -> None:
+            lines.append(message)
+
+        def progress(self, done: float, total: float, **fields: object) -> None:
+            events.append({"done": done, "total": total, **fields})
+
+    scratch = tmp_path / "scratch"
+    (record,) = convert.export_gguf(smol_run, "run", ["Q4_K_M"], scratch=scratch, report=Recorder())
+    imx = manifest.read(record.path)["info"]["imatrix"]
+    assert imx["used"] and imx["source"] == "run" and imx["chunk_size"] == 512
+    # made from the run's training conversations, all of them, in order, recorded by hash
+    _, _, dataset = run_inputs(smol_run, "run")
+    hashes = [importance.conversation_hash(r["messages"]) for r in datasets.load_rows(dataset, "train")]
+    calib = imx["calibration"]
+    assert (calib["run"], calib["dataset"], calib["split"]) == ("run", "small", "train")
+    assert calib["conversations"] == calib["conversations_total"] == len(hashes) == 30
+    assert calib["conversations_sha256"] == hashlib.sha256("\n".join(hashes).encode()).hexdigest()
+    kept = json.loads((record.path / importance.CALIBRATION_FILE).read_text())
+    assert kept["conversation_sha256"] == hashes
+    assert imx["chunks"] == calib["tokens"] // 512 or imx["chunks"] == calib["tokens"] // 512 - 1
+    assert imx["sha256"] == sha256_file(record.path / importance.IMATRIX_FILE)
+    assert "llama-cpp-python" in imx["tool"]
+    manifest.verify(record.path)  # the imatrix and the hashes are files of the artifact
+    # used: llama-quantize wrote what it used into the GGUF, and the file differs from a plain one
+    path = record.path / "run-Q4_K_M.gguf"
+    meta = modelio.gguf_metadata(path)
+    assert meta["quantize.imatrix.chunks_count"] == imx["chunks"]
+    assert meta["quantize.imatrix.entries_count"] == imx["entries"] > 0
+    plain = gguf.quantize(scratch / "run-F16.gguf", tmp_path / "plain.gguf", "Q4_K_M")
+    assert "quantize.imatrix.chunks_count" not in modelio.gguf_metadata(plain)
+    assert sha256_file(plain) != sha256_file(path)
+    # counted in chunks while it ran, then scored by the parity gate as any export
+    counted = [e for e in events if e.get("stage") == "imatrix"]
+    assert counted and counted[-1]["unit"] == "chunks" and counted[0]["done"] == 0
+    assert counted[-1]["done"] == counted[-1]["total"] in (imx["chunks"], imx["chunks"] + 1)
+    assert any("computing over" in line for line in lines)
+    report = json.loads((record.path / "parity.json").read_text())
+    assert report["artifacts"][0]["kind"] == "q4_k_m" and record.summary["imatrix"] is True
+    # asked again: reused with auto; refused with off (it would be another file)
+    assert convert.export_gguf(smol_run, "run", ["Q4_K_M"], scratch=scratch)[0].path == record.path
+    with pytest.raises(ApplianceError, match="made with an importance matrix"):
+        convert.export_gguf(smol_run, "run", ["Q4_K_M"], scratch=scratch, imatrix="off")
 
 
 def test_bad_inputs_get_clear_errors(smol_run: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -75,6 +75,7 @@ ip link set lo up
 export APPLIANCE_HOME="$WS"
 A="$VENV/bin/appliance"
 "$A" doctor > "$OUT/doctor.txt" 2>&1 || true
+"$VENV/share/appliance/llama.cpp/bin/llama-imatrix" --version > "$OUT/imatrix.txt" 2>&1
 "$A" models import --default > "$OUT/import.txt" 2>&1
 KEY=$("$A" keys create offline-test | head -n1)
 printf 'Name a colour.\\n/exit\\n' \\
@@ -111,6 +112,8 @@ def test_an_edge_kit_installs_and_serves_with_no_network(edge_kits: tuple[Path, 
     names = manifest["contents"]["wheels"]
     assert any(n.startswith("llama_cpp_python-") for n in names)
     assert not any(n.startswith(("torch-", "transformers-")) for n in names)  # the edge profile
+    assert {"share/llama.cpp/bin/llama-imatrix", "share/llama.cpp/bin/llama-quantize"} <= \
+        set(manifest["files"])  # llama.cpp's tools travel, hashed like every file
     out, trace = tmp_path / "out", tmp_path / "connect.trace"
     out.mkdir()
     env = {**os.environ, "KIT": str(edge_kit), "NEWER_KIT": str(newer_kit),
@@ -131,6 +134,8 @@ def test_an_edge_kit_installs_and_serves_with_no_network(edge_kits: tuple[Path, 
     torch = subprocess.run([str(python), "-c", "import torch"], capture_output=True, env=env)
     assert torch.returncode != 0  # nothing of the full profile came along
     assert offline.connects_beyond_loopback(trace.read_text()) == []
+    # the tools run in the new venv (their runpath finds its llama_cpp/lib), with no network
+    assert "llama-cpp-python" in (out / "imatrix.txt").read_text(), (out / "imatrix.txt").read_text()
     doctor = (out / "doctor-after.txt").read_text()
     assert f"kit         appliance {NEWER}, edge profile" in doctor, doctor
     assert f"previous    appliance {appliance.__version__}, edge profile" in doctor, doctor

@@ -27,11 +27,15 @@ def test_a_good_request_has_no_problems_and_round_trips_through_params() -> None
 def test_old_params_with_unknown_keys_still_load() -> None:
     request = ExportRequest.from_params({"run": "r", "format": "onnx", "types": ["int4"], "gone": 1})
     assert request == ExportRequest("r", "onnx", ("int4",))
+    older = ExportRequest.from_params({"run": "r", "format": "gguf", "types": ["Q4_K_M"]})
+    assert older.imatrix == "auto" and older.to_params()["imatrix"] == "auto"
 
 
 @pytest.mark.parametrize(("request_", "field", "words"), [
     (ExportRequest("r", "gguf", ("Q4_K_M", "Q3_X")), "types", "unknown quantization type 'Q3_X'"),
-    (ExportRequest("r", "gguf", ("IQ2_XXS",)), "types", "importance matrix"),
+    (ExportRequest("r", "gguf", ("IQ2_XXS",), imatrix="off"), "types", "importance matrix"),
+    (ExportRequest("r", "gguf", ("Q4_K_M",), imatrix="/no/such.imatrix"), "imatrix", "/no/such.imatrix"),
+    (ExportRequest("r", "onnx", ("int4",), imatrix="off"), "imatrix", "GGUF exports only"),
     (ExportRequest("r", "onnx", ("int3",)), "types", "unknown ONNX precision 'int3'"),
     (ExportRequest("r", "safetensors", ()), "format", "unknown format"),
     (ExportRequest("", "gguf", ("Q8_0",)), "run", "finished run"),

@@ -27,13 +27,24 @@ def test_unknown_quant_type_lists_the_valid_ones() -> None:
     assert all(name in info.value.hint for name in ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"))
 
 
-@pytest.mark.parametrize(("name", "reason"), [
-    ("iq2_xxs", "importance matrix"), ("IQ1_S", "importance matrix"), ("Q2_K_S", "importance matrix"),
-    ("TQ1_0", "ternary"),
-])
-def test_types_the_appliance_cannot_do_well_are_refused(name: str, reason: str) -> None:
-    with pytest.raises(RefusedError, match=reason):
-        gguf.resolve_quant_type(name)
+def test_types_the_appliance_cannot_do_well_are_refused() -> None:
+    with pytest.raises(RefusedError, match="ternary"):
+        gguf.resolve_quant_type("TQ1_0")
+
+
+@pytest.mark.parametrize("name", ["iq2_xxs", "IQ1_S", "Q2_K_S", "IQ3_XXS"])
+def test_types_that_need_an_imatrix_resolve_but_are_refused_without_one(name: str, tmp_path: Path) -> None:
+    key, _ = gguf.resolve_quant_type(name)
+    assert key in gguf.NEEDS_IMATRIX and gguf.imatrix_helps(key)
+    with pytest.raises(RefusedError, match="needs an importance matrix") as info:
+        gguf.quantize(tmp_path / "none.gguf", tmp_path / "out.gguf", name)  # before any file is read
+    assert "--imatrix" in (info.value.hint or "")
+
+
+def test_an_imatrix_is_made_for_the_types_below_six_bits() -> None:
+    below = {"Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "IQ4_XS", "Q4_0", "Q3_K_M", "Q2_K"}
+    assert all(gguf.imatrix_helps(t) for t in below)
+    assert not any(gguf.imatrix_helps(t) for t in ("Q6_K", "Q8_0", "F16", "BF16", "F32"))
 
 
 # -- tokenizer.json normalization ---------------------------------------------------------------

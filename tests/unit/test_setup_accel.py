@@ -63,3 +63,35 @@ def test_doctor_reads_the_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert doctor.setup_accelerator() == {"accelerator": "cpu", "why": "no NVIDIA GPU"}
     (tmp_path / "accelerator.json").write_text("[1]")
     assert doctor.setup_accelerator() is None
+
+
+def test_doctor_names_llama_cpps_tools_and_how_to_get_them(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance import stack
+
+    monkeypatch.setenv("APPLIANCE_SHARE", str(tmp_path))
+    missing: list[dict[str, str]] = []
+    assert doctor._check_file("llama.cpp tools", stack.llama_tools_dir, missing) is None
+    (problem,) = missing
+    assert "llama-imatrix and llama-quantize are not installed" in problem["problem"]
+    assert "set-up" in problem["fix"]
+    bin_dir = tmp_path / "llama.cpp" / "bin"
+    bin_dir.mkdir(parents=True)
+    for name in stack.LLAMA_TOOLS:
+        (bin_dir / name).write_text("#!/bin/sh\n")
+    assert stack.llama_tools_missing() == list(stack.LLAMA_TOOLS)  # there, but not executable
+    for name in stack.LLAMA_TOOLS:
+        (bin_dir / name).chmod(0o755)
+    assert doctor._check_file("llama.cpp tools", stack.llama_tools_dir, missing) == str(bin_dir)
+    said: list[str] = []
+    doctor.print_report(_report(llama_tools=None), said.append)
+    assert any(line.startswith("imatrix     missing: GGUF exports quantize without") for line in said)
+
+
+def _report(**fields: object) -> dict[str, object]:
+    return {"python": "3.11", "profile": {"profile": "full"}, "versions": {},
+            "cpu": {"model": "x", "cores": 2, "memory_gib": 1, "features": []}, "gpus": [],
+            "runtimes": {"onnxruntime_providers": [], "llama_cpp_gpu_offload": False},
+            "disk": {"workspace": "/w", "exists": True, "free_gib": 9, "total_gib": 9},
+            "offline": {"guard_installed": True, "offline_env": True}, "default_model": "m",
+            "converter": "c", "leftovers": [], "missing": [], **fields}

@@ -22,10 +22,12 @@ from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
+from textual.containers import Horizontal
 from textual.widgets import Input, Select, SelectionList
 
 from appliance import api
 from appliance.stages.export import DEFAULT_TYPES, GGUF_OFFERED, ONNX_PRECISIONS, ExportRequest
+from appliance.stages.export.request import DEFAULT_IMATRIX
 from appliance.stages.merge.request import BASES, DEFAULT_BASE, DEFAULT_DTYPE, DTYPES, MergeRequest
 from appliance.stages.verify.request import VerifyRequest
 from appliance.workspace import ArtifactRecord
@@ -115,6 +117,8 @@ def export_details(path: Path) -> Group:
 
 JobRequest = MergeRequest | ExportRequest | VerifyRequest
 BASE_LABELS = {"full": "full base (as imported)", "nf4": "NF4-rounded base (as training saw it)"}
+# below 6 bits, from the run's training chats; a file: `appliance export gguf --imatrix FILE`
+IMATRIX_OPTIONS = [("auto (training chats)", "auto"), ("off", "off")]
 
 
 class RunDialog(FormDialog[JobRequest]):
@@ -154,7 +158,12 @@ class MergeDialog(RunDialog):
 
 class ExportDialog(RunDialog):
     HELP_TITLE = "export a run"
-    DEFAULT_CSS = dialog_css("ExportDialog") + "ExportDialog SelectionList { height: auto; }"
+    DEFAULT_CSS = dialog_css("ExportDialog") + """
+    ExportDialog SelectionList { height: auto; }
+    ExportDialog #gguf-options { height: auto; }
+    ExportDialog #gguf-options Input { width: 1fr; }
+    ExportDialog #gguf-options Select { width: 34; }
+    """
     HEADING = "Export a run (merged first), each artifact parity-checked"
     SUBMIT = "Export"
 
@@ -162,7 +171,10 @@ class ExportDialog(RunDialog):
         yield NamedSelect([("GGUF (llama.cpp, Ollama)", "gguf"), ("ONNX (onnxruntime)", "onnx")],
                           value="gguf", allow_blank=False, id="format", field_name="format")
         yield TickList(id="types")
-        yield Input(placeholder="more types, comma-separated (any llama.cpp type)", id="more")
+        with Horizontal(id="gguf-options"):  # one row: the 80x24 form keeps its buttons in view
+            yield Input(placeholder="more types (any llama.cpp type)", id="more")
+            yield NamedSelect(IMATRIX_OPTIONS, value=DEFAULT_IMATRIX, allow_blank=False, id="imatrix",
+                              field_name="importance matrix")
 
     def on_mount(self) -> None:
         self._types("gguf")
@@ -172,7 +184,7 @@ class ExportDialog(RunDialog):
         types.clear_options()
         types.add_options([(t, t, t in DEFAULT_TYPES[fmt])
                            for t in (GGUF_OFFERED if fmt == "gguf" else ONNX_PRECISIONS)])
-        self.query_one("#more", Input).display = fmt == "gguf"
+        self.query_one("#gguf-options").display = fmt == "gguf"
 
     @on(Select.Changed, "#format")
     def _format(self, event: Select.Changed) -> None:
@@ -194,7 +206,9 @@ class ExportDialog(RunDialog):
         if not types:  # none is a valid request (only the merged model), but not this form's
             self.show_problems({"types": "pick at least one type"})
             return
-        request = ExportRequest(str(self.query_one("#run", Select).value), fmt, tuple(types))
+        imatrix = str(self.query_one("#imatrix", Select).value) if fmt == "gguf" else DEFAULT_IMATRIX
+        request = ExportRequest(str(self.query_one("#run", Select).value), fmt, tuple(types),
+                                imatrix=imatrix)
         self.dismiss_checked(request, request.problems)
 
 

@@ -2,7 +2,9 @@
 
 Artifacts (kind `export`, under `exports/`), one per deployable thing:
 - `<run>-merged`: made first if it is not there yet (the merge stage, `appliance.stages.merge.merged`);
-- `<run>-gguf-<type>`: one GGUF (F16, Q8_0, Q4_K_M, ...) with its Ollama `Modelfile`;
+- `<run>-gguf-<type>`: one GGUF (F16, Q8_0, Q4_K_M, ...) with its Ollama `Modelfile`; below 6 bits
+  quantized with an importance matrix made once per job from the run's training conversations
+  (`importance`), kept beside it with the conversations' hashes and recorded in its manifest;
 - `<run>-onnx-<precision>`: one ONNX folder (fp32, fp16, int8, int4), self-contained.
 Every GGUF/ONNX artifact is scored against the merged model before it is committed
 (`appliance.stages.verify.gate`); its `parity.json` holds the verdict and a failing one is
@@ -27,8 +29,9 @@ from typing import Any
 
 from appliance import licences, manifest
 from appliance.errors import ApplianceError, ValidationError
-from appliance.fsutil import disk_full_as_error
+from appliance.fsutil import disk_full_as_error, sha256_file
 from appliance.progress import QUIET, Reporter, Stages
+from appliance.stages.export import importance
 from appliance.stages.merge.inputs import existing
 from appliance.stages.merge.merged import merged_model
 from appliance.stages.verify.gate import Gate
@@ -87,14 +90,17 @@ def _start(ws: Workspace, run: str, total: int, overrides: Mapping[str, float] |
 
 # -- GGUF ----------------------------------------------------------------------------------------
 def export_gguf(ws: Workspace, run: str, quants: list[str], *, scratch: Path,
-                overrides: Mapping[str, float] | None = None,
+                overrides: Mapping[str, float] | None = None, imatrix: str = "auto",
                 report: Reporter = QUIET) -> list[ArtifactRecord]:
+    """`imatrix`: auto, off or an imatrix file (`importance.plan`); refusals come before any work."""
     from export import gguf
 
     names = [gguf.resolve_quant_type(q)[0] for q in quants]  # unknown types fail before any work
+    plan = importance.plan(imatrix, names, report.log)
     todo = {artifact_name(run, "gguf", q): q for q in names}
     job = _start(ws, run, len(todo), overrides, report)
     base = scratch / f"{run}-F16.gguf"
+    source = importance.Source(ws, run, plan, scratch, job.stages, report)
 
     def make(qtype: str) -> ArtifactRecord:
         if not base.exists():  # converted once, for every type of this job
@@ -102,12 +108,51 @@ def export_gguf(ws: Workspace, run: str, quants: list[str], *, scratch: Path,
             gguf.convert(job.merged.path, base, progress=tool_lines(report.log),
                          counts=job.stages.counter("convert", "converting to GGUF F16", "%"),
                          metadata=licences.gguf_metadata(job.licences))
-        return _one_gguf(job, qtype, base)
+        return _one_gguf(job, qtype, base, source)
 
-    return _each(job, todo, make)
+    file_sha = sha256_file(plan.file) if plan.file else None
+
+    def same(name: str, qtype: str, found: ArtifactRecord) -> None:
+        why = importance.existing_mismatch(manifest.read(found.path).get("info") or {},
+                                           qtype in plan.types, file_sha)
+        if why and plan.choice != importance.AUTO:
+            raise importance.refuse_mismatch(name, why)
+        if why:
+            report.log(f"{name} exists, {why}: reused as it is (remove it and export again for a "
+                       "new one)")
+
+    return _each(job, todo, make, same)
 
 
-def _one_gguf(job: _Export, qtype: str, base: Path) -> ArtifactRecord:
+def _quantized(job: _Export, qtype: str, base: Path, path: Path, source: importance.Source
+               ) -> dict[str, Any]:
+    """Quantize `base` to `path` (with the job's importance matrix where the plan says so); the
+    manifest's record of the importance matrix."""
+    from export import gguf, imatrix
+
+    made = source.get(base, job.merged.path, qtype)
+    counts = job.stages.counter("quantize", f"quantizing to {qtype}", "tensors")
+    if made is None:
+        gguf.quantize(base, path, qtype, progress=tool_lines(job.report.log), counts=counts)
+        return {"used": False, "why": source.reason(qtype)}
+    file, record = made
+    imatrix.quantize(base, path, gguf.resolve_quant_type(qtype)[1], qtype, file,
+                     progress=tool_lines(job.report.log), counts=counts)
+    return {**record, "file": importance.IMATRIX_FILE}
+
+
+def _imatrix_files(w: Any, record: dict[str, Any], source: importance.Source) -> None:
+    """The importance matrix used (and the calibration's hashes) beside the GGUF, so the manifest
+    hashes them and `--imatrix FILE` can use it again."""
+    if not record.get("used"):
+        return
+    shutil.copy2(source.scratch / importance.IMATRIX_FILE if record["source"] == "run"
+                 else Path(record["path"]), w.path / importance.IMATRIX_FILE)
+    if record["source"] == "run":
+        shutil.copy2(source.scratch / importance.CALIBRATION_FILE, w.path / importance.CALIBRATION_FILE)
+
+
+def _one_gguf(job: _Export, qtype: str, base: Path, source: importance.Source) -> ArtifactRecord:
     from export import gguf, ollama
 
     name = artifact_name(job.run, "gguf", qtype)
@@ -115,9 +160,10 @@ def _one_gguf(job: _Export, qtype: str, base: Path) -> ArtifactRecord:
         path = w.path / f"{job.run}-{qtype}.gguf"
         if qtype == "F16":
             shutil.copy2(base, path)
+            record: dict[str, Any] = {"used": False, "why": source.reason(qtype)}
         else:
-            gguf.quantize(base, path, qtype, progress=tool_lines(job.report.log),
-                          counts=job.stages.counter("quantize", f"quantizing to {qtype}", "tensors"))
+            record = _quantized(job, qtype, base, path, source)
+        _imatrix_files(w, record, source)
         job.report.log(f"checking {path.name}")
         job.stages.emit("check", f"checking {path.name}")
         check = gguf.check_gguf(path, job.merged.path)
@@ -128,7 +174,8 @@ def _one_gguf(job: _Export, qtype: str, base: Path) -> ArtifactRecord:
         with gguf.GgufLM(path, n_ctx=PARITY_MAX_TOKENS + 16) as lm:
             verdict = job.gate.check(job.merged, name, qtype.lower(), lm)
         job.gate.commit(w, verdict, job.merged, {"format": "gguf", "type": qtype, "run": job.run},
-                        {"format": "gguf", "type": qtype, "run": job.run, "file": path.name})
+                        {"format": "gguf", "type": qtype, "run": job.run, "file": path.name,
+                         "imatrix": bool(record.get("used"))}, info={"imatrix": record})
     return job.ws.get("export", name)
 
 
@@ -172,20 +219,25 @@ def _one_onnx(job: _Export, precision: str, scratch: Path) -> ArtifactRecord:
 
 
 # -- each artifact, made or reused ---------------------------------------------------------------
-def _each(job: _Export, todo: dict[str, str], make: Callable[[str], ArtifactRecord]
-          ) -> list[ArtifactRecord]:
-    """{artifact name: type} -> the artifacts, reusing those that exist, verify and were made from
-    this merged model; a failed one asked for again with thresholds is gated again."""
+Same = Callable[[str, str, ArtifactRecord], None]  # (name, type, found): raises if it must not be reused
+
+
+def _each(job: _Export, todo: dict[str, str], make: Callable[[str], ArtifactRecord],
+          same: Same | None = None) -> list[ArtifactRecord]:
+    """{artifact name: type} -> the artifacts, reusing those that exist, verify, were made from
+    this merged model (and pass `same`); a failed one asked for again with thresholds is gated
+    again."""
     out = []
     for name, kind in todo.items():
         job.stages.start(name)
-        out.append(_one(job, name, kind, make))
+        out.append(_one(job, name, kind, make, same))
         job.stages.finished(name)
     job.stages.done()
     return out
 
 
-def _one(job: _Export, name: str, kind: str, make: Callable[[str], ArtifactRecord]) -> ArtifactRecord:
+def _one(job: _Export, name: str, kind: str, make: Callable[[str], ArtifactRecord],
+         same: Same | None) -> ArtifactRecord:
     """One artifact of `_each`: found and reused (or gated again), else made."""
     found = existing(job.ws, name)
     if found is not None:
@@ -194,6 +246,8 @@ def _one(job: _Export, name: str, kind: str, make: Callable[[str], ArtifactRecor
             raise ApplianceError(f"{name} was made from an earlier {job.merged.name}",
                                  title="Stale export",
                                  hint=f"remove it (appliance exports rm {name}) and export again")
+        if same is not None:
+            same(name, kind, found)
         if found.status == "failed" and job.gate.overrides:
             job.report.log(f"{name} exists: gating it again with the given thresholds")
             job.gate.again(name)

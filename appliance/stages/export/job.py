@@ -11,15 +11,21 @@ from appliance.jobs import JobCancelled, JobContext
 
 
 def run(ctx: JobContext) -> dict[str, Any]:
-    """params {run, format: gguf|onnx, types: [...], overrides: {threshold key: value}}"""
+    """params {run, format: gguf|onnx, types: [...], overrides: {threshold key: value},
+    imatrix: auto|off|FILE (GGUF only; older rows have none: auto)}"""
     from appliance.stages.export import convert
+    from appliance.stages.export.request import ExportRequest
 
     p = ctx.params
-    func = convert.export_gguf if p["format"] == "gguf" else convert.export_onnx
     ctx.finishes_with("export", last_artifact_name(p))
     try:
-        records = func(ctx.ws, p["run"], p["types"], scratch=ctx.dir / "work",
-                       overrides=p.get("overrides"), report=ctx)
+        if p["format"] == "gguf":
+            records = convert.export_gguf(ctx.ws, p["run"], p["types"], scratch=ctx.dir / "work",
+                                          overrides=p.get("overrides"), report=ctx,
+                                          imatrix=ExportRequest.from_params(p).imatrix)
+        else:
+            records = convert.export_onnx(ctx.ws, p["run"], p["types"], scratch=ctx.dir / "work",
+                                          overrides=p.get("overrides"), report=ctx)
     except JobCancelled:
         raise  # resumable: keep the intermediate files
     except BaseException:

@@ -18,6 +18,8 @@ FORMATS = ("gguf", "onnx")
 GGUF_OFFERED = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")  # ticked in the TUI; any llama.cpp type goes
 ONNX_PRECISIONS = ("fp32", "fp16", "int8", "int4")  # export/onnx.py makes each (a test keeps them equal)
 DEFAULT_TYPES: Mapping[str, tuple[str, ...]] = {"gguf": ("Q8_0", "Q4_K_M"), "onnx": ("int4",)}
+IMATRIX_CHOICES = ("auto", "off")  # or the path of an importance-matrix file (GGUF export only)
+DEFAULT_IMATRIX = "auto"
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class ExportRequest:
     format: str = "gguf"
     types: tuple[str, ...] = DEFAULT_TYPES["gguf"]
     overrides: Mapping[str, float] = field(default_factory=dict)  # parity threshold key -> value
+    imatrix: str = DEFAULT_IMATRIX  # auto | off | FILE (appliance.stages.export.importance)
 
     kind: ClassVar[str] = "export"
 
@@ -42,30 +45,47 @@ class ExportRequest:
             bad = [t for t in self.types if t not in ONNX_PRECISIONS]
             if bad:
                 found["types"] = f"unknown ONNX precision {bad[0]!r}; valid: {', '.join(ONNX_PRECISIONS)}"
+            if self.imatrix != DEFAULT_IMATRIX:
+                found["imatrix"] = "an importance matrix is for GGUF exports only"
         else:
-            problem = _gguf_problem(self.types)
-            if problem:
-                found["types"] = problem
+            found.update(_gguf_problems(self.types, self.imatrix))
         return found
 
     def to_params(self) -> dict[str, Any]:
         return {"run": self.run, "format": self.format, "types": list(self.types),
-                "overrides": dict(self.overrides)}
+                "overrides": dict(self.overrides),
+                **({"imatrix": self.imatrix} if self.format == "gguf" else {})}
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> ExportRequest:
         return cls(run=str(params.get("run") or ""), format=str(params.get("format") or "gguf"),
                    types=tuple(str(t) for t in params.get("types") or ()),
-                   overrides={str(k): float(v) for k, v in (params.get("overrides") or {}).items()})
+                   overrides={str(k): float(v) for k, v in (params.get("overrides") or {}).items()},
+                   imatrix=str(params.get("imatrix") or DEFAULT_IMATRIX))
 
 
-def _gguf_problem(types: tuple[str, ...]) -> str | None:
+def _message(exc: Any) -> str:
+    return f"{exc.message} ({exc.hint})" if exc.hint else exc.message
+
+
+def _gguf_problems(types: tuple[str, ...], imatrix: str) -> dict[str, str]:
+    """The types' and the importance matrix's problems: an unknown type, a type that needs an
+    imatrix where none will be made, a FILE that is not one, the tools missing for a FILE."""
     from appliance.errors import ApplianceError
+    from appliance.stages.export import importance
     from export.gguf import resolve_quant_type
 
+    names = []
     for name in types:
         try:
-            resolve_quant_type(name)
+            names.append(resolve_quant_type(name)[0])
         except ApplianceError as exc:
-            return f"{exc.message} ({exc.hint})" if exc.hint else exc.message
-    return None
+            return {"types": _message(exc)}
+    if not imatrix.strip():
+        return {"imatrix": f"give {' or '.join(IMATRIX_CHOICES)} or the path of an imatrix file"}
+    try:
+        importance.plan(imatrix, names, lambda _: None)
+    except ApplianceError as exc:
+        field_name = "imatrix" if imatrix not in IMATRIX_CHOICES else "types"
+        return {field_name: _message(exc)}
+    return {}

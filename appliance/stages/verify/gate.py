@@ -46,16 +46,18 @@ class Gate:
                                           {name: Candidate(kind, runtime, same)})
 
     def commit(self, w: ArtifactWriter, verdict: dict[str, Any], merged: ArtifactRecord,
-               config: dict[str, Any], summary: dict[str, Any]) -> None:
+               config: dict[str, Any], summary: dict[str, Any],
+               info: dict[str, Any] | None = None) -> None:
         """Commit the artifact being written in `w` with its parity report: `ready` if it passed,
-        else `failed` (kept, and refused by the runtime unless overridden)."""
+        else `failed` (kept, and refused by the runtime unless overridden). `info`: more of the
+        manifest's info (how the artifact was made: its importance matrix)."""
         (w.path / "parity.json").write_text(json.dumps(verdict, indent=2))
         passed = verdict["passed"]
         self.report.log(parity.table(verdict))
         self.stages.emit("record", f"recording {w.name} (hashing its files into the manifest)")
         carried = licences.carry(self.ws, [parent_ref(merged)], w.path)
         w.commit(parents=[parent_ref(merged)], config=config, status="ready" if passed else "failed",
-                 info={"summary": {**summary, "parity": "pass" if passed else "FAIL"},
+                 info={**(info or {}), "summary": {**summary, "parity": "pass" if passed else "FAIL"},
                        "licenses": carried},
                  metrics={"parity": verdict["artifacts"][0]})
 
