@@ -60,6 +60,9 @@ NBITS = {"block_size": 32, "is_symmetric": False, "accuracy_level": 4}
 INT4_KEEP_8BIT = ("down_proj", "v_proj")
 TITLE = "ONNX export failed"
 PREFILL_CHUNK = 512
+CUDA_HINT = ("the CUDA provider needs onnxruntime-gpu (1.31: built for CUDA 13) with the CUDA 13 runtime, "
+             "cuBLAS and cuDNN 9 libraries (set-up on a CUDA box installs them), and an NVIDIA driver; "
+             "or run on the CPU (--cpu)")
 
 
 def _quiet(_: str) -> None:
@@ -391,6 +394,7 @@ class OnnxLM:
             options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(self.folder / MODEL_FILE), options,
                                             providers=self.providers)
+        _check_started(self.session, self.providers, self.folder)
         self._read_io()
         self._tokenizer: Any = None
 
@@ -540,8 +544,37 @@ def _check_providers(providers: list[str]) -> list[str]:
     if missing:
         raise ApplianceError(f"onnxruntime has no {', '.join(missing)} here",
                              title="Execution provider unavailable",
-                             hint="available: " + ", ".join(available) + "; CUDA needs onnxruntime-gpu "
-                             "and the CUDA 12 libraries")
+                             hint="available: " + ", ".join(available) + "; " + CUDA_HINT)
+    if "CUDAExecutionProvider" in providers:
+        _preload_cuda_libraries(ort)
     if "CPUExecutionProvider" not in providers:
         providers = [*providers, "CPUExecutionProvider"]  # for the ops a GPU provider lacks
     return providers
+
+
+def _preload_cuda_libraries(ort: Any) -> None:
+    """Load the CUDA runtime, cuBLAS and cuDNN from the nvidia-* wheels set-up installed beside
+    onnxruntime-gpu (its CUDA provider does not look there by itself unless torch loaded them first:
+    the engine never imports torch). What it prints goes to the log, not the console."""
+    import io
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        try:
+            preload()
+        except OSError as exc:  # a library it found but could not load: the session check says why
+            print(exc)
+    if printed.getvalue().strip():
+        logging.getLogger(__name__).info("onnxruntime.preload_dlls: %s", printed.getvalue().strip())
+
+
+def _check_started(session: Any, providers: list[str], folder: Path) -> None:
+    """onnxruntime falls back to the CPU, with only a log line, when the CUDA provider cannot start
+    (a missing libcudnn, libcublas or driver): refuse instead of serving on the CPU under a GPU label."""
+    started = session.get_providers()
+    if providers[0] != "CPUExecutionProvider" and (not started or started[0] != providers[0]):
+        raise ApplianceError(f"onnxruntime could not start {providers[0]} for {folder} (it runs on "
+                             f"{', '.join(started) or 'nothing'})", title="GPU unavailable", hint=CUDA_HINT)

@@ -19,6 +19,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable, Generator
 from pathlib import Path
@@ -27,6 +28,8 @@ from typing import Any
 from appliance.errors import ApplianceError, ValidationError
 from appliance.runtime.engine import Artifact, EngineBase, Sampling, default_threads
 from appliance.runtime.template import ChatTemplate, special_tokens_from_config
+
+LOG = logging.getLogger(__name__)
 
 # Special tokens that end a generation whatever the configs say (llama.cpp's EOG list agrees).
 END_TOKENS = frozenset({"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>",
@@ -56,10 +59,12 @@ def template_source(folder: Path, tokenizer_config: dict[str, Any]) -> str:
 def _providers(gpu: bool | None) -> list[str]:
     import onnxruntime as ort
 
+    from export.onnx import CUDA_HINT
+
     has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
     if gpu and not has_cuda:
         raise ApplianceError("onnxruntime has no CUDA execution provider here", title="No GPU",
-                             hint="install onnxruntime-gpu with the CUDA 12 libraries, or run on the CPU")
+                             hint=CUDA_HINT)
     return ["CUDAExecutionProvider"] if has_cuda and gpu is not False else ["CPUExecutionProvider"]
 
 
@@ -78,9 +83,15 @@ class OnnxEngine(EngineBase):
             raise ValidationError(f"{self.folder} has no tokenizer.json",
                                   hint="the ONNX folder must be self-contained; export it again")
         providers = _providers(gpu)
-        self.gpu = providers[0] == "CUDAExecutionProvider"
         self.threads = threads or default_threads()
-        self.lm = OnnxLM(self.folder, threads=self.threads, providers=providers)
+        try:
+            self.lm = OnnxLM(self.folder, threads=self.threads, providers=providers)
+        except ApplianceError as exc:
+            if gpu is not None or providers[0] == "CPUExecutionProvider":
+                raise  # --gpu asked for it (or the CPU failed): say so, never serve elsewhere
+            LOG.warning("%s; running %s on the CPU (%s)", exc.message, self.name, exc.hint)
+            self.lm = OnnxLM(self.folder, threads=self.threads, providers=["CPUExecutionProvider"])
+        self.gpu = self.lm.device == "cuda"
         config = _read_json(self.folder / "tokenizer_config.json")
         self.template = ChatTemplate(template_source(self.folder, config), special_tokens_from_config(config),
                                      origin=f"{self.folder}: chat template")

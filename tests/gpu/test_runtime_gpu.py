@@ -8,17 +8,13 @@ embedded SmolLM2 (`appliance models import --default` needs it installed). On a 
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.gpu.serving import ask_on_the_gpu, served
 
 llama_cpp = pytest.importorskip("llama_cpp")
 if not llama_cpp.llama_supports_gpu_offload():
@@ -97,47 +93,13 @@ def test_it_stops_on_its_stop_tokens_on_the_gpu(gguf: Path) -> None:
     assert reason == "stop" and 0 < len(ids) < 400
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def server(gguf: Path, tmp_path: Path) -> Iterator[tuple[str, str]]:
-    home, port = tmp_path / "ws", _free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    key = subprocess.run([sys.executable, "-m", "appliance", "--home", str(home), "keys", "create", "gpu"],
-                         capture_output=True, text=True, check=True, env=env).stdout.strip()
-    proc = subprocess.Popen([sys.executable, "-m", "appliance", "--home", str(home), "serve", str(gguf),
-                             "--gpu", "--port", str(port), "--context", "2048"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            if proc.poll() is not None:
-                pytest.fail(f"serve exited {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=1).read()
-                break
-            except OSError:
-                time.sleep(0.5)
-        yield url, key
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with served(gguf, tmp_path / "ws") as url_key:
+        yield url_key
 
 
 def test_serve_answers_with_the_model_on_the_gpu(server: tuple[str, str]) -> None:
-    url, key = server
-    auth = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-    models = json.load(urllib.request.urlopen(urllib.request.Request(f"{url}/v1/models", headers=auth)))
-    assert [m["device"] for m in models["data"]] == ["gpu"]
-    body = json.dumps({"model": models["data"][0]["id"], "messages": PROMPTS[0], "temperature": 0,
-                       "max_tokens": 32}).encode()
-    answer = json.load(urllib.request.urlopen(urllib.request.Request(
-        f"{url}/v1/chat/completions", data=body, headers=auth), timeout=120))
-    print("\n" + answer["choices"][0]["message"]["content"])
-    assert answer["choices"][0]["message"]["content"].strip()
-    metrics = urllib.request.urlopen(f"{url}/metrics").read().decode()
-    assert 'device="gpu"' in metrics
+    answer = ask_on_the_gpu(*server, PROMPTS[0])
+    print("\n" + answer)
+    assert answer.strip()

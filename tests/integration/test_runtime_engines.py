@@ -227,6 +227,33 @@ def test_gpu_required_without_one_is_a_clear_error(artifacts: dict[str, Artifact
     assert err.value.hint
 
 
+def test_a_cuda_provider_that_cannot_start_is_refused_or_left_for_the_cpu(
+        artifacts: dict[str, Artifact], monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime lists CUDA but starts a session on the CPU when the provider cannot load (a missing
+    cuDNN): --gpu is refused, naming it; the default (no flag) runs on the CPU, saying so in the log."""
+    import onnxruntime
+
+    real = onnxruntime.InferenceSession
+    preloaded: list[bool] = []
+
+    def falls_back(path: str, options: Any = None, providers: list[str] | None = None) -> Any:
+        return real(path, options, providers=[p for p in providers or [] if p != "CUDAExecutionProvider"])
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "InferenceSession", falls_back)
+    monkeypatch.setattr(onnxruntime, "preload_dlls", lambda: preloaded.append(True))
+    with pytest.raises(ApplianceError, match="could not start CUDAExecutionProvider") as err:
+        open_engine(artifacts["onnx"], gpu=True, threads=1)
+    assert "cuDNN" in (err.value.hint or "") and preloaded
+    engine = open_engine(artifacts["onnx"], threads=1)
+    try:
+        assert engine.gpu is False  # type: ignore[attr-defined]
+        assert _answer(engine, QUESTION)[0] == ANSWER
+    finally:
+        engine.close()
+
+
 def test_the_runtime_runs_without_torch_or_transformers(artifacts: dict[str, Artifact]) -> None:
     code = ("import json, sys\nfrom pathlib import Path\n"
             "from appliance.runtime.engines import Artifact, Sampling, open_engine\n"
