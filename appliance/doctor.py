@@ -38,8 +38,10 @@ LEFTOVER_RE = re.compile(rf"^(?:{re.escape(STAGING_PREFIX)}(?P<name>.+)-\d+-[0-9
 CLEAN_COMMAND = "appliance doctor --clean"
 
 REQUIRED = ("torch", "transformers", "tokenizers", "peft", "bitsandbytes", "accelerate",
-            "optimum", "optimum-onnx", "onnxruntime", "onnx-ir", "llama_cpp_python", "gguf",
-            "safetensors", "textual", "huggingface-hub")
+            "optimum", "optimum-onnx", "onnxruntime", "onnxruntime-genai", "onnx-ir", "llama_cpp_python",
+            "gguf", "safetensors", "textual", "huggingface-hub")
+# A CUDA set-up installs the GPU build under another name: it satisfies the requirement.
+GPU_BUILDS = {"onnxruntime": "onnxruntime-gpu", "onnxruntime-genai": "onnxruntime-genai-cuda"}
 # What the edge profile (serve and chat) needs: the package's own dependencies (pyproject.toml)
 EDGE_REQUIRED = ("llama_cpp_python", "gguf", "onnxruntime", "tokenizers", "numpy", "jinja2",
                  "aiohttp", "textual", "psutil", "argcomplete")
@@ -249,6 +251,11 @@ def required_packages(profile_name: str) -> tuple[str, ...]:
     return REQUIRED if profile_name == profile.FULL else EDGE_REQUIRED
 
 
+def _installed(name: str, versions: dict[str, str | None]) -> bool:
+    return any((versions[n] if n in versions else package_version(n)) is not None
+               for n in (name, GPU_BUILDS.get(name)) if n)
+
+
 def collect(ws: Workspace) -> dict[str, Any]:
     versions = stack_versions()
     install = profile.describe()
@@ -256,7 +263,7 @@ def collect(ws: Workspace) -> dict[str, Any]:
     fix = stack.SETUP_HINT + (" (from a kit: the kit's ./install.sh)" if install["kit"] else "")
     missing = [{"what": name, "problem": "not installed", "fix": fix}
                for name in required_packages(install["profile"])
-               if (versions[name] if name in versions else package_version(name)) is None]
+               if not _installed(name, versions)]
     default_model = _check_file("default model", lambda: stack.default_model_path(verify=True),
                                 missing)
     # the converter makes GGUF exports of trained runs: the edge profile serves, it does not export

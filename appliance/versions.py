@@ -10,7 +10,8 @@ from importlib import metadata
 
 STACK = (
     "torch", "transformers", "tokenizers", "peft", "bitsandbytes", "accelerate", "optimum",
-    "optimum-onnx", "onnxruntime", "onnxruntime-gpu", "onnx", "onnx-ir", "llama_cpp_python",
+    "optimum-onnx", "onnxruntime", "onnxruntime-gpu", "onnxruntime-genai", "onnxruntime-genai-cuda",
+    "onnx", "onnx-ir", "llama_cpp_python",
     "gguf", "safetensors", "huggingface-hub", "textual", "numpy", "sentencepiece",
 )
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import shutil
@@ -44,13 +45,13 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def smollm2(gguf: Path, out: Path, work: Path) -> None:
+def smollm2(gguf: Path, out: Path, work: Path, graph: str = "genai") -> None:
     """The real SmolLM2, fp16 ONNX, from its GGUF (no llama.cpp needed: transformers reads GGUF)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -62,8 +63,23 @@ def smollm2(gguf: Path, out: Path, work: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model.save_pretrained(str(hf))
         tokenizer.save_pretrained(str(hf))
-    info = export_onnx(hf, out, "fp16", progress=print)
+    with _graph(graph):
+        info = export_onnx(hf, out, "fp16", progress=print)
     print(json.dumps({"onnx": str(out), "size_mib": round(info["size_bytes"] / 2**20, 1)}))
+
+
+@contextlib.contextmanager
+def _graph(graph: str) -> Iterator[None]:
+    """fp16 as the export stage builds it (genai's builder), or as it did before (optimum)."""
+    import export.onnx
+
+    builder = export.onnx._genai_build
+    if graph == "optimum":
+        export.onnx._genai_build = lambda *args: False  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        export.onnx._genai_build = builder
 
 
 def make_exports(shape: str, work: Path, precisions: list[str]) -> dict[str, Path]:
@@ -121,7 +137,7 @@ def weight_bytes(folder: Path) -> int:
     return total
 
 
-def ours(folder: Path, tokens: int, bind: bool) -> tuple[float, float]:
+def ours(folder: Path, tokens: int, bind: bool) -> tuple[float, float, str]:
     """The product's ONNX engine on CUDA: (decode tokens/s, time to first token s), medians."""
     from appliance.runtime.engine import Artifact, Sampling
     from appliance.runtime.onnx_engine import OnnxEngine
@@ -143,7 +159,7 @@ def ours(folder: Path, tokens: int, bind: bool) -> tuple[float, float]:
                 firsts.append(stamps[0] - start)
     finally:
         engine.close()
-    return statistics.median(rates[1:]), statistics.median(firsts[1:])
+    return statistics.median(rates[1:]), statistics.median(firsts[1:]), type(engine.lm).__name__
 
 
 def side_files(src: Path, dst: Path) -> None:
@@ -279,9 +295,9 @@ def in_child(call: str) -> object:
     return json.loads(line[7:])
 
 
-def ours_in_child(folder: Path, tokens: int, bind: bool) -> tuple[float, float]:
-    rate, ttft = in_child(f"ours(Path({str(folder)!r}), {tokens}, {bind})")  # type: ignore[misc]
-    return float(rate), float(ttft)
+def ours_in_child(folder: Path, tokens: int, bind: bool) -> tuple[float, float, str]:
+    rate, ttft, backend = in_child(f"ours(Path({str(folder)!r}), {tokens}, {bind})")  # type: ignore[misc]
+    return float(rate), float(ttft), str(backend)
 
 
 def bench(args: argparse.Namespace) -> None:
@@ -344,11 +360,14 @@ def product_row(shape: str, precision: str, folder: Path, gbs: float, tokens: in
     for bind in (True, False):
         key = "bound" if bind else "host_feed"
         try:
-            rate, ttft = ours_in_child(folder, tokens, bind)
+            rate, ttft, backend = ours_in_child(folder, tokens, bind)
         except RuntimeError as exc:
             row[f"{key}_error"] = str(exc)[-600:]
             continue
+        row["backend"] = backend
         _rates(row, key, rate, ttft, size, gbs)
+        if backend == "GenaiLM":
+            break  # genai's generator keeps its own buffer on the device: no host-feed variant
     print(json.dumps(row), flush=True)
     return row
 
@@ -364,8 +383,16 @@ def variant_row(shape: str, variant: str, work: Path, fp16: Path | None, gbs: fl
             folder = fuse(work / f"{shape}-fp32", work / f"{shape}-fp16-fused")
             size = weight_bytes(folder)
             for bind in (True, False):
-                rate, ttft = ours_in_child(folder, tokens, bind)
+                rate, ttft, _ = ours_in_child(folder, tokens, bind)
                 _rates(row, "bound" if bind else "host_feed", rate, ttft, size, gbs)
+        elif variant == "optimum":
+            from export.onnx import export_onnx
+
+            folder = work / f"{shape}-fp16-optimum"
+            if not (folder / "model.onnx").is_file():
+                with _graph("optimum"):
+                    export_onnx(work / f"{shape}-hf", folder, "fp16", progress=print)
+            return product_row(shape, "fp16 (optimum's graph, before)", folder, gbs, tokens)
         elif variant in ("genai", "genai-graph"):
             folder = genai_build(work / f"{shape}-hf", work / f"{shape}-{variant}-fp16", "fp16",
                                  variant == "genai-graph")
@@ -388,11 +415,13 @@ def main() -> None:
     s.add_argument("--gguf", type=Path, required=True)
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--work", type=Path, default=Path("/tmp/onnx-gpu"))
+    s.add_argument("--graph", choices=("genai", "optimum"), default="genai")
     b = sub.add_parser("bench")
     b.add_argument("--shapes", default="0.5b")
     b.add_argument("--precisions", default="fp16,int4")
     b.add_argument("--tokens", type=int, default=128)
-    b.add_argument("--variants", default="", help="comma list of fp16 rows: fused, genai, genai-graph")
+    b.add_argument("--variants", default="",
+                   help="comma list of fp16 rows: optimum, fused, genai, genai-graph")
     b.add_argument("--profile", action="store_true", help="profile the product's fp16 decode step")
     b.add_argument("--work", type=Path, default=Path("/tmp/onnx-gpu"))
     b.add_argument("--out", type=Path)
@@ -400,7 +429,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     if args.command == "smollm2":
         args.work.mkdir(parents=True, exist_ok=True)
-        smollm2(args.gguf, args.out, args.work)
+        smollm2(args.gguf, args.out, args.work, args.graph)
     else:
         bench(args)
 

@@ -7,8 +7,13 @@ Export (`export_onnx`) runs optimum's exporter on the local folder (task text-ge
 one decoder graph taking input_ids, attention_mask, position_ids and past_key_values.N.key/value,
 returning logits and present.N.key/value), then, per precision:
 - fp32: the graph as exported;
-- fp16: exported from the model loaded in fp16 (torch runs fp16 on CPU, so no GPU is needed); its
-  past/present tensors and logits are fp16 too. Meant for CUDA; the CPU provider also runs it;
+- fp16: built by onnxruntime-genai's model builder for CUDA (GroupQueryAttention, fused rotary and
+  norms: ~12 nodes a layer against optimum's ~100, whose shape arithmetic ran on the host between
+  the GPU's kernels and kept a 0.5B model at ~2% of an H200's bandwidth limit, 10x slower than
+  genai: bench/results/onnx-gpu-h200.md). Same inputs and outputs as optimum's graph (no
+  position_ids), so `OnnxLM` runs it on the CPU and for scoring; on CUDA the runtime serves it
+  through genai's generator. Needs no GPU to build. An architecture the builder does not know falls
+  back to optimum's graph loaded in fp16, with a line saying so; its past/present and logits are fp16;
 - int4: weight-only MatMulNBits quantization of the fp32 graph (block 32, symmetric, accuracy level 4:
   int8 compute on CPU), with the head (the logits MatMul) at 8 bits, as llama.cpp's Q4_K_M keeps
   its output matrix at 6 bits;
@@ -31,6 +36,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -49,6 +55,9 @@ QUANTIZED = ("int4", "int8")
 TASK = "text-generation-with-past"
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx_data"
+GENAI_DATA_FILE = "model.onnx.data"  # onnxruntime-genai's builder's name for the weights
+GENAI_CONFIG = "genai_config.json"
+BUILDER_WRITES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "chat_template.jinja", "generation_config.json", "config.json")
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf refuses messages over 2 GiB
@@ -177,6 +186,9 @@ def _publish(staging: Path, out_dir: Path) -> None:
 
 
 def _build(model_dir: Path, staging: Path, precision: str, say: LineSink) -> dict[str, Any] | None:
+    if precision == "fp16" and _genai_build(model_dir, staging, say):
+        _copy_side_files(model_dir, staging, say)
+        return None
     raw = staging / "raw"
     dtype = "fp16" if precision == "fp16" else "fp32"
     say(f"exporting {model_dir.name} to an ONNX {dtype} graph (optimum, {TASK})")
@@ -191,6 +203,64 @@ def _build(model_dir: Path, staging: Path, precision: str, say: LineSink) -> dic
     shutil.rmtree(raw)
     _copy_side_files(model_dir, staging, say)
     return details
+
+
+def _genai_build(model_dir: Path, staging: Path, say: LineSink) -> bool:
+    """fp16 for CUDA through onnxruntime-genai's model builder, in a child process (it imports torch
+    and transformers; offline variables set, a local folder only). False, with a line saying why,
+    when genai is not installed or its builder does not know the architecture."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        say("onnxruntime-genai is not installed: exporting with optimum instead (slower on CUDA)")
+        return False
+    say(f"building {model_dir.name} as an fp16 graph for CUDA (onnxruntime-genai's model builder)")
+    cache = staging / ".builder-cache"
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(staging),
+           "-p", "fp16", "-e", "cuda", "-c", str(cache)]
+    code, tail = _run_builder(cmd, say)
+    shutil.rmtree(cache, ignore_errors=True)
+    if code == 0 and (staging / MODEL_FILE).is_file() and (staging / GENAI_CONFIG).is_file():
+        for name in BUILDER_WRITES:  # the merged model's own files go beside the graph instead
+            (staging / name).unlink(missing_ok=True)
+        return True
+    said = "\n".join(tail)
+    for leftover in staging.iterdir():
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    if "not currently supported" in said or "is not supported" in said:
+        say("onnxruntime-genai's builder does not know this architecture: exporting with optimum "
+            "instead (slower on CUDA)")
+        return False
+    raise ApplianceError(f"onnxruntime-genai's model builder failed on {model_dir} (exit {code}): "
+                         + (tail[-1] if tail else "no output"), title=TITLE,
+                         hint="its last lines are in the job log; the fp32/int4/int8 exports use optimum")
+
+
+def _run_builder(cmd: list[str], say: LineSink) -> tuple[int, list[str]]:
+    """Run the builder; 'Reading layer N' lines become progress lines, the rest is kept as the
+    tail for an error. Anything raised meanwhile (a job's cancel) kills it."""
+    import collections
+    import subprocess
+
+    from appliance.offline import OFFLINE_ENV
+
+    tail: collections.deque[str] = collections.deque(maxlen=20)
+    env = {**os.environ, **OFFLINE_ENV}
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                          env=env, text=True, errors="replace") as proc:
+        try:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                for line in (piece.strip() for piece in raw.split("\r")):
+                    if line.startswith("Reading "):
+                        say(f"  builder: {line[8:]}")
+                    elif line and not line.startswith("Saving "):
+                        tail.append(line)
+            proc.wait()
+        except BaseException:
+            proc.kill()
+            raise
+    return proc.returncode, list(tail)
 
 
 def _copy_side_files(src: Path, staging: Path, say: LineSink) -> None:
@@ -337,7 +407,8 @@ def describe(folder: Path, precision: str, quantization: dict[str, Any] | None =
         "ir_version": graph_model.ir_version,
         "files": files,
         "size_bytes": sum(files.values()),
-        "external_data": DATA_FILE in files,
+        "external_data": DATA_FILE in files or GENAI_DATA_FILE in files,
+        "graph": "onnxruntime-genai builder" if GENAI_CONFIG in files else "optimum",
         "num_layers": sum(1 for n in inputs if n.endswith(".key")),
         "kv_dtype": next((t for n, t in inputs.items() if n.startswith("past_key_values.")), None),
         "inputs": sorted(n for n in inputs if not n.startswith("past_key_values.")),

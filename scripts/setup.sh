@@ -20,7 +20,8 @@
 #
 # On a CUDA box (nvidia-smi lists a GPU and nvcc is there) llama-cpp-python is built with its CUDA
 # backend for the T4 (sm75) and newer (APPLIANCE_CUDA_ARCHS, default 75;80;86;89;90) and
-# onnxruntime-gpu (CUDA 13, with the nvidia-* runtime wheels) replaces onnxruntime. The choice and
+# onnxruntime-gpu (CUDA 13, with the nvidia-* runtime wheels) replaces onnxruntime, and
+# onnxruntime-genai-cuda replaces onnxruntime-genai (fp16 ONNX is served through it on CUDA). The choice and
 # why are written to $VENV/share/appliance/accelerator.json (`appliance doctor` shows it).
 #   APPLIANCE_ACCEL=cpu   the CPU build even where a GPU is        (=cuda: require CUDA)
 #   scripts/setup.sh --detect   print the choice and why, install nothing
@@ -70,6 +71,7 @@ detect_accel
 if [ -n "$DETECT_ONLY" ]; then echo "$ACCEL: $ACCEL_WHY"; exit 0; fi
 CUDA_ARCHS=${APPLIANCE_CUDA_ARCHS:-75;80;86;89;90}
 ORT_VERSION=$(sed -n 's/^onnxruntime==//p' requirements/constraints.txt)
+GENAI_VERSION=$(sed -n 's/^onnxruntime-genai==//p' requirements/constraints.txt)
 
 stamp_inputs() { { cat requirements/*.txt scripts/setup.sh pyproject.toml; echo "$ACCEL $CUDA_ARCHS"; } | sha256sum | cut -c1-16; }
 STAMP="$VENV/.appliance-setup-$(stamp_inputs)"
@@ -154,10 +156,18 @@ if [ "$ACCEL" = cuda ]; then
     "$VPY" -m pip uninstall -q -y onnxruntime onnxruntime-gpu >/dev/null 2>&1 || true
     "$VPY" -m pip install -q --disable-pip-version-check "onnxruntime-gpu[cuda,cudnn]==$ORT_VERSION"
   fi
-elif "$VPY" -m pip show -q onnxruntime-gpu 2>/dev/null; then
-  say "replacing onnxruntime-gpu with onnxruntime $ORT_VERSION (CPU)"
-  "$VPY" -m pip uninstall -q -y onnxruntime onnxruntime-gpu >/dev/null 2>&1 || true
-  "$VPY" -m pip install -q --disable-pip-version-check "onnxruntime==$ORT_VERSION"
+  # the same for onnxruntime-genai (one module, two packages); its CUDA build needs onnxruntime-gpu
+  if ! "$VPY" -m pip show -q onnxruntime-genai-cuda 2>/dev/null || "$VPY" -m pip show -q onnxruntime-genai 2>/dev/null; then
+    say "installing onnxruntime-genai-cuda $GENAI_VERSION in place of onnxruntime-genai"
+    "$VPY" -m pip uninstall -q -y onnxruntime-genai onnxruntime-genai-cuda >/dev/null 2>&1 || true
+    "$VPY" -m pip install -q --disable-pip-version-check --no-deps "onnxruntime-genai-cuda==$GENAI_VERSION"
+  fi
+elif "$VPY" -m pip show -q onnxruntime-gpu 2>/dev/null || "$VPY" -m pip show -q onnxruntime-genai-cuda 2>/dev/null; then
+  say "replacing onnxruntime-gpu and onnxruntime-genai-cuda with onnxruntime $ORT_VERSION (CPU)"
+  "$VPY" -m pip uninstall -q -y onnxruntime onnxruntime-gpu onnxruntime-genai onnxruntime-genai-cuda \
+    >/dev/null 2>&1 || true
+  "$VPY" -m pip install -q --disable-pip-version-check --no-deps "onnxruntime==$ORT_VERSION" \
+    "onnxruntime-genai==$GENAI_VERSION"
 fi
 
 # The GGUF converter and gguf-py, from the same sdist the runtime was built from.

@@ -84,8 +84,9 @@ class OnnxEngine(EngineBase):
                                   hint="the ONNX folder must be self-contained; export it again")
         providers = _providers(gpu)
         self.threads = threads or default_threads()
+        self.context_length = self._context(context_length)
         try:
-            self.lm = OnnxLM(self.folder, threads=self.threads, providers=providers)
+            self.lm = self._open(providers)
         except ApplianceError as exc:
             if gpu is not None or providers[0] == "CPUExecutionProvider":
                 raise  # --gpu asked for it (or the CPU failed): say so, never serve elsewhere
@@ -95,14 +96,23 @@ class OnnxEngine(EngineBase):
         config = _read_json(self.folder / "tokenizer_config.json")
         self.template = ChatTemplate(template_source(self.folder, config), special_tokens_from_config(config),
                                      origin=f"{self.folder}: chat template")
-        self.context_length = self._context(context_length)
         self.vocab_size = int(self.lm.config.get("vocab_size") or self.lm.tokenizer.get_vocab_size())
         self.stop_ids = frozenset(self._stop_ids())
         self._cached: list[int] = []  # the ids whose keys/values self._cache holds
         self._cache = self.lm.empty_cache()
 
+    def _open(self, providers: list[str]) -> Any:
+        """On CUDA a genai-built folder runs through onnxruntime-genai (genai_lm says why); the
+        rest, and everything on the CPU, through onnxruntime as the export stage checked it."""
+        from appliance.runtime import genai_lm
+        from export.onnx import OnnxLM
+
+        if providers[0] == "CUDAExecutionProvider" and genai_lm.usable(self.folder):
+            return genai_lm.GenaiLM(self.folder, self.context_length)
+        return OnnxLM(self.folder, threads=self.threads, providers=providers)
+
     def _context(self, asked: int | None) -> int:
-        trained = self.lm.config.get("max_position_embeddings")
+        trained = _read_json(self.folder / "config.json").get("max_position_embeddings")
         if asked is None:
             return int(trained or 2048)
         if trained and asked > trained:

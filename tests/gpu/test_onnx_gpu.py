@@ -3,9 +3,11 @@ within the parity gate's agreement), the KV cache kept on the device between ste
 stops on its stop tokens, and `appliance serve --gpu` answers a request with the model on the GPU.
 
 Skipped unless onnxruntime here has its CUDA provider (onnxruntime-gpu; CI's CPU onnxruntime has
-none). The model: $APPLIANCE_GPU_TEST_ONNX, an fp16 export of the real SmolLM2 (a GPU host makes it
-with `python3 bench/onnx_gpu.py smollm2 --gguf SmolLM2-135M-Instruct.Q4_1.gguf --out DIR`). On a GPU
-host: `APPLIANCE_GPU_TEST_ONNX=DIR python -m pytest tests/gpu/test_onnx_gpu.py -q -s`."""
+none). The models: $APPLIANCE_GPU_TEST_ONNX, fp16 exports of the real SmolLM2 separated by ':'
+(a GPU host makes them with `python3 bench/onnx_gpu.py smollm2 --gguf SmolLM2-135M-Instruct.Q4_1.gguf
+--out DIR [--graph optimum]`): the export stage's genai-built graph runs through onnxruntime-genai,
+optimum's through onnxruntime with IO binding. On a GPU host:
+`APPLIANCE_GPU_TEST_ONNX=DIR1:DIR2 python -m pytest tests/gpu/test_onnx_gpu.py -q -s`."""
 
 from __future__ import annotations
 
@@ -29,12 +31,15 @@ PROMPTS = [[{"role": "user", "content": "What is the capital of France? Answer i
            [{"role": "user", "content": "Write a short poem about the sea."}]]
 
 
-@pytest.fixture(scope="module")
-def folder() -> Path:
-    given = os.environ.get("APPLIANCE_GPU_TEST_ONNX")
-    if not given:
-        pytest.skip("set APPLIANCE_GPU_TEST_ONNX to an fp16 ONNX export (bench/onnx_gpu.py smollm2)")
-    return Path(given)
+def _folders() -> list[str]:
+    return [f for f in os.environ.get("APPLIANCE_GPU_TEST_ONNX", "").split(os.pathsep) if f]
+
+
+@pytest.fixture(scope="module", params=_folders() or [""])
+def folder(request: pytest.FixtureRequest) -> Path:
+    if not request.param:
+        pytest.skip("set APPLIANCE_GPU_TEST_ONNX to fp16 ONNX exports (bench/onnx_gpu.py smollm2)")
+    return Path(request.param)
 
 
 Answers = list[tuple[list[int], str]]
@@ -54,14 +59,25 @@ def _greedy(folder: Path, gpu: bool, max_tokens: int = 48) -> tuple[Answers, lis
                 elif isinstance(item, Done):
                     reason = item.reason
             out.append((ids, reason))
-        if gpu:  # the cache the last step left stays on the card (no host round-trip per token)
-            lm = engine.lm  # type: ignore[attr-defined]
-            assert lm.bind
-            devices = {t.device_name().lower() for t in engine._cache.tensors.values()}  # type: ignore[attr-defined]
-            assert devices == {"cuda"}, devices
+        if gpu:
+            _check_the_cache_stays_on_the_card(engine)
         return out, [engine.prompt_ids(m) for m in PROMPTS]
     finally:
         engine.close()
+
+
+def _check_the_cache_stays_on_the_card(engine: object) -> None:
+    """A genai-built folder runs through genai's generator (its KV buffer on the device, CUDA
+    graphs); another one through onnxruntime with the cache bound on the device (IO binding)."""
+    from appliance.runtime.genai_lm import GenaiLM
+
+    lm = engine.lm  # type: ignore[attr-defined]
+    if (Path(engine.folder) / "genai_config.json").is_file():  # type: ignore[attr-defined]
+        assert isinstance(lm, GenaiLM) and lm.device == "cuda" and lm.cuda_graph
+        return
+    assert lm.bind
+    devices = {t.device_name().lower() for t in engine._cache.tensors.values()}  # type: ignore[attr-defined]
+    assert devices == {"cuda"}, devices
 
 
 def _teacher_forced_agreement(folder: Path, ids: list[int]) -> float:

@@ -144,6 +144,36 @@ def test_fp16_graph_holds_fp16_weights_and_runs_on_cpu(tiny: dict) -> None:
     assert lm.generate(IDS, 4, []) == _greedy_without_cache(lm, IDS, 4)
 
 
+def test_fp16_is_genai_s_builder_graph_with_the_model_s_own_files(tiny: dict,
+                                                                 tiny_llama_source: Path) -> None:
+    import onnx
+
+    folder, info = tiny["llama-fp16"]
+    assert info["graph"] == "onnxruntime-genai builder" and tiny["llama-fp32"][1]["graph"] == "optimum"
+    assert set(info["files"]) == SIDE_FILES | {"model.onnx", "model.onnx.data", "genai_config.json"}
+    for name in SIDE_FILES:  # the merged model's files, not the builder's re-saved ones
+        assert (folder / name).read_bytes() == (tiny_llama_source / name).read_bytes(), name
+    nodes = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node
+    optimum = onnx.load(str(tiny["llama-fp32"][0] / "model.onnx"), load_external_data=False).graph.node
+    assert "GroupQueryAttention" in {n.op_type for n in nodes}
+    assert len(nodes) * 5 < len(optimum)  # the host-side shape arithmetic is gone
+    assert not any(p.name.startswith(".") for p in folder.iterdir())  # its cache went with the staging
+
+
+def test_fp16_falls_back_to_optimum_for_an_architecture_the_builder_does_not_know(
+        tmp_path: Path, tiny_llama_source: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    said: list[str] = []
+    monkeypatch.setattr("export.onnx._run_builder", lambda cmd, say: (
+        1, ["NotImplementedError: The FooForCausalLM model is not currently supported."]))
+    info = export_onnx(tiny_llama_source, tmp_path / "fp16", "fp16", progress=said.append)
+    assert info["graph"] == "optimum" and info["kv_dtype"] == "FLOAT16"
+    assert any("does not know this architecture" in line for line in said)
+    monkeypatch.setattr("export.onnx._run_builder", lambda cmd, say: (1, ["Killed"]))
+    with pytest.raises(ApplianceError, match=r"model builder failed .*exit 1.*Killed"):
+        export_onnx(tiny_llama_source, tmp_path / "fp16-b", "fp16")
+    assert not (tmp_path / "fp16-b").exists() and not list(tmp_path.glob(".fp16-b*"))
+
+
 def test_external_data_is_one_file_beside_the_graph(tmp_path: Path, tiny_llama_source: Path,
                                                    tiny: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FORCE_ONNX_EXTERNAL_DATA", "1")  # optimum's switch: as for a >2 GB model
