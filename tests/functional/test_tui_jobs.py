@@ -3,6 +3,7 @@ and stays responsive while a job floods its events file."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from textual.widgets import RichLog
+from textual.widgets import ContentSwitcher, RichLog
 from tuikit import app_for, settle, wait_for
 
 from appliance import jobs
@@ -97,17 +98,21 @@ async def test_ui_stays_responsive_while_a_job_floods_events(workspace: Workspac
         writer = threading.Thread(target=_flood, args=(events, steps, 3.0))
         started = time.monotonic()
         writer.start()
-        worst = 0.0
-        while writer.is_alive():  # a key press is handled promptly throughout
-            t0 = time.monotonic()
+        views = app.screen.query_one("#views", ContentSwitcher)
+        shown, presses = [views.current], 0
+        while writer.is_alive():  # key presses are handled while the flood is folded in
             await pilot.press("ctrl+l")
-            worst = max(worst, time.monotonic() - t0)
+            presses += 1
+            shown.append(views.current)
         writer.join()
         screen = app.screen
         await wait_for(pilot, lambda: screen.progress is not None and screen.progress.step == steps,
                        20, "every event folded in")
         elapsed = time.monotonic() - started
-    assert worst < 1.0, f"a key press took {worst:.2f} s during the flood"
+    # state, not wall-clock (a loaded box is slow, not wrong): each press during the flood switched
+    # the view, and the flood did not hold the keys back until its end
+    assert presses >= 3, f"{presses} key presses handled during a {elapsed:.1f} s flood"
+    assert all(a != b for a, b in itertools.pairwise(shown)), shown
     assert len(screen.progress.loss) == steps
     polls = elapsed / 0.25 + 4
     assert len(draws) <= 2 * polls, f"{len(draws)} chart updates for {polls:.0f} polls"
