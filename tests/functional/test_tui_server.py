@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from textual.widgets import Input, SelectionList, Static
+from textual.widgets import Input, Select, SelectionList, Static
 from tuikit import (
     app_for,
     build_fixed_workspace,
@@ -81,12 +81,15 @@ async def test_keys_start_request_stop(ws: Workspace) -> None:
         dialog = app.screen
         assert list(dialog.query_one("#exports", SelectionList).selected) == ["smol-a"]
         dialog.query_one("#port", Input).value = "0"
+        assert dialog.query_one("#device", Select).value == "auto"  # serve's default: the GPU if it fits
+        dialog.query_one("#device", Select).value = "cpu"  # --cpu
         await pilot.click("#go")
         await wait_for(pilot, lambda: _rows(screen, "servers") and
                        _rows(screen, "servers")[0][1] == "serving", timeout=90)
         url = "http://" + _rows(screen, "servers")[0][0]
         (job_id,) = [s.job.id for s in screen.last.servers if s.job]
         assert jobs.get(ws, job_id).state == "running"
+        assert jobs.get(ws, job_id).params["device"] == "cpu"
 
         assert await asyncio.to_thread(_chat, url, key, "smol-a") == 200
         assert await asyncio.to_thread(_chat, url, "apk_00000000_" + "x" * 40, "smol-a") == 401

@@ -30,7 +30,7 @@ from textual.widgets import Button, Checkbox, Input, Label, SelectionList, Stati
 from appliance import jobs
 from appliance.runtime import keys, service
 from appliance.workspace import Workspace
-from tui.dialogs import ConfirmDialog, FormDialog, dialog_css, named
+from tui.dialogs import ConfirmDialog, FormDialog, NamedSelect, dialog_css, named
 from tui.screens.base import ApplianceScreen
 from tui.widgets import KeyedTable, TickBox, TickList, clip, first_line, middle, rate
 
@@ -152,14 +152,22 @@ def status_text(read: ServerRead) -> str:
     return f"Clients use [b]{serving[0].url}/v1[/]{where} with a key as Bearer token. {keys_note}."
 
 
+# `serve`'s --gpu/--cpu: auto places what fits the GPU and leaves the rest on the CPU with a log line
+DEVICE_CHOICES = [("GPU if it fits", "auto"), ("GPU only", "gpu"), ("CPU only", "cpu")]
+
+
 class StartDialog(FormDialog[service.ServeOptions]):
-    """Which exports to serve, where, and whether a failed-parity export may be served."""
+    """Which exports to serve, where, on which device (`serve`'s --gpu/--cpu: "GPU if it fits"
+    places the models on the GPU while they fit its free memory and the rest on the CPU with a log
+    line; "GPU only" refuses instead; "CPU only" never uses the GPU), and whether a failed-parity
+    export may be served."""
 
     HELP_TITLE = "start the server"
     DEFAULT_CSS = dialog_css("StartDialog") + """
     StartDialog SelectionList { height: auto; max-height: 7; }
     StartDialog .row { height: auto; }
     StartDialog .row Input { width: 1fr; }
+    StartDialog .row Select { width: 22; }
     """
     HEADING = "Serve exports through the OpenAI-compatible API"
     SUBMIT = "Start"
@@ -174,6 +182,8 @@ class StartDialog(FormDialog[service.ServeOptions]):
         with Horizontal(classes="row"):
             yield named(Input("127.0.0.1", id="host"), "listen on address")
             yield named(Input(str(service.DEFAULT_PORT), id="port"), "port")
+            yield NamedSelect(DEVICE_CHOICES, value="auto", allow_blank=False, id="device",
+                              field_name="run on")
         yield TickBox("allow exports whose parity gate failed", id="allow-failed")
         yield Static("127.0.0.1: this machine only. Another address lets the network in.",
                      classes="muted", id="host-note")
@@ -189,7 +199,8 @@ class StartDialog(FormDialog[service.ServeOptions]):
             return
         self.dismiss(service.ServeOptions(
             names, host=self.query_one("#host", Input).value.strip(), port=int(port),
-            allow_failed_parity=self.query_one("#allow-failed", Checkbox).value))
+            allow_failed_parity=self.query_one("#allow-failed", Checkbox).value,
+            device=str(self.query_one("#device", NamedSelect).value)))
 
     @on(Input.Changed, "#host")
     def _host(self, event: Input.Changed) -> None:
