@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "tests" / "fixtures" / "smollm2-tokenizer"
@@ -151,40 +152,54 @@ CONTEXT = 2048
 def ours(gguf: Path, tokens: int) -> tuple[float, float, float]:
     import llama_cpp  # noqa: F401  # before numpy (docs/PITFALLS.md, "GPU runtime")
 
-    from appliance.runtime.engine import Artifact, Sampling
+    from appliance.runtime.engine import Artifact
     from appliance.runtime.llama_engine import LlamaEngine
 
     engine = LlamaEngine(Artifact(gguf.stem, "gguf", gguf, "unknown"), context_length=CONTEXT, gpu=True)
-    bias = {int(t): -100.0 for t in engine.stop_ids}
-    rates, firsts = [], []
     try:
-        for _ in range(4):  # the first is a warm-up
-            start = time.perf_counter()
-            stamps = []
-            for item in engine.generate([{"role": "user", "content": "Write a long story."}],
-                                        Sampling(temperature=0.0, max_tokens=tokens, logit_bias=bias)):
-                if getattr(item, "token_id", -1) >= 0:  # a Delta per generated token
-                    stamps.append(time.perf_counter())
-            if len(stamps) >= 2:
-                rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-                firsts.append(stamps[0] - start)
+        rate, first = decode_timing(engine, tokens)
         used = process_gpu_mib()
     finally:
         engine.close()
-    return statistics.median(rates[1:]), statistics.median(firsts[1:]), used
+    return rate, first, used
+
+
+def decode_timing(engine: Any, tokens: int) -> tuple[float, float]:
+    """Greedy, `tokens` new tokens after a short chat prompt, stop tokens biased away: (decode
+    tokens/s from the first token to the last, time to first token s), medians of 3 after a warm-up."""
+    from appliance.runtime.engine import Sampling
+
+    bias = tuple((int(t), -100.0) for t in engine.stop_ids)
+    rates, firsts = [], []
+    for _ in range(4):  # the first is a warm-up
+        start = time.perf_counter()
+        stamps = []
+        for item in engine.generate([{"role": "user", "content": "Write a long story."}],
+                                    Sampling(temperature=0.0, max_tokens=tokens, logit_bias=bias)):
+            if getattr(item, "token_id", -1) >= 0:  # a Delta per generated token
+                stamps.append(time.perf_counter())
+        if len(stamps) >= 2:
+            rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+            firsts.append(stamps[0] - start)
+    return statistics.median(rates[1:]), statistics.median(firsts[1:])
 
 
 def ours_in_child(gguf: Path, tokens: int) -> tuple[float, float, float]:
     """`ours` in a process where torch never touched CUDA (two CUDA runtimes in one process crash)."""
-    code = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); from bench.gguf_gpu import ours; "
-            f"print('RESULT', json.dumps(ours(__import__('pathlib').Path({str(gguf)!r}), {tokens})))")
+    rate, ttft, used = in_child("bench.gguf_gpu", f"ours(Path({str(gguf)!r}), {tokens})")  # type: ignore[misc]
+    return float(rate), float(ttft), float(used)
+
+
+def in_child(module: str, call: str) -> Any:
+    """`call` (an expression over `module`'s names) in a fresh process, its JSON result back."""
+    code = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
+            f"from {module} import *; print('RESULT', json.dumps({call}))")
     done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True,
                           text=True, check=False)
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
-        raise RuntimeError(f"the engine run failed ({done.returncode}): {done.stderr[-1500:]}")
-    rate, ttft, used = json.loads(line[7:])
-    return float(rate), float(ttft), float(used)
+        raise RuntimeError(f"the child failed ({done.returncode}): {done.stderr[-1500:]}")
+    return json.loads(line[7:])
 
 
 def tensor_bytes(gguf: Path) -> int:

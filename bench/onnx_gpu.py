@@ -47,6 +47,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,27 +140,17 @@ def weight_bytes(folder: Path) -> int:
 
 def ours(folder: Path, tokens: int, bind: bool) -> tuple[float, float, str]:
     """The product's ONNX engine on CUDA: (decode tokens/s, time to first token s), medians."""
-    from appliance.runtime.engine import Artifact, Sampling
+    from appliance.runtime.engine import Artifact
     from appliance.runtime.onnx_engine import OnnxEngine
+    from bench.gguf_gpu import decode_timing
 
     engine = OnnxEngine(Artifact(folder.name, "onnx", folder, "unknown"), gpu=True, context_length=2048)
     engine.lm.bind = bind
-    bias = tuple((int(t), -100.0) for t in engine.stop_ids)
-    rates, firsts = [], []
     try:
-        for _ in range(4):  # the first is a warm-up
-            start = time.perf_counter()
-            stamps = []
-            for item in engine.generate([{"role": "user", "content": "Write a long story."}],
-                                        Sampling(temperature=0.0, max_tokens=tokens, logit_bias=bias)):
-                if getattr(item, "token_id", -1) >= 0:
-                    stamps.append(time.perf_counter())
-            if len(stamps) >= 2:
-                rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-                firsts.append(stamps[0] - start)
+        rate, first = decode_timing(engine, tokens)
     finally:
         engine.close()
-    return statistics.median(rates[1:]), statistics.median(firsts[1:]), type(engine.lm).__name__
+    return rate, first, type(engine.lm).__name__
 
 
 def side_files(src: Path, dst: Path) -> None:
@@ -283,20 +274,15 @@ def profile(folder: Path, tokens: int) -> dict[str, object]:
             "top_ops_ms_per_step": {k: round(v / steps / 1000, 3) for k, v in by_op.most_common(10)}}
 
 
-def in_child(call: str) -> object:
+def in_child(call: str) -> Any:
     """`call` (an expression over this module) in a fresh process: one CUDA runtime, no torch."""
-    code = (f"import sys, json, pathlib; sys.path.insert(0, {str(ROOT)!r}); from bench.onnx_gpu import *; "
-            f"from pathlib import Path; print('RESULT', json.dumps({call}))")
-    done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True,
-                          text=True, check=False)
-    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if line is None:
-        raise RuntimeError(f"the child failed ({done.returncode}): {done.stderr[-1500:]}")
-    return json.loads(line[7:])
+    from bench.gguf_gpu import in_child as run
+
+    return run("bench.onnx_gpu", call)
 
 
 def ours_in_child(folder: Path, tokens: int, bind: bool) -> tuple[float, float, str]:
-    rate, ttft, backend = in_child(f"ours(Path({str(folder)!r}), {tokens}, {bind})")  # type: ignore[misc]
+    rate, ttft, backend = in_child(f"ours(Path({str(folder)!r}), {tokens}, {bind})")
     return float(rate), float(ttft), str(backend)
 
 
@@ -397,7 +383,7 @@ def variant_row(shape: str, variant: str, work: Path, fp16: Path | None, gbs: fl
             folder = genai_build(work / f"{shape}-hf", work / f"{shape}-{variant}-fp16", "fp16",
                                  variant == "genai-graph")
             size = weight_bytes(folder)
-            rate, ttft = in_child(f"genai_rate(Path({str(folder)!r}), {tokens})")  # type: ignore[misc]
+            rate, ttft = in_child(f"genai_rate(Path({str(folder)!r}), {tokens})")
             _rates(row, "bound", rate, ttft, size, gbs)  # genai keeps its cache on the device
         else:
             raise RuntimeError(f"unknown variant {variant}")
