@@ -204,8 +204,9 @@ def default_context(kind: str, path: Path) -> int:
         from appliance.runtime.llama_engine import gguf_context_length, pick_context
 
         return pick_context(None, gguf_context_length(path))
-    trained = onnx_trained_context(path)
-    return trained or 2048
+    from appliance.runtime.onnx_engine import default_context as onnx_default
+
+    return onnx_default(path, onnx_trained_context(path))
 
 
 def onnx_trained_context(folder: Path) -> int | None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import ApplianceError, ValidationError
-from appliance.runtime.engine import Artifact, EngineBase, Sampling, default_threads
+from appliance.runtime.engine import DEFAULT_MAX_CONTEXT, Artifact, EngineBase, Sampling, default_threads
 from appliance.runtime.template import ChatTemplate, special_tokens_from_config
 
 LOG = logging.getLogger(__name__)
@@ -66,6 +66,15 @@ def _providers(gpu: bool | None) -> list[str]:
         raise ApplianceError("onnxruntime has no CUDA execution provider here", title="No GPU",
                              hint=CUDA_HINT)
     return ["CUDAExecutionProvider"] if has_cuda and gpu is not False else ["CPUExecutionProvider"]
+
+
+def default_context(folder: Path, trained: int | None) -> int:
+    """The context when none is asked: the trained one; for a genai-built folder (the fp16 export)
+    capped at DEFAULT_MAX_CONTEXT as for GGUF, because on CUDA genai allocates its KV buffer for the
+    whole context up front (a 128k-token model would take its cache for 128k tokens unasked)."""
+    if (folder / "genai_config.json").is_file():
+        return min(int(trained or DEFAULT_MAX_CONTEXT), DEFAULT_MAX_CONTEXT)
+    return int(trained or 2048)
 
 
 class OnnxEngine(EngineBase):
@@ -114,7 +123,7 @@ class OnnxEngine(EngineBase):
     def _context(self, asked: int | None) -> int:
         trained = _read_json(self.folder / "config.json").get("max_position_embeddings")
         if asked is None:
-            return int(trained or 2048)
+            return default_context(self.folder, trained)
         if trained and asked > trained:
             raise ValidationError(f"context_length {asked} is more than the model was trained on ({trained})",
                                   hint=f"context_length: at most {trained}")

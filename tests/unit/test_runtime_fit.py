@@ -84,6 +84,19 @@ def test_the_onnx_shape_comes_from_config_json(tmp_path: Path) -> None:
         fit.onnx_shape(tmp_path)
 
 
+def test_a_genai_built_onnx_folder_takes_a_capped_context_unasked(tmp_path: Path) -> None:
+    """genai allocates its KV buffer for the whole context on CUDA: like a GGUF, a long-context model
+    opens at DEFAULT_MAX_CONTEXT unless asked; optimum's graph grows its cache and keeps the trained."""
+    from appliance.runtime.engine import DEFAULT_MAX_CONTEXT
+
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 131072}))
+    assert fit.default_context("onnx", tmp_path) == 131072
+    (tmp_path / "genai_config.json").write_text("{}")
+    assert fit.default_context("onnx", tmp_path) == DEFAULT_MAX_CONTEXT == 8192
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 2048}))
+    assert fit.default_context("onnx", tmp_path) == 2048
+
+
 def _print(name: str, mib: int) -> fit.Footprint:
     return fit.Footprint(name, 100, mib * MIB, 0, 0)
 
