@@ -169,6 +169,27 @@ def cmd_exports_fit(args: argparse.Namespace) -> int:
     return ExitCode.OK if placement.fits else ExitCode.FAILED
 
 
+def cmd_exports_frontier(args: argparse.Namespace) -> int:
+    from appliance.stages.verify import frontier
+
+    ws = open_workspace(args)
+    ws.get("run", args.run)  # a clear error for a run that is not there
+    rows = frontier.frontier(ws, args.run)
+    if args.json:
+        print(json.dumps({"run": args.run, "exports": frontier.rows_json(rows)}, indent=2))
+        return ExitCode.OK
+    if not rows:
+        say(f"{args.run} has no GGUF or ONNX export yet: appliance export gguf {args.run} --quant "
+            "Q8_0,Q4_K_M (or export onnx ... --precision int4,int8); each is scored as it is made")
+        return ExitCode.OK
+    say(f"exports of {args.run}: size on disk, the parity gate's numbers on its held-out chats, greedy "
+        "decode on this box; * = no other export is smaller, closer and faster at once")
+    say(frontier.table(rows))
+    if any(r.decode_tokens_per_s is None for r in rows):
+        say("tok/s '-': gated before decode timing existed; `appliance verify EXPORT` times it")
+    return ExitCode.OK
+
+
 def register(sub: Any) -> None:
     from appliance.stages.merge import request as merge_request
 
@@ -223,3 +244,12 @@ def register(sub: Any) -> None:
                    "GPU 0, its free memory; 16 with no GPU)")
     json_flag(p, "the plan")
     p.set_defaults(func=cmd_exports_fit)
+    p = xsub.add_parser("frontier", help="a run's exports side by side: size, Δppl, KL, agreement, tok/s",
+                        description="Every GGUF and ONNX export of a run with its size, the parity "
+                                    "gate's perplexity change, KL and greedy agreement on the run's "
+                                    "held-out chats, and its greedy decode speed on this box; the "
+                                    "exports no other one beats on size, Δppl and speed at once are "
+                                    "marked: the trade-offs to choose from.")
+    complete(p.add_argument("run"), names("run"))
+    json_flag(p, "the rows")
+    p.set_defaults(func=cmd_exports_frontier)

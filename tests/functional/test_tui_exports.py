@@ -48,8 +48,15 @@ async def test_list_verdicts_and_parity_table(fixed_ws: Workspace) -> None:
         assert table.selected_key() == f"{RUN}-gguf-q8_0"
         await wait_for(pilot, lambda: f"{RUN}-gguf-q8_0  (ready)" in screen_text(app), 10,
                        "the q8_0 details")
-        row = next(line for line in screen_text(app).splitlines() if "q8_0  " in line and "%" in line)
-        assert row.split()[-7:-1] == ["5.960", "+0.55%", "0.0039", "97.34%", "same", "pass"]
+        lines = [line.strip("│ ") for line in screen_text(app).splitlines()]
+        row = next(line for line in lines if "q8_0  " in line and "%" in line)
+        assert row.split()[-7:] == ["5.960", "+0.55%", "0.0039", "97.34%", "same", "41.3", "pass"]
+        # the run's frontier below: Q8_0 (closest, fastest) and int4 (smaller) both worth choosing;
+        # the failed Q4_K_M is listed, never marked
+        below = lines[next(i for i, x in enumerate(lines) if "'s exports (*" in x) + 2:]
+        frontier = {cells[-6]: cells for cells in map(str.split, below) if len(cells) >= 6}
+        assert frontier["Q8_0"] == ["*", "Q8_0", "14", "+0.55%", "0.0039", "97%", "41.3"]
+        assert frontier["int4"][0] == "*" and frontier["Q4_K_M"][0] == "Q4_K_M"
 
 
 async def test_dialogs_queue_merge_export_and_verify_jobs(fixed_ws: Workspace) -> None:

@@ -68,6 +68,7 @@ def test_gguf_export_is_scored_and_passes_its_gate(smol_run: Workspace) -> None:
     row = report["artifacts"][0]
     assert row["passed"] and row["tokens_identical"] is True and row["kind"] == "q8_0"
     assert row["threshold"]["ppl_increase"] == 0.02 and abs(row["ppl_increase"]) < 0.02
+    assert row["decode_tokens_per_s"] > 0 and row["decode_tokens"] == 32  # timed in llama.cpp, this box
     assert report["conversations"] >= 5 and report["tokens"] > 200
     assert "\nFROM ./run-Q8_0.gguf\n" in (record.path / "Modelfile").read_text()
     manifest.verify(record.path)
@@ -147,6 +148,32 @@ def test_onnx_int4_export_generates_and_is_scored(smol_run: Workspace) -> None:
                       "<|im_start|>assistant\n")
     out = lm.generate(ids, 40, lm.stop_ids)
     assert 0 < len(out) < 40  # stopped on EOS before the limit
+
+
+def test_the_frontier_lists_the_run_s_exports_side_by_side(smol_run: Workspace,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from appliance.cli import main as cli
+    from appliance.stages.verify import frontier
+
+    scratch = smol_run.root / "scratch"
+    convert.export_gguf(smol_run, "run", ["q8_0"], scratch=scratch)  # made above, or made now
+    convert.export_onnx(smol_run, "run", ["int4"], scratch=scratch)
+    rows = {r.name: r for r in frontier.frontier(smol_run, "run")}
+    gguf, onnx = rows["run-gguf-q8_0"], rows["run-onnx-int4"]
+    for row in (gguf, onnx):
+        parity = json.loads((smol_run.get("export", row.name).path / "parity.json").read_text())
+        assert row.ppl_increase == parity["artifacts"][0]["ppl_increase"]
+        assert row.decode_tokens_per_s and row.decode_tokens_per_s > 0 and row.size_bytes > 10 * 2**20
+    assert "run-merged" not in rows  # the reference, not a candidate
+    # a smaller export with a larger loss does not beat a larger, closer one (and the reverse):
+    # both stay on the frontier unless one is also no worse on the other two
+    assert any(r.frontier for r in rows.values())
+    assert cli(["--home", str(smol_run.root), "exports", "frontier", "run"]) == 0
+    out = capsys.readouterr().out
+    assert "run-gguf-q8_0" in out and "run-onnx-int4" in out and "tok/s" in out
+    assert cli(["--home", str(smol_run.root), "exports", "frontier", "run", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {r["name"] for r in data["exports"]} >= {"run-gguf-q8_0", "run-onnx-int4"}
 
 
 def test_below_six_bits_the_gguf_uses_an_imatrix_of_the_runs_training_chats(

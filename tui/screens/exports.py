@@ -52,6 +52,11 @@ def _numbers(r: dict[str, Any]) -> list[str]:
             f"{r['agreement']:.2%}", ids]
 
 
+def _speed(r: dict[str, Any]) -> str:
+    value = r.get("decode_tokens_per_s")
+    return "-" if value is None else f"{value:.1f}"
+
+
 def _reasons(r: dict[str, Any]) -> Text | None:
     if r.get("passed") is not False:
         return None
@@ -76,12 +81,14 @@ class ParityTable:
 
     @staticmethod
     def _table(rows: list[dict[str, Any]]) -> Table:
+        timed = any(r.get("decode_tokens_per_s") is not None for r in rows)  # gates since it was timed
         table = Table(box=None, padding=(0, 1), header_style="bold")
-        for column in ("artifact", "type", "ppl", "Δppl", "KL", "agree", "ids", "verdict"):
+        for column in ("artifact", "type", "ppl", "Δppl", "KL", "agree", "ids",
+                       *(["tok/s"] if timed else []), "verdict"):
             table.add_column(column, justify="left" if column in ("artifact", "type", "verdict")
                              else "right", no_wrap=True)
         for r in rows:
-            table.add_row(r["name"], r["kind"], *_numbers(r), _verdict(r))
+            table.add_row(r["name"], r["kind"], *_numbers(r), *([_speed(r)] if timed else []), _verdict(r))
         return table
 
     @staticmethod
@@ -89,12 +96,37 @@ class ParityTable:
         cards = []
         for r in rows:
             ppl, delta, kl, agree, ids = _numbers(r)
+            speed = f" · {_speed(r)} tok/s" if r.get("decode_tokens_per_s") is not None else ""
             cards.append(Text.assemble(_verdict(r), f" {r['name']} ({r['kind']})\n",
-                                       f"  ppl {ppl} ({delta}) · KL {kl} · agree {agree} · ids {ids}"))
+                                       f"  ppl {ppl} ({delta}) · KL {kl} · agree {agree} · ids {ids}{speed}"))
         return Group(*cards)
 
 
-def export_details(path: Path) -> Group:
+class FrontierTable:
+    """The run's exports side by side (appliance.stages.verify.frontier): what each costs on disk,
+    loses against the merged model and decodes at on this box; * on those no other export beats on
+    size, Δppl and speed at once."""
+
+    def __init__(self, run: str, rows: list[Any]) -> None:
+        self.run, self.rows = run, rows
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield Text(f"\n{self.run}'s exports (* = nothing smaller, closer and faster at once):")
+        table = Table(box=None, padding=(0, 1), header_style="bold")
+        for column in ("", "type", "MiB", "Δppl", "KL", "agree", "tok/s"):
+            table.add_column(column, justify="left" if column in ("", "type") else "right", no_wrap=True)
+        for r in self.rows:
+            table.add_row("*" if r.frontier else "", r.type, f"{r.size_bytes / 2**20:.0f}",
+                          "-" if r.ppl_increase is None else f"{r.ppl_increase:+.2%}",
+                          "-" if r.kl is None else f"{r.kl:.4f}",
+                          "-" if r.agreement is None else f"{r.agreement:.0%}",
+                          "-" if r.decode_tokens_per_s is None else f"{r.decode_tokens_per_s:.1f}",
+                          style="bold" if r.frontier else ("red" if r.status == "failed" else ""))
+        yield table
+
+
+def export_details(path: Path, ws: Any = None) -> Group:
+    """The export's manifest, its parity report and (with `ws`) its run's frontier."""
     from appliance import licences, manifest
 
     data = manifest.read(path)
@@ -112,6 +144,11 @@ def export_details(path: Path) -> Group:
         body.append(ParityTable(json.loads(report.read_text(encoding="utf-8"))))
     else:
         body.append(Text("no parity report", style="dim"))
+    run = data["config"].get("run")
+    if ws is not None and run and data["config"].get("format") in ("gguf", "onnx"):
+        from appliance.stages.verify import frontier
+
+        body.append(FrontierTable(run, frontier.frontier(ws, run)))
     return Group(*body)
 
 
@@ -240,7 +277,7 @@ class ExportsScreen(ArtifactScreen):
                 record.status, record.summary.get("type", "?"))
 
     def read_details(self, path: Path) -> Group:
-        return export_details(path)
+        return export_details(path, self.ws)
 
     # -- actions ---------------------------------------------------------------------------
     def _with_runs(self, open_dialog: type[MergeDialog] | type[ExportDialog]) -> None:

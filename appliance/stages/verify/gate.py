@@ -17,7 +17,7 @@ from appliance.errors import BusyError, ValidationError
 from appliance.fsutil import atomic_write_text
 from appliance.progress import QUIET, Reporter, Stages
 from appliance.stages.merge.inputs import merged_name, run_inputs
-from appliance.stages.verify import parity
+from appliance.stages.verify import frontier, parity
 from appliance.stages.verify.scoring import PARITY_MAX_TOKENS, Candidate, Scoring, parity_data
 from appliance.workspace import ArtifactRecord, ArtifactWriter, Workspace, parent_ref
 
@@ -42,8 +42,11 @@ class Gate:
         tokenizer = load_tokenizer(merged.path)
         data, text = parity_data(model, dataset, tokenizer)
         same = runtime.tokenize(text) == tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.scoring.parity_report(merged.path, merged.name, data,
-                                          {name: Candidate(kind, runtime, same)})
+        verdict = self.scoring.parity_report(merged.path, merged.name, data,
+                                             {name: Candidate(kind, runtime, same)})
+        self.stages.emit("time-decode", f"timing {name}'s greedy decode on this box")
+        verdict["artifacts"][0].update(frontier.decode_speed(runtime, data[0].input_ids))
+        return verdict
 
     def commit(self, w: ArtifactWriter, verdict: dict[str, Any], merged: ArtifactRecord,
                config: dict[str, Any], summary: dict[str, Any],

@@ -178,15 +178,21 @@ def judge(name: str, kind: str, score: Score, ref: Score, tokens_identical: bool
 
 
 def table(report: dict[str, Any]) -> str:
-    """The report as a text table (what the CLI and the demo print)."""
+    """The report as a text table (what the CLI and the demo print); a tok/s column where the gate
+    timed the decode (gates from before it did not)."""
+    timed = any(r.get("decode_tokens_per_s") is not None for r in report["artifacts"])
     lines = [f"parity on {report['conversations']} held-out conversations, {report['tokens']} assistant "
              f"tokens; reference {report['reference']['name']}: perplexity "
              f"{report['reference']['perplexity']:.3f}",
-             f"{'artifact':34} {'type':8} {'ppl':>8} {'Δppl':>8} {'KL':>8} {'agree':>7} {'ids':>4}  verdict"]
+             f"{'artifact':34} {'type':8} {'ppl':>8} {'Δppl':>8} {'KL':>8} {'agree':>7} {'ids':>4}"
+             + (f" {'tok/s':>7}" if timed else "") + "  verdict"]
     for r in report["artifacts"]:
         ids = {True: "same", False: "DIFF", None: "-"}[r["tokens_identical"]]
         verdict = {True: "pass", None: "(reported, not gated)"}.get(r["passed"], "FAIL: " + "; ".join(
             r["reasons"]))
+        speed = r.get("decode_tokens_per_s")
         lines.append(f"{r['name'][:34]:34} {r['kind']:8} {r['perplexity']:8.3f} {r['ppl_increase']:+8.2%} "
-                     f"{r['kl']:8.4f} {r['agreement']:7.2%} {ids:>4}  {verdict}")
+                     f"{r['kl']:8.4f} {r['agreement']:7.2%} {ids:>4}"
+                     + (f" {'-' if speed is None else format(speed, '.1f'):>7}" if timed else "")
+                     + f"  {verdict}")
     return "\n".join(lines)
