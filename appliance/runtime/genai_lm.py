@@ -13,8 +13,10 @@ takes, stops, streaming) calls `forward`/`decode` as on the CPU. genai only runs
 first. Only the last position's logits come back (float32). Scoring (whole-sequence logits) stays
 with `OnnxLM`, which runs the same graph on the CPU.
 
-genai's own telemetry is switched off before a model loads (offline by construction; onnxruntime's
-is off through the environment, appliance.offline).
+genai logs telemetry through onnxruntime's 1DS store on Linux too (`onnxruntime-genai.db` under
+~/.cache, DNS lookups): what stops it is onnxruntime's opt-out in the environment (appliance.offline,
+inherited by every child); `og.disable_telemetry_events()` alone did not, and is called as well
+(tests/integration/test_native_telemetry.py holds a generator under strace).
 """
 
 from __future__ import annotations

@@ -75,3 +75,64 @@ def test_the_control_without_the_guard_is_seen(tmp_path: Path) -> None:
     assert connects, "no telemetry without the guard: this ONNX Runtime has none, the test proves nothing"
     assert any("htons(53)" in line for line in connects)
     assert any("onnxruntime" in str(p) for p in written)
+
+
+# onnxruntime-genai's generator (how the fp16 export is served on CUDA; its CPU provider here) logs
+# through the same 1DS store: `onnxruntime-genai.db` under ~/.cache and DNS lookups beside
+# onnxruntime's. `og.disable_telemetry_events()` alone did not stop them (measured under strace in a
+# network namespace); onnxruntime's variables in the appliance's environment do. genai_lm calls both.
+GENAI = """
+import sys, time
+sys.path.insert(0, {root!r})
+{setup}
+import onnxruntime_genai as og
+config = og.Config({folder!r})
+config.clear_providers()
+model = og.Model(config)
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=64)
+generator = og.Generator(model, params)
+generator.append_tokens([1, 2, 3])
+for _ in range(5):
+    generator.generate_next_token()
+time.sleep({hold})
+"""
+
+
+@pytest.fixture(scope="module")
+def genai_folder(tmp_path_factory: pytest.TempPathFactory, tiny_llama_source: Path) -> Path:
+    pytest.importorskip("onnxruntime_genai")
+    from export.onnx import export_onnx
+
+    folder = tmp_path_factory.mktemp("genai") / "fp16"
+    export_onnx(tiny_llama_source, folder, "fp16")  # the export stage's fp16: genai's graph
+    return folder
+
+
+def _genai_traced(tmp_path: Path, folder: Path, setup: str, env: dict[str, str],
+                  prefix: list[str]) -> tuple[list[str], list[Path]]:
+    home = tmp_path / "home"
+    home.mkdir()
+    trace = tmp_path / "trace.txt"
+    code = GENAI.format(root=str(Path(__file__).resolve().parents[2]), setup=setup, folder=str(folder),
+                        hold=HOLD_S)
+    done = subprocess.run([*prefix, "strace", "-f", "-qq", "-e", "trace=connect", "-o", str(trace),
+                           sys.executable, "-c", code],
+                          env={**env, "HOME": str(home)}, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return offline.connects_beyond_loopback(trace.read_text()), sorted(home.rglob("*"))
+
+
+def test_a_genai_generator_under_the_guard_makes_no_connection_and_writes_nothing(
+        tmp_path: Path, genai_folder: Path) -> None:
+    connects, written = _genai_traced(tmp_path, genai_folder, "from appliance import offline; "
+                                      "offline.install()", _clean_env(), [])
+    assert connects == [] and written == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="the control runs in a network namespace (root)")
+def test_the_genai_control_without_the_guard_is_seen(tmp_path: Path, genai_folder: Path) -> None:
+    connects, written = _genai_traced(tmp_path, genai_folder, "", _clean_env(), ["unshare", "-n"])
+    assert connects, "no telemetry without the guard: this genai has none, the test proves nothing"
+    assert any("onnxruntime-genai" in str(p) for p in written)
