@@ -155,6 +155,9 @@ def quantize(model: Any, bits: int, exclude: list[str], *, algo: str = "default"
         config = mq.GPTQWeightOnlyQuantConfig(calibration_data_reader=calib())
     quantizer = _quantizer()(copy.deepcopy(model), bits=bits, block_size=block, is_symmetric=sym,
                              accuracy_level=acc, nodes_to_exclude=list(exclude), algo_config=config)
+    if algo == "gptq":  # its path ignores nodes_to_exclude (onnxruntime 1.31): mark them as the RTN path does
+        configs = quantizer._generate_q4_node_config
+        quantizer._generate_q4_node_config = lambda: {**configs(), **{n: "fp32" for n in exclude}}
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)
     logging.getLogger("neural_compressor").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(io.StringIO()):  # the RTN/k-quant/GPTQ path prints a progress bar
