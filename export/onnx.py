@@ -14,7 +14,7 @@ returning logits and present.N.key/value), then, per precision:
   position_ids), so `OnnxLM` runs it on the CPU and for scoring; on CUDA the runtime serves it
   through genai's generator. Needs no GPU to build. An architecture the builder does not know falls
   back to optimum's graph loaded in fp16, with a line saying so; its past/present and logits are fp16;
-- int4: weight-only MatMulNBits quantization of the fp32 graph (block 32, symmetric, accuracy level 4:
+- int4: weight-only MatMulNBits quantization of the fp32 graph (block 32, asymmetric, accuracy level 4:
   int8 compute on CPU), with the head (the logits MatMul) at 8 bits, as llama.cpp's Q4_K_M keeps
   its output matrix at 6 bits;
 - int8: the same with 8-bit weights everywhere. Not `quantize_dynamic`: its per-tensor uint8
