@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,11 +25,17 @@ ROOT = Path(__file__).resolve().parents[2]
 def demo(home: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "appliance", "--home", str(home), "demo"],
-                          capture_output=True, text=True, env=env, timeout=1200)
+                          capture_output=True, text=True, env=env, timeout=1500)
 
 
-def test_demo_trains_and_is_idempotent(model_workspace: tuple[Workspace, ArtifactRecord]) -> None:
+# The whole lifecycle twice: ~8 minutes on an idle 2-core box (train, merge, three exports with an
+# importance matrix and their gates, eval, chat); a slower CPU or a shared one must not turn that
+# into a failure (the suite's default per-test limit is 900 s). Speed is bench/'s business.
+@pytest.mark.timeout(2400)
+def test_demo_trains_and_is_idempotent(model_workspace: tuple[Workspace, ArtifactRecord],
+                                       stop_jobs_after: Callable[[Workspace], Workspace]) -> None:
     ws, _ = model_workspace
+    stop_jobs_after(ws)  # a demo cut short leaves no detached job running through the rest of the suite
     first = demo(ws.root)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     assert "already imported" in first.stdout  # the model was copied in
