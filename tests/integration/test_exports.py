@@ -298,7 +298,7 @@ def test_a_second_architecture_merges_and_exports_losslessly(tmp_path: Path, tin
     (onnx_record,) = convert.export_onnx(ws, run, ["fp32"], scratch=tmp_path / "scratch",
                                          report=report)
     assert _stages(onnx_events) == ["reuse", "export-onnx", "load-runtime", "load-reference", "score",
-                                    "record", "done"]
+                                    "time-decode", "record", "done"]
     for record in (gguf_record, onnx_record):
         row = json.loads((record.path / "parity.json").read_text())["artifacts"][0]
         assert record.status == "ready", row
@@ -400,7 +400,8 @@ def _check_gguf_progress(events: list[dict], merged: ArtifactRecord, records: li
                          ) -> None:
     f16, q8 = (r.name for r in records)
     assert _stages(events) == ["reuse", "convert", "check", "load-runtime", "load-reference", "score",
-                               "record", "quantize", "check", "load-runtime", "score", "record", "done"]
+                               "time-decode", "record", "quantize", "check", "load-runtime", "score",
+                               "time-decode", "record", "done"]
     _check_counts(events)
     assert events[0] == {"done": 1, "total": 1, "stage": "reuse", "unit": "", "artifact": merged.name,
                          "label": "exists and matches its manifest: reused", "artifacts_done": 0,
@@ -430,10 +431,12 @@ def _check_job_progress(ws: Workspace, run: str, record: ArtifactRecord) -> None
     job = jobs.submit(ws, "verify", {"export": record.name, "overrides": {"agreement": 1.01}})
     assert api.run(ws, job.id).result == {"passed": False}
     staged = [e for e in jobs.read_events(ws, job.id) if e["type"] == "progress"]
-    assert _stages(staged) == ["check-files", "load-runtime", "load-reference", "score", "done"]
+    assert _stages(staged) == ["check-files", "load-runtime", "load-reference", "score", "time-decode",
+                               "done"]
     assert {e["artifact"] for e in staged} == {record.name}
-    conversations = staged[-2]["total"]
-    assert format_event(staged[-2]) == f"{record.name}: scoring f16 {conversations}/{conversations} " \
+    last_score = [e for e in staged if e["stage"] == "score"][-1]
+    conversations = last_score["total"]
+    assert format_event(last_score) == f"{record.name}: scoring f16 {conversations}/{conversations} " \
                                        "conversations"
     job = jobs.submit(ws, "merge", {"run": run})
     assert api.run(ws, job.id).state == "succeeded"
@@ -449,7 +452,8 @@ def _check_gated_again(ws: Workspace, run: str, record: ArtifactRecord, scratch:
     (again,) = convert.export_gguf(ws, run, ["F16"], scratch=scratch, overrides={"agreement": 0.5},
                                    report=report)
     assert again.status == "ready"
-    assert _stages(events) == ["reuse", "check-files", "load-runtime", "load-reference", "score", "done"]
+    assert _stages(events) == ["reuse", "check-files", "load-runtime", "load-reference", "score",
+                               "time-decode", "done"]
     assert {e["artifact"] for e in events[1:]} == {record.name}
     assert events[-1]["done"] == events[-1]["total"] == 1
 
