@@ -72,7 +72,7 @@ def _gguf_problems(types: tuple[str, ...], imatrix: str) -> dict[str, str]:
     """The types' and the importance matrix's problems: an unknown type, a type that needs an
     imatrix where none will be made, a FILE that is not one, the tools missing for a FILE."""
     from appliance.errors import ApplianceError
-    from appliance.stages.export import importance
+    from appliance.stages.export.importance import plan
     from export.gguf import resolve_quant_type
 
     names = []
@@ -84,7 +84,7 @@ def _gguf_problems(types: tuple[str, ...], imatrix: str) -> dict[str, str]:
     if not imatrix.strip():
         return {"imatrix": f"give {' or '.join(IMATRIX_CHOICES)} or the path of an imatrix file"}
     try:
-        importance.plan(imatrix, names, lambda _: None)
+        plan(imatrix, names, lambda _: None)
     except ApplianceError as exc:
         field_name = "imatrix" if imatrix not in IMATRIX_CHOICES else "types"
         return {field_name: _message(exc)}
