@@ -21,6 +21,10 @@ all-8-bit graph is the unit's sensitivity. `sens-*` layouts keep at 8 bits the u
 sensitivity per byte saved until the 8-bit bytes reach a budget (`--budget-mib`, default: today's
 layout's bytes, so the same size).
 
+`measured*` rows: the product's layout (`export onnx --calibrate auto`, appliance.stages.export.layout:
+a Fisher estimate of each unit's KL increase from backward passes on the run's training
+conversations, the fixed layout's bytes), with the seed of its label draws (the product uses 0).
+
 Decode: greedy, `--decode-tokens` new tokens (no stop) after a short chat prompt, 2 threads
 (the runtime's default on this box), tok/s of the decode steps, median of `--rounds` rounds; each
 round measures every variant in turn (interleaved), so load from the rest of the box hits them alike.
@@ -458,8 +462,31 @@ def main() -> None:
         keep = pick(need_scan(), names, head, budget, per_byte)
         return {n for n in names if n not in keep}
 
+    def product(seed: int) -> set[str]:
+        """The 4-bit set of the product's measured layout (`appliance.stages.export.layout`:
+        Fisher estimate on the run's first training conversations, the fixed layout's bytes)."""
+        from appliance.hfmodel import load_tokenizer
+        from appliance.stages.export import layout as measured_layout
+        from appliance.workspace import Workspace
+        from export.onnx import weight_units
+
+        tokenizer = load_tokenizer(inputs.merged)
+        calib = measured_layout.training_samples(Workspace(args.home), args.run, tokenizer)
+        units = weight_units(inputs.fp32)
+        t = time.monotonic()
+        scores = measured_layout.unit_scores(units, inputs.merged, calib.samples, seed=seed)
+        assert not isinstance(scores, str), scores
+        keep, _ = measured_layout.choose(units, scores)
+        saved.setdefault("measured", {})[str(seed)] = {
+            "seconds": round(time.monotonic() - t, 1), "calibration": calib.record(args.run),
+            "conversation_sha256": calib.hashes, "draws": measured_layout.DRAWS}
+        return {n for n in names if n not in keep}
+
     gptq_data = inputs.calib[:args.gptq_convs]
     variants: dict[str, Callable[[], Any]] = {
+        "measured": lambda: mixed(model, names, product(0)),
+        "measured-seed1": lambda: mixed(model, names, product(1)),
+        "measured-seed2": lambda: mixed(model, names, product(2)),
         "today": lambda: mixed(model, names, today_four),
         "today-acc0": lambda: mixed(model, names, today_four, acc=0),
         "today-sym": lambda: mixed(model, names, today_four, sym=True),

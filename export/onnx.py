@@ -15,8 +15,10 @@ returning logits and present.N.key/value), then, per precision:
   through genai's generator. Needs no GPU to build. An architecture the builder does not know falls
   back to optimum's graph loaded in fp16, with a line saying so; its past/present and logits are fp16;
 - int4: weight-only MatMulNBits quantization of the fp32 graph (block 32, asymmetric, accuracy level 4:
-  int8 compute on CPU), with the head (the logits MatMul) at 8 bits, as llama.cpp's Q4_K_M keeps
-  its output matrix at 6 bits;
+  int8 compute on CPU), some MatMuls at 8 bits: the head (the logits MatMul, as llama.cpp's Q4_K_M
+  keeps its output matrix at 6 bits) and either a measured layout (`keep_8bit`: the matrices most
+  sensitive per byte on the run's data, `export.sensitivity`, chosen by the export stage) or the
+  fixed list (`INT4_KEEP_8BIT`) at the same bytes;
 - int8: the same with 8-bit weights everywhere. Not `quantize_dynamic`: its per-tensor uint8
   activations wrecked SmolLM2 (mean KL to fp32 0.59, worse than int4's 0.33; 8-bit MatMulNBits 0.006).
 Tied embeddings export as `MatMul(x, Transpose(embedding))`, which the quantizer skips (its B is not
@@ -39,7 +41,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,14 +92,17 @@ def export_onnx(model_dir: Path, out_dir: Path, precision: str,
 
 
 def quantize_onnx(fp32_dir: Path, out_dir: Path, precision: str,
-                  progress: LineSink | None = None) -> dict[str, Any]:
-    """Quantize an fp32 folder written by `export_onnx` to int4/int8 without exporting again."""
+                  progress: LineSink | None = None, keep_8bit: Collection[str] | None = None
+                  ) -> dict[str, Any]:
+    """Quantize an fp32 folder written by `export_onnx` to int4/int8 without exporting again.
+    int4: `keep_8bit` names the weight MatMuls (`weight_units`) kept at 8 bits, a measured layout
+    (`export.sensitivity`); None keeps the fixed list (the head, `INT4_KEEP_8BIT`)."""
     _check_precision(precision, QUANTIZED)
     fp32_dir = Path(fp32_dir).resolve()
     _check_fp32_export(fp32_dir)
 
     def build(staging: Path, say: LineSink) -> dict[str, Any]:
-        details = _quantize(fp32_dir, staging, precision, say)
+        details = _quantize(fp32_dir, staging, precision, say, keep_8bit)
         _copy_side_files(fp32_dir, staging, say)
         return details
 
@@ -299,25 +304,97 @@ def _optimum_export(model_dir: Path, raw: Path, dtype: str) -> None:
 
 
 # -- quantization -----------------------------------------------------------------------------
-def _quantize(raw: Path, staging: Path, precision: str, say: LineSink) -> dict[str, Any]:
+def _quantize(raw: Path, staging: Path, precision: str, say: LineSink,
+              keep_8bit: Collection[str] | None = None) -> dict[str, Any]:
     import onnx
 
     model = onnx.load(str(raw / MODEL_FILE))  # external data too
     untied = _untie_lm_head(model)
     head = _head_node(model)
+    layout: dict[str, Any] = {}
     if precision == "int4":
-        say("quantizing weights to int4 (MatMulNBits, block 32, asymmetric; the head, down and v "
-            "projections to 8 bits)")
-        keep = [n.name for n in model.graph.node if n.op_type == "MatMul"
-                and any(k in n.name for k in INT4_KEEP_8BIT)]
-        model = _nbits(model, bits=4, exclude=([head.name] if head is not None else []) + keep)
+        keep, layout = _int4_layout(model, head, keep_8bit)
+        say(f"quantizing weights to int4 (MatMulNBits, block 32, asymmetric; {layout['summary']} "
+            "at 8 bits)")
+        model = _nbits(model, bits=4, exclude=keep)
     else:
         say("quantizing weights to int8 (MatMulNBits, block 32, asymmetric)")
-    model = _nbits(model, bits=8)  # int4: only the head is left to quantize
+    model = _nbits(model, bits=8)  # int4: the MatMuls kept above
     save_model(model, staging / MODEL_FILE)
     head_bits = 8 if head is not None and _head_node(model) is None else None
     return {"method": "MatMulNBits", "weight_only": True, **NBITS, "bits": int(precision[3:]),
-            "head_bits": head_bits, "lm_head_untied": untied}
+            "head_bits": head_bits, "lm_head_untied": untied, **layout}
+
+
+def _int4_layout(model: Any, head: Any, keep_8bit: Collection[str] | None
+                 ) -> tuple[list[str], dict[str, Any]]:
+    """The MatMuls an int4 export keeps at 8 bits, and what the export's details say of them."""
+    names = [n.name for n in _weight_matmuls(model)]
+    if keep_8bit is None:
+        keep = [n for n in names if (head is not None and n == head.name)
+                or any(k in n for k in INT4_KEEP_8BIT)]
+        kind = "fixed"
+    else:
+        unknown = sorted(set(keep_8bit) - set(names))
+        if unknown:
+            raise ApplianceError(f"the int4 layout names {len(unknown)} MatMul(s) the graph does not "
+                                 f"have, e.g. {unknown[0]!r}", title=TITLE,
+                                 hint="export again: the layout was measured on another graph")
+        keep, kind = [n for n in names if n in keep_8bit], "measured"
+    counts: dict[str, int] = {}
+    for name in keep:
+        part = unit_module(name).rsplit(".", 1)[-1]
+        counts[part] = counts.get(part, 0) + 1
+    summary = ", ".join(f"{part} x{c}" if c > 1 else part for part, c in sorted(counts.items()))
+    return keep, {"layout": kind, "summary": summary or "nothing", "eight_bit": len(keep),
+                  "weight_matmuls": len(names)}
+
+
+@dataclass(frozen=True)
+class WeightUnit:
+    """One MatMul with a constant weight: a unit that int4 or 8 bits can quantize."""
+
+    name: str    # the node's name in the graph
+    module: str  # the torch module it was exported from ("model.layers.3.mlp.down_proj", "lm_head")
+    k: int       # input features (rows of B)
+    n: int       # output features
+
+
+def weight_units(fp32_dir: Path) -> list[WeightUnit]:
+    """The weight MatMuls of an fp32 export, as `quantize_onnx` sees them (the head untied)."""
+    import onnx
+
+    model = onnx.load(str(Path(fp32_dir) / MODEL_FILE), load_external_data=False)
+    _untie_lm_head_shape(model)
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer} | _transposed_shapes(model)
+    return [WeightUnit(n.name, unit_module(n.name), *shapes[n.input[1]])
+            for n in _weight_matmuls(model, set(shapes))]
+
+
+def unit_module(node_name: str) -> str:
+    """optimum names a Linear's MatMul after the module path: '/model/layers.3/mlp/down_proj/MatMul'
+    -> 'model.layers.3.mlp.down_proj'."""
+    return node_name.strip("/").removesuffix("/MatMul").replace("/", ".")
+
+
+def _weight_matmuls(model: Any, constants: set[str] | None = None) -> list[Any]:
+    names = constants if constants is not None else {t.name for t in model.graph.initializer}
+    return [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in names]
+
+
+def _untie_lm_head_shape(model: Any) -> None:
+    """`_untie_lm_head` without the weights (external data not loaded): the head reads a
+    transposed embedding; point it at a name whose shape `_transposed_shapes` gives."""
+    graph = model.graph
+    head = next((n for n in graph.node if n.op_type == "MatMul" and "logits" in n.output), None)
+    producer = {o: n for n in graph.node for o in n.output}.get(head.input[1]) if head else None
+    if head is not None and producer is not None and producer.op_type == "Transpose":
+        head.input[1] = f"{producer.input[0]}.lm_head"
+
+
+def _transposed_shapes(model: Any) -> dict[str, list[int]]:
+    return {f"{t.name}.lm_head": list(reversed(t.dims)) for t in model.graph.initializer
+            if len(t.dims) == 2}
 
 
 def _head_node(model: Any) -> Any:
@@ -365,9 +442,9 @@ def _nbits_quantizer() -> Any:
     return MatMulNBitsQuantizer
 
 
-def _nbits(model: Any, bits: int, exclude: list[str] | None = None) -> Any:
+def _nbits(model: Any, bits: int, exclude: Collection[str] | None = None) -> Any:
     """Weight-only blockwise quantization of every MatMul with a constant weight (not in `exclude`)."""
-    quantizer = _nbits_quantizer()(model, bits=bits, nodes_to_exclude=exclude or [], **NBITS)
+    quantizer = _nbits_quantizer()(model, bits=bits, nodes_to_exclude=list(exclude or []), **NBITS)
     with _quiet_logs("", "onnxruntime"):
         quantizer.process()
     return quantizer.model.model

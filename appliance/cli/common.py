@@ -25,7 +25,7 @@ SUMMARY_KEYS = {
     "model": ("architecture", "parameters", "context_length", "dtype"),
     "dataset": ("model", "form", "train", "eval", "rejected", "duplicates"),
     "run": ("model", "dataset", "steps", "perplexity_before", "perplexity_after"),
-    "export": ("format", "type", "run", "imatrix", "parity"),
+    "export": ("format", "type", "run", "imatrix", "calibrated", "parity"),
     "bundle": ("bundle", "artifacts", "key_id", "trusted_as", "file"),
     "eval": ("targets", "data", "items"),
 }

@@ -110,6 +110,8 @@ def cmd_export(args: argparse.Namespace) -> int:
               "overrides": _thresholds(args.threshold)}
     if args.format == "gguf":
         params["imatrix"] = _imatrix(args.imatrix)
+    else:
+        params["calibrate"] = args.calibrate
     return run_job(args, "export", params, f"{args.format} export", _export_report)
 
 
@@ -134,6 +136,9 @@ def cmd_exports_show(args: argparse.Namespace) -> int:
         report = _parity(open_workspace(args).get("export", args.name))
         for line in parity_lines(report) if report else []:
             say(line)
+        calibrated = _calibration_line(data.get("info") or {})
+        if calibrated:
+            say(calibrated)
         from appliance import licences
 
         found = data.get("info", {}).get("licenses") or []
@@ -141,6 +146,22 @@ def cmd_exports_show(args: argparse.Namespace) -> int:
                              "none recorded (made before licences were carried, or none was found)"))
 
     return show_artifact(args, "export", render)
+
+
+def _calibration_line(info: dict[str, Any]) -> str | None:
+    """What an export was calibrated on: its importance matrix (GGUF) or int4 layout (ONNX)."""
+    what, record = next(((w, info[k]) for k, w in (("imatrix", "importance matrix"),
+                                                   ("calibration", "int4 8-bit layout")) if info.get(k)),
+                        ("", None))
+    if record is None:
+        return None
+    if not record.get("used"):
+        return f"  calibration none ({what}: {record.get('why') or 'not used'})"
+    data = record.get("calibration")
+    source = (f"{data['conversations']} {data['split']} conversations of {data['dataset']} (run "
+              f"{data['run']}; their sha256 in {record.get('hashes_file') or record.get('file')})"
+              if data else record.get("path", "a file"))
+    return f"  calibration {what} from {source}"
 
 
 def cmd_exports_fit(args: argparse.Namespace) -> int:
@@ -218,6 +239,11 @@ def register(sub: Any) -> None:
                            help="importance matrix for the types below 6 bits: auto (default) makes "
                                 "one from the run's training conversations when llama.cpp's tools "
                                 "are installed; off; or an imatrix file")
+        else:
+            p.add_argument("--calibrate", default="auto", choices=("auto", "off"),
+                           help="int4: auto (default) keeps at 8 bits the weights measured most "
+                                "sensitive on the run's training conversations; off keeps the fixed "
+                                "layout (the head, down and v projections)")
         p.add_argument("--threshold", action="append", metavar="KEY=VALUE",
                        help="override a parity threshold: ppl_increase, kl or agreement")
         p.add_argument("--detach", action="store_true", help="start the job and return")

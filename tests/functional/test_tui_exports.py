@@ -69,10 +69,14 @@ async def test_dialogs_queue_merge_export_and_verify_jobs(fixed_ws: Workspace) -
         dialog.query_one("#format", Select).value = "onnx"
         await settle(app, pilot)
         assert list(dialog.query_one("#types", SelectionList).selected) == ["int4"]
+        # ONNX shows int4's 8-bit layout choice (measured by default) instead of the imatrix's
+        assert not dialog.query_one("#gguf-options").display and dialog.query_one("#onnx-options").display
+        assert dialog.query_one("#calibrate", Select).value == "auto"
+        dialog.query_one("#calibrate", Select).value = "off"
         dialog.query_one("#go").press()
         await settle(app, pilot)
         assert _queued(fixed_ws, "export") == {"run": RUN, "format": "onnx", "types": ["int4"],
-                                               "overrides": {}}
+                                               "overrides": {}, "calibrate": "off"}
         await pilot.press("m")
         await settle(app, pilot)
         app.screen.query_one("#base", Select).value = "nf4"

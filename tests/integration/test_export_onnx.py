@@ -121,6 +121,32 @@ def test_quantized_exports_run_and_stay_close(name: str, bound: float, tiny: dic
                 {t.name for t in graph.initializer}]  # no float weight matrix left
 
 
+def test_int4_keeps_at_8_bits_the_matmuls_a_layout_names(tiny: dict, tmp_path: Path) -> None:
+    """`keep_8bit` (the export stage's measured layout) against the fixed list, on the same graph:
+    exactly the named MatMuls at 8 bits, the rest at 4; a name the graph lacks is refused."""
+    import onnx
+
+    from export.onnx import weight_units
+
+    fp32 = tiny["llama-fp32"][0]
+    units = weight_units(fp32)
+    assert [u.module for u in units][:2] == ["model.layers.0.self_attn.q_proj",
+                                             "model.layers.0.self_attn.k_proj"]
+    assert units[-1].module == "lm_head" and (units[-1].k, units[-1].n) == (64, 49152)
+    keep = ["/lm_head/MatMul", "/model/layers.1/mlp/up_proj/MatMul"]
+    info = quantize_onnx(fp32, tmp_path / "int4", "int4", keep_8bit=keep)["quantization"]
+    assert (info["layout"], info["eight_bit"], info["weight_matmuls"]) == ("measured", 2, len(units))
+    graph = onnx.load(str(tmp_path / "int4" / "model.onnx")).graph
+    bits = {n.name.rsplit("_Q", 1)[0]: next(a.i for a in n.attribute if a.name == "bits")
+            for n in graph.node if n.op_type == "MatMulNBits"}
+    assert set(bits) == {u.name for u in units}
+    assert {n for n, b in bits.items() if b == 8} == set(keep)
+    assert tiny["llama-int4"][1]["quantization"]["layout"] == "fixed"
+    with pytest.raises(ApplianceError, match="does not have"):
+        quantize_onnx(fp32, tmp_path / "bad", "int4", keep_8bit=["/model/layers.9/mlp/up_proj/MatMul"])
+    assert not (tmp_path / "bad").exists()
+
+
 def test_int4_direct_export_equals_quantizing_the_fp32_export(tiny: dict) -> None:
     direct, _ = tiny["llama-int4-direct"]
     derived, _ = tiny["llama-int4"]

@@ -176,6 +176,51 @@ def test_the_frontier_lists_the_run_s_exports_side_by_side(smol_run: Workspace,
     assert {r["name"] for r in data["exports"]} >= {"run-gguf-q8_0", "run-onnx-int4"}
 
 
+def test_int4_keeps_the_weights_measured_most_sensitive_and_loses_less(smol_run: Workspace) -> None:
+    """`--calibrate auto` (the default) against the fixed layout, on the same run, held-out data
+    and gate: the layout is measured on the run's training conversations (recorded by hash, never
+    the held-out ones), costs the same bytes, and passes thresholds that the fixed layout fails."""
+    from appliance.stages.export import importance, layout
+    from appliance.stages.merge.inputs import run_inputs
+
+    scratch = smol_run.root / "scratch"
+    (record,) = convert.export_onnx(smol_run, "run", ["int4"], scratch=scratch)  # made above
+    info = manifest.read(record.path)["info"]
+    cal = info["calibration"]
+    assert cal["used"] and cal["method"] == "fisher" and info["summary"]["calibrated"] is True
+    _, _, dataset = run_inputs(smol_run, "run")
+    train = [importance.conversation_hash(r["messages"]) for r in datasets.load_rows(dataset, "train")]
+    held_out = {importance.conversation_hash(r["messages"]) for r in datasets.load_rows(dataset, "eval")}
+    kept = json.loads((record.path / layout.LAYOUT_FILE).read_text())
+    used = kept["conversation_sha256"]
+    assert len(used) == cal["calibration"]["conversations"] == layout.CONVERSATIONS
+    assert used == [h for h in train if h in used] and not set(used) & held_out  # training, in order
+    assert cal["calibration"]["split"] == "train" and cal["calibration"]["tokens"] > 100
+    details = json.loads((record.path / "onnx_export.json").read_text())["quantization"]
+    assert details["layout"] == "measured" and details["eight_bit"] == len(kept["eight_bit"]) > 1
+    assert "/lm_head/MatMul" in kept["eight_bit"] and len(kept["scores"]) == details["weight_matmuls"]
+    manifest.verify(record.path)  # the layout file is one of the artifact's files
+    measured = json.loads((record.path / "parity.json").read_text())["artifacts"][0]
+    size = json.loads((record.path / "onnx_export.json").read_text())["files"]["model.onnx"]
+    with pytest.raises(ApplianceError, match="made with a measured 8-bit layout"):
+        convert.export_onnx(smol_run, "run", ["int4"], scratch=scratch, calibrate="off")
+
+    smol_run.remove("export", record.name)
+    (fixed_record,) = convert.export_onnx(smol_run, "run", ["int4"], scratch=scratch, calibrate="off")
+    assert manifest.read(fixed_record.path)["info"]["calibration"] == {"used": False,
+                                                                       "why": "--calibrate off"}
+    fixed_details = json.loads((fixed_record.path / "onnx_export.json").read_text())
+    assert fixed_details["quantization"]["layout"] == "fixed"
+    fixed = json.loads((fixed_record.path / "parity.json").read_text())["artifacts"][0]
+    fixed_size = fixed_details["files"]["model.onnx"]
+    assert abs(size - fixed_size) < 0.01 * fixed_size  # the same 8-bit bytes, spent elsewhere
+    assert measured["kl"] < 0.8 * fixed["kl"] and measured["ppl_increase"] < fixed["ppl_increase"]
+    strict = {"ppl_increase": 0.06, "kl": 0.10}  # the issue's goal (+5%), with room for noise
+    assert measured["ppl_increase"] <= strict["ppl_increase"] and measured["kl"] <= strict["kl"]
+    assert verify(smol_run, fixed_record.name, overrides=strict)["passed"] is False
+    smol_run.remove("export", fixed_record.name)  # the next tests make the default one again
+
+
 def test_below_six_bits_the_gguf_uses_an_imatrix_of_the_runs_training_chats(
         smol_run: Workspace, tmp_path: Path) -> None:
     """The real llama-imatrix and llama-quantize (set-up builds them): the importance matrix is made

@@ -29,6 +29,11 @@ def test_old_params_with_unknown_keys_still_load() -> None:
     assert request == ExportRequest("r", "onnx", ("int4",))
     older = ExportRequest.from_params({"run": "r", "format": "gguf", "types": ["Q4_K_M"]})
     assert older.imatrix == "auto" and older.to_params()["imatrix"] == "auto"
+    onnx = ExportRequest.from_params({"run": "r", "format": "onnx", "types": ["int4"]})
+    assert onnx.calibrate == "auto" and onnx.to_params()["calibrate"] == "auto"
+    off = ExportRequest("r", "onnx", ("int4",), calibrate="off")
+    assert ExportRequest.from_params(off.to_params()) == off
+    assert "calibrate" not in ExportRequest("r").to_params()  # GGUF: the imatrix instead
 
 
 @pytest.mark.parametrize(("request_", "field", "words"), [
@@ -36,6 +41,8 @@ def test_old_params_with_unknown_keys_still_load() -> None:
     (ExportRequest("r", "gguf", ("IQ2_XXS",), imatrix="off"), "types", "importance matrix"),
     (ExportRequest("r", "gguf", ("Q4_K_M",), imatrix="/no/such.imatrix"), "imatrix", "/no/such.imatrix"),
     (ExportRequest("r", "onnx", ("int4",), imatrix="off"), "imatrix", "GGUF exports only"),
+    (ExportRequest("r", "onnx", ("int4",), calibrate="yes"), "calibrate", "unknown choice 'yes'"),
+    (ExportRequest("r", "gguf", ("Q4_K_M",), calibrate="off"), "calibrate", "importance matrix"),
     (ExportRequest("r", "onnx", ("int3",)), "types", "unknown ONNX precision 'int3'"),
     (ExportRequest("r", "safetensors", ()), "format", "unknown format"),
     (ExportRequest("", "gguf", ("Q8_0",)), "run", "finished run"),

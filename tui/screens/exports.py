@@ -27,7 +27,7 @@ from textual.widgets import Input, Select, SelectionList
 
 from appliance import api
 from appliance.stages.export import DEFAULT_TYPES, GGUF_OFFERED, ONNX_PRECISIONS, ExportRequest
-from appliance.stages.export.request import DEFAULT_IMATRIX
+from appliance.stages.export.request import DEFAULT_CALIBRATE, DEFAULT_IMATRIX
 from appliance.stages.merge.request import BASES, DEFAULT_BASE, DEFAULT_DTYPE, DTYPES, MergeRequest
 from appliance.stages.verify.request import VerifyRequest
 from appliance.workspace import ArtifactRecord
@@ -156,6 +156,8 @@ JobRequest = MergeRequest | ExportRequest | VerifyRequest
 BASE_LABELS = {"full": "full base (as imported)", "nf4": "NF4-rounded base (as training saw it)"}
 # below 6 bits, from the run's training chats; a file: `appliance export gguf --imatrix FILE`
 IMATRIX_OPTIONS = [("auto (training chats)", "auto"), ("off", "off")]
+# int4's 8-bit weights: measured on the run's training chats, or the fixed list (`--calibrate off`)
+CALIBRATE_OPTIONS = [("measured (training chats)", "auto"), ("fixed (head, down, v)", "off")]
 
 
 class RunDialog(FormDialog[JobRequest]):
@@ -200,6 +202,7 @@ class ExportDialog(RunDialog):
     ExportDialog #gguf-options { height: auto; }
     ExportDialog #gguf-options Input { width: 1fr; }
     ExportDialog #gguf-options Select { width: 34; }
+    ExportDialog #onnx-options { height: auto; }
     """
     HEADING = "Export a run (merged first), each artifact parity-checked"
     SUBMIT = "Export"
@@ -212,6 +215,9 @@ class ExportDialog(RunDialog):
             yield Input(placeholder="more types (any llama.cpp type)", id="more")
             yield NamedSelect(IMATRIX_OPTIONS, value=DEFAULT_IMATRIX, allow_blank=False, id="imatrix",
                               field_name="importance matrix")
+        with Horizontal(id="onnx-options"):
+            yield NamedSelect(CALIBRATE_OPTIONS, value=DEFAULT_CALIBRATE, allow_blank=False,
+                              id="calibrate", field_name="int4 8-bit layout")
 
     def on_mount(self) -> None:
         self._types("gguf")
@@ -222,6 +228,7 @@ class ExportDialog(RunDialog):
         types.add_options([(t, t, t in DEFAULT_TYPES[fmt])
                            for t in (GGUF_OFFERED if fmt == "gguf" else ONNX_PRECISIONS)])
         self.query_one("#gguf-options").display = fmt == "gguf"
+        self.query_one("#onnx-options").display = fmt == "onnx"
 
     @on(Select.Changed, "#format")
     def _format(self, event: Select.Changed) -> None:
@@ -244,8 +251,9 @@ class ExportDialog(RunDialog):
             self.show_problems({"types": "pick at least one type"})
             return
         imatrix = str(self.query_one("#imatrix", Select).value) if fmt == "gguf" else DEFAULT_IMATRIX
+        calibrate = str(self.query_one("#calibrate", Select).value) if fmt == "onnx" else DEFAULT_CALIBRATE
         request = ExportRequest(str(self.query_one("#run", Select).value), fmt, tuple(types),
-                                imatrix=imatrix)
+                                imatrix=imatrix, calibrate=calibrate)
         self.dismiss_checked(request, request.problems)
 
 

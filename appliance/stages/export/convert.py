@@ -31,7 +31,7 @@ from appliance import licences, manifest
 from appliance.errors import ApplianceError, ValidationError
 from appliance.fsutil import disk_full_as_error, sha256_file
 from appliance.progress import QUIET, Reporter, Stages
-from appliance.stages.export import importance
+from appliance.stages.export import importance, layout
 from appliance.stages.merge.inputs import existing
 from appliance.stages.merge.merged import merged_model
 from appliance.stages.verify.gate import Gate
@@ -181,32 +181,62 @@ def _one_gguf(job: _Export, qtype: str, base: Path, source: importance.Source) -
 
 # -- ONNX ----------------------------------------------------------------------------------------
 def export_onnx(ws: Workspace, run: str, precisions: list[str], *, scratch: Path,
-                overrides: Mapping[str, float] | None = None,
+                overrides: Mapping[str, float] | None = None, calibrate: str = layout.AUTO,
                 report: Reporter = QUIET) -> list[ArtifactRecord]:
+    """`calibrate`: auto (int4 keeps at 8 bits the weights measured most sensitive on the run's
+    training conversations) or off (the fixed layout); `appliance.stages.export.layout`."""
     from export import onnx
 
     bad = [p for p in precisions if p not in onnx.PRECISIONS]
     if bad:
         raise ValidationError(f"unknown ONNX precision {bad[0]!r}; valid: {', '.join(onnx.PRECISIONS)}")
+    if calibrate not in layout.CHOICES:
+        raise ValidationError(f"unknown --calibrate {calibrate!r}; valid: {', '.join(layout.CHOICES)}")
     todo = {artifact_name(run, "onnx", p): p for p in precisions}
     job = _start(ws, run, len(todo), overrides, report)
-    return _each(job, todo, lambda p: _one_onnx(job, p, scratch))
+    plan = layout.Layout(ws, run, calibrate, scratch, job.stages, report)
+
+    def same(name: str, precision: str, found: ArtifactRecord) -> None:
+        if precision != "int4":
+            return
+        why = layout.existing_mismatch(manifest.read(found.path).get("info") or {},
+                                       calibrate == layout.AUTO)
+        if why and calibrate == layout.OFF:
+            raise importance.refuse_mismatch(name, why)
+        if why:
+            report.log(f"{name} exists, {why}: reused as it is (remove it and export again for a "
+                       "new one)")
+
+    return _each(job, todo, lambda p: _one_onnx(job, p, scratch, plan), same)
 
 
-def _one_onnx(job: _Export, precision: str, scratch: Path) -> ArtifactRecord:
+def _fp32_graph(job: _Export, fp32: Path) -> None:
+    """The job's fp32 graph, exported once for every quantized type of the job."""
+    from export import onnx
+
+    if not (fp32 / onnx.MODEL_FILE).exists():
+        shutil.rmtree(fp32, ignore_errors=True)
+        job.stages.emit("export-onnx", "exporting the fp32 ONNX graph")
+        onnx.export_onnx(job.merged.path, fp32, "fp32", progress=job.report.log)
+
+
+def _one_onnx(job: _Export, precision: str, scratch: Path, plan: layout.Layout) -> ArtifactRecord:
     from export import onnx
 
     name = artifact_name(job.run, "onnx", precision)
     fp32 = scratch / "onnx-fp32"
+    info: dict[str, Any] = {}
     with job.ws.writer("export", name) as w:
         target = w.path / "onnx"
         if precision in ("int4", "int8"):
-            if not (fp32 / onnx.MODEL_FILE).exists():  # exported once, for every type of this job
-                shutil.rmtree(fp32, ignore_errors=True)
-                job.stages.emit("export-onnx", "exporting the fp32 ONNX graph")
-                onnx.export_onnx(job.merged.path, fp32, "fp32", progress=job.report.log)
+            _fp32_graph(job, fp32)
+            keep = None
+            if precision == "int4":
+                keep, info["calibration"] = plan.get(fp32, job.merged)
+                layout.write_file(info["calibration"], scratch, w.path)
             job.stages.emit("quantize", f"quantizing the ONNX graph to {precision}")
-            details = onnx.quantize_onnx(fp32, target, precision, progress=job.report.log)
+            details = onnx.quantize_onnx(fp32, target, precision, progress=job.report.log,
+                                         keep_8bit=keep)
         else:
             job.stages.emit("export-onnx", f"exporting the {precision} ONNX graph")
             details = onnx.export_onnx(job.merged.path, target, precision, progress=job.report.log)
@@ -214,7 +244,9 @@ def _one_onnx(job: _Export, precision: str, scratch: Path) -> ArtifactRecord:
         job.stages.emit("load-runtime", f"loading {name} in onnxruntime")
         verdict = job.gate.check(job.merged, name, precision, onnx.OnnxLM(target))
         job.gate.commit(w, verdict, job.merged, {"format": "onnx", "precision": precision, "run": job.run},
-                        {"format": "onnx", "type": precision, "run": job.run})
+                        {"format": "onnx", "type": precision, "run": job.run,
+                         **({"calibrated": bool(info["calibration"].get("used"))} if info else {})},
+                        info=info or None)
     return job.ws.get("export", name)
 
 

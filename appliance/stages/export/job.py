@@ -12,7 +12,7 @@ from appliance.jobs import JobCancelled, JobContext
 
 def run(ctx: JobContext) -> dict[str, Any]:
     """params {run, format: gguf|onnx, types: [...], overrides: {threshold key: value},
-    imatrix: auto|off|FILE (GGUF only; older rows have none: auto)}"""
+    imatrix: auto|off|FILE (GGUF only), calibrate: auto|off (ONNX only); older rows have none: auto}"""
     from appliance.stages.export import convert
     from appliance.stages.export.request import ExportRequest
 
@@ -25,7 +25,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
                                           imatrix=ExportRequest.from_params(p).imatrix)
         else:
             records = convert.export_onnx(ctx.ws, p["run"], p["types"], scratch=ctx.dir / "work",
-                                          overrides=p.get("overrides"), report=ctx)
+                                          overrides=p.get("overrides"), report=ctx,
+                                          calibrate=ExportRequest.from_params(p).calibrate)
     except JobCancelled:
         raise  # resumable: keep the intermediate files
     except BaseException:

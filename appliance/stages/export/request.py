@@ -20,6 +20,8 @@ ONNX_PRECISIONS = ("fp32", "fp16", "int8", "int4")  # export/onnx.py makes each 
 DEFAULT_TYPES: Mapping[str, tuple[str, ...]] = {"gguf": ("Q8_0", "Q4_K_M"), "onnx": ("int4",)}
 IMATRIX_CHOICES = ("auto", "off")  # or the path of an importance-matrix file (GGUF export only)
 DEFAULT_IMATRIX = "auto"
+CALIBRATE_CHOICES = ("auto", "off")  # int4 ONNX's 8-bit layout (appliance.stages.export.layout)
+DEFAULT_CALIBRATE = "auto"
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class ExportRequest:
     types: tuple[str, ...] = DEFAULT_TYPES["gguf"]
     overrides: Mapping[str, float] = field(default_factory=dict)  # parity threshold key -> value
     imatrix: str = DEFAULT_IMATRIX  # auto | off | FILE (appliance.stages.export.importance)
+    calibrate: str = DEFAULT_CALIBRATE  # auto | off: int4 ONNX's 8-bit layout measured or fixed
 
     kind: ClassVar[str] = "export"
 
@@ -47,21 +50,28 @@ class ExportRequest:
                 found["types"] = f"unknown ONNX precision {bad[0]!r}; valid: {', '.join(ONNX_PRECISIONS)}"
             if self.imatrix != DEFAULT_IMATRIX:
                 found["imatrix"] = "an importance matrix is for GGUF exports only"
+            if self.calibrate not in CALIBRATE_CHOICES:
+                found["calibrate"] = (f"unknown choice {self.calibrate!r}; one of "
+                                      f"{', '.join(CALIBRATE_CHOICES)}")
         else:
             found.update(_gguf_problems(self.types, self.imatrix))
+            if self.calibrate != DEFAULT_CALIBRATE:
+                found["calibrate"] = ("the measured 8-bit layout is for ONNX int4 exports; GGUF types "
+                                      "below 6 bits use an importance matrix (imatrix)")
         return found
 
     def to_params(self) -> dict[str, Any]:
         return {"run": self.run, "format": self.format, "types": list(self.types),
                 "overrides": dict(self.overrides),
-                **({"imatrix": self.imatrix} if self.format == "gguf" else {})}
+                **({"imatrix": self.imatrix} if self.format == "gguf" else {"calibrate": self.calibrate})}
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> ExportRequest:
         return cls(run=str(params.get("run") or ""), format=str(params.get("format") or "gguf"),
                    types=tuple(str(t) for t in params.get("types") or ()),
                    overrides={str(k): float(v) for k, v in (params.get("overrides") or {}).items()},
-                   imatrix=str(params.get("imatrix") or DEFAULT_IMATRIX))
+                   imatrix=str(params.get("imatrix") or DEFAULT_IMATRIX),
+                   calibrate=str(params.get("calibrate") or DEFAULT_CALIBRATE))
 
 
 def _message(exc: Any) -> str:
