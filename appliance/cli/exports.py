@@ -115,6 +115,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     return run_job(args, "export", params, f"{args.format} export", _export_report)
 
 
+def cmd_export_plan(args: argparse.Namespace) -> int:
+    """The candidate exports of a run, made one format after the other (each job merges first:
+    two at once would both make the merged model), then the frontier to pick from. Both requests
+    are checked before either job starts."""
+    from appliance.errors import InvalidRequest
+    from appliance.stages.export.request import ExportRequest
+
+    requests = [ExportRequest(args.run, fmt, tuple(_types(text)))
+                for fmt, text in (("gguf", args.gguf), ("onnx", args.onnx)) if _types(text)]
+    if not requests:
+        raise ValidationError("no candidate types: give --gguf and/or --onnx types")
+    for request in requests:
+        problems = request.problems()
+        if problems:
+            raise InvalidRequest(f"export plan, {request.format}", problems)
+    follow = argparse.Namespace(**{**vars(args), "detach": False, "json": False})
+    for request in requests:
+        code = run_job(follow, "export", request.to_params(), f"{request.format} export", _export_report)
+        if code not in (ExitCode.OK, ExitCode.PARITY_FAILED):  # a job that did not finish
+            return code
+    return cmd_exports_frontier(args)
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from appliance.stages.verify.request import VerifyRequest
 
@@ -249,6 +272,21 @@ def register(sub: Any) -> None:
         p.add_argument("--detach", action="store_true", help="start the job and return")
         json_flag(p, "the exports and their parity reports")
         p.set_defaults(func=cmd_export)
+    from appliance.stages.export.request import PLAN_TYPES
+
+    p = esub.add_parser("plan", help="make the candidate exports of a run and list them side by side",
+                        description="Export a run to each candidate type (GGUF with an importance "
+                                    "matrix below 6 bits, ONNX int4 with its measured layout), each "
+                                    "scored by the parity gate and timed on this box, one job after "
+                                    "the other; then print the frontier (exports frontier RUN). "
+                                    "Exports already made are reused.")
+    complete(p.add_argument("run"), names("run"))
+    p.add_argument("--gguf", default=",".join(PLAN_TYPES["gguf"]), metavar="TYPES",
+                   help="GGUF candidates, comma-separated ('' for none)")
+    p.add_argument("--onnx", default=",".join(PLAN_TYPES["onnx"]), metavar="PRECISIONS",
+                   help="ONNX candidates, comma-separated ('' for none; fp16 is for CUDA)")
+    json_flag(p, "the frontier, at the end")
+    p.set_defaults(func=cmd_export_plan)
     p = sub.add_parser("verify", help="run the parity gate of an export again")
     complete(p.add_argument("export"), names("export"))
     p.add_argument("--threshold", action="append", metavar="KEY=VALUE")

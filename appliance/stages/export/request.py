@@ -18,6 +18,9 @@ FORMATS = ("gguf", "onnx")
 GGUF_OFFERED = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")  # ticked in the TUI; any llama.cpp type goes
 ONNX_PRECISIONS = ("fp32", "fp16", "int8", "int4")  # export/onnx.py makes each (a test keeps them equal)
 DEFAULT_TYPES: Mapping[str, tuple[str, ...]] = {"gguf": ("Q8_0", "Q4_K_M"), "onnx": ("int4",)}
+# `export plan`: the candidates a CPU or T4-class box serves, from lossless-ish to 4 bits
+PLAN_TYPES: Mapping[str, tuple[str, ...]] = {"gguf": ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M"),
+                                             "onnx": ("int8", "int4")}
 IMATRIX_CHOICES = ("auto", "off")  # or the path of an importance-matrix file (GGUF export only)
 DEFAULT_IMATRIX = "auto"
 CALIBRATE_CHOICES = ("auto", "off")  # int4 ONNX's 8-bit layout (appliance.stages.export.layout)
