@@ -116,26 +116,31 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_export_plan(args: argparse.Namespace) -> int:
-    """The candidate exports of a run, made one format after the other (each job merges first:
-    two at once would both make the merged model), then the frontier to pick from. Both requests
-    are checked before either job starts."""
-    from appliance.errors import InvalidRequest
-    from appliance.stages.export.request import ExportRequest
+    """The candidate exports of a run in one job (GGUF types, then ONNX precisions: it survives
+    the terminal closing), then the frontier to pick from."""
+    from appliance.stages.export.request import PLAN, ExportRequest
 
-    requests = [ExportRequest(args.run, fmt, tuple(_types(text)))
-                for fmt, text in (("gguf", args.gguf), ("onnx", args.onnx)) if _types(text)]
-    if not requests:
-        raise ValidationError("no candidate types: give --gguf and/or --onnx types")
-    for request in requests:
-        problems = request.problems()
-        if problems:
-            raise InvalidRequest(f"export plan, {request.format}", problems)
-    follow = argparse.Namespace(**{**vars(args), "detach": False, "json": False})
-    for request in requests:
-        code = run_job(follow, "export", request.to_params(), f"{request.format} export", _export_report)
-        if code not in (ExitCode.OK, ExitCode.PARITY_FAILED):  # a job that did not finish
-            return code
-    return cmd_exports_frontier(args)
+    request = ExportRequest(args.run, PLAN, (*_types(args.gguf), *_types(args.onnx)),
+                            imatrix=_imatrix(args.imatrix), calibrate=args.calibrate)
+    return run_job(args, "export", request.to_params(), "export plan", _plan_report)
+
+
+def _plan_report(ws: Any, job: Any) -> tuple[dict[str, Any], int]:
+    """The frontier of the plan's run (a candidate that failed its gate is listed, not marked)."""
+    from appliance.stages.verify import frontier
+
+    run = job.params["run"]
+    rows = frontier.frontier(ws, run)
+    _say_frontier(run, rows)
+    return {"run": run, "exports": frontier.rows_json(rows)}, ExitCode.OK
+
+
+def _say_frontier(run: str, rows: list[Any]) -> None:
+    from appliance.stages.verify import frontier
+
+    say(f"exports of {run}: size on disk, the parity gate's numbers on its held-out chats, greedy "
+        "decode on this box; * = no other export is smaller, closer and faster at once")
+    say(frontier.table(rows))
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -226,9 +231,7 @@ def cmd_exports_frontier(args: argparse.Namespace) -> int:
         say(f"{args.run} has no GGUF or ONNX export yet: appliance export gguf {args.run} --quant "
             "Q8_0,Q4_K_M (or export onnx ... --precision int4,int8); each is scored as it is made")
         return ExitCode.OK
-    say(f"exports of {args.run}: size on disk, the parity gate's numbers on its held-out chats, greedy "
-        "decode on this box; * = no other export is smaller, closer and faster at once")
-    say(frontier.table(rows))
+    _say_frontier(args.run, rows)
     if any(r.decode_tokens_per_s is None for r in rows):
         say("tok/s '-': gated before decode timing existed; `appliance verify EXPORT` times it")
     return ExitCode.OK
@@ -277,15 +280,18 @@ def register(sub: Any) -> None:
     p = esub.add_parser("plan", help="make the candidate exports of a run and list them side by side",
                         description="Export a run to each candidate type (GGUF with an importance "
                                     "matrix below 6 bits, ONNX int4 with its measured layout), each "
-                                    "scored by the parity gate and timed on this box, one job after "
-                                    "the other; then print the frontier (exports frontier RUN). "
-                                    "Exports already made are reused.")
+                                    "scored by the parity gate and timed on this box, in one job "
+                                    "(GGUF first, then ONNX); then print the frontier (exports "
+                                    "frontier RUN). Exports already made are reused.")
     complete(p.add_argument("run"), names("run"))
     p.add_argument("--gguf", default=",".join(PLAN_TYPES["gguf"]), metavar="TYPES",
                    help="GGUF candidates, comma-separated ('' for none)")
     p.add_argument("--onnx", default=",".join(PLAN_TYPES["onnx"]), metavar="PRECISIONS",
                    help="ONNX candidates, comma-separated ('' for none; fp16 is for CUDA)")
-    json_flag(p, "the frontier, at the end")
+    p.add_argument("--imatrix", default="auto", metavar="auto|off|FILE", help="as for export gguf")
+    p.add_argument("--calibrate", default="auto", choices=("auto", "off"), help="as for export onnx")
+    p.add_argument("--detach", action="store_true", help="start the job and return")
+    json_flag(p, "the job and the frontier, at the end")
     p.set_defaults(func=cmd_export_plan)
     p = sub.add_parser("verify", help="run the parity gate of an export again")
     complete(p.add_argument("export"), names("export"))

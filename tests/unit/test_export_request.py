@@ -24,6 +24,17 @@ def test_a_good_request_has_no_problems_and_round_trips_through_params() -> None
     assert ExportRequest("r").types == DEFAULT_TYPES["gguf"]
 
 
+def test_a_plan_takes_gguf_types_and_onnx_precisions_in_one_job() -> None:
+    from appliance.stages.export.job import last_artifact_name
+    from appliance.stages.export.request import split_types
+
+    plan = ExportRequest("r", "plan", ("q8_0", "int8", "Q4_K_M", "int4"), calibrate="off")
+    assert plan.problems() == {} and ExportRequest.from_params(plan.to_params()) == plan
+    assert split_types(plan.types) == (["q8_0", "Q4_K_M"], ["int8", "int4"])
+    assert last_artifact_name(plan.to_params()) == "r-onnx-int4"  # GGUF first, then ONNX
+    assert last_artifact_name(ExportRequest("r", "plan", ("q8_0",)).to_params()) == "r-gguf-q8_0"
+
+
 def test_old_params_with_unknown_keys_still_load() -> None:
     request = ExportRequest.from_params({"run": "r", "format": "onnx", "types": ["int4"], "gone": 1})
     assert request == ExportRequest("r", "onnx", ("int4",))
@@ -43,6 +54,8 @@ def test_old_params_with_unknown_keys_still_load() -> None:
     (ExportRequest("r", "onnx", ("int4",), imatrix="off"), "imatrix", "GGUF exports only"),
     (ExportRequest("r", "onnx", ("int4",), calibrate="yes"), "calibrate", "unknown choice 'yes'"),
     (ExportRequest("r", "gguf", ("Q4_K_M",), calibrate="off"), "calibrate", "importance matrix"),
+    (ExportRequest("r", "plan", ("Q8_0", "int3")), "types", "nor an ONNX precision"),
+    (ExportRequest("r", "plan", ()), "types", "at least one candidate"),
     (ExportRequest("r", "onnx", ("int3",)), "types", "unknown ONNX precision 'int3'"),
     (ExportRequest("r", "safetensors", ()), "format", "unknown format"),
     (ExportRequest("", "gguf", ("Q8_0",)), "run", "finished run"),

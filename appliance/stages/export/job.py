@@ -11,22 +11,27 @@ from appliance.jobs import JobCancelled, JobContext
 
 
 def run(ctx: JobContext) -> dict[str, Any]:
-    """params {run, format: gguf|onnx, types: [...], overrides: {threshold key: value},
-    imatrix: auto|off|FILE (GGUF only), calibrate: auto|off (ONNX only); older rows have none: auto}"""
+    """params {run, format: gguf|onnx|plan, types: [...], overrides: {threshold key: value},
+    imatrix: auto|off|FILE (GGUF, plan), calibrate: auto|off (ONNX, plan); older rows have none:
+    auto}. A plan exports its GGUF types, then its ONNX precisions, in this one job."""
     from appliance.stages.export import convert
-    from appliance.stages.export.request import ExportRequest
+    from appliance.stages.export.request import ExportRequest, split_types
 
     p = ctx.params
+    request = ExportRequest.from_params(p)
     ctx.finishes_with("export", last_artifact_name(p))
+    gguf, onnx = split_types(p["types"]) if p["format"] == "plan" else (
+        (p["types"], []) if p["format"] == "gguf" else ([], p["types"]))
+    records = []
     try:
-        if p["format"] == "gguf":
-            records = convert.export_gguf(ctx.ws, p["run"], p["types"], scratch=ctx.dir / "work",
-                                          overrides=p.get("overrides"), report=ctx,
-                                          imatrix=ExportRequest.from_params(p).imatrix)
-        else:
-            records = convert.export_onnx(ctx.ws, p["run"], p["types"], scratch=ctx.dir / "work",
-                                          overrides=p.get("overrides"), report=ctx,
-                                          calibrate=ExportRequest.from_params(p).calibrate)
+        if gguf or p["format"] == "gguf":  # no type: only the merged model
+            records += convert.export_gguf(ctx.ws, p["run"], gguf, scratch=ctx.dir / "work",
+                                           overrides=p.get("overrides"), report=ctx,
+                                           imatrix=request.imatrix)
+        if onnx or p["format"] == "onnx":
+            records += convert.export_onnx(ctx.ws, p["run"], onnx, scratch=ctx.dir / "work",
+                                           overrides=p.get("overrides"), report=ctx,
+                                           calibrate=request.calibrate)
     except JobCancelled:
         raise  # resumable: keep the intermediate files
     except BaseException:
@@ -41,12 +46,16 @@ def last_artifact_name(p: dict[str, Any]) -> str:
     """The artifact an export job writes last, named as `convert` names them (the merged model
     if no type is asked for): its commit ends the job."""
     from appliance.stages.export.convert import artifact_name
+    from appliance.stages.export.request import split_types
     from appliance.stages.merge.inputs import merged_name
 
     types = [str(t) for t in p["types"]]
-    if p["format"] == "gguf":
+    gguf, onnx = split_types(types) if p["format"] == "plan" else (
+        (types, []) if p["format"] == "gguf" else ([], types))
+    if gguf:
         from export.gguf import resolve_quant_type
 
-        types = [resolve_quant_type(t)[0] for t in types]
-    names = [artifact_name(p["run"], p["format"], t) for t in dict.fromkeys(types)]
+        gguf = [resolve_quant_type(t)[0] for t in gguf]
+    names = ([artifact_name(p["run"], "gguf", t) for t in dict.fromkeys(gguf)]
+             + [artifact_name(p["run"], "onnx", t) for t in dict.fromkeys(onnx)])
     return names[-1] if names else merged_name(p["run"])

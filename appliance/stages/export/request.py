@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 FORMATS = ("gguf", "onnx")
+PLAN = "plan"  # both formats in one job (`export plan`): GGUF types first, then ONNX precisions
 GGUF_OFFERED = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")  # ticked in the TUI; any llama.cpp type goes
 ONNX_PRECISIONS = ("fp32", "fp16", "int8", "int4")  # export/onnx.py makes each (a test keeps them equal)
 DEFAULT_TYPES: Mapping[str, tuple[str, ...]] = {"gguf": ("Q8_0", "Q4_K_M"), "onnx": ("int4",)}
@@ -29,7 +30,8 @@ DEFAULT_CALIBRATE = "auto"
 
 @dataclass(frozen=True)
 class ExportRequest:
-    """A run to export to one format, as the given types (none: only the merged model)."""
+    """A run to export to one format, as the given types (none: only the merged model); or, with
+    format `plan`, to both: the ONNX precisions among the types in ONNX, the rest in GGUF."""
 
     run: str
     format: str = "gguf"
@@ -45,8 +47,10 @@ class ExportRequest:
         found: dict[str, str] = {}
         if not self.run:
             found["run"] = "pick a finished run"
-        if self.format not in FORMATS:
+        if self.format not in (*FORMATS, PLAN):
             found["format"] = f"unknown format {self.format!r}; one of {', '.join(FORMATS)}"
+        elif self.format == PLAN:
+            found.update(_plan_problems(self))
         elif self.format == "onnx":
             bad = [t for t in self.types if t not in ONNX_PRECISIONS]
             if bad:
@@ -66,7 +70,8 @@ class ExportRequest:
     def to_params(self) -> dict[str, Any]:
         return {"run": self.run, "format": self.format, "types": list(self.types),
                 "overrides": dict(self.overrides),
-                **({"imatrix": self.imatrix} if self.format == "gguf" else {"calibrate": self.calibrate})}
+                **({"imatrix": self.imatrix} if self.format in ("gguf", PLAN) else {}),
+                **({"calibrate": self.calibrate} if self.format in ("onnx", PLAN) else {})}
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> ExportRequest:
@@ -75,6 +80,23 @@ class ExportRequest:
                    overrides={str(k): float(v) for k, v in (params.get("overrides") or {}).items()},
                    imatrix=str(params.get("imatrix") or DEFAULT_IMATRIX),
                    calibrate=str(params.get("calibrate") or DEFAULT_CALIBRATE))
+
+
+def split_types(types: tuple[str, ...] | list[str]) -> tuple[list[str], list[str]]:
+    """A plan's types: (GGUF types, ONNX precisions), each in the order given."""
+    return [t for t in types if t not in ONNX_PRECISIONS], [t for t in types if t in ONNX_PRECISIONS]
+
+
+def _plan_problems(request: ExportRequest) -> dict[str, str]:
+    gguf, onnx = split_types(request.types)
+    if not gguf and not onnx:
+        return {"types": "give at least one candidate: GGUF types and/or ONNX precisions"}
+    found = _gguf_problems(tuple(gguf), request.imatrix) if gguf else {}
+    if "types" in found:
+        found["types"] += f" (nor an ONNX precision: {', '.join(ONNX_PRECISIONS)})"
+    if request.calibrate not in CALIBRATE_CHOICES:
+        found["calibrate"] = f"unknown choice {request.calibrate!r}; one of {', '.join(CALIBRATE_CHOICES)}"
+    return found
 
 
 def _message(exc: Any) -> str:
