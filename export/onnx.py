@@ -331,9 +331,7 @@ def _int4_layout(model: Any, head: Any, keep_8bit: Collection[str] | None
     """The MatMuls an int4 export keeps at 8 bits, and what the export's details say of them."""
     names = [n.name for n in _weight_matmuls(model)]
     if keep_8bit is None:
-        keep = [n for n in names if (head is not None and n == head.name)
-                or any(k in n for k in INT4_KEEP_8BIT)]
-        kind = "fixed"
+        keep, kind = fixed_8bit(names, head.name if head is not None else None), "fixed"
     else:
         unknown = sorted(set(keep_8bit) - set(names))
         if unknown:
@@ -350,6 +348,11 @@ def _int4_layout(model: Any, head: Any, keep_8bit: Collection[str] | None
                   "weight_matmuls": len(names)}
 
 
+def fixed_8bit(names: list[str], head: str | None) -> list[str]:
+    """The fixed int4 layout (`--calibrate off`): the head and every `INT4_KEEP_8BIT` MatMul."""
+    return [n for n in names if n == head or any(k in n for k in INT4_KEEP_8BIT)]
+
+
 @dataclass(frozen=True)
 class WeightUnit:
     """One MatMul with a constant weight: a unit that int4 or 8 bits can quantize."""
@@ -358,17 +361,22 @@ class WeightUnit:
     module: str  # the torch module it was exported from ("model.layers.3.mlp.down_proj", "lm_head")
     k: int       # input features (rows of B)
     n: int       # output features
+    head: bool = False  # the logits MatMul
 
 
 def weight_units(fp32_dir: Path) -> list[WeightUnit]:
-    """The weight MatMuls of an fp32 export, as `quantize_onnx` sees them (the head untied)."""
+    """The weight MatMuls of an fp32 export, as `quantize_onnx` sees them (a tied head untied)."""
     import onnx
 
-    model = onnx.load(str(Path(fp32_dir) / MODEL_FILE), load_external_data=False)
-    _untie_lm_head_shape(model)
-    shapes = {t.name: list(t.dims) for t in model.graph.initializer} | _transposed_shapes(model)
-    return [WeightUnit(n.name, unit_module(n.name), *shapes[n.input[1]])
-            for n in _weight_matmuls(model, set(shapes))]
+    graph = onnx.load(str(Path(fp32_dir) / MODEL_FILE), load_external_data=False).graph
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    tied = _tied_head(graph)
+    if tied is not None:  # its B will be the embedding's transpose
+        head, producer = tied
+        shapes[head.input[1]] = list(reversed(shapes[producer.input[0]]))
+    return [WeightUnit(n.name, unit_module(n.name), k=shapes[n.input[1]][0], n=shapes[n.input[1]][1],
+                       head="logits" in n.output)
+            for n in graph.node if n.op_type == "MatMul" and n.input[1] in shapes]
 
 
 def unit_module(node_name: str) -> str:
@@ -377,24 +385,21 @@ def unit_module(node_name: str) -> str:
     return node_name.strip("/").removesuffix("/MatMul").replace("/", ".")
 
 
-def _weight_matmuls(model: Any, constants: set[str] | None = None) -> list[Any]:
-    names = constants if constants is not None else {t.name for t in model.graph.initializer}
+def _weight_matmuls(model: Any) -> list[Any]:
+    names = {t.name for t in model.graph.initializer}
     return [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in names]
 
 
-def _untie_lm_head_shape(model: Any) -> None:
-    """`_untie_lm_head` without the weights (external data not loaded): the head reads a
-    transposed embedding; point it at a name whose shape `_transposed_shapes` gives."""
-    graph = model.graph
+def _tied_head(graph: Any) -> tuple[Any, Any] | None:
+    """(the logits MatMul, the Transpose it reads its weight from) when the head is tied to a 2-D
+    embedding as `MatMul(x, Transpose(embedding))`; else None."""
     head = next((n for n in graph.node if n.op_type == "MatMul" and "logits" in n.output), None)
     producer = {o: n for n in graph.node for o in n.output}.get(head.input[1]) if head else None
-    if head is not None and producer is not None and producer.op_type == "Transpose":
-        head.input[1] = f"{producer.input[0]}.lm_head"
-
-
-def _transposed_shapes(model: Any) -> dict[str, list[int]]:
-    return {f"{t.name}.lm_head": list(reversed(t.dims)) for t in model.graph.initializer
-            if len(t.dims) == 2}
+    if producer is None or producer.op_type != "Transpose":
+        return None
+    perm = next((list(a.ints) for a in producer.attribute if a.name == "perm"), [1, 0])
+    dims = next((list(t.dims) for t in graph.initializer if t.name == producer.input[0]), None)
+    return (head, producer) if perm == [1, 0] and dims is not None and len(dims) == 2 else None
 
 
 def _head_node(model: Any) -> Any:
@@ -410,14 +415,11 @@ def _untie_lm_head(model: Any) -> bool:
     from onnx import numpy_helper
 
     graph = model.graph
-    head = next((n for n in graph.node if n.op_type == "MatMul" and "logits" in n.output), None)
-    producer = {o: n for n in graph.node for o in n.output}.get(head.input[1]) if head else None
-    if head is None or producer is None or producer.op_type != "Transpose":
+    tied = _tied_head(graph)
+    if tied is None:
         return False
-    weight = next((t for t in graph.initializer if t.name == producer.input[0]), None)
-    perm = next((list(a.ints) for a in producer.attribute if a.name == "perm"), [1, 0])
-    if weight is None or len(weight.dims) != 2 or perm != [1, 0]:
-        return False
+    head, producer = tied
+    weight = next(t for t in graph.initializer if t.name == producer.input[0])
     array = np.ascontiguousarray(numpy_helper.to_array(weight).T)
     graph.initializer.append(numpy_helper.from_array(array, name=f"{weight.name}.lm_head"))
     head.input[1] = f"{weight.name}.lm_head"

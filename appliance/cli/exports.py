@@ -105,14 +105,13 @@ def _imatrix(value: str) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from appliance.stages.export.request import DEFAULT_CALIBRATE, DEFAULT_IMATRIX, ExportRequest
+
     types = _types(args.quant if args.format == "gguf" else args.precision)
-    params = {"run": args.run, "format": args.format, "types": types,
-              "overrides": _thresholds(args.threshold)}
-    if args.format == "gguf":
-        params["imatrix"] = _imatrix(args.imatrix)
-    else:
-        params["calibrate"] = args.calibrate
-    return run_job(args, "export", params, f"{args.format} export", _export_report)
+    request = ExportRequest(args.run, args.format, tuple(types), _thresholds(args.threshold),
+                            imatrix=_imatrix(getattr(args, "imatrix", DEFAULT_IMATRIX)),
+                            calibrate=getattr(args, "calibrate", DEFAULT_CALIBRATE))
+    return run_job(args, "export", request.to_params(), f"{args.format} export", _export_report)
 
 
 def cmd_export_plan(args: argparse.Namespace) -> int:
@@ -178,10 +177,9 @@ def cmd_exports_show(args: argparse.Namespace) -> int:
 
 def _calibration_line(info: dict[str, Any]) -> str | None:
     """What an export was calibrated on: its importance matrix (GGUF) or int4 layout (ONNX)."""
-    what, record = next(((w, info[k]) for k, w in (("imatrix", "importance matrix"),
-                                                   ("calibration", "int4 8-bit layout")) if info.get(k)),
-                        ("", None))
-    if record is None:
+    what = "importance matrix" if info.get("imatrix") else "int4 8-bit layout"
+    record = info.get("imatrix") or info.get("calibration")
+    if not record:
         return None
     if not record.get("used"):
         return f"  calibration none ({what}: {record.get('why') or 'not used'})"
@@ -251,6 +249,7 @@ def register(sub: Any) -> None:
     exp = sub.add_parser("export", help="export a run to GGUF or ONNX (merges first; parity-checked)")
     esub = exp.add_subparsers(dest="format", metavar="FORMAT", required=True)
     from appliance.stages.export import DEFAULT_TYPES, GGUF_OFFERED, ONNX_PRECISIONS
+    from appliance.stages.export.request import CALIBRATE_CHOICES, PLAN_TYPES
 
     for fmt, option, default, text in (
             ("gguf", "--quant", ",".join(DEFAULT_TYPES["gguf"]), "llama.cpp types, comma-separated "
@@ -266,7 +265,7 @@ def register(sub: Any) -> None:
                                 "one from the run's training conversations when llama.cpp's tools "
                                 "are installed; off; or an imatrix file")
         else:
-            p.add_argument("--calibrate", default="auto", choices=("auto", "off"),
+            p.add_argument("--calibrate", default="auto", choices=CALIBRATE_CHOICES,
                            help="int4: auto (default) keeps at 8 bits the weights measured most "
                                 "sensitive on the run's training conversations; off keeps the fixed "
                                 "layout (the head, down and v projections)")
@@ -275,8 +274,6 @@ def register(sub: Any) -> None:
         p.add_argument("--detach", action="store_true", help="start the job and return")
         json_flag(p, "the exports and their parity reports")
         p.set_defaults(func=cmd_export)
-    from appliance.stages.export.request import PLAN_TYPES
-
     p = esub.add_parser("plan", help="make the candidate exports of a run and list them side by side",
                         description="Export a run to each candidate type (GGUF with an importance "
                                     "matrix below 6 bits, ONNX int4 with its measured layout), each "
@@ -289,7 +286,7 @@ def register(sub: Any) -> None:
     p.add_argument("--onnx", default=",".join(PLAN_TYPES["onnx"]), metavar="PRECISIONS",
                    help="ONNX candidates, comma-separated ('' for none; fp16 is for CUDA)")
     p.add_argument("--imatrix", default="auto", metavar="auto|off|FILE", help="as for export gguf")
-    p.add_argument("--calibrate", default="auto", choices=("auto", "off"), help="as for export onnx")
+    p.add_argument("--calibrate", default="auto", choices=CALIBRATE_CHOICES, help="as for export onnx")
     p.add_argument("--detach", action="store_true", help="start the job and return")
     json_flag(p, "the job and the frontier, at the end")
     p.set_defaults(func=cmd_export_plan)

@@ -133,6 +133,7 @@ def test_int4_keeps_at_8_bits_the_matmuls_a_layout_names(tiny: dict, tmp_path: P
     assert [u.module for u in units][:2] == ["model.layers.0.self_attn.q_proj",
                                              "model.layers.0.self_attn.k_proj"]
     assert units[-1].module == "lm_head" and (units[-1].k, units[-1].n) == (64, 49152)
+    assert [u.head for u in units] == [False] * (len(units) - 1) + [True]  # the tied head, untied
     keep = ["/lm_head/MatMul", "/model/layers.1/mlp/up_proj/MatMul"]
     info = quantize_onnx(fp32, tmp_path / "int4", "int4", keep_8bit=keep)["quantization"]
     assert (info["layout"], info["eight_bit"], info["weight_matmuls"]) == ("measured", 2, len(units))

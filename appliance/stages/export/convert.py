@@ -115,11 +115,7 @@ def export_gguf(ws: Workspace, run: str, quants: list[str], *, scratch: Path,
     def same(name: str, qtype: str, found: ArtifactRecord) -> None:
         why = importance.existing_mismatch(manifest.read(found.path).get("info") or {},
                                            qtype in plan.types, file_sha)
-        if why and plan.choice != importance.AUTO:
-            raise importance.refuse_mismatch(name, why)
-        if why:
-            report.log(f"{name} exists, {why}: reused as it is (remove it and export again for a "
-                       "new one)")
+        _reuse_or_refuse(report, name, why, refuse=plan.choice != importance.AUTO)
 
     return _each(job, todo, make, same)
 
@@ -201,11 +197,7 @@ def export_onnx(ws: Workspace, run: str, precisions: list[str], *, scratch: Path
             return
         why = layout.existing_mismatch(manifest.read(found.path).get("info") or {},
                                        calibrate == layout.AUTO)
-        if why and calibrate == layout.OFF:
-            raise importance.refuse_mismatch(name, why)
-        if why:
-            report.log(f"{name} exists, {why}: reused as it is (remove it and export again for a "
-                       "new one)")
+        _reuse_or_refuse(report, name, why, refuse=calibrate != layout.AUTO)
 
     return _each(job, todo, lambda p: _one_onnx(job, p, scratch, plan), same)
 
@@ -233,7 +225,7 @@ def _one_onnx(job: _Export, precision: str, scratch: Path, plan: layout.Layout) 
             keep = None
             if precision == "int4":
                 keep, info["calibration"] = plan.get(fp32, job.merged)
-                layout.write_file(info["calibration"], scratch, w.path)
+                plan.write_beside(w.path)
             job.stages.emit("quantize", f"quantizing the ONNX graph to {precision}")
             details = onnx.quantize_onnx(fp32, target, precision, progress=job.report.log,
                                          keep_8bit=keep)
@@ -251,6 +243,16 @@ def _one_onnx(job: _Export, precision: str, scratch: Path, plan: layout.Layout) 
 
 
 # -- each artifact, made or reused ---------------------------------------------------------------
+def _reuse_or_refuse(report: Reporter, name: str, why: str | None, *, refuse: bool) -> None:
+    """An export found made otherwise than asked (`why`): refused when the choice was explicit,
+    else reused as it is, with a log line saying so."""
+    if why and refuse:
+        raise importance.refuse_mismatch(name, why)
+    if why:
+        report.log(f"{name} exists, {why}: reused as it is (remove it and export again for a new one)")
+
+
+
 Same = Callable[[str, str, ArtifactRecord], None]  # (name, type, found): raises if it must not be reused
 
 

@@ -15,13 +15,12 @@ def run(ctx: JobContext) -> dict[str, Any]:
     imatrix: auto|off|FILE (GGUF, plan), calibrate: auto|off (ONNX, plan); older rows have none:
     auto}. A plan exports its GGUF types, then its ONNX precisions, in this one job."""
     from appliance.stages.export import convert
-    from appliance.stages.export.request import ExportRequest, split_types
+    from appliance.stages.export.request import ExportRequest, types_by_format
 
     p = ctx.params
     request = ExportRequest.from_params(p)
     ctx.finishes_with("export", last_artifact_name(p))
-    gguf, onnx = split_types(p["types"]) if p["format"] == "plan" else (
-        (p["types"], []) if p["format"] == "gguf" else ([], p["types"]))
+    gguf, onnx = types_by_format(p["format"], p["types"])
     records = []
     try:
         if gguf or p["format"] == "gguf":  # no type: only the merged model
@@ -46,12 +45,10 @@ def last_artifact_name(p: dict[str, Any]) -> str:
     """The artifact an export job writes last, named as `convert` names them (the merged model
     if no type is asked for): its commit ends the job."""
     from appliance.stages.export.convert import artifact_name
-    from appliance.stages.export.request import split_types
+    from appliance.stages.export.request import types_by_format
     from appliance.stages.merge.inputs import merged_name
 
-    types = [str(t) for t in p["types"]]
-    gguf, onnx = split_types(types) if p["format"] == "plan" else (
-        (types, []) if p["format"] == "gguf" else ([], types))
+    gguf, onnx = types_by_format(p["format"], [str(t) for t in p["types"]])
     if gguf:
         from export.gguf import resolve_quant_type
 

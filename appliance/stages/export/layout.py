@@ -32,21 +32,24 @@ from typing import Any
 from appliance import manifest
 from appliance.progress import Reporter, Stages
 from appliance.stages.export.importance import conversation_hash
+from appliance.stages.export.request import CALIBRATE_CHOICES as CHOICES
 from appliance.stages.merge.inputs import run_inputs
 from appliance.stages.verify.scoring import PARITY_MAX_TOKENS
 from appliance.workspace import ArtifactRecord, Workspace
 
-AUTO, OFF = "auto", "off"
-CHOICES = (AUTO, OFF)
+AUTO, OFF = CHOICES
 CONVERSATIONS = 16
 DRAWS = 2  # backward passes per conversation, each with labels drawn from the model
 MAX_TOKENS = PARITY_MAX_TOKENS  # as the gate scores the held-out conversations
 SEED = 0
 LAYOUT_FILE = "int4-layout.json"  # beside the export: the conversations' hashes, the scores, the layout
+FILE_KEYS = ("run", "dataset", "split", "conversation_sha256", "scores", "eight_bit")
 
 
 @dataclass
-class Calibration:
+class TrainingSamples:
+    """The conversations the layout is measured on, and what identifies them."""
+
     samples: list[Any]       # export.sensitivity.Conversation
     hashes: list[str]
     dataset: ArtifactRecord
@@ -62,7 +65,7 @@ class Calibration:
                 "conversations_sha256": hashlib.sha256("\n".join(self.hashes).encode()).hexdigest()}
 
 
-def training_samples(ws: Workspace, run: str, tokenizer: Any) -> Calibration:
+def training_samples(ws: Workspace, run: str, tokenizer: Any) -> TrainingSamples:
     """The run's first `CONVERSATIONS` training conversations that have assistant tokens within
     `MAX_TOKENS`, as the parity gate renders and scores conversations."""
     from appliance.stages.datasets import importer as datasets
@@ -72,7 +75,7 @@ def training_samples(ws: Workspace, run: str, tokenizer: Any) -> Calibration:
     _, model, dataset = run_inputs(ws, run, hash_model=False)
     stops = manifest.read(model.path)["info"]["stop_tokens"]
     rows = datasets.load_rows(dataset, "train")
-    found = Calibration([], [], dataset, len(rows))
+    found = TrainingSamples([], [], dataset, len(rows))
     for row in rows:
         if len(found.samples) >= CONVERSATIONS:
             break
@@ -93,6 +96,7 @@ class Layout:
     stages: Stages
     report: Reporter
     _made: tuple[list[str] | None, dict[str, Any]] | None = None
+    _file: dict[str, Any] | None = None  # the layout file's content, once measured
 
     def get(self, fp32: Path, merged: ArtifactRecord) -> tuple[list[str] | None, dict[str, Any]]:
         """(the MatMuls kept at 8 bits, or None for the fixed layout; the manifest's record)."""
@@ -107,14 +111,21 @@ class Layout:
         if cached.is_file():  # a resumed job: measured before the cancel
             kept = json.loads(cached.read_text(encoding="utf-8"))
             if kept.get("merged_manifest_sha256") == merged.manifest_sha256:
+                self._file = {k: kept[k] for k in FILE_KEYS}
                 return kept["eight_bit"], kept["record"]
         keep, record, doc = self._compute(fp32, merged)
         if keep is not None:
+            self._file = {**doc, "eight_bit": keep}
             self.scratch.mkdir(parents=True, exist_ok=True)
-            cached.write_text(json.dumps({**doc, "eight_bit": keep, "record": record,
+            cached.write_text(json.dumps({**self._file, "record": record,
                                           "merged_manifest_sha256": merged.manifest_sha256},
                                          indent=1), encoding="utf-8")
         return keep, record
+
+    def write_beside(self, folder: Path) -> None:
+        """The layout file (hashes, scores, the layout) into an export made with the measured layout."""
+        if self._file is not None:
+            (folder / LAYOUT_FILE).write_text(json.dumps(self._file, indent=1), encoding="utf-8")
 
     def _fixed(self, why: str) -> tuple[None, dict[str, Any], dict[str, Any]]:
         self.report.log(f"{why}: the int4 export keeps the fixed layout (the head, down and v "
@@ -123,6 +134,7 @@ class Layout:
 
     def _compute(self, fp32: Path, merged: ArtifactRecord
                  ) -> tuple[list[str] | None, dict[str, Any], dict[str, Any]]:
+        """(the layout or None, the manifest's record, the layout file's content)."""
         from appliance.hfmodel import load_tokenizer
         from export import onnx
 
@@ -184,9 +196,8 @@ def choose(units: list[Any], scores: dict[str, float]) -> tuple[list[str], int]:
 
     saved = {u.name: sensitivity.nbits_bytes(u.k, u.n, 8) - sensitivity.nbits_bytes(u.k, u.n, 4)
              for u in units}
-    head = [u.name for u in units if u.module == "lm_head"]
-    fixed = [u.name for u in units if u.module == "lm_head" or any(k in u.name for k in onnx.INT4_KEEP_8BIT)]
-    budget = sum(saved[n] for n in fixed)
+    head = [u.name for u in units if u.head]
+    budget = sum(saved[n] for n in onnx.fixed_8bit([u.name for u in units], head[0] if head else None))
     return sensitivity.keep_at_8_bits(scores, saved, budget, always=head), budget
 
 
@@ -203,15 +214,6 @@ def _load(folder: Path) -> Any:
 def _matches(module: Any, unit: Any) -> bool:
     weight = getattr(module, "weight", None)
     return weight is not None and tuple(weight.shape) == (unit.n, unit.k)
-
-
-def write_file(record: dict[str, Any], scratch: Path, folder: Path) -> None:
-    """The layout file (hashes, scores, the layout) beside an export made with a measured layout."""
-    if record.get("used"):
-        kept = json.loads((scratch / LAYOUT_FILE).read_text(encoding="utf-8"))
-        (folder / LAYOUT_FILE).write_text(json.dumps(
-            {k: kept[k] for k in ("run", "dataset", "split", "conversation_sha256", "eight_bit", "scores")},
-            indent=1), encoding="utf-8")
 
 
 def existing_mismatch(record_info: dict[str, Any], measured: bool) -> str | None:

@@ -57,9 +57,7 @@ class ExportRequest:
                 found["types"] = f"unknown ONNX precision {bad[0]!r}; valid: {', '.join(ONNX_PRECISIONS)}"
             if self.imatrix != DEFAULT_IMATRIX:
                 found["imatrix"] = "an importance matrix is for GGUF exports only"
-            if self.calibrate not in CALIBRATE_CHOICES:
-                found["calibrate"] = (f"unknown choice {self.calibrate!r}; one of "
-                                      f"{', '.join(CALIBRATE_CHOICES)}")
+            found.update(_calibrate_problem(self.calibrate))
         else:
             found.update(_gguf_problems(self.types, self.imatrix))
             if self.calibrate != DEFAULT_CALIBRATE:
@@ -87,6 +85,13 @@ def split_types(types: tuple[str, ...] | list[str]) -> tuple[list[str], list[str
     return [t for t in types if t not in ONNX_PRECISIONS], [t for t in types if t in ONNX_PRECISIONS]
 
 
+def types_by_format(fmt: str, types: tuple[str, ...] | list[str]) -> tuple[list[str], list[str]]:
+    """An export job's (GGUF types, ONNX precisions): all of one kind for gguf/onnx, split for a plan."""
+    if fmt == PLAN:
+        return split_types(types)
+    return (list(types), []) if fmt == "gguf" else ([], list(types))
+
+
 def _plan_problems(request: ExportRequest) -> dict[str, str]:
     gguf, onnx = split_types(request.types)
     if not gguf and not onnx:
@@ -94,9 +99,13 @@ def _plan_problems(request: ExportRequest) -> dict[str, str]:
     found = _gguf_problems(tuple(gguf), request.imatrix) if gguf else {}
     if "types" in found:
         found["types"] += f" (nor an ONNX precision: {', '.join(ONNX_PRECISIONS)})"
-    if request.calibrate not in CALIBRATE_CHOICES:
-        found["calibrate"] = f"unknown choice {request.calibrate!r}; one of {', '.join(CALIBRATE_CHOICES)}"
-    return found
+    return {**found, **_calibrate_problem(request.calibrate)}
+
+
+def _calibrate_problem(calibrate: str) -> dict[str, str]:
+    if calibrate in CALIBRATE_CHOICES:
+        return {}
+    return {"calibrate": f"unknown choice {calibrate!r}; one of {', '.join(CALIBRATE_CHOICES)}"}
 
 
 def _message(exc: Any) -> str:
