@@ -15,6 +15,7 @@ import pytest
 
 from appliance import offline
 from appliance.workspace import ArtifactRecord, Workspace
+from tests.tmpdirs import module_tmp  # noqa: F401  (a fixture, shared by every module)
 
 offline.install()
 

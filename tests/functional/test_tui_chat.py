@@ -11,14 +11,15 @@ from textual.widgets import Checkbox, Input, Select, Static
 from tuikit import app_for, gguf_export, settle, wait_for
 
 from appliance.workspace import Workspace
+from tests.tmpdirs import ModuleTemp
 from tui.screens.chat import ChatScreen
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def chat_ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
-    ws = Workspace(tmp_path_factory.mktemp("chat") / "ws").ensure()
+def chat_ws(module_tmp: ModuleTemp) -> Workspace:
+    ws = Workspace(module_tmp.mktemp("chat") / "ws").ensure()
     gguf_export(ws, "smol-a")
     gguf_export(ws, "smol-b")
     gguf_export(ws, "smol-broken", status="failed")

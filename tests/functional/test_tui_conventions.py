@@ -21,14 +21,15 @@ from tuikit import (
 
 from appliance.stages.datasets import importer as datasets
 from appliance.workspace import Workspace
+from tests.tmpdirs import ModuleTemp
 from tui.app import ApplianceApp, Settings
 from tui.widgets import KeyedTable
 
 
 @pytest.fixture(scope="module")
-def fixed_ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+def fixed_ws(module_tmp: ModuleTemp) -> Workspace:
     """The snapshot workspace plus a second model and dataset, so a filter has something to hide."""
-    root = tmp_path_factory.mktemp("conventions")
+    root = module_tmp.mktemp("conventions")
     ws = build_fixed_workspace(root)
     add_model(ws, "qwen-tiny")
     datasets.import_file(ws, dataset_file(root), ws.get("model", MODEL), name="other-chats",

@@ -26,6 +26,7 @@ from tuikit import (
 )
 
 from appliance.workspace import Workspace
+from tests.tmpdirs import ModuleTemp
 from tests.unit.test_layers import loaded_after_import
 from tui.screens import evals
 from tui.screens.evals import EvalDialog, EvalsScreen, ItemView, chart_bar, delta_chart
@@ -33,8 +34,8 @@ from tui.widgets import KeyedTable
 
 
 @pytest.fixture(scope="module")
-def fixed_ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
-    return build_fixed_workspace(tmp_path_factory.mktemp("evals"))
+def fixed_ws(module_tmp: ModuleTemp) -> Workspace:
+    return build_fixed_workspace(module_tmp.mktemp("evals"))
 
 
 def _report(ws: Workspace) -> dict[str, Any]:

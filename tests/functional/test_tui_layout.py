@@ -8,11 +8,12 @@ from textual.widgets import Input
 from tuikit import app_for, build_fixed_workspace, settle
 
 from appliance.workspace import Workspace
+from tests.tmpdirs import ModuleTemp
 
 
 @pytest.fixture(scope="module")
-def fixed_ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
-    return build_fixed_workspace(tmp_path_factory.mktemp("layout"))
+def fixed_ws(module_tmp: ModuleTemp) -> Workspace:
+    return build_fixed_workspace(module_tmp.mktemp("layout"))
 
 
 async def test_the_train_form_is_capped_at_200_columns(fixed_ws: Workspace) -> None:

@@ -26,6 +26,7 @@ from tuikit import (
 from appliance import jobs
 from appliance.runtime import keys, service
 from appliance.workspace import Workspace
+from tests.tmpdirs import ModuleTemp
 from tui.screens.server import KeyShown, ServerScreen, StartDialog
 from tui.widgets import KeyedTable
 
@@ -163,8 +164,8 @@ def _fixed_metrics(url: str) -> service.MetricsSnapshot:
 
 
 @pytest.fixture(scope="module")
-def serving_ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
-    ws = build_fixed_workspace(tmp_path_factory.mktemp("serving"))
+def serving_ws(module_tmp: ModuleTemp) -> Workspace:
+    ws = build_fixed_workspace(module_tmp.mktemp("serving"))
     options = service.ServeOptions(("support-run-gguf-q8_0",))
     with ws.connect() as db:  # a running job without a pid: shown as running, never judged dead
         db.execute("INSERT INTO jobs (id, kind, params, state, created, attempt) VALUES "

@@ -26,6 +26,7 @@ from tuikit import (
 
 from appliance.errors import ApplianceError
 from appliance.workspace import Workspace
+from tests.tmpdirs import ModuleTemp
 from tui.app import ApplianceApp
 
 Steps = Callable[[ApplianceApp, Pilot[Any]], Awaitable[None]]
@@ -86,8 +87,8 @@ CASES: list[tuple[str, Steps, tuple[tuple[int, int], ...]]] = [
 
 
 @pytest.fixture(scope="module")
-def fixed_ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
-    return build_fixed_workspace(tmp_path_factory.mktemp("snapshots"))
+def fixed_ws(module_tmp: ModuleTemp) -> Workspace:
+    return build_fixed_workspace(module_tmp.mktemp("snapshots"))
 
 
 def _freeze(app: ApplianceApp) -> None:

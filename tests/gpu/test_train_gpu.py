@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tmpdirs import ModuleTemp
+
 torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (none found)", allow_module_level=True)
@@ -33,8 +35,8 @@ CONFIG = {"lora_r": 16, "lora_alpha": 32, "max_steps": 24, "batch_size": 8, "gra
 
 
 @pytest.fixture(scope="module")
-def gpu_ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
-    root = tmp_path_factory.mktemp("gpu")
+def gpu_ws(module_tmp: ModuleTemp) -> Workspace:
+    root = module_tmp.mktemp("gpu")
     ws = Workspace(root / "ws")
     folder = build_random_llama(root / "smol-shape", **SMOLLM2_SHAPE)
     model = models.import_path(ws, folder, name="smol-shape")

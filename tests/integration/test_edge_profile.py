@@ -18,6 +18,7 @@ import pytest
 
 from appliance import manifest, stack
 from appliance.workspace import ArtifactRecord
+from tests.tmpdirs import ModuleTemp
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,10 +40,10 @@ def _loaded(out: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def edge_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def edge_home(module_tmp: ModuleTemp) -> Path:
     """A workspace where the default model was imported on the edge profile, and what the child
     that imported it, opened it and served it reported."""
-    home = tmp_path_factory.mktemp("edge") / "ws"
+    home = module_tmp.mktemp("edge") / "ws"
     code = textwrap.dedent("""
         import asyncio, json, urllib.request
         from appliance import profile

@@ -29,6 +29,7 @@ from appliance.stages.eval import judge, metrics, results, rubric
 from appliance.stages.eval.request import EvalRequest
 from appliance.stages.export import convert
 from appliance.workspace import ArtifactRecord, Workspace
+from tests.tmpdirs import ModuleTemp
 
 pytestmark = pytest.mark.integration
 TRAIN = {"lora_r": 4, "lora_alpha": 8, "max_steps": 2, "batch_size": 2, "grad_accum": 1,
@@ -38,9 +39,9 @@ ITEMS, MAX_NEW = 16, 16
 
 
 @pytest.fixture(scope="module")
-def eval_ws(tmp_path_factory: pytest.TempPathFactory, smol_model: ArtifactRecord) -> Workspace:
+def eval_ws(module_tmp: ModuleTemp, smol_model: ArtifactRecord) -> Workspace:
     """SmolLM2, 80 Dolly conversations (16 held out), a 2-step run on them and its Q8_0 GGUF."""
-    tmp = tmp_path_factory.mktemp("eval")
+    tmp = module_tmp.mktemp("eval")
     ws = Workspace(tmp / "ws").ensure()
     shutil.copytree(smol_model.path, ws.artifact_dir("model", smol_model.name))
     ws.reconcile()

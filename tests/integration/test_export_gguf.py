@@ -18,6 +18,7 @@ from appliance import chat, manifest
 from appliance.errors import ApplianceError, IntegrityError, RefusedError, ValidationError
 from appliance.workspace import ArtifactRecord
 from export import gguf, ollama
+from tests.tmpdirs import ModuleTemp
 from tests.unit.test_export_ollama import parse_modelfile
 
 pytestmark = pytest.mark.integration
@@ -68,9 +69,9 @@ class Exported:
 
 
 @pytest.fixture(scope="module")
-def exported(smol_model: ArtifactRecord, tmp_path_factory: pytest.TempPathFactory) -> Exported:
+def exported(smol_model: ArtifactRecord, module_tmp: ModuleTemp) -> Exported:
     """SmolLM2 -> F16 once, then the four quantized types; every file checked by export_gguf."""
-    out = tmp_path_factory.mktemp("gguf")
+    out = module_tmp.mktemp("gguf")
     lines: list[str] = []
     start = time.monotonic()
     results = export_gguf(smol_model.path, out, QUANTS, nthread=2, progress=lines.append)
@@ -79,8 +80,8 @@ def exported(smol_model: ArtifactRecord, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.fixture(scope="module")
-def tiny_qwen2_gguf(tiny_qwen2_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("qwen2") / "tiny-qwen2-F32.gguf"
+def tiny_qwen2_gguf(tiny_qwen2_source: Path, module_tmp: ModuleTemp) -> Path:
+    out = module_tmp.mktemp("qwen2") / "tiny-qwen2-F32.gguf"
     start = time.monotonic()
     gguf.convert(tiny_qwen2_source, out, outtype="f32")
     TIMINGS["tiny qwen2 convert (f32)"] = time.monotonic() - start

@@ -19,6 +19,7 @@ from appliance import manifest
 from appliance.errors import ApplianceError
 from appliance.workspace import ArtifactRecord
 from export.onnx import TITLE, OnnxLM, export_onnx, quantize_onnx
+from tests.tmpdirs import ModuleTemp
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,11 +35,11 @@ SHORT = [{"role": "system", "content": "Answer in one short sentence."}, *QUESTI
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory, tiny_llama_source: Path,
+def tiny(module_tmp: ModuleTemp, tiny_llama_source: Path,
          tiny_qwen2_source: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
     """name -> (folder, info): fp32 of both families, int4/int8 quantized from them, fp16 and a
     direct int4 export of the Llama."""
-    root = tmp_path_factory.mktemp("onnx")
+    root = module_tmp.mktemp("onnx")
     out: dict[str, tuple[Path, dict[str, Any]]] = {}
     for family, src in (("llama", tiny_llama_source), ("qwen2", tiny_qwen2_source)):
         fp32 = root / f"{family}-fp32"
@@ -287,9 +288,9 @@ def test_a_failure_midway_leaves_nothing_behind(tmp_path: Path, tiny_llama: Path
 
 # -- the real SmolLM2 ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def smol_onnx(tmp_path_factory: pytest.TempPathFactory, smol_model: ArtifactRecord) -> Path:
+def smol_onnx(module_tmp: ModuleTemp, smol_model: ArtifactRecord) -> Path:
     """SmolLM2 exported once in fp32, and quantized from that to int4."""
-    root = tmp_path_factory.mktemp("smol-onnx")
+    root = module_tmp.mktemp("smol-onnx")
     fp32 = export_onnx(smol_model.path, root / "fp32", "fp32")
     int4 = quantize_onnx(root / "fp32", root / "int4", "int4")
     assert int4["size_bytes"] < 0.45 * fp32["size_bytes"]

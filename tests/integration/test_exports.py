@@ -21,6 +21,7 @@ from appliance.stages.merge.merged import merge
 from appliance.stages.models import importer as models
 from appliance.stages.verify.gate import verify
 from appliance.workspace import ArtifactRecord, Workspace, require_passed
+from tests.tmpdirs import ModuleTemp
 
 pytestmark = pytest.mark.integration
 TRAIN = {"lora_r": 4, "lora_alpha": 8, "max_steps": 2, "batch_size": 2, "grad_accum": 1,
@@ -40,8 +41,8 @@ def _trained(ws: Workspace, model: ArtifactRecord, tmp: Path, name: str = "run")
 
 
 @pytest.fixture(scope="module")
-def smol_run(tmp_path_factory: pytest.TempPathFactory, smol_model: ArtifactRecord) -> Workspace:
-    tmp = tmp_path_factory.mktemp("exports")
+def smol_run(module_tmp: ModuleTemp, smol_model: ArtifactRecord) -> Workspace:
+    tmp = module_tmp.mktemp("exports")
     ws = Workspace(tmp / "ws").ensure()
     shutil.copytree(smol_model.path, ws.artifact_dir("model", smol_model.name))
     ws.reconcile()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import ExitCode
+from tests.tmpdirs import ModuleTemp
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,13 +93,13 @@ def _namespace_works() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def full_disk_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_source: Path) -> dict:
+def full_disk_run(module_tmp: ModuleTemp, tiny_llama_source: Path) -> dict:
     reason = _namespace_works()
     if reason:
         pytest.skip(reason)
     from appliance.demo import sample_dataset
 
-    base = tmp_path_factory.mktemp("full")
+    base = module_tmp.mktemp("full")
     mnt = base / "mnt"
     mnt.mkdir()
     data = base / "d.jsonl"

@@ -14,6 +14,7 @@ from appliance.runtime.engine import Artifact, Delta, Sampling
 from appliance.runtime.genai_lm import GenaiCache, GenaiLM, usable
 from appliance.runtime.onnx_engine import OnnxEngine
 from export.onnx import OnnxLM, export_onnx
+from tests.tmpdirs import ModuleTemp
 
 pytest.importorskip("onnxruntime_genai")
 pytestmark = pytest.mark.integration
@@ -21,8 +22,8 @@ IDS = [1, 9690, 198, 6077, 5453, 30, 2, 198, 1, 4093, 198, 26843, 2, 198, 1, 520
 
 
 @pytest.fixture(scope="module")
-def fp16(tmp_path_factory: pytest.TempPathFactory, tiny_llama_source: Path) -> Path:
-    folder = tmp_path_factory.mktemp("genai") / "fp16"
+def fp16(module_tmp: ModuleTemp, tiny_llama_source: Path) -> Path:
+    folder = module_tmp.mktemp("genai") / "fp16"
     export_onnx(tiny_llama_source, folder, "fp16")
     return folder
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from appliance import offline
+from tests.tmpdirs import ModuleTemp
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")]
@@ -100,11 +101,11 @@ time.sleep({hold})
 
 
 @pytest.fixture(scope="module")
-def genai_folder(tmp_path_factory: pytest.TempPathFactory, tiny_llama_source: Path) -> Path:
+def genai_folder(module_tmp: ModuleTemp, tiny_llama_source: Path) -> Path:
     pytest.importorskip("onnxruntime_genai")
     from export.onnx import export_onnx
 
-    folder = tmp_path_factory.mktemp("genai") / "fp16"
+    folder = module_tmp.mktemp("genai") / "fp16"
     export_onnx(tiny_llama_source, folder, "fp16")  # the export stage's fp16: genai's graph
     return folder
 

@@ -20,6 +20,7 @@ import pytest
 
 import appliance
 from appliance import kit, offline, stack
+from tests.tmpdirs import ModuleTemp
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,12 +49,12 @@ def _build(checkout: Path, kit_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def edge_kits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def edge_kits(module_tmp: ModuleTemp) -> tuple[Path, Path]:
     """An edge kit of this checkout, and one of a copy whose version is NEWER (an upgrade)."""
     why = _missing()
     if why:
         pytest.skip(why)
-    d = tmp_path_factory.mktemp("kit")
+    d = module_tmp.mktemp("kit")
     newer = d / "checkout"
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
                            capture_output=True, text=True).stdout.split()

@@ -31,6 +31,7 @@ from appliance.runtime.engine import (
 )
 from appliance.runtime.engines import open_engine, resolve
 from appliance.workspace import ArtifactRecord, Workspace
+from tests.tmpdirs import ModuleTemp
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,11 +44,11 @@ TIMINGS: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module")
-def artifacts(smol_model: ArtifactRecord, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Artifact]:
+def artifacts(smol_model: ArtifactRecord, module_tmp: ModuleTemp) -> dict[str, Artifact]:
     from export import gguf
     from export.onnx import export_onnx
 
-    root = tmp_path_factory.mktemp("runtime")
+    root = module_tmp.mktemp("runtime")
     start = time.monotonic()
     path = gguf.convert(smol_model.path, root / "smollm2-Q8_0.gguf", outtype="q8_0")
     TIMINGS["GGUF Q8_0 conversion"] = time.monotonic() - start

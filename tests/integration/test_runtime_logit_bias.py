@@ -13,20 +13,21 @@ import pytest
 from appliance import stack
 from appliance.errors import ValidationError
 from appliance.runtime.engines import ChatEngine, Delta, Sampling, open_engine, resolve
+from tests.tmpdirs import ModuleTemp
 
 pytestmark = pytest.mark.integration
 QUESTION = [{"role": "user", "content": "Name a colour."}]
 
 
 @pytest.fixture(scope="module", params=["gguf", "onnx"])
-def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChatEngine]:
+def engine(request: pytest.FixtureRequest, module_tmp: ModuleTemp) -> Iterator[ChatEngine]:
     if request.param == "gguf":
         art = resolve(str(stack.default_model_path()))
     else:
         from export.onnx import export_onnx
 
         source: Path = request.getfixturevalue("tiny_llama_source")
-        out = tmp_path_factory.mktemp("bias") / "onnx-fp32"
+        out = module_tmp.mktemp("bias") / "onnx-fp32"
         export_onnx(source, out, "fp32")
         art = resolve(str(out))
     eng = open_engine(art, threads=2, context_length=256)

@@ -17,14 +17,15 @@ import pytest
 from appliance import stack
 from appliance.runtime import engines, keys, server
 from appliance.workspace import Workspace
+from tests.tmpdirs import ModuleTemp
 
 pytestmark = pytest.mark.integration
 QUESTION = [{"role": "user", "content": "What is 2 + 2?"}]
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[server.ServerThread, str, str]]:
-    ws = Workspace(tmp_path_factory.mktemp("serve") / "ws").ensure()
+def live(module_tmp: ModuleTemp) -> Iterator[tuple[server.ServerThread, str, str]]:
+    ws = Workspace(module_tmp.mktemp("serve") / "ws").ensure()
     key = keys.create(ws, "tests")
     art = engines.resolve(str(stack.default_model_path()), ws)
     eng = engines.open_engine(art, threads=2, context_length=512)

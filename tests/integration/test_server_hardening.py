@@ -24,14 +24,15 @@ from appliance import stack
 from appliance.runtime import engines, keys, server, service
 from appliance.runtime.engine import ChatEngine
 from appliance.workspace import Workspace
+from tests.tmpdirs import ModuleTemp
 
 pytestmark = pytest.mark.integration
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Workspace, str, str, ChatEngine]]:
-    ws = Workspace(tmp_path_factory.mktemp("harden") / "ws").ensure()
+def setup(module_tmp: ModuleTemp) -> Iterator[tuple[Workspace, str, str, ChatEngine]]:
+    ws = Workspace(module_tmp.mktemp("harden") / "ws").ensure()
     key = keys.create(ws, "tests")
     art = engines.resolve(str(stack.default_model_path()), ws)
     eng = engines.open_engine(art, threads=2, context_length=512)
