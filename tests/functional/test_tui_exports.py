@@ -70,7 +70,8 @@ async def test_dialogs_queue_merge_export_and_verify_jobs(fixed_ws: Workspace) -
         await settle(app, pilot)
         assert list(dialog.query_one("#types", SelectionList).selected) == ["int4"]
         # ONNX shows int4's 8-bit layout choice (measured by default) instead of the imatrix's
-        assert not dialog.query_one("#gguf-options").display and dialog.query_one("#onnx-options").display
+        assert [dialog.query_one(f"#{w}").display for w in ("more", "imatrix", "calibrate")] == [
+            False, False, True]
         assert dialog.query_one("#calibrate", Select).value == "auto"
         dialog.query_one("#calibrate", Select).value = "off"
         dialog.query_one("#go").press()
@@ -89,6 +90,41 @@ async def test_dialogs_queue_merge_export_and_verify_jobs(fixed_ws: Workspace) -
         activity = app.screen.query_one("#activity", Static)
         await wait_for(pilot, lambda: activity.display and "verify" in str(activity.render()), 10,
                        "the queued jobs in the activity line")
+
+
+async def test_the_plan_format_queues_gguf_and_onnx_candidates_in_one_job(fixed_ws: Workspace) -> None:
+    """As `appliance export plan`: both lists side by side, the plan's defaults ticked, both
+    calibrations beside them; the job's exports then show the run's frontier in the details."""
+    app = app_for(fixed_ws, poll_s=0.3)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("6", "e")
+        await settle(app, pilot)
+        dialog = app.screen
+        dialog.query_one("#format", Select).value = "plan"
+        await settle(app, pilot)
+        gguf, onnx = (dialog.query_one(f"#{w}", SelectionList) for w in ("types", "onnx-types"))
+        assert list(gguf.selected) == ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M"]
+        assert list(onnx.selected) == ["int8", "int4"] and onnx.display
+        assert [dialog.query_one(f"#{w}").display for w in ("more", "imatrix", "calibrate")] == [
+            False, True, True]
+        assert dialog.query_one("#go").region.bottom <= 24  # the buttons stay on an 80x24 screen
+        gguf.deselect("Q6_K")
+        onnx.select("fp16")
+        dialog.query_one("#calibrate", Select).value = "off"
+        dialog.query_one("#go").press()
+        await settle(app, pilot)
+        assert _queued(fixed_ws, "export") == {
+            "run": RUN, "format": "plan", "types": ["Q8_0", "Q5_K_M", "Q4_K_M", "int8", "int4", "fp16"],
+            "overrides": {}, "imatrix": "auto", "calibrate": "off"}
+        await pilot.press("e")  # back to one format: the ONNX list goes, GGUF's defaults return
+        await settle(app, pilot)
+        dialog = app.screen
+        dialog.query_one("#format", Select).value = "plan"
+        await settle(app, pilot)
+        dialog.query_one("#format", Select).value = "gguf"
+        await settle(app, pilot)
+        assert not dialog.query_one("#onnx-types").display
+        assert list(dialog.query_one("#types", SelectionList).selected) == ["Q8_0", "Q4_K_M"]
 
 
 async def test_an_edge_install_greys_merge_export_and_verify(fixed_ws: Workspace) -> None:

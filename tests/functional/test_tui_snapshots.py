@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from textual.pilot import Pilot
-from textual.widgets import Input
+from textual.widgets import Input, Select
 from tuikit import (
     TRAIN_JOB,
     app_for,
@@ -39,6 +39,12 @@ def keys(*pressed: str) -> Steps:
             await pilot.press(key)
             await settle(app, pilot)
     return steps
+
+
+async def _export_plan(app: ApplianceApp, pilot: Pilot[Any]) -> None:
+    await keys("6", "e")(app, pilot)
+    app.screen.query_one("#format", Select).value = "plan"
+    await settle(app, pilot)
 
 
 async def _jobs_on_the_training_job(app: ApplianceApp, pilot: Pilot[Any]) -> None:
@@ -75,6 +81,7 @@ CASES: list[tuple[str, Steps, tuple[tuple[int, int], ...]]] = [
     ("jobs", _jobs_on_the_training_job, (SMALL, LARGE)),
     ("exports", keys("6"), (SMALL, LARGE)),
     ("exports-export", keys("6", "e"), (SMALL,)),
+    ("exports-plan", _export_plan, (SMALL,)),
     ("chat", keys("7"), (SMALL,)),
     ("server", keys("8"), (SMALL,)),
     ("evals", keys("9"), (SMALL, LARGE)),

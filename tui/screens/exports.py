@@ -27,7 +27,7 @@ from textual.widgets import Input, Select, SelectionList
 
 from appliance import api
 from appliance.stages.export import DEFAULT_TYPES, GGUF_OFFERED, ONNX_PRECISIONS, ExportRequest
-from appliance.stages.export.request import DEFAULT_CALIBRATE, DEFAULT_IMATRIX
+from appliance.stages.export.request import DEFAULT_CALIBRATE, DEFAULT_IMATRIX, PLAN, PLAN_TYPES
 from appliance.stages.merge.request import BASES, DEFAULT_BASE, DEFAULT_DTYPE, DTYPES, MergeRequest
 from appliance.stages.verify.request import VerifyRequest
 from appliance.workspace import ArtifactRecord
@@ -158,6 +158,8 @@ BASE_LABELS = {"full": "full base (as imported)", "nf4": "NF4-rounded base (as t
 IMATRIX_OPTIONS = [("auto (training chats)", "auto"), ("off", "off")]
 # int4's 8-bit weights: measured on the run's training chats, or the fixed list (`--calibrate off`)
 CALIBRATE_OPTIONS = [("measured (training chats)", "auto"), ("fixed (head, down, v)", "off")]
+FORMAT_OPTIONS = [("GGUF (llama.cpp, Ollama)", "gguf"), ("ONNX (onnxruntime)", "onnx"),
+                  ("plan: GGUF and ONNX candidates side by side", PLAN)]
 
 
 class RunDialog(FormDialog[JobRequest]):
@@ -196,26 +198,29 @@ class MergeDialog(RunDialog):
 
 
 class ExportDialog(RunDialog):
+    """One format and its types; or `plan`: GGUF types and ONNX precisions side by side in one job,
+    whose exports the details pane then lists as the run's frontier (as `appliance export plan`)."""
+
     HELP_TITLE = "export a run"
     DEFAULT_CSS = dialog_css("ExportDialog") + """
-    ExportDialog SelectionList { height: auto; }
-    ExportDialog #gguf-options { height: auto; }
-    ExportDialog #gguf-options Input { width: 1fr; }
-    ExportDialog #gguf-options Select { width: 34; }
-    ExportDialog #onnx-options { height: auto; }
+    ExportDialog #lists { height: auto; }
+    ExportDialog SelectionList { height: auto; width: 1fr; }
+    ExportDialog #options { height: auto; }
+    ExportDialog #options Input { width: 1fr; }
+    ExportDialog #options Select { width: 34; }
     """
     HEADING = "Export a run (merged first), each artifact parity-checked"
     SUBMIT = "Export"
 
     def compose_options(self) -> ComposeResult:
-        yield NamedSelect([("GGUF (llama.cpp, Ollama)", "gguf"), ("ONNX (onnxruntime)", "onnx")],
-                          value="gguf", allow_blank=False, id="format", field_name="format")
-        yield TickList(id="types")
-        with Horizontal(id="gguf-options"):  # one row: the 80x24 form keeps its buttons in view
+        yield NamedSelect(FORMAT_OPTIONS, value="gguf", allow_blank=False, id="format", field_name="format")
+        with Horizontal(id="lists"):  # a plan's two lists side by side: the form keeps 80x24
+            yield TickList(id="types")
+            yield TickList(id="onnx-types")
+        with Horizontal(id="options"):  # one row: the 80x24 form keeps its buttons in view
             yield Input(placeholder="more types (any llama.cpp type)", id="more")
             yield NamedSelect(IMATRIX_OPTIONS, value=DEFAULT_IMATRIX, allow_blank=False, id="imatrix",
                               field_name="importance matrix")
-        with Horizontal(id="onnx-options"):
             yield NamedSelect(CALIBRATE_OPTIONS, value=DEFAULT_CALIBRATE, allow_blank=False,
                               id="calibrate", field_name="int4 8-bit layout")
 
@@ -223,12 +228,20 @@ class ExportDialog(RunDialog):
         self._types("gguf")
 
     def _types(self, fmt: str) -> None:
-        types = self.query_one("#types", SelectionList)
+        gguf, onnx = (PLAN_TYPES["gguf"], PLAN_TYPES["onnx"]) if fmt == PLAN else (
+            DEFAULT_TYPES["gguf"], DEFAULT_TYPES["onnx"])
+        first = ONNX_PRECISIONS if fmt == "onnx" else GGUF_OFFERED
+        self._fill("#types", first, onnx if fmt == "onnx" else gguf)
+        self._fill("#onnx-types", ONNX_PRECISIONS if fmt == PLAN else (), onnx)
+        shown = {"more": fmt == "gguf", "imatrix": fmt in ("gguf", PLAN),
+                 "calibrate": fmt in ("onnx", PLAN), "onnx-types": fmt == PLAN}
+        for widget, display in shown.items():
+            self.query_one(f"#{widget}").display = display
+
+    def _fill(self, selector: str, offered: tuple[str, ...], ticked: tuple[str, ...]) -> None:
+        types = self.query_one(selector, SelectionList)
         types.clear_options()
-        types.add_options([(t, t, t in DEFAULT_TYPES[fmt])
-                           for t in (GGUF_OFFERED if fmt == "gguf" else ONNX_PRECISIONS)])
-        self.query_one("#gguf-options").display = fmt == "gguf"
-        self.query_one("#onnx-options").display = fmt == "onnx"
+        types.add_options([(t, t, t in ticked) for t in offered])
 
     @on(Select.Changed, "#format")
     def _format(self, event: Select.Changed) -> None:
@@ -246,12 +259,13 @@ class ExportDialog(RunDialog):
 
     def submit(self) -> None:
         fmt = str(self.query_one("#format", Select).value)
-        types = [*self.query_one("#types", SelectionList).selected, *self._more()]
+        types = [*self.query_one("#types", SelectionList).selected, *self._more(),
+                 *(self.query_one("#onnx-types", SelectionList).selected if fmt == PLAN else [])]
         if not types:  # none is a valid request (only the merged model), but not this form's
             self.show_problems({"types": "pick at least one type"})
             return
-        imatrix = str(self.query_one("#imatrix", Select).value) if fmt == "gguf" else DEFAULT_IMATRIX
-        calibrate = str(self.query_one("#calibrate", Select).value) if fmt == "onnx" else DEFAULT_CALIBRATE
+        imatrix = str(self.query_one("#imatrix", Select).value) if fmt != "onnx" else DEFAULT_IMATRIX
+        calibrate = str(self.query_one("#calibrate", Select).value) if fmt != "gguf" else DEFAULT_CALIBRATE
         request = ExportRequest(str(self.query_one("#run", Select).value), fmt, tuple(types),
                                 imatrix=imatrix, calibrate=calibrate)
         self.dismiss_checked(request, request.problems)
@@ -276,7 +290,8 @@ class ExportsScreen(ArtifactScreen):
     ROW_ACTIONS = ("delete", "verify")
     COLUMNS = ("name", "parity", "status", "type")
     NAME_WIDTH = 36  # 80 columns hold every column; the details pane shows the whole name
-    EMPTY = ("No exports yet.\n\n  e  exports a finished run to GGUF or ONNX (merging it first)\n"
+    EMPTY = ("No exports yet.\n\n  e  exports a finished run to GGUF, ONNX or both side by side (plan),\n"
+             "     merging it first\n"
              "  m  merges a run's adapter into its base")
     DELETE_NOTE = "The artifact's files are removed from the workspace."
 
