@@ -3,8 +3,8 @@
 At this stage: import the embedded SmolLM2-135M-Instruct (GGUF -> HF folder for training, the GGUF
 kept for inference) and the Dolly sample the repo ships, then a short QLoRA run on the CPU as a
 detached job (its progress followed here; Ctrl-C leaves it running), and eval perplexity before and
-after; then the adapter merged into the base, exported to GGUF (Q8_0, Q4_K_M) and ONNX (int4), each
-export scored by the parity gate against the merged model, and the parity table; last, a short
+after; then the adapter merged into the base, exported to GGUF (Q8_0, Q4_K_M) and ONNX (int4) in
+one job, each export scored by the parity gate against the merged model, and the parity table; last, a short
 scripted chat with the fine-tuned Q8_0 model through the runtime's engine (the same one `appliance
 chat` and `appliance serve` use); then a before/after evaluation (the base model and the Q8_0
 GGUF that will be served answering a few held-out items, scored against the references), and the
@@ -25,6 +25,7 @@ from appliance import api, jobs, manifest, stack
 from appliance.errors import JobFailedError, NotFoundError
 from appliance.stages.datasets import importer as datasets
 from appliance.stages.export import DEFAULT_TYPES, ExportRequest
+from appliance.stages.export.request import PLAN
 from appliance.stages.models import importer as models
 from appliance.stages.train.request import DEFAULT_RECIPE, TrainRequest
 from appliance.workspace import ArtifactRecord, Workspace
@@ -32,12 +33,14 @@ from appliance.workspace import ArtifactRecord, Workspace
 DATASET_NAME = "dolly-sample"
 RUN_NAME = "demo-qlora"
 RECIPE = DEFAULT_RECIPE
-STAGES = 7
+STAGES = 6
 CHAT_MODEL = f"{RUN_NAME}-gguf-q8_0"
 EVAL_NAME = "demo-eval"
 EVAL_ITEMS, EVAL_MAX_NEW_TOKENS = 4, 48  # a glimpse, kept short: `appliance eval` does all 16
 CHAT = ("Give me three tips for writing a clear email.", "Write a subject line for a meeting request.")
-EXPORTS = tuple((fmt, list(DEFAULT_TYPES[fmt])) for fmt in ("gguf", "onnx"))  # the defaults
+# the default types of both formats, in one export job (format plan): the merged model is scored
+# once for the merge's check and every gate
+EXPORTS = {fmt: tuple(DEFAULT_TYPES[fmt]) for fmt in ("gguf", "onnx")}
 
 
 SAMPLE_ATTRIBUTION = ("databricks-dolly-15k by Databricks, Inc., CC BY-SA 3.0; an unmodified subset "
@@ -132,20 +135,17 @@ def _follow_job(ws: Workspace, kind: str, params: dict, say: Callable[[str], Non
 
 
 def _exports(ws: Workspace, say: Callable[[str], None]) -> list[ArtifactRecord]:
-    records = []
-    for stage, (fmt, types) in enumerate(EXPORTS, 4):
-        names = [f"{RUN_NAME}-{fmt}-{t.lower()}" for t in types]
-        if all(ws.artifact_dir("export", n).exists() for n in names):
-            for n in names:
-                manifest.verify(ws.get("export", n).path)
-            say(f"[{stage}/{STAGES}] {', '.join(names)} already exported; all files match their sha256")
-        else:
-            what = "merge + " if stage == 4 else ""
-            say(f"[{stage}/{STAGES}] {what}{fmt.upper()} export ({', '.join(types)}), parity-checked")
-            request = ExportRequest(RUN_NAME, fmt, tuple(types))
-            _follow_job(ws, request.kind, request.to_params(), say)
-        records += [ws.get("export", n) for n in names]
-    return records
+    names = [f"{RUN_NAME}-{fmt}-{t.lower()}" for fmt, types in EXPORTS.items() for t in types]
+    if all(ws.artifact_dir("export", n).exists() for n in names):
+        for n in names:
+            manifest.verify(ws.get("export", n).path)
+        say(f"[4/{STAGES}] {', '.join(names)} already exported; all files match their sha256")
+    else:
+        listed = "; ".join(f"{fmt.upper()} {', '.join(types)}" for fmt, types in EXPORTS.items())
+        say(f"[4/{STAGES}] merge + export ({listed}), each parity-checked")
+        request = ExportRequest(RUN_NAME, PLAN, tuple(t for types in EXPORTS.values() for t in types))
+        _follow_job(ws, request.kind, request.to_params(), say)
+    return [ws.get("export", n) for n in names]
 
 
 def _parity_table(records: list[ArtifactRecord]) -> str:
@@ -160,7 +160,7 @@ def _chat(ws: Workspace, say: Callable[[str], None]) -> None:
     """Two turns with the fine-tuned model, greedy, streamed to the terminal as they are generated."""
     from appliance.runtime import engines
 
-    say(f"[6/{STAGES}] chat with the fine-tuned model ({CHAT_MODEL}, greedy)")
+    say(f"[5/{STAGES}] chat with the fine-tuned model ({CHAT_MODEL}, greedy)")
     artifact = engines.resolve(CHAT_MODEL, ws, allow_failed_parity=True)  # the table above says
     engine = engines.open_engine(artifact, context_length=2048)
     messages: list[dict[str, str]] = []
@@ -188,9 +188,9 @@ def _eval(ws: Workspace, model: ArtifactRecord, say: Callable[[str], None]) -> N
     from appliance.stages.eval import results
     from appliance.stages.eval.request import EvalRequest
 
-    record = _existing(ws, "eval", EVAL_NAME, 7, "evaluated", say)
+    record = _existing(ws, "eval", EVAL_NAME, 6, "evaluated", say)
     if record is None:
-        say(f"[7/{STAGES}] before/after: {model.name} and {CHAT_MODEL} answer "
+        say(f"[6/{STAGES}] before/after: {model.name} and {CHAT_MODEL} answer "
             f"{EVAL_ITEMS} held-out items (greedy, at most {EVAL_MAX_NEW_TOKENS} tokens)")
         request = EvalRequest((model.name, CHAT_MODEL), limit=EVAL_ITEMS,
                               max_new_tokens=EVAL_MAX_NEW_TOKENS, name=EVAL_NAME)

@@ -182,16 +182,20 @@ def test_export_plan_makes_the_candidates_in_one_job_then_lists_them(
     from appliance.cli import main as cli
 
     before = {j.id for j in jobs.list_jobs(smol_run)}
-    code = cli(["--home", str(smol_run.root), "export", "plan", "run", "--gguf", "Q8_0",
+    code = cli(["--home", str(smol_run.root), "export", "plan", "run", "--gguf", "Q8_0,BF16",
                 "--onnx", "int4,int8", "--json"])
     assert code == 0
     data = json.loads(capsys.readouterr().out)
     rows = {r["name"]: r for r in data["exports"]}
-    assert {"run-gguf-q8_0", "run-onnx-int4", "run-onnx-int8"} <= set(rows)
+    assert {"run-gguf-q8_0", "run-gguf-bf16", "run-onnx-int4", "run-onnx-int8"} <= set(rows)
     assert rows["run-onnx-int8"]["decode_tokens_per_s"] > 0  # made now, scored and timed
     (job,) = [j for j in jobs.list_jobs(smol_run) if j.id not in before]  # one job: it outlives the CLI
     assert (job.params["format"], job.state, data["job"]["id"]) == ("plan", "succeeded", job.id)
-    assert list(job.result["exports"]) == ["run-gguf-q8_0", "run-onnx-int4", "run-onnx-int8"]
+    assert list(job.result["exports"]) == ["run-gguf-q8_0", "run-gguf-bf16", "run-onnx-int4",
+                                           "run-onnx-int8"]
+    # BF16 and int8 were made and gated: the merged model was scored once for both halves
+    stages = _stages([e for e in jobs.read_events(smol_run, job.id) if e["type"] == "progress"])
+    assert stages.count("load-reference") == 1 and stages.count("time-decode") == 2
     # a bad candidate is refused before any job is queued, naming it
     assert cli(["--home", str(smol_run.root), "export", "plan", "run", "--onnx", "int3"]) != 0
     assert "unknown quantization type 'int3'" in capsys.readouterr().err

@@ -75,14 +75,26 @@ def test_a_gating_job_scores_its_reference_once_for_all_its_artifacts() -> None:
     assert reporter.checks == 3 * len(DATA)  # the reference once, each artifact: one per conversation
 
 
-def test_a_new_job_and_a_non_gating_one_score_the_reference_again() -> None:
+def test_a_new_job_scores_the_reference_again() -> None:
     _report(scoring.Scoring(Stages()), "a")
     _report(scoring.Scoring(Stages()), "b")  # another job: nothing carried over
-    informational = scoring.Scoring(Stages(), gating=False)
-    row = _report(informational, "adapter")["artifacts"][0]
-    _report(informational, "adapter")
-    assert len(LOADS) == 4
+    assert len(LOADS) == 2
+
+
+def test_the_merges_informational_scoring_hands_its_reference_to_the_jobs_gate() -> None:
+    """An export job that merges first scores the adapter model against the merged one, then gates
+    each artifact against the same merged model on the same data: one reference scoring."""
+    memo = scoring.ReferenceMemo()
+    row = _report(scoring.Scoring(Stages(), gating=False, memo=memo), "adapter")["artifacts"][0]
     assert row["passed"] is None and row["reasons"] == ["informational"]
+    gated = _report(scoring.Scoring(Stages(), memo=memo), "r-gguf-q8_0")
+    assert len(LOADS) == 1 and gated["passed"] is True
+    other = scoring.Scoring(Stages(), memo=memo)  # another reference, or other data: scored anew
+    other.parity_report(Path("/ws/exports/s-merged"), "s-merged", DATA,
+                        {"s": scoring.Candidate("q8_0", Fixed(), True)})
+    other.parity_report(Path("/ws/exports/s-merged"), "s-merged", DATA[:1],
+                        {"s": scoring.Candidate("q8_0", Fixed(), True)})
+    assert len(LOADS) == 3
 
 
 def test_a_cancel_stops_the_scoring_between_conversations() -> None:

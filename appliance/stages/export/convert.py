@@ -35,7 +35,7 @@ from appliance.stages.export import importance, layout
 from appliance.stages.merge.inputs import existing
 from appliance.stages.merge.merged import merged_model
 from appliance.stages.verify.gate import Gate
-from appliance.stages.verify.scoring import PARITY_MAX_TOKENS
+from appliance.stages.verify.scoring import PARITY_MAX_TOKENS, ReferenceMemo
 from appliance.workspace import ArtifactRecord, Workspace, parent_ref
 
 
@@ -81,24 +81,26 @@ class _Export:
 
 
 def _start(ws: Workspace, run: str, total: int, overrides: Mapping[str, float] | None,
-           report: Reporter) -> _Export:
+           report: Reporter, memo: ReferenceMemo | None = None) -> _Export:
     """The merged model first (made, or found and reused), inside the export's stages."""
     stages = Stages(report.progress, artifacts_total=total)
-    merged = merged_model(ws, run, stages, report)
-    return _Export(ws, run, merged, Gate(ws, stages, report, overrides=overrides))
+    gate = Gate(ws, stages, report, overrides=overrides, memo=memo)
+    merged = merged_model(ws, run, stages, report, memo=gate.scoring.memo)
+    return _Export(ws, run, merged, gate)
 
 
 # -- GGUF ----------------------------------------------------------------------------------------
 def export_gguf(ws: Workspace, run: str, quants: list[str], *, scratch: Path,
                 overrides: Mapping[str, float] | None = None, imatrix: str = "auto",
-                report: Reporter = QUIET) -> list[ArtifactRecord]:
-    """`imatrix`: auto, off or an imatrix file (`importance.plan`); refusals come before any work."""
+                report: Reporter = QUIET, memo: ReferenceMemo | None = None) -> list[ArtifactRecord]:
+    """`imatrix`: auto, off or an imatrix file (`importance.plan`); refusals come before any work.
+    `memo`: the job's reference logits (a plan's ONNX half scores against the same ones)."""
     from export import gguf
 
     names = [gguf.resolve_quant_type(q)[0] for q in quants]  # unknown types fail before any work
     plan = importance.plan(imatrix, names, report.log)
     todo = {artifact_name(run, "gguf", q): q for q in names}
-    job = _start(ws, run, len(todo), overrides, report)
+    job = _start(ws, run, len(todo), overrides, report, memo)
     base = scratch / f"{run}-F16.gguf"
     source = importance.Source(ws, run, plan, scratch, job.stages, report)
 
@@ -178,9 +180,10 @@ def _one_gguf(job: _Export, qtype: str, base: Path, source: importance.Source) -
 # -- ONNX ----------------------------------------------------------------------------------------
 def export_onnx(ws: Workspace, run: str, precisions: list[str], *, scratch: Path,
                 overrides: Mapping[str, float] | None = None, calibrate: str = layout.AUTO,
-                report: Reporter = QUIET) -> list[ArtifactRecord]:
+                report: Reporter = QUIET, memo: ReferenceMemo | None = None) -> list[ArtifactRecord]:
     """`calibrate`: auto (int4 keeps at 8 bits the weights measured most sensitive on the run's
-    training conversations) or off (the fixed layout); `appliance.stages.export.layout`."""
+    training conversations) or off (the fixed layout); `appliance.stages.export.layout`. `memo`: as
+    for `export_gguf`."""
     from export import onnx
 
     bad = [p for p in precisions if p not in onnx.PRECISIONS]
@@ -189,7 +192,7 @@ def export_onnx(ws: Workspace, run: str, precisions: list[str], *, scratch: Path
     if calibrate not in layout.CHOICES:
         raise ValidationError(f"unknown --calibrate {calibrate!r}; valid: {', '.join(layout.CHOICES)}")
     todo = {artifact_name(run, "onnx", p): p for p in precisions}
-    job = _start(ws, run, len(todo), overrides, report)
+    job = _start(ws, run, len(todo), overrides, report, memo)
     plan = layout.Layout(ws, run, calibrate, scratch, job.stages, report)
 
     def same(name: str, precision: str, found: ArtifactRecord) -> None:

@@ -16,7 +16,7 @@ from appliance.errors import ApplianceError
 from appliance.fsutil import disk_full_as_error
 from appliance.progress import QUIET, Reporter, Stages
 from appliance.stages.merge.inputs import existing, merged_name, run_inputs
-from appliance.stages.verify.scoring import AdapterScorer, Candidate, Scoring, parity_data
+from appliance.stages.verify.scoring import AdapterScorer, Candidate, ReferenceMemo, Scoring, parity_data
 from appliance.workspace import ArtifactRecord, Workspace, parent_ref
 
 GAP_PROMPTS = 4
@@ -34,9 +34,11 @@ def merge(ws: Workspace, run: str, *, dtype: str | None = None, base: str | None
 
 
 def merged_model(ws: Workspace, run: str, stages: Stages, report: Reporter = QUIET, *,
-                 dtype: str | None = None, base: str | None = None) -> ArtifactRecord:
+                 dtype: str | None = None, base: str | None = None,
+                 memo: ReferenceMemo | None = None) -> ArtifactRecord:
     """`merge` reporting into the caller's `stages` (an export's: the merged model is not one of
-    its counted artifacts)."""
+    its counted artifacts). `memo` gets the merged model's logits on the held-out conversations,
+    which the adapter check scores: the export's gate, in the same job, scores against them."""
     from appliance.hfmodel import load_tokenizer
     from appliance.stages.merge import weights as merging
 
@@ -78,7 +80,7 @@ def merged_model(ws: Workspace, run: str, stages: Stages, report: Reporter = QUI
         report.log("scoring the adapter model (as trained) against the merged model")
         stages.emit("load-adapter", "loading the adapter model as trained (its base as in training + LoRA)")
         adapter = AdapterScorer(model.path, record.path / "adapter", run_config.get("train", {}))
-        verdict = Scoring(stages, report, gating=False).parity_report(
+        verdict = Scoring(stages, report, gating=False, memo=memo).parity_report(
             w.path, name, data, {"adapter": Candidate("adapter", adapter)})
         (w.path / "parity.json").write_text(json.dumps(verdict, indent=2))
         stages.emit("record", f"recording {name} (hashing its files into the manifest)")

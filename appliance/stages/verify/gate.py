@@ -18,7 +18,7 @@ from appliance.fsutil import atomic_write_text
 from appliance.progress import QUIET, Reporter, Stages
 from appliance.stages.merge.inputs import merged_name, run_inputs
 from appliance.stages.verify import frontier, parity
-from appliance.stages.verify.scoring import PARITY_MAX_TOKENS, Candidate, Scoring, parity_data
+from appliance.stages.verify.scoring import PARITY_MAX_TOKENS, Candidate, ReferenceMemo, Scoring, parity_data
 from appliance.workspace import ArtifactRecord, ArtifactWriter, Workspace, parent_ref
 
 
@@ -27,10 +27,10 @@ class Gate:
     thresholds of every type (an operator's recorded decision)."""
 
     def __init__(self, ws: Workspace, stages: Stages, report: Reporter = QUIET, *,
-                 overrides: Mapping[str, float] | None = None) -> None:
+                 overrides: Mapping[str, float] | None = None, memo: ReferenceMemo | None = None) -> None:
         self.ws, self.stages, self.report = ws, stages, report
         self.overrides = dict(overrides or {})
-        self.scoring = Scoring(stages, report, overrides=self.overrides)
+        self.scoring = Scoring(stages, report, overrides=self.overrides, memo=memo)
 
     def check(self, merged: ArtifactRecord, name: str, kind: str, runtime: Any) -> dict[str, Any]:
         """The parity report of artifact `name` (type `kind`) loaded in its `runtime` (a scorer

@@ -5,7 +5,8 @@ is an exported artifact through its own runtime (the gate, `gate`) or the adapte
 (`AdapterScorer`, the merge's informational check). `Scoring` is one job's scoring: it reports each
 scoring as a counted `score` stage, checks for a cancel before every conversation, and keeps the
 reference's logits for the job's next artifacts (the merged model is scored once per job, not once
-per artifact; what it keeps lives and dies with the job's `Scoring`, nothing module-global).
+per artifact or once more by the merge that made it in the same job: both share a `ReferenceMemo`;
+what it keeps lives and dies with the job, nothing module-global).
 `parity` holds the measures and thresholds themselves.
 """
 
@@ -125,21 +126,35 @@ class Candidate(NamedTuple):
 ReferenceRows = tuple[list[Any], str]  # the reference's logits rows per conversation, its dtype
 
 
+class ReferenceMemo:
+    """The reference's logits rows of one job, keyed by the reference artifact's name and the scored
+    data's digest: an export job merges (scoring the adapter model against the merged one), then
+    gates each artifact against the same merged model on the same data. One entry: a job has one
+    reference."""
+
+    def __init__(self) -> None:
+        self.entry: tuple[tuple[str, str], ReferenceRows] | None = None
+
+    def get(self, key: tuple[str, str]) -> ReferenceRows | None:
+        return self.entry[1] if self.entry is not None and self.entry[0] == key else None
+
+
 class Scoring:
     """One job's scoring against its reference. `gating`: each candidate judged against its type's
-    thresholds (with `overrides`), and the reference's logits kept for the job's next candidate; not
-    gating (the adapter model vs the merged one): reported as informational, nothing kept."""
+    thresholds (with `overrides`); not gating (the adapter model vs the merged one): reported as
+    informational. Either way the reference's logits go to `memo` for the job's next scoring."""
 
     def __init__(self, stages: Stages, report: Reporter = QUIET, *,
-                 overrides: Mapping[str, float] | None = None, gating: bool = True) -> None:
+                 overrides: Mapping[str, float] | None = None, gating: bool = True,
+                 memo: ReferenceMemo | None = None) -> None:
         self.stages, self.report, self.gating = stages, report, gating
         self.overrides = dict(overrides or {})
-        self._kept: tuple[tuple[str, str], ReferenceRows] | None = None  # one entry, this job's
+        self.memo = memo or ReferenceMemo()
 
     def parity_report(self, reference_dir: Path, reference_name: str, data: list[parity.Sample],
                       candidates: dict[str, Candidate]) -> dict[str, Any]:
         """The reference scored (or reused) and each candidate against it: a `parity.json`."""
-        rows, dtype = self.reference_rows(reference_dir, data)
+        rows, dtype = self.reference_rows(reference_dir, data, reference_name)
         ref = parity.Score()
         for s, r in zip(data, rows, strict=True):
             ref.add(r, r, s.targets)
@@ -160,7 +175,9 @@ class Scoring:
                 "artifacts": [r.__dict__ for r in results],
                 "passed": all(r.passed is not False for r in results)}
 
-    def reference_rows(self, reference_dir: Path, data: list[parity.Sample]) -> ReferenceRows:
+    def reference_rows(self, reference_dir: Path, data: list[parity.Sample], name: str = "") -> ReferenceRows:
+        """The reference's logits rows on `data`: kept from this job's earlier scoring of the same
+        reference (`name`: its artifact name, the folder's name without one) or computed."""
         import hashlib
 
         import numpy as np
@@ -169,10 +186,11 @@ class Scoring:
         for sample in data:
             digest.update(np.asarray(sample.input_ids, dtype=np.int64).tobytes())
             digest.update(np.asarray(sample.positions, dtype=np.int64).tobytes())
-        key = (str(reference_dir), digest.hexdigest())
-        if self._kept is not None and self._kept[0] == key:
+        key = (name or reference_dir.name, digest.hexdigest())
+        kept = self.memo.get(key)
+        if kept is not None:
             self.report.log("reference: scored earlier in this job, reused")
-            return self._kept[1]
+            return kept
         self.stages.emit("load-reference",
                          f"loading the reference {reference_dir.name} (merged) to score against")
         reference = HFScorer(reference_dir)
@@ -180,5 +198,5 @@ class Scoring:
         rows = parity.reference_rows(CancellableScorer(reference, self.report, scored), data)
         self.report.log(f"reference scored: {len(data)} held-out conversations")
         found = rows, str(reference.dtype).removeprefix("torch.")
-        self._kept = (key, found) if self.gating else None
+        self.memo.entry = (key, found)
         return found
