@@ -32,7 +32,10 @@ from appliance.stages.merge.inputs import run_inputs
 from appliance.workspace import Workspace
 
 AUTO, OFF = "auto", "off"
-CHUNKS_MAX = 256  # windows of CHUNK tokens: ~2.7 min for the demo's 147 on the 2-core box
+# Windows of CHUNK tokens at most (16,384 tokens). On the demo run the Q4_K_M/Q5_K_M KL was the same
+# from 8 windows to all 147 (0.037-0.038 / 0.015-0.017, bench/results/imatrix-chunks-cpu.md) while the
+# time grew with them: 32 take 30 s on the 2-core box, 147 took 155 s (a 7B on a CPU: hours).
+CHUNKS_MAX = 32
 CALIBRATION_FILE = "imatrix-calibration.json"  # beside the GGUF: the conversations' hashes
 IMATRIX_FILE = "imatrix.gguf"
 
