@@ -628,6 +628,36 @@ def check_tokenizer_parity(gguf_path: Path, tokenizer: Any, text: str) -> dict[s
 
 
 @contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """transformers' GGUF loading parses the file's metadata once for the config, once for the
+    weights and once for the tokenizer (gguf-py's `GGUFReader`: ~5 s each for a 49k-token
+    vocabulary on the 2-core box), and builds gguf-py's tensor-name map once per module of the
+    model (397 times for SmolLM2: 7 s). Within this block each file is parsed once and each map
+    built once: the same objects, read only, handed out again (transformers looks both names up
+    in `gguf` when it runs)."""
+    import functools
+
+    import gguf
+
+    module: Any = gguf  # its names are rebound for the block: typed as the module they stand in for
+    reader, name_map = module.GGUFReader, module.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def parsed_once(path: Any, mode: str = "r") -> Any:
+        key = (str(path), mode)
+        if key not in readers:
+            readers[key] = reader(path, mode)
+        return readers[key]
+
+    module.GGUFReader, module.get_tensor_name_map = parsed_once, functools.cache(name_map)
+    try:
+        yield
+    finally:
+        module.GGUFReader, module.get_tensor_name_map = reader, name_map
+        readers.clear()
+
+
+@contextlib.contextmanager
 def _counting_gguf_tensors(start: Callable[[int], Count]) -> Iterator[None]:
     """Count the tensors transformers dequantizes: `start(n)` when its loop over the n tensors
     begins (after it has read the file's metadata, most of the wait on a small model), then the
@@ -704,16 +734,17 @@ def import_gguf(ws: Workspace, src: Path, *, name: str | None = None,
         def start(tensors: int) -> Count:
             return stages.counter("dequantize", label, "tensors", tensors)
 
-        with _counting_gguf_tensors(start):  # read from the copy: no stray files beside it
-            model = AutoModelForCausalLM.from_pretrained(str(copy.parent), gguf_file=copy.name,
-                                                         dtype=dtype)
-        stages.emit("save", "writing model.safetensors")
-        model.save_pretrained(str(w.path), safe_serialization=True)
-        del model
-        context = meta.get(f"{arch}.context_length")
-        say("rebuilding the tokenizer from the GGUF")
-        stages.emit("tokenizer", "rebuilding the tokenizer from the GGUF")
-        tokenizer = _gguf_tokenizer(copy, meta, template, context)
+        with _gguf_parsed_once():
+            with _counting_gguf_tensors(start):  # read from the copy: no stray files beside it
+                model = AutoModelForCausalLM.from_pretrained(str(copy.parent), gguf_file=copy.name,
+                                                             dtype=dtype)
+            stages.emit("save", "writing model.safetensors")
+            model.save_pretrained(str(w.path), safe_serialization=True)
+            del model
+            context = meta.get(f"{arch}.context_length")
+            say("rebuilding the tokenizer from the GGUF")
+            stages.emit("tokenizer", "rebuilding the tokenizer from the GGUF")
+            tokenizer = _gguf_tokenizer(copy, meta, template, context)
         tokenizer.save_pretrained(str(w.path))
         say("checking the result")
         stages.emit("check", "checking the result")
