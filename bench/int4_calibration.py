@@ -422,7 +422,13 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep the variants' folders")
+    ap.add_argument("--draws", type=int, default=None,
+                    help="label draws per conversation of the measured layout (default: the product's)")
     args = ap.parse_args()
+    if args.draws is not None:
+        from appliance.stages.export import layout as product_layout
+
+        product_layout.DRAWS = args.draws
     say = lambda m: print(m, flush=True)  # noqa: E731
     args.out.mkdir(parents=True, exist_ok=True)
     results_file = args.out / "results.json"
