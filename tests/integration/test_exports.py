@@ -193,9 +193,10 @@ def test_export_plan_makes_the_candidates_in_one_job_then_lists_them(
     assert (job.params["format"], job.state, data["job"]["id"]) == ("plan", "succeeded", job.id)
     assert list(job.result["exports"]) == ["run-gguf-q8_0", "run-gguf-bf16", "run-onnx-int4",
                                            "run-onnx-int8"]
-    # BF16 and int8 were made and gated: the merged model was scored once for both halves
+    # BF16 and int8 at least were made and gated (all four, and the merge, when this test runs
+    # alone): the merged model was scored once for the whole job
     stages = _stages([e for e in jobs.read_events(smol_run, job.id) if e["type"] == "progress"])
-    assert stages.count("load-reference") == 1 and stages.count("time-decode") == 2
+    assert stages.count("load-reference") == 1 and stages.count("time-decode") >= 2
     # a bad candidate is refused before any job is queued, naming it
     assert cli(["--home", str(smol_run.root), "export", "plan", "run", "--onnx", "int3"]) != 0
     assert "unknown quantization type 'int3'" in capsys.readouterr().err

@@ -16,14 +16,13 @@ def run(ctx: JobContext) -> dict[str, Any]:
     auto}. A plan exports its GGUF types, then its ONNX precisions, in this one job."""
     from appliance.stages.export import convert
     from appliance.stages.export.request import ExportRequest, types_by_format
-    from appliance.stages.verify.scoring import ReferenceMemo
 
     p = ctx.params
     request = ExportRequest.from_params(p)
     ctx.finishes_with("export", last_artifact_name(p))
     gguf, onnx = types_by_format(p["format"], p["types"])
     records = []
-    memo = ReferenceMemo()  # the merged model scored once for the job, GGUF and ONNX halves alike
+    memo = convert.ReferenceMemo()  # the merged model scored once for the job, GGUF and ONNX alike
     try:
         if gguf or p["format"] == "gguf":  # no type: only the merged model
             records += convert.export_gguf(ctx.ws, p["run"], gguf, scratch=ctx.dir / "work",
