@@ -94,7 +94,8 @@ async def test_dialogs_queue_merge_export_and_verify_jobs(fixed_ws: Workspace) -
 
 async def test_the_plan_format_queues_gguf_and_onnx_candidates_in_one_job(fixed_ws: Workspace) -> None:
     """As `appliance export plan`: both lists side by side, the plan's defaults ticked, both
-    calibrations beside them; the job's exports then show the run's frontier in the details."""
+    calibrations beside them, one job queued with every ticked type (the frontier under each
+    export's parity table is test_list_verdicts_and_parity_table's)."""
     app = app_for(fixed_ws, poll_s=0.3)
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.press("6", "e")
