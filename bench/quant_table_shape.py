@@ -145,9 +145,11 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("APPLIANCE_THREADS", "2")
     calibrated, plain = prepare(args.root, args.steps)
-    cli(calibrated, "export", "plan", RUN, "--gguf", ",".join(GGUF), "--onnx", ",".join(ONNX))
-    cli(plain, "export", "plan", RUN, "--gguf", ",".join(t for t in GGUF if t in CALIBRATED),
-        "--onnx", "int4", "--imatrix", "off", "--calibrate", "off")
+    if set(frontier(calibrated)) != {*GGUF, *ONNX}:  # a rerun keeps a finished half
+        cli(calibrated, "export", "plan", RUN, "--gguf", ",".join(GGUF), "--onnx", ",".join(ONNX))
+    if set(frontier(plain)) != set(CALIBRATED):
+        cli(plain, "export", "plan", RUN, "--gguf", ",".join(t for t in GGUF if t in CALIBRATED),
+            "--onnx", "int4", "--imatrix", "off", "--calibrate", "off")
     rows = {"calibrated": frontier(calibrated), "plain": frontier(plain)}
     rates = decode_rounds({"calibrated": calibrated, "plain": plain}, args.rounds, args.decode_tokens)
     import onnxruntime
