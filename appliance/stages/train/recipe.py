@@ -201,23 +201,16 @@ def keep_cpu_weights_trainable(model: Any) -> None:
 LOSS_CHUNK = 1024  # trained tokens whose logits exist at once
 
 
-def _chunk_loss(hidden: Any, targets: Any, weight: Any) -> Any:
-    import torch.nn.functional as F
-
-    logits = F.linear(hidden.to(weight.dtype), weight).float()
-    return F.cross_entropy(logits, targets, reduction="sum")
-
-
 def causal_lm_loss(model: Any, inputs: dict[str, Any]) -> tuple[Any, int]:
     """Summed cross-entropy over the trained (assistant) tokens and their count.
 
-    Logits are computed only for the positions that carry a label, a chunk at a time, and
-    recomputed in the backward pass: the [batch, seq, vocab] logits a plain forward materialises
-    (with their fp32 copy and gradients: ~12 bytes per vocabulary entry per token) never exist,
-    and prompt tokens cost no head matmul at all. Same value as the model's own shifted loss.
+    Logits are computed only for the positions that carry a label, a chunk at a time, with the
+    gradient w.r.t. the hidden states made while they exist (headloss): the [batch, seq, vocab]
+    logits a plain forward materialises (with their fp32 copy and gradients: ~12 bytes per
+    vocabulary entry per token) never exist, and prompt tokens cost no head matmul at all. Same
+    value as the model's own shifted loss.
     """
-    import torch
-    from torch.utils.checkpoint import checkpoint
+    from appliance.stages.train.headloss import head_loss
 
     causal = model.get_base_model()
     hidden = causal.model(input_ids=inputs["input_ids"],
@@ -226,13 +219,8 @@ def causal_lm_loss(model: Any, inputs: dict[str, Any]) -> tuple[Any, int]:
     keep = labels != chat.IGNORE_INDEX
     states, targets = hidden[:, :-1][keep], labels[keep]
     weight = causal.get_output_embeddings().weight
-    total = hidden.new_zeros((), dtype=torch.float32)
     chunk = min(LOSS_CHUNK, loss_chunk(weight.shape[0]))
-    for start in range(0, targets.shape[0], chunk):
-        end = start + chunk
-        total = total + checkpoint(_chunk_loss, states[start:end], targets[start:end], weight,
-                                   use_reentrant=False)
-    return total, int(targets.shape[0])
+    return head_loss(states, weight, targets, chunk), int(targets.shape[0])
 
 
 def _loss_module(model: Any) -> Any:
