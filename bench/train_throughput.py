@@ -6,6 +6,12 @@ same random tokens for every row, 3 warm-up steps then 10 timed ones. Each row r
 process so peak-memory figures do not mix. Prints every row, then ours/baseline ratios, and writes
 the whole as JSON.
 
+Engines (`--engines`, comma-separated): baseline, liger (when liger-kernel is installed), ours,
+graphed (ours with forward + backward replayed as one CUDA graph: appliance/stages/train/graphed.py;
+GRAPHED_LIGER=1 adds Liger's RoPE/RMSNorm/SwiGLU kernels inside it), unsloth (when unsloth is
+installed: the same folder, LoRA shape and optimizer). `--repeat N` runs every row N times, engines
+interleaved, and reports the median run with the spread.
+
 Usage (GPU host): python bench/train_throughput.py [--shapes llama1b,qwen7b] [--out FILE.json]
 The baseline reproduces ../shared/bench/hf_qlora_baseline.py (NF4 double quant, bf16 compute,
 LoRA r=16 on all linear layers, prepare_model_for_kbit_training, gradient checkpointing in train
@@ -43,9 +49,22 @@ def build(shape: str) -> str:
         with torch.device("cuda"):
             model = LlamaForCausalLM(config).to(torch.bfloat16)
         model.save_pretrained(path)
+        save_tokenizer(path)
         del model
         torch.cuda.empty_cache()
     return path
+
+
+def save_tokenizer(path: str) -> None:
+    """A minimal tokenizer beside the random weights: Unsloth's loader reads one (the batches are
+    random token ids, so its vocabulary does not matter)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                  bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    tok.save_pretrained(path)
 
 
 def baseline_step(path: str, liger: bool):
@@ -91,7 +110,8 @@ def ours_step(path: str):
 
         apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=False)
-    cfg = validate({"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": TARGETS,
+    cfg = validate({"lora_r": 16, "lora_alpha": 32, "target_modules": TARGETS,
+                    "lora_dropout": float(os.environ.get("OURS_DROPOUT", "0")),  # the product's: 0.05
                     "learning_rate": 2e-4, "optimizer": os.environ.get("OURS_OPTIMIZER", "auto")})
     model = load_model(Path(path), cfg, "cuda", torch.bfloat16)
     model.train()
@@ -109,6 +129,80 @@ def ours_step(path: str):
     return step
 
 
+def graphed_step(path: str, shape: str):
+    """Our engine with the step's forward and backward replayed as a CUDA graph (graphed.py)."""
+    import torch
+
+    from appliance.stages.train import graphed
+    from appliance.stages.train.config import validate
+    from appliance.stages.train.fastlora import weights_changed
+    from appliance.stages.train.planner import loss_chunk
+    from appliance.stages.train.recipe import load_model, make_optimizer
+
+    if os.environ.get("GRAPHED_LIGER"):  # Liger's Triton RoPE, RMSNorm and SwiGLU inside the graph
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    cfg = validate({"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": TARGETS,
+                    "learning_rate": 2e-4, "optimizer": os.environ.get("OURS_OPTIMIZER", "auto"),
+                    "unpack_scales": os.environ.get("GRAPHED_UNPACK", "1") == "1"})
+    model = load_model(Path(path), cfg, "cuda", torch.bfloat16)
+    graphed.prepare(model, cfg.lora_dropout)
+    model.train()
+    opt = make_optimizer(model, cfg, "cuda")
+    chunk = loss_chunk(SHAPES[shape][0]["vocab_size"])
+    held: dict = {}
+
+    def step(x):
+        if "g" not in held:
+            held["g"] = graphed.GraphedStep(model, x, x, chunk)
+        total, count = held["g"](x, x, 1.0 / (x.shape[0] * (x.shape[1] - 1)))
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        weights_changed()
+        return total / count
+
+    return step
+
+
+def unsloth_step(path: str, shape: str):
+    """Unsloth's QLoRA on the same folder: its loader, its LoRA kernels, its gradient
+    checkpointing, the same LoRA shape and the same optimizer as ours (paged 8-bit AdamW)."""
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1")
+    import bitsandbytes as bnb
+    import torch
+    from unsloth import FastLanguageModel  # before transformers: it patches it as it loads
+
+    model, _ = FastLanguageModel.from_pretrained(model_name=path, max_seq_length=SHAPES[shape][2],
+                                                 dtype=torch.bfloat16, load_in_4bit=True,
+                                                 local_files_only=True)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0,
+                                             target_modules=TARGETS, bias="none",
+                                             use_gradient_checkpointing="unsloth", random_state=0)
+    model.train()
+    opt = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+
+    def step(x):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def make_step(engine: str, path: str, shape: str):
+    if engine == "ours":
+        return ours_step(path)
+    if engine == "graphed":
+        return graphed_step(path, shape)
+    if engine == "unsloth":
+        return unsloth_step(path, shape)
+    return baseline_step(path, liger=engine == "liger")
+
+
 def run_row(engine: str, shape: str) -> dict:
     """One row, in this process: warm up, time, measure. LOSS_STEPS=N adds N more steps on fresh
     batches (the same for every row) to compare loss curves."""
@@ -116,7 +210,7 @@ def run_row(engine: str, shape: str) -> dict:
 
     _, batch, seq = SHAPES[shape]
     path = build(shape)
-    step = ours_step(path) if engine == "ours" else baseline_step(path, liger=engine == "liger")
+    step = make_step(engine, path, shape)
     torch.manual_seed(1234)
     x = torch.randint(0, SHAPES[shape][0]["vocab_size"], (batch, seq), device="cuda")
     torch.cuda.reset_peak_memory_stats()
@@ -138,6 +232,7 @@ def run_row(engine: str, shape: str) -> dict:
     return {"engine": engine, "shape": shape, "batch": batch, "seq": seq,
             "tokens_per_s": round(TIMED * batch * seq / seconds),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
             "losses": [round(v, 4) for v in losses]}
 
 
@@ -150,7 +245,7 @@ def max_seq_row(engine: str, shape: str) -> dict:
     import torch
 
     path = build(shape)
-    step = ours_step(path) if engine == "ours" else baseline_step(path, liger=engine == "liger")
+    step = make_step(engine, path, shape)
     peaks: dict[int, float] = {}
     for seq in MAX_SEQS:
         x = torch.randint(0, SHAPES[shape][0]["vocab_size"], (1, seq), device="cuda")
@@ -168,12 +263,40 @@ def max_seq_row(engine: str, shape: str) -> dict:
             "max_seq_under_15gib": max(fitting, default=0)}
 
 
+def installed(engine: str) -> bool:
+    """Liger's and Unsloth's rows run where their packages are installed."""
+    import importlib.util
+
+    module = {"liger": "liger_kernel", "unsloth": "unsloth"}.get(engine)
+    if module is None or importlib.util.find_spec(module) is not None:
+        return True
+    print(f"{engine}: skipped ({module} not installed)")
+    return False
+
+
+def medians(rows: list[dict]) -> list[dict]:
+    """One row per (engine, shape): the median run by tokens/s, with the spread of the runs."""
+    import statistics
+
+    out = []
+    for key in dict.fromkeys((r["engine"], r["shape"]) for r in rows if "tokens_per_s" in r):
+        runs = sorted((r for r in rows if (r["engine"], r["shape"]) == key and "tokens_per_s" in r),
+                      key=lambda r: r["tokens_per_s"])
+        mid = dict(runs[len(runs) // 2])
+        mid["runs_tokens_per_s"] = [r["tokens_per_s"] for r in runs]
+        mid["peak_gib"] = statistics.median(r["peak_gib"] for r in runs)
+        out.append(mid)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="llama1b,qwen7b")
     parser.add_argument("--engines", default="baseline,liger,ours")
     parser.add_argument("--out", default="train_throughput.json")
     parser.add_argument("--row", nargs=2, metavar=("ENGINE", "SHAPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--repeat", type=int, default=1, help="runs per row (median reported)")
+    parser.add_argument("--out-rows", help="also write every run's row here")
     parser.add_argument("--max-seq", action="store_true",
                         help="instead: the largest batch-1 sequence under 15 GiB, per engine")
     args = parser.parse_args()
@@ -186,31 +309,29 @@ def main() -> None:
     import torch
 
     rows, env = [], {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-    for shape in args.shapes.split(","):
-        for engine in args.engines.split(","):
-            if engine == "liger":
-                try:
-                    import liger_kernel  # noqa: F401
-                except ImportError:
-                    print(f"{shape} liger: skipped (liger-kernel not installed)")
-                    continue
-            out = subprocess.run([sys.executable, __file__, "--row", engine, shape], capture_output=True,
-                                 text=True, env=env if engine == "ours" else os.environ)
-            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")), None)
-            if line is None:
-                print(f"{shape} {engine}: FAILED\n{out.stderr[-2000:]}")
-                continue
-            rows.append(json.loads(line[4:]))
-            r = rows[-1]
-            if "curve" in r:
-                print(f"{shape:8} {engine:9} loss curve: " + " ".join(f"{v:.3f}" for v in r["curve"][::5]))
-                continue
-            if args.max_seq:
-                print(f"{shape:8} {engine:9} largest batch-1 sequence under {T4_BUDGET_GIB} GiB: "
-                      f"{r['max_seq_under_15gib']}  (peaks {r['peaks_gib']})", flush=True)
-                continue
-            print(f"{shape:8} {engine:9} {r['tokens_per_s']:>7} tokens/s  {r['peak_gib']:6.2f} GiB  "
-                  f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}", flush=True)
+    engines = [e for e in args.engines.split(",") if installed(e)]
+    for shape, _rep, engine in ((s, r, e) for s in args.shapes.split(",") for r in range(args.repeat)
+                                for e in engines):  # engines interleaved, repeat by repeat
+        out = subprocess.run([sys.executable, __file__, "--row", engine, shape], capture_output=True,
+                             text=True, env=env if engine == "ours" else os.environ)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")), None)
+        if line is None:
+            print(f"{shape} {engine}: FAILED\n{out.stderr[-2000:]}")
+            continue
+        rows.append(json.loads(line[4:]))
+        r = rows[-1]
+        if "curve" in r:
+            print(f"{shape:8} {engine:9} loss curve: " + " ".join(f"{v:.3f}" for v in r["curve"][::5]))
+            continue
+        if args.max_seq:
+            print(f"{shape:8} {engine:9} largest batch-1 sequence under {T4_BUDGET_GIB} GiB: "
+                  f"{r['max_seq_under_15gib']}  (peaks {r['peaks_gib']})", flush=True)
+            continue
+        print(f"{shape:8} {engine:9} {r['tokens_per_s']:>7} tokens/s  {r['peak_gib']:6.2f} GiB  "
+              f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}", flush=True)
+    if args.out_rows:
+        Path(args.out_rows).write_text(json.dumps(rows, indent=1))
+    rows = [r for r in rows if "curve" in r or "tokens_per_s" not in r] + medians(rows)
     for shape in args.shapes.split(","):
         by = {r["engine"]: r for r in rows if r["shape"] == shape and "curve" in r}
         if "ours" in by and "baseline" in by:
@@ -229,6 +350,13 @@ def main() -> None:
                 g = by["liger"]
                 print(f"{shape}: ours/liger speed {o['tokens_per_s'] / g['tokens_per_s']:.2f}x, "
                       f"memory {o['peak_gib'] / g['peak_gib']:.2f}x")
+        for ref in ("unsloth", "baseline"):
+            for engine in ("ours", "graphed"):
+                if ref in by and engine in by:
+                    o, u = by[engine], by[ref]
+                    print(f"{shape}: {engine}/{ref} speed {o['tokens_per_s'] / u['tokens_per_s']:.2f}x "
+                          f"(runs {o['runs_tokens_per_s']} vs {u['runs_tokens_per_s']}), "
+                          f"memory {o['peak_gib'] / u['peak_gib']:.2f}x")
     Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                           "rows": rows}, indent=1))
 
