@@ -22,6 +22,7 @@ if not torch.cuda.is_available():
 
 from appliance import api, jobs  # noqa: E402
 from appliance.demo import sample_dataset  # noqa: E402
+from appliance.progress import is_staged  # noqa: E402
 from appliance.stages.datasets import importer as datasets  # noqa: E402
 from appliance.stages.models import importer as models  # noqa: E402
 from appliance.workspace import Workspace  # noqa: E402
@@ -50,7 +51,8 @@ def params(name: str) -> dict:
 
 
 def progress(ws: Workspace, job_id: str) -> dict[int, dict]:
-    return {e["step"]: e for e in jobs.read_events(ws, job_id) if e["type"] == "progress"}
+    return {e["step"]: e for e in jobs.read_events(ws, job_id)
+            if e["type"] == "progress" and not is_staged(e)}  # the steps, not the job's stages
 
 
 def report(line: str) -> None:

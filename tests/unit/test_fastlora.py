@@ -55,3 +55,41 @@ def test_layers_peft_does_differently_keep_peft_forward() -> None:
     plain = get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 16)),
                            LoraConfig(r=4, target_modules=["0"]))
     assert fuse(plain) == 1 and fuse(plain) == 0  # idempotent
+
+
+def test_seeded_dropout_gives_the_gradients_of_its_formula(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the fused layer makes LoRA dropout itself and keeps only x for backward, drawing
+    the mask again from its seed (fastlora.dropped). The function is device-agnostic: checked
+    here on the CPU against autograd through the explicit formula, with the same mask."""
+    from appliance.stages.train import fastlora
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(24, 16)),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["0"], lora_dropout=0.3))
+    layer = peft_model.base_model.model[0]
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        b.normal_(0, 0.1)
+    w = layer.get_base_layer().weight.detach()
+    bias = layer.get_base_layer().bias.detach()
+    x = torch.randn(3, 5, 24)
+    monkeypatch.setattr(fastlora, "DROP_ROWS", 4)  # 15 tokens: four blocks, four masks
+    scale = float(layer.scaling["default"])
+    grads = []
+    for fused in (True, False):
+        xi = x.clone().requires_grad_()
+        a.grad = b.grad = None
+        if fused:
+            y = fastlora.LoRALinear.apply(xi, xi, a, b, layer, scale, (0.3, 1234))
+        else:
+            x2 = xi.reshape(-1, 24)
+            xd = torch.cat([fastlora.dropped(x2[s:e], 0.3, 1234 + i)
+                            for i, s, e in fastlora.row_blocks(15)]).view(3, 5, 24)
+            y = xi @ w.t() + bias + (xd @ a.t()) @ b.t() * scale
+        (y * torch.linspace(-1, 1, 16)).sum().backward()
+        grads.append((y.detach(), xi.grad, a.grad.clone(), b.grad.clone()))
+    for got, ref in zip(grads[0], grads[1], strict=True):
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
+    kept = fastlora.dropped(torch.ones(2000), 0.3, 7)
+    assert torch.equal(kept, fastlora.dropped(torch.ones(2000), 0.3, 7))  # the seed fixes the mask
+    assert 0.6 < float((kept > 0).float().mean()) < 0.8 and float(kept.max()) == pytest.approx(1 / 0.7)

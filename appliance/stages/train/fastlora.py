@@ -87,24 +87,59 @@ def _compute_copies(layer: Any, a: torch.Tensor, b: torch.Tensor, scale: float, 
     return cached[1], cached[2]
 
 
+_generators: dict[str, torch.Generator] = {}
+DROP_ROWS = 2048  # tokens whose dropped input exists at once (a mask per block, from seed + block)
+
+
+def dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """x with dropout p, the mask drawn from `seed`: the same seed gives the same mask, so the
+    backward pass draws it again instead of keeping it (or the dropped copy of x)."""
+    key = str(x.device)
+    gen = _generators.get(key)
+    if gen is None:
+        gen = _generators[key] = torch.Generator(device=x.device)
+    gen.manual_seed(seed)
+    keep = torch.empty(x.shape, dtype=torch.uint8, device=x.device).bernoulli_(1 - p, generator=gen)
+    return x * keep * (1 / (1 - p))
+
+
+def row_blocks(rows: int) -> list[tuple[int, int, int]]:
+    """(block index, first row, end row) of DROP_ROWS-row blocks."""
+    return [(i, s, min(s + DROP_ROWS, rows)) for i, s in enumerate(range(0, rows, DROP_ROWS))]
+
+
 class LoRALinear(torch.autograd.Function):
+    """`drop` = (p, seed) makes the dropout here (xd is then unused), DROP_ROWS tokens at a time:
+    only x, which the layers reading the same input share, is kept for backward, where each
+    block's mask is drawn again. peft's dropout module keeps its mask and the dropped copy per
+    adapted layer (3 bytes per input element: about 2 GB for one recomputed layer of a 7B at 16k
+    tokens), and makes them whole (a down projection's at 16k: 0.9 GB at once)."""
+
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, xd: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                layer: Any, scale: float) -> torch.Tensor:
+                layer: Any, scale: float, drop: tuple[float, int] | None = None) -> torch.Tensor:
         dtype, base = x.dtype, layer.get_base_layer()
         w = base_weight(base, dtype)
         la, lb = _compute_copies(layer, a, b, scale, dtype)
-        xa = xd @ la.t()
+        if drop is None:
+            xa = xd @ la.t()
+        else:
+            x2 = x.reshape(-1, x.shape[-1])
+            xa = x2.new_empty(x2.shape[0], la.shape[0])
+            for i, s, e in row_blocks(x2.shape[0]):
+                xa[s:e] = dropped(x2[s:e], drop[0], drop[1] + i) @ la.t()
+            xa = xa.view(*x.shape[:-1], -1)
         y = torch.addmm((x @ w.t()).flatten(0, -2), xa.flatten(0, -2), lb.t()).view(*x.shape[:-1], -1)
         if base.bias is not None:
             y = y + base.bias.to(dtype)
-        ctx.save_for_backward(xd, xa, a, b)
-        ctx.layer, ctx.scale = layer, scale
+        ctx.save_for_backward(x if drop is not None else xd, xa, a, b)
+        ctx.layer, ctx.scale, ctx.drop = layer, scale, drop
         return y
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
-        xd, xa, a, b = ctx.saved_tensors
+        src, xa, a, b = ctx.saved_tensors
+        drop = ctx.drop
         dtype = g.dtype
         la, lb = _compute_copies(ctx.layer, a, b, ctx.scale, dtype)
         g2 = g.flatten(0, -2)
@@ -112,13 +147,24 @@ class LoRALinear(torch.autograd.Function):
         grad_x = grad_xd = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = (g2 @ base_weight(ctx.layer.get_base_layer(), dtype)).view(*g.shape[:-1], -1)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and drop is None:
             grad_xd = (gb @ la).view(*g.shape[:-1], -1)
-        if ctx.needs_input_grad[2]:
-            grad_a = (gb.t() @ xd.flatten(0, -2)).to(a.dtype)
+        if drop is None:
+            if ctx.needs_input_grad[2]:
+                grad_a = (gb.t() @ src.flatten(0, -2)).to(a.dtype)
+        else:  # block by block, each block's mask drawn again from its seed
+            x2 = src.reshape(-1, src.shape[-1])
+            gx2 = grad_x.view(-1, grad_x.shape[-1]) if grad_x is not None else None
+            acc = torch.zeros(la.shape, dtype=torch.float32, device=g.device)
+            for i, s, e in row_blocks(x2.shape[0]):
+                if ctx.needs_input_grad[2]:
+                    acc += gb[s:e].t() @ dropped(x2[s:e], drop[0], drop[1] + i)
+                if gx2 is not None:  # d(x * mask / (1-p)) / dx: the same mask on the gradient
+                    gx2[s:e] += dropped(gb[s:e] @ la, drop[0], drop[1] + i)
+            grad_a = acc.to(a.dtype) if ctx.needs_input_grad[2] else None
         if ctx.needs_input_grad[3]:
             grad_b = (g2.t() @ xa.flatten(0, -2)).to(b.dtype) * ctx.scale
-        return grad_x, grad_xd, grad_a, grad_b, None, None
+        return grad_x, grad_xd, grad_a, grad_b, None, None, None
 
 
 def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -127,9 +173,14 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
             or active[0] in self.lora_variant or active[0] not in self.lora_A):
         return self._peft_forward(x, *args, **kwargs)
     name = active[0]
-    xd = self.lora_dropout[name](x)
-    return LoRALinear.apply(x, xd, self.lora_A[name].weight, self.lora_B[name].weight,
-                            self, float(self.scaling[name]))
+    a, b, scale = self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name])
+    dropout = self.lora_dropout[name]
+    if x.is_cuda and isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and dropout.training:
+        # the seed comes from the CPU generator, which gradient checkpointing restores before
+        # its recompute (the same mask again) and the training loop seeds per step (resumable)
+        seed = int(torch.randint(0, 2**62, (1,)))
+        return LoRALinear.apply(x, x, a, b, self, scale, (dropout.p, seed))
+    return LoRALinear.apply(x, dropout(x), a, b, self, scale)
 
 
 def fuse(model: Any) -> int:
