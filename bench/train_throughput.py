@@ -152,12 +152,13 @@ def graphed_step(path: str, shape: str):
     model.train()
     opt = make_optimizer(model, cfg, "cuda")
     chunk = loss_chunk(SHAPES[shape][0]["vocab_size"])
-    held: dict = {}
+    held: dict = {}  # one graph per batch shape (--max-seq steps through several)
 
     def step(x):
-        if "g" not in held:
-            held["g"] = graphed.GraphedStep(model, x, x, chunk)
-        total, count = held["g"](x, x, 1.0 / (x.shape[0] * (x.shape[1] - 1)))
+        if x.shape not in held:
+            held.clear()
+            held[x.shape] = graphed.GraphedStep(model, x, x, chunk)
+        total, count = held[x.shape](x, x, 1.0 / (x.shape[0] * (x.shape[1] - 1)))
         opt.step()
         opt.zero_grad(set_to_none=False)
         weights_changed()
@@ -193,6 +194,13 @@ def unsloth_step(path: str, shape: str):
     return step
 
 
+def unsloth_first(engine: str) -> None:
+    """Unsloth patches transformers as it is imported: before build() imports transformers."""
+    if engine == "unsloth":
+        os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1")
+        import unsloth  # noqa: F401
+
+
 def make_step(engine: str, path: str, shape: str):
     if engine == "ours":
         return ours_step(path)
@@ -209,6 +217,7 @@ def run_row(engine: str, shape: str) -> dict:
     import torch
 
     _, batch, seq = SHAPES[shape]
+    unsloth_first(engine)
     path = build(shape)
     step = make_step(engine, path, shape)
     torch.manual_seed(1234)
@@ -233,6 +242,7 @@ def run_row(engine: str, shape: str) -> dict:
             "tokens_per_s": round(TIMED * batch * seq / seconds),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
             "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
             "losses": [round(v, 4) for v in losses]}
 
 
@@ -244,6 +254,7 @@ def max_seq_row(engine: str, shape: str) -> dict:
     """Largest sequence at batch 1 whose training step peaks under 15 GiB (a 16 GB T4)."""
     import torch
 
+    unsloth_first(engine)
     path = build(shape)
     step = make_step(engine, path, shape)
     peaks: dict[int, float] = {}
@@ -275,7 +286,8 @@ def installed(engine: str) -> bool:
 
 
 def medians(rows: list[dict]) -> list[dict]:
-    """One row per (engine, shape): the median run by tokens/s, with the spread of the runs."""
+    """One row per (engine, shape): the median run by tokens/s (its losses and reserved memory),
+    the spread of the runs' tokens/s, and the median of their allocated peaks."""
     import statistics
 
     out = []

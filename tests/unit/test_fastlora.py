@@ -93,3 +93,39 @@ def test_seeded_dropout_gives_the_gradients_of_its_formula(monkeypatch: pytest.M
     kept = fastlora.dropped(torch.ones(2000), 0.3, 7)
     assert torch.equal(kept, fastlora.dropped(torch.ones(2000), 0.3, 7))  # the seed fixes the mask
     assert 0.6 < float((kept > 0).float().mean()) < 0.8 and float(kept.max()) == pytest.approx(1 / 0.7)
+
+
+def _dropout_grads(folder: Path, checkpointing: bool, dropout: float) -> dict:
+    cfg = validate({"quantization": "none", "lora_dropout": dropout, "lora_r": 8, "lora_alpha": 16,
+                    "seed": 5, "gradient_checkpointing": checkpointing})
+    model = load_model(folder, cfg, "cpu", torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+    model.train()
+    ids = torch.randint(3, 49152, (2, 24), generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(123)  # as the training loop seeds each step
+    inputs = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    total, n = causal_lm_loss(model, inputs)
+    (total / n).backward()
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def test_seeded_dropout_survives_checkpointing_and_repeats(tiny_llama_source: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The path CUDA takes, run on the CPU: the seed is drawn from the CPU generator, so gradient
+    checkpointing's recompute draws the same masks (the gradients equal those without
+    checkpointing), and the same step seed gives the same gradients (resume)."""
+    from appliance.stages.train import fastlora
+
+    monkeypatch.setattr(fastlora, "SEEDED_DEVICES", ("cuda", "cpu"))
+    plain = _dropout_grads(tiny_llama_source, False, 0.2)
+    again = _dropout_grads(tiny_llama_source, False, 0.2)
+    recomputed = _dropout_grads(tiny_llama_source, True, 0.2)
+    undropped = _dropout_grads(tiny_llama_source, False, 0.0)
+    for name in plain:
+        assert torch.equal(plain[name], again[name]), name
+        err = float((recomputed[name] - plain[name]).norm() / plain[name].norm())
+        assert err < 1e-5, (name, err)
+    assert any(not torch.allclose(plain[n], undropped[n], rtol=1e-3) for n in plain)  # dropout acted

@@ -1,7 +1,8 @@
 """The CUDA-graphed step's loss (graphed.dense_loss: every position, no attention mask, no host
 read) is the training loop's loss: the same value, count and adapter gradients as
 recipe.causal_lm_loss on a right-padded batch with prompt positions ignored. The capture itself
-needs CUDA (tests/gpu/test_train_gpu.py); this runs on the CPU."""
+needs CUDA and runs only in bench/train_throughput.py (`--engines graphed`) so far: it is not in
+the training loop, and no GPU test covers it yet."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from appliance.stages.train.config import validate  # noqa: E402
 from appliance.stages.train.recipe import causal_lm_loss, load_model  # noqa: E402
 
 
-def _model(folder: Path):
-    cfg = validate({"quantization": "none", "lora_dropout": 0.0, "lora_r": 8, "lora_alpha": 16, "seed": 5})
+def _model(folder: Path, dropout: float = 0.0):
+    cfg = validate({"quantization": "none", "lora_dropout": dropout, "lora_r": 8, "lora_alpha": 16,
+                    "seed": 5})
     model = load_model(folder, cfg, "cpu", torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -58,3 +60,7 @@ def test_a_graphed_step_refuses_dropout(tiny_llama_source: Path) -> None:
         graphed.prepare(model, 0.05)
     graphed.prepare(model, 0.0)
     assert model.is_gradient_checkpointing
+    dropping = _model(tiny_llama_source, dropout=0.1)
+    ids = torch.zeros((1, 8), dtype=torch.long)
+    with pytest.raises(ValueError, match="one dropout mask"):  # refused before any CUDA call
+        graphed.GraphedStep(dropping, ids, ids, chunk=4)

@@ -22,7 +22,8 @@ def _case(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return states, weight, targets
 
 
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2),
+                                            (torch.float16, 1e-2)])
 @pytest.mark.parametrize("chunk", [1, 8, 64])
 def test_the_head_loss_is_torchs_cross_entropy(dtype: torch.dtype, tol: float, chunk: int) -> None:
     states, weight, targets = _case(dtype)
@@ -37,10 +38,27 @@ def test_the_head_loss_is_torchs_cross_entropy(dtype: torch.dtype, tol: float, c
     err = float((got_in.grad.float() - ref_in.grad.float()).norm() / ref_in.grad.float().norm())
     assert err < tol
     assert torch.all(got_in.grad[[0, 5, 6, 36]] == 0)  # ignored positions pass nothing back
+    assert got_in.grad.dtype == dtype
+
+
+def test_a_loss_scale_beyond_fp16s_range_scales_in_fp32() -> None:
+    """A T4 trains in fp16 with a loss scale that starts at 65536 and multiplies 1 / trained tokens:
+    the incoming gradient can exceed fp16's largest value (65504) while the scaled gradient does
+    not. The product is made in fp32, so it stays finite and right."""
+    states, weight, targets = _case(torch.float32)
+    weight = weight * 0.01  # gradients ~3e-3: times 70000, well inside fp16
+    ref_in = states.clone().requires_grad_()
+    (torch.nn.functional.cross_entropy(ref_in @ weight.t(), targets, reduction="sum") * 70000.0).backward()
+    got_in = states.half().requires_grad_()
+    (head_loss(got_in, weight.half(), targets, 8) * 70000.0).backward()
+    assert got_in.grad is not None and ref_in.grad is not None
+    assert torch.isfinite(got_in.grad).all()
+    assert float((got_in.grad.float() - ref_in.grad).norm() / ref_in.grad.norm()) < 1e-2
 
 
 def test_no_gradient_is_made_without_grad() -> None:
     states, weight, targets = _case(torch.float32)
+    states.requires_grad_()  # as the model's hidden states are, but evaluated under no_grad
     with torch.no_grad():
         value = head_loss(states, weight, targets, 8)
     assert not value.requires_grad and value.grad_fn is None

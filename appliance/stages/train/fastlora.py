@@ -88,6 +88,7 @@ def _compute_copies(layer: Any, a: torch.Tensor, b: torch.Tensor, scale: float, 
 
 
 _generators: dict[str, torch.Generator] = {}
+SEEDED_DEVICES = ("cuda",)  # where the fused layer makes dropout itself (the CPU keeps peft's)
 DROP_ROWS = 2048  # tokens whose dropped input exists at once (a mask per block, from seed + block)
 
 
@@ -175,7 +176,8 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     name = active[0]
     a, b, scale = self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name])
     dropout = self.lora_dropout[name]
-    if x.is_cuda and isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and dropout.training:
+    if (x.device.type in SEEDED_DEVICES and isinstance(dropout, torch.nn.Dropout) and dropout.p > 0
+            and dropout.training):
         # the seed comes from the CPU generator, which gradient checkpointing restores before
         # its recompute (the same mask again) and the training loop seeds per step (resumable)
         seed = int(torch.randint(0, 2**62, (1,)))

@@ -61,6 +61,8 @@ class GraphedStep:
     to None would detach the graph's output."""
 
     def __init__(self, model: Any, input_ids: Any, labels: Any, chunk: int, warmup: int = 2) -> None:
+        if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+            raise ValueError("a CUDA graph would replay one dropout mask every step: lora_dropout must be 0")
         self.model, self.chunk = model, chunk
         self.ids, self.labels = input_ids.clone(), labels.clone()
         self.weight = torch.ones((), dtype=torch.float32, device=input_ids.device)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from appliance.chat import IGNORE_INDEX
 
@@ -28,15 +29,17 @@ def head_loss(states: Any, weight: Any, targets: Any, chunk: int) -> Any:
     logits exist (the head is frozen, so that is the only gradient): the head's matmul runs twice
     per chunk instead of three times (forward, checkpoint recompute, backward), and the softmax's
     backward is the softmax itself, minus one at the target."""
-    return _HeadLoss.apply(states, weight, targets, chunk)
+    make_grad = states.requires_grad and torch.is_grad_enabled()  # not inside Function.forward
+    return _HeadLoss.apply(states, weight, targets, chunk, make_grad)
 
 
 class _HeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, states: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                chunk: int) -> torch.Tensor:
+                chunk: int, make_grad: bool) -> torch.Tensor:
+        assert not weight.requires_grad, "the head is frozen: head_loss makes no weight gradient"
         total = states.new_zeros((), dtype=torch.float32)
-        grad = torch.empty_like(states) if states.requires_grad else None
+        grad = torch.empty_like(states) if make_grad else None
         for start in range(0, targets.shape[0], chunk):
             end = start + chunk
             target = targets[start:end]
@@ -49,11 +52,14 @@ class _HeadLoss(torch.autograd.Function):
                 probs = logits.sub_(lse).exp_()
                 probs.scatter_add_(1, safe, -valid.to(probs.dtype))
                 probs.mul_(valid)
-                grad[start:end] = (probs.to(weight.dtype) @ weight).to(states.dtype)
+                grad[start:end] = (probs.to(weight.dtype) @ weight).to(grad.dtype)
         ctx.save_for_backward(grad)
+        ctx.states_dtype = states.dtype
         return total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
         (grad,) = ctx.saved_tensors
-        return grad * g.to(grad.dtype), None, None, None
+        # in fp32: g carries fp16's loss scale (65536 at first: inf in fp16) and 1 / trained tokens
+        return (grad.float() * g.float()).to(ctx.states_dtype), None, None, None, None
