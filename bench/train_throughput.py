@@ -6,10 +6,11 @@ same random tokens for every row, 3 warm-up steps then 10 timed ones. Each row r
 process so peak-memory figures do not mix. Prints every row, then ours/baseline ratios, and writes
 the whole as JSON.
 
-Engines (`--engines`, comma-separated): baseline, liger (when liger-kernel is installed), ours,
-graphed (ours with forward + backward replayed as one CUDA graph: appliance/stages/train/graphed.py;
-GRAPHED_LIGER=1 adds Liger's RoPE/RMSNorm/SwiGLU kernels inside it), unsloth (when unsloth is
-installed: the same folder, LoRA shape and optimizer). `--repeat N` runs every row N times, engines
+Engines (`--engines`, comma-separated): baseline, liger (when liger-kernel is installed), ours
+(the product's engine: with Liger's RoPE/RMSNorm/SwiGLU when liger-kernel is installed, as the
+product trains; FUSED_KERNELS=off for without), graphed (ours with forward + backward replayed as
+one CUDA graph: appliance/stages/train/graphed.py), unsloth (when unsloth is installed: the same
+folder, LoRA shape and optimizer). `--repeat N` runs every row N times, engines
 interleaved, and reports the median run with the spread.
 
 Usage (GPU host): python bench/train_throughput.py [--shapes llama1b,qwen7b] [--out FILE.json]
@@ -105,23 +106,23 @@ def ours_step(path: str):
     from appliance.stages.train.fastlora import weights_changed
     from appliance.stages.train.recipe import causal_lm_loss, load_model, make_optimizer
 
-    if os.environ.get("OURS_LIGER"):  # experiment: Liger's RoPE, RMSNorm and SwiGLU under our engine
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
-
-        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=False)
     cfg = validate({"lora_r": 16, "lora_alpha": 32, "target_modules": TARGETS,
                     "lora_dropout": float(os.environ.get("OURS_DROPOUT", "0")),  # the product's: 0.05
-                    "learning_rate": 2e-4, "optimizer": os.environ.get("OURS_OPTIMIZER", "auto")})
-    model = load_model(Path(path), cfg, "cuda", torch.bfloat16)
+                    "learning_rate": 2e-4, "optimizer": os.environ.get("OURS_OPTIMIZER", "auto"),
+                    "fused_kernels": os.environ.get("FUSED_KERNELS", "auto")})
+    fp16 = os.environ.get("OURS_DTYPE") == "fp16"  # a T4's compute dtype, with loss scaling
+    model = load_model(Path(path), cfg, "cuda", torch.float16 if fp16 else torch.bfloat16)
+    print(f"ours: {model.appliance_kernels}", file=sys.stderr, flush=True)
     model.train()
     opt = make_optimizer(model, cfg, "cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=fp16)
 
     def step(x):
         total, n = causal_lm_loss(model, {"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x)})
         loss = total / n
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
         weights_changed()
         return loss
@@ -139,14 +140,10 @@ def graphed_step(path: str, shape: str):
     from appliance.stages.train.planner import loss_chunk
     from appliance.stages.train.recipe import load_model, make_optimizer
 
-    if os.environ.get("GRAPHED_LIGER"):  # Liger's Triton RoPE, RMSNorm and SwiGLU inside the graph
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
-
-        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=False)
     cfg = validate({"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": TARGETS,
                     "learning_rate": 2e-4, "optimizer": os.environ.get("OURS_OPTIMIZER", "auto"),
-                    "unpack_scales": os.environ.get("GRAPHED_UNPACK", "1") == "1"})
+                    "unpack_scales": os.environ.get("GRAPHED_UNPACK", "1") == "1",
+                    "fused_kernels": os.environ.get("FUSED_KERNELS", "auto")})
     model = load_model(Path(path), cfg, "cuda", torch.bfloat16)
     graphed.prepare(model, cfg.lora_dropout)
     model.train()
@@ -243,7 +240,16 @@ def run_row(engine: str, shape: str) -> dict:
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
             "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
             "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+            "settings": settings(engine),
             "losses": [round(v, 4) for v in losses]}
+
+
+def settings(engine: str) -> dict:
+    """What the environment changed for our rows (the product's defaults otherwise)."""
+    if engine not in ("ours", "graphed"):
+        return {}
+    keys = ("FUSED_KERNELS", "OURS_DROPOUT", "OURS_DTYPE", "OURS_OPTIMIZER", "GRAPHED_UNPACK")
+    return {k: os.environ[k] for k in keys if k in os.environ}
 
 
 MAX_SEQS = [2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768]
@@ -270,7 +276,7 @@ def max_seq_row(engine: str, shape: str) -> dict:
         if peaks[seq] > T4_BUDGET_GIB:
             break
     fitting = [s for s, p in peaks.items() if p <= T4_BUDGET_GIB]
-    return {"engine": engine, "shape": shape, "peaks_gib": peaks,
+    return {"engine": engine, "shape": shape, "peaks_gib": peaks, "settings": settings(engine),
             "max_seq_under_15gib": max(fitting, default=0)}
 
 

@@ -72,6 +72,7 @@ if [ -n "$DETECT_ONLY" ]; then echo "$ACCEL: $ACCEL_WHY"; exit 0; fi
 CUDA_ARCHS=${APPLIANCE_CUDA_ARCHS:-75;80;86;89;90}
 ORT_VERSION=$(sed -n 's/^onnxruntime==//p' requirements/constraints.txt)
 GENAI_VERSION=$(sed -n 's/^onnxruntime-genai==//p' requirements/constraints.txt)
+LIGER_VERSION=$(sed -n 's/^liger-kernel==//p' requirements/constraints.txt)
 
 stamp_inputs() { { cat requirements/*.txt scripts/setup.sh pyproject.toml; echo "$ACCEL $CUDA_ARCHS"; } | sha256sum | cut -c1-16; }
 STAMP="$VENV/.appliance-setup-$(stamp_inputs)"
@@ -161,6 +162,12 @@ if [ "$ACCEL" = cuda ]; then
     say "installing onnxruntime-genai-cuda $GENAI_VERSION in place of onnxruntime-genai"
     "$VPY" -m pip uninstall -q -y onnxruntime-genai onnxruntime-genai-cuda >/dev/null 2>&1 || true
     "$VPY" -m pip install -q --disable-pip-version-check --no-deps "onnxruntime-genai-cuda==$GENAI_VERSION"
+  fi
+  # Liger's fused RMSNorm/RoPE/SwiGLU for the training step (train/kernels.py); Triton comes with
+  # CUDA builds of torch, so nothing else is pulled. CPU boxes never need it.
+  if ! "$VPY" -m pip show -q liger-kernel 2>/dev/null; then
+    say "installing liger-kernel $LIGER_VERSION (fused training kernels)"
+    "$VPY" -m pip install -q --disable-pip-version-check --no-deps "liger-kernel==$LIGER_VERSION"
   fi
 elif "$VPY" -m pip show -q onnxruntime-gpu 2>/dev/null || "$VPY" -m pip show -q onnxruntime-genai-cuda 2>/dev/null; then
   say "replacing onnxruntime-gpu and onnxruntime-genai-cuda with onnxruntime $ORT_VERSION (CPU)"

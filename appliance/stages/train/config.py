@@ -32,6 +32,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     fused_lora: bool = True              # one autograd function per LoRA layer (train/fastlora.py)
     unpack_scales: bool = True           # NF4 block scales kept in fp32: +0.06 bytes/param, faster steps
+    fused_kernels: str = "auto"          # auto: Liger's RMSNorm/RoPE/SwiGLU on CUDA when installed
     # optimisation
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
@@ -67,6 +68,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "quantization": ("nf4", "none"),
     "compute_dtype": ("auto", "bf16", "fp16", "fp32"),
     "optimizer": ("auto", "adamw", "paged_adamw_8bit"),
+    "fused_kernels": ("auto", "off"),
 }
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 

@@ -182,6 +182,11 @@ def load_model(path: Path, cfg: TrainConfig, device: str, dtype: Any) -> Any:
         fastlora.fuse(peft_model)
         if cfg.unpack_scales and cfg.quantization == "nf4":
             fastlora.unpack_scales(peft_model)
+    from appliance.stages.train import kernels
+
+    # what was fused, for the job log (a plain attribute: PeftModel forwards unknown ones)
+    peft_model.appliance_kernels = kernels.apply(  # type: ignore[assignment]
+        peft_model, device, cfg.fused_kernels)
     return peft_model
 
 
@@ -462,6 +467,7 @@ class Trainer:
         ctx.log(loading)
         self.stages.emit("load-model", loading)
         self.model = load_model(model_record.path, cfg, self.device, self.dtype)
+        ctx.log(self.model.appliance_kernels)
         self.loss = _loss_module(self.model)
         if self.rank.world > 1:  # LoRA is initialised from the seed: identical on every rank
             from torch.nn.parallel import DistributedDataParallel
