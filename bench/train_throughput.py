@@ -8,10 +8,10 @@ the whole as JSON.
 
 Engines (`--engines`, comma-separated): baseline, liger (when liger-kernel is installed), ours
 (the product's engine: with Liger's RoPE/RMSNorm/SwiGLU when liger-kernel is installed, as the
-product trains; FUSED_KERNELS=off for without), graphed (ours with forward + backward replayed as
-one CUDA graph: appliance/stages/train/graphed.py), unsloth (when unsloth is installed: the same
-folder, LoRA shape and optimizer). `--repeat N` runs every row N times, engines
-interleaved, and reports the median run with the spread.
+product trains; FUSED_KERNELS=off for without), ours-offload (the same with offload_activations),
+graphed (ours with forward + backward replayed as one CUDA graph: appliance/stages/train/graphed.py),
+unsloth (when unsloth is installed: the same folder, LoRA shape and optimizer). `--repeat N` runs
+every row N times, engines interleaved, and reports the median run with the spread.
 
 Usage (GPU host): python bench/train_throughput.py [--shapes llama1b,qwen7b] [--out FILE.json]
 The baseline reproduces ../shared/bench/hf_qlora_baseline.py (NF4 double quant, bf16 compute,
@@ -99,7 +99,7 @@ def baseline_step(path: str, liger: bool):
     return step
 
 
-def ours_step(path: str):
+def ours_step(path: str, offload: bool = False):
     import torch
 
     from appliance.stages.train.config import validate
@@ -109,7 +109,8 @@ def ours_step(path: str):
     cfg = validate({"lora_r": 16, "lora_alpha": 32, "target_modules": TARGETS,
                     "lora_dropout": float(os.environ.get("OURS_DROPOUT", "0")),  # the product's: 0.05
                     "learning_rate": 2e-4, "optimizer": os.environ.get("OURS_OPTIMIZER", "auto"),
-                    "fused_kernels": os.environ.get("FUSED_KERNELS", "auto")})
+                    "fused_kernels": os.environ.get("FUSED_KERNELS", "auto"),
+                    "offload_activations": offload})
     fp16 = os.environ.get("OURS_DTYPE") == "fp16"  # a T4's compute dtype, with loss scaling
     model = load_model(Path(path), cfg, "cuda", torch.float16 if fp16 else torch.bfloat16)
     print(f"ours: {model.appliance_kernels}", file=sys.stderr, flush=True)
@@ -199,8 +200,8 @@ def unsloth_first(engine: str) -> None:
 
 
 def make_step(engine: str, path: str, shape: str):
-    if engine == "ours":
-        return ours_step(path)
+    if engine in ("ours", "ours-offload"):
+        return ours_step(path, offload=engine == "ours-offload")
     if engine == "graphed":
         return graphed_step(path, shape)
     if engine == "unsloth":
@@ -246,7 +247,7 @@ def run_row(engine: str, shape: str) -> dict:
 
 def settings(engine: str) -> dict:
     """What the environment changed for our rows (the product's defaults otherwise)."""
-    if engine not in ("ours", "graphed"):
+    if engine not in ("ours", "ours-offload", "graphed"):
         return {}
     keys = ("FUSED_KERNELS", "OURS_DROPOUT", "OURS_DTYPE", "OURS_OPTIMIZER", "GRAPHED_UNPACK")
     return {k: os.environ[k] for k in keys if k in os.environ}
@@ -331,7 +332,7 @@ def main() -> None:
     for shape, _rep, engine in ((s, r, e) for s in args.shapes.split(",") for r in range(args.repeat)
                                 for e in engines):  # engines interleaved, repeat by repeat
         out = subprocess.run([sys.executable, __file__, "--row", engine, shape], capture_output=True,
-                             text=True, env=env if engine == "ours" else os.environ)
+                             text=True, env=env if engine.startswith("ours") else os.environ)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")), None)
         if line is None:
             print(f"{shape} {engine}: FAILED\n{out.stderr[-2000:]}")
@@ -369,7 +370,7 @@ def main() -> None:
                 print(f"{shape}: ours/liger speed {o['tokens_per_s'] / g['tokens_per_s']:.2f}x, "
                       f"memory {o['peak_gib'] / g['peak_gib']:.2f}x")
         for ref in ("unsloth", "baseline"):
-            for engine in ("ours", "graphed"):
+            for engine in ("ours", "ours-offload", "graphed"):
                 if ref in by and engine in by:
                     o, u = by[engine], by[ref]
                     print(f"{shape}: {engine}/{ref} speed {o['tokens_per_s'] / u['tokens_per_s']:.2f}x "

@@ -133,3 +133,14 @@ def test_the_eval_pass_is_counted_and_never_above_the_step(model: str, settings:
         assert est.eval_total < est.total  # every layer's activations are kept only for a backward
     text = planner.plan(shape(model), cfg, T4).describe(cfg)
     assert f"its eval pass (no gradients) at most {est.eval_total / planner.GIB:.2f} GiB" in text
+
+
+def test_offloaded_activations_leave_the_layer_inputs_out_and_say_the_estimate_is_rough() -> None:
+    plain = validate({"batch_size": 1, "max_seq_len": 16384})
+    offloaded = validate({"batch_size": 1, "max_seq_len": 16384, "offload_activations": True})
+    s = shape("qwen2.5-7b")
+    a, b = (planner.estimate(s, c, 1, 16384) for c in (plain, offloaded))
+    layer_inputs = planner.HIDDEN_LAYER_BYTES * 16384 * s.hidden * s.layers
+    assert a.activations - b.activations == pytest.approx(layer_inputs)
+    assert a.calibrated and not b.calibrated
+    assert "without activation offload" in planner.plan(s, offloaded, T4).describe(offloaded)

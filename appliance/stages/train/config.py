@@ -30,6 +30,7 @@ class TrainConfig:
     compute_dtype: str = "auto"          # auto: bf16 on GPUs >= 8.0, fp16 on a T4; on the CPU bf16
                                          # only with native bf16 (avx512_bf16/amx_bf16), else fp32
     gradient_checkpointing: bool = True
+    offload_activations: bool = False    # checkpointed layer inputs in host memory (train/offload.py)
     fused_lora: bool = True              # one autograd function per LoRA layer (train/fastlora.py)
     unpack_scales: bool = True           # NF4 block scales kept in fp32: +0.06 bytes/param, faster steps
     fused_kernels: str = "auto"          # auto: Liger's RMSNorm/RoPE/SwiGLU on CUDA when installed
@@ -118,6 +119,12 @@ def validate(values: dict[str, Any], *, source: str = "config",
     if context_length and seq_ok and config.max_seq_len > context_length:
         problems.append(f"max_seq_len: {config.max_seq_len} is longer than the model's context "
                         f"({context_length})")
+    if config.offload_activations and not config.gradient_checkpointing:
+        problems.append("offload_activations: needs gradient_checkpointing = true (it moves the "
+                        "layer inputs that checkpointing keeps)")
+    if config.offload_activations and config.devices > 1:
+        problems.append("offload_activations: not with devices > 1 (DDP cannot follow its "
+                        "re-entrant checkpoint): use one GPU, or turn it off")
     if problems:
         raise ValidationError(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(problems),
                               title="Invalid training config")

@@ -146,6 +146,8 @@ def estimate(shape: Shape, cfg: TrainConfig, batch: int, seq: int, *, gpu: bool 
     tokens = batch * seq
     # without checkpointing every layer keeps its activations: rough (uncalibrated) estimate
     per_layer = HIDDEN_LAYER_BYTES if cfg.gradient_checkpointing else HIDDEN_BYTES
+    if cfg.offload_activations:  # the checkpointed inputs wait in host memory (train/offload.py)
+        per_layer = 0.0
     activations = (tokens * shape.hidden * (per_layer * shape.layers + HIDDEN_BYTES)
                    + LOGIT_BYTES * min(tokens, loss_chunk(shape.vocab)) * shape.vocab)
     n_lora = lora_params(shape, cfg.lora_r)
@@ -159,7 +161,8 @@ def estimate(shape: Shape, cfg: TrainConfig, batch: int, seq: int, *, gpu: bool 
                         + LOGIT_BYTES * min(tokens, loss_chunk(shape.vocab)) * shape.vocab)
     return Estimate(weights=weight_bytes(shape, cfg), activations=activations + CONSTANT_BYTES,
                     optimizer=optimizer, context=CUDA_CONTEXT_BYTES,
-                    calibrated=cfg.gradient_checkpointing and cfg.quantization == "nf4",
+                    calibrated=(cfg.gradient_checkpointing and cfg.quantization == "nf4"
+                                and not cfg.offload_activations),
                     eval_activations=min(eval_activations, activations) + CONSTANT_BYTES)
 
 
@@ -176,7 +179,8 @@ class Plan:
                  f"{e.total / GIB:.2f} GiB at batch {cfg.batch_size} x seq {cfg.max_seq_len} "
                  f"(weights {e.weights / GIB:.2f}, activations {e.activations / GIB:.2f}, "
                  f"optimizer {e.optimizer / GIB:.2f}, CUDA context {e.context / GIB:.2f})"
-                 + ("" if e.calibrated else "; rough: calibrated for NF4 with gradient checkpointing")]
+                 + ("" if e.calibrated else "; rough: calibrated for NF4 with gradient checkpointing"
+                    + (", without activation offload" if cfg.offload_activations else ""))]
         eval_pass = f"its eval pass (no gradients) at most {e.eval_total / GIB:.2f} GiB"
         if self.fits:
             lines.append(f"fits; {eval_pass}")

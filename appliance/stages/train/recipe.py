@@ -169,6 +169,10 @@ def load_model(path: Path, cfg: TrainConfig, device: str, dtype: Any) -> Any:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+        if cfg.offload_activations:
+            from appliance.stages.train import offload
+
+            offload.enable(model)
     model.config.use_cache = False
     torch.manual_seed(cfg.seed)  # the LoRA init depends only on the seed
     # peft annotates lora_alpha as int but only divides by it (scaling = alpha / r): a float is fine.
@@ -468,6 +472,8 @@ class Trainer:
         self.stages.emit("load-model", loading)
         self.model = load_model(model_record.path, cfg, self.device, self.dtype)
         ctx.log(self.model.appliance_kernels)
+        if cfg.offload_activations:
+            ctx.log("activation offload: each checkpointed layer's input waits in host memory")
         self.loss = _loss_module(self.model)
         if self.rank.world > 1:  # LoRA is initialised from the seed: identical on every rank
             from torch.nn.parallel import DistributedDataParallel
