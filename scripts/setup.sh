@@ -165,7 +165,7 @@ if [ "$ACCEL" = cuda ]; then
   fi
   # Liger's fused RMSNorm/RoPE/SwiGLU for the training step (train/kernels.py); Triton comes with
   # CUDA builds of torch, so nothing else is pulled. CPU boxes never need it.
-  if ! "$VPY" -m pip show -q liger-kernel 2>/dev/null; then
+  if ! "$VPY" -c "import importlib.metadata as m, sys; sys.exit(m.version('liger-kernel') != '$LIGER_VERSION')" 2>/dev/null; then
     say "installing liger-kernel $LIGER_VERSION (fused training kernels)"
     "$VPY" -m pip install -q --disable-pip-version-check --no-deps "liger-kernel==$LIGER_VERSION"
   fi

@@ -50,14 +50,14 @@ def _step(folder: Path, offloaded: bool) -> tuple[float, dict[str, Any], float]:
 
 def test_offload_trains_the_same_in_less_memory(tmp_path: Path) -> None:
     folder = build_random_llama(tmp_path / "m", **SHAPE)
+    _step(folder, True)  # warm-up: one-time allocations (cuBLAS workspaces, kernels) land here
     loss_plain, grads_plain, peak_plain = _step(folder, False)
     loss_off, grads_off, peak_off = _step(folder, True)
     inputs_mib = SHAPE["num_hidden_layers"] * BATCH * SEQ * SHAPE["hidden_size"] * 2 / 2**20
     print(f"\npeak above the weights: plain {peak_plain:.0f} MiB, offloaded {peak_off:.0f} MiB "
           f"(checkpointed inputs {inputs_mib:.0f} MiB); loss {loss_plain:.6f} vs {loss_off:.6f}")
-    assert loss_off == pytest.approx(loss_plain, rel=1e-6)
-    worst = min(float(torch.nn.functional.cosine_similarity(g.flatten(), grads_off[n].flatten(), dim=0))
-                for n, g in grads_plain.items())
-    print(f"worst adapter-gradient cosine {worst:.6f} over {len(grads_plain)} tensors")
-    assert worst > 0.999
+    assert loss_off == pytest.approx(loss_plain, rel=1e-4)
+    worst = max(float((grads_off[n] - g).norm() / g.norm()) for n, g in grads_plain.items())
+    print(f"worst adapter-gradient relative difference {worst:.2e} over {len(grads_plain)} tensors")
+    assert worst < 1e-2
     assert peak_plain - peak_off > 0.6 * inputs_mib

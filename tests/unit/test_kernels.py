@@ -44,6 +44,13 @@ def _stand_in(calls: Counter) -> SimpleNamespace:
     return SimpleNamespace(liger_rms_norm=rms_norm, liger_swiglu=swiglu, liger_rope=rope)
 
 
+def _isolate_rope(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The RoPE wrapper is process-wide (an earlier CUDA test may have installed it with the real
+    kernel): restore transformers' function and the wrapper's choice after the test."""
+    monkeypatch.setattr(kernels, "_rope", {})
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
+
+
 def _model(folder: Path, **extra: Any) -> Any:
     cfg = validate({"quantization": "none", "lora_r": 8, "lora_alpha": 16, "seed": 3,
                     "lora_dropout": 0.0, **extra})
@@ -75,8 +82,8 @@ def test_on_the_cpu_nothing_is_rebound_and_the_log_says_why(tiny_llama_source: P
 def test_each_reason_to_stay_plain_is_named(tiny_llama_source: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = _model(tiny_llama_source)
     assert "set in the config" in kernels.apply(model, "cuda:0", "off")
-    monkeypatch.setattr(kernels, "_liger", lambda: None)
-    assert "liger-kernel is not installed" in kernels.apply(model, "cuda:0")
+    monkeypatch.setattr(kernels, "_liger", lambda: (None, "liger_kernel is not installed (...)"))
+    assert "liger_kernel is not installed" in kernels.apply(model, "cuda:0")
     monkeypatch.setattr(model.config, "hidden_act", "gelu")
     assert "activation is 'gelu'" in kernels.apply(model, "cuda:0")
     monkeypatch.setattr(model.config, "model_type", "gemma")
@@ -90,9 +97,9 @@ def test_rebound_modules_compute_what_transformers_does(tiny_llama_source: Path,
     ids = torch.randint(3, 49152, (2, 11), generator=torch.Generator().manual_seed(1))
     plain = _logits(model, ids)
     calls: Counter = Counter()
-    monkeypatch.setattr(kernels, "_liger", lambda: _stand_in(calls))
+    monkeypatch.setattr(kernels, "_liger", lambda: (_stand_in(calls), ""))
     monkeypatch.setattr(kernels, "on_gpu", lambda tensor: True)
-    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
+    _isolate_rope(monkeypatch)
     line = kernels.apply(model, "cuda:0")
     layers = model.config.num_hidden_layers
     assert f"RMSNorm x{2 * layers + 1}, SwiGLU x{layers}, RoPE" in line
@@ -102,13 +109,17 @@ def test_rebound_modules_compute_what_transformers_does(tiny_llama_source: Path,
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
     kernels.apply(model, "cuda:0")  # twice: RoPE is wrapped once, not around its own wrapper
     assert getattr(modeling_llama.apply_rotary_pos_emb.appliance_plain, "appliance_plain", None) is None
+    calls.clear()
+    assert "set in the config" in kernels.apply(model, "cuda:0", "off")
+    _logits(model, ids)  # the norms and MLPs of this instance stay bound; RoPE goes back to plain
+    assert calls["rope"] == 0 and calls["norm"] > 0
 
 
 def test_cpu_tensors_and_later_models_stay_on_transformers_code(tiny_llama_source: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     calls: Counter = Counter()
-    monkeypatch.setattr(kernels, "_liger", lambda: _stand_in(calls))
-    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
+    monkeypatch.setattr(kernels, "_liger", lambda: (_stand_in(calls), ""))
+    _isolate_rope(monkeypatch)
     model = _model(tiny_llama_source)
     kernels.apply(model, "cuda:0")  # bound, but its tensors are on the CPU: on_gpu says no
     ids = torch.randint(3, 49152, (1, 7), generator=torch.Generator().manual_seed(2))

@@ -64,7 +64,12 @@ def test_the_config_refuses_offload_where_it_cannot_work() -> None:
     assert validate({"offload_activations": True}).offload_activations
 
 
-def test_a_layer_with_more_positional_inputs_is_refused() -> None:
+def test_inputs_it_cannot_train_through_are_refused_and_no_grad_passes_through() -> None:
     x = torch.ones(2, 3, requires_grad=True)
     with pytest.raises(TypeError, match="got 2 positional inputs"):
         offload.checkpoint(lambda a, b: a + b, x, x)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        offload.checkpoint(lambda a: a * 2, torch.ones(2, 3))
+    with torch.no_grad():
+        out = offload.checkpoint(lambda a: a * 2, x)
+    assert out.grad_fn is None and float(out.sum()) == 12.0

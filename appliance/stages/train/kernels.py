@@ -14,7 +14,10 @@ transformers' own code for a tensor that is not on a CUDA device.
 
 The cross-entropy stays ours (headloss.py): it skips the prompt positions Liger's fused loss
 would still compute. Only the families whose modules have the Llama layout are rebound (the
-norm: weight x x / rms(x) with an fp32 variance; the MLP: down(silu(gate(x)) * up(x))).
+norm: weight x x / rms(x) with an fp32 variance; the MLP: down(silu(gate(x)) * up(x))). Their norms
+feed only projections (or RoPE, for Qwen3's q/k norms), so the norm's in-place backward (dX
+written into dY) is safe; post-norm families (Gemma 2/3, OLMo 2) would need in_place=False, as
+Liger itself does for them.
 """
 
 from __future__ import annotations
@@ -32,33 +35,39 @@ def on_gpu(tensor: Any) -> bool:
     return bool(tensor.is_cuda)
 
 
-def _liger() -> Any:
-    """liger_kernel's functional API, or None when it cannot be imported (a CPU install: Triton
-    comes only with CUDA builds of torch)."""
+_rope: dict[str, Any] = {}  # family -> the functional module its RoPE wrapper calls on CUDA
+
+
+def _liger() -> tuple[Any, str]:
+    """liger_kernel's functional API, or None and why it cannot be imported (a CPU install:
+    Triton comes only with CUDA builds of torch)."""
     try:
-        return importlib.import_module("liger_kernel.transformers.functional")
-    except Exception:  # ImportError, or Triton failing to find a driver
-        return None
+        return importlib.import_module("liger_kernel.transformers.functional"), ""
+    except ModuleNotFoundError as err:
+        return None, f"{err.name} is not installed (set-up installs liger-kernel on CUDA boxes)"
+    except Exception as err:  # Triton failing to find a driver or a compiler
+        return None, f"liger-kernel did not load: {type(err).__name__}: {err}"
 
 
 def apply(model: Any, device: str, setting: str = "auto") -> str:
     """Rebind `model`'s norms, MLPs and RoPE to Liger's kernels where that is possible and
     return one line for the job log that says what was done or why not."""
-    if setting == "off":
-        return "fused kernels off: set in the config (fused_kernels)"
-    if not str(device).startswith("cuda"):
-        return "fused kernels off: Triton kernels run on CUDA only"
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     family = FAMILIES.get(model_type or "")
+    if setting == "off":
+        _rope.pop(family or "", None)  # a wrapper from an earlier model in this process stays plain
+        return "fused kernels off: set in the config (fused_kernels)"
+    if not str(device).startswith("cuda"):
+        return "fused kernels off: Triton kernels run on CUDA only"
     if family is None:
         return f"fused kernels off: no Llama-layout kernels for model type {model_type!r}"
     act = getattr(config, "hidden_act", "silu")
     if act not in ("silu", "swish"):
         return f"fused kernels off: the MLP's activation is {act!r}, not SiLU"
-    functional = _liger()
+    functional, why = _liger()
     if functional is None:
-        return "fused kernels off: liger-kernel is not installed (set-up installs it on CUDA boxes)"
+        return f"fused kernels off: {why}"
     norms, mlps = bind(model, functional)
     wrap_rope(family, functional)
     version = _version("liger-kernel")
@@ -100,7 +109,9 @@ def _mlp_forward(plain: Any, functional: Any) -> Any:
 
 def wrap_rope(family: str, functional: Any) -> None:
     """Wrap `modeling_<family>.apply_rotary_pos_emb` (the attention looks it up there on every
-    call) so CUDA tensors take Liger's kernel and the rest transformers' function; once."""
+    call) once, so CUDA tensors take the kernel `apply` last chose for the family (`_rope`) and
+    the rest transformers' function."""
+    _rope[family] = functional
     module: Any = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     current = module.apply_rotary_pos_emb
     if getattr(current, "appliance_plain", None) is not None:
@@ -109,8 +120,10 @@ def wrap_rope(family: str, functional: Any) -> None:
 
     def apply_rotary_pos_emb(q: Any, k: Any, cos: Any, sin: Any, position_ids: Any = None,
                              unsqueeze_dim: int = 1) -> Any:
-        if on_gpu(q):
-            return functional.liger_rope(q, k, cos, sin, position_ids, unsqueeze_dim)
+        fused = _rope.get(family)
+        # Liger's kernel assumes the [batch, heads, seq, dim] layout that unsqueeze_dim 1 means
+        if fused is not None and unsqueeze_dim == 1 and on_gpu(q):
+            return fused.liger_rope(q, k, cos, sin, position_ids, unsqueeze_dim)
         return plain(q, k, cos, sin, position_ids=position_ids, unsqueeze_dim=unsqueeze_dim)
 
     apply_rotary_pos_emb.appliance_plain = plain  # type: ignore[attr-defined]

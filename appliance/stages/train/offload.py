@@ -9,10 +9,13 @@ the layer has run (the copy engine overlaps it with the next layers' kernels) an
 before that layer's backward. The cost is the PCIe traffic: the inputs cross twice per step, and
 the copy back is waited for.
 
-The recompute sees the random state the forward saw (CPU and CUDA generators restored, as
-torch's checkpoint does), so LoRA dropout draws the same masks. The layer's autograd graph is
-built and walked inside this function's backward (a "reentrant" checkpoint): DDP cannot follow
-that without a static graph, so `config.validate` refuses the option with `devices` > 1.
+The pinned host memory (the same bytes, rounded up by PyTorch's caching host allocator, which
+keeps the blocks) is not counted by the GPU planner.
+
+The recompute sees the random state the forward saw (CPU and CUDA generators restored, as torch's
+checkpoint does), so LoRA dropout draws the same masks. The layer's autograd graph is built and
+walked inside this function's backward (a "reentrant" checkpoint): DDP cannot follow that without
+a static graph, so `config.validate` refuses the option with `devices` > 1.
 """
 
 from __future__ import annotations
@@ -93,14 +96,21 @@ def checkpoint(run: Any, hidden: torch.Tensor, *rest: Any) -> torch.Tensor:
     if rest:
         raise TypeError(f"offload_activations: the decoder layer got {1 + len(rest)} positional "
                         "inputs, expected the hidden states only")
+    if not torch.is_grad_enabled():
+        return run(hidden)  # no backward will come: nothing to keep, nothing to copy
+    if not hidden.requires_grad:  # autograd would never call backward: no adapter gradients
+        raise RuntimeError("offload_activations: the layer input does not require grad (enable "
+                           "input gradients on the model, as load_model does)")
     return _Offloaded.apply(run, hidden)
 
 
 def enable(model: Any) -> int:
     """Point every checkpointed layer of `model` (gradient checkpointing already enabled) at
     `checkpoint`; returns how many."""
-    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)
-              and hasattr(m, "_gradient_checkpointing_func")]
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)
+              and m.gradient_checkpointing]
     for layer in layers:
-        layer._gradient_checkpointing_func = checkpoint
+        layer._gradient_checkpointing_func = checkpoint  # type: ignore[assignment]
     return len(layers)

@@ -146,7 +146,7 @@ def estimate(shape: Shape, cfg: TrainConfig, batch: int, seq: int, *, gpu: bool 
     tokens = batch * seq
     # without checkpointing every layer keeps its activations: rough (uncalibrated) estimate
     per_layer = HIDDEN_LAYER_BYTES if cfg.gradient_checkpointing else HIDDEN_BYTES
-    if cfg.offload_activations:  # the checkpointed inputs wait in host memory (train/offload.py)
+    if cfg.offload_activations and gpu:  # the checkpointed inputs wait in host memory (offload.py)
         per_layer = 0.0
     activations = (tokens * shape.hidden * (per_layer * shape.layers + HIDDEN_BYTES)
                    + LOGIT_BYTES * min(tokens, loss_chunk(shape.vocab)) * shape.vocab)
