@@ -46,7 +46,8 @@ def _step(folder: Path, fused: str, dtype: Any) -> tuple[float, dict[str, Any], 
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+                g = torch.Generator().manual_seed(len(name))  # on the CPU: the same draws anywhere
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     ids = torch.randint(3, 49152, (2, 256), generator=torch.Generator().manual_seed(9)).cuda()
     labels = ids.clone()
     labels[:, :40] = -100
@@ -66,7 +67,7 @@ def test_fused_kernels_train_as_the_plain_modules(tmp_path: Path, build: Any, dt
     loss_plain, grads_plain, line_plain = _step(folder, "off", torch_dtype)
     loss_fused, grads_fused, line_fused = _step(folder, "auto", torch_dtype)
     print(f"\n{line_fused}\nloss plain {loss_plain:.6f} fused {loss_fused:.6f}")
-    norms = 9 + (16 if build is build_random_qwen3 else 0)  # 2 per layer + the final; Qwen3: q/k norms
+    norms = 9 + (8 if build is build_random_qwen3 else 0)  # 2 per layer + the final; Qwen3: q/k norms
     assert line_plain.startswith("fused kernels off") and f"RMSNorm x{norms}, SwiGLU x4, RoPE" in line_fused
     assert loss_fused == pytest.approx(loss_plain, rel=2e-3)  # the fused kernels round once
     worst_cos, worst_rel = 1.0, 0.0

@@ -31,7 +31,8 @@ def _step(folder: Path, offloaded: bool) -> tuple[float, dict[str, Any], float]:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+                g = torch.Generator().manual_seed(len(name))  # on the CPU: the same draws anywhere
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     ids = torch.randint(3, 49152, (BATCH, SEQ), generator=torch.Generator().manual_seed(9)).cuda()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
