@@ -15,6 +15,12 @@ nearly flat, so the loss columns say little about a real model's (the demo run i
 one: bench/results/int4-calibration-cpu.md, imatrix-export-cpu.md); size and speed are the shape's.
 
     PYTHONPATH=. python bench/quant_table_shape.py --root /tmp/qwen05-table --steps 6
+
+`--demo` makes the same table for `appliance demo`'s run instead (the real SmolLM2-135M-Instruct
+and its 16-step adapter; the demo's own exports are removed before the plans):
+
+    PYTHONPATH=. python bench/quant_table_shape.py --demo --root /tmp/demo-table \
+        --out bench/results/quant-table-demo-cpu.json
 """
 
 from __future__ import annotations
@@ -74,6 +80,20 @@ def prepare(root: Path, steps: int) -> tuple[Path, Path]:
             "--set", f"max_steps={steps}", "--set", f"eval_every={steps}", "--set", f"save_every={steps}",
             "--name", RUN, "--follow")
         cli(calibrated, "merge", RUN)
+    if not plain.exists():
+        shutil.copytree(calibrated, plain, symlinks=True)
+    return calibrated, plain
+
+
+def prepare_demo(root: Path) -> tuple[Path, Path]:
+    """`appliance demo` in one home, its exports removed (the plans make them again), copied."""
+    calibrated, plain = root / "calibrated", root / "plain"
+    if not (calibrated / "exports" / f"{RUN}-merged").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        cli(calibrated, "demo")
+        for record in json.loads(cli(calibrated, "exports", "list", "--json")):
+            if record["name"] != f"{RUN}-merged":
+                cli(calibrated, "exports", "rm", record["name"], "--yes")
     if not plain.exists():
         shutil.copytree(calibrated, plain, symlinks=True)
     return calibrated, plain
@@ -142,9 +162,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/quant-table-qwen05-shape-cpu.json")
+    ap.add_argument("--demo", action="store_true", help="the table for `appliance demo`'s run")
     args = ap.parse_args()
     os.environ.setdefault("APPLIANCE_THREADS", "2")
-    calibrated, plain = prepare(args.root, args.steps)
+    if args.demo:
+        global RUN
+        RUN = "demo-qlora"
+    calibrated, plain = prepare_demo(args.root) if args.demo else prepare(args.root, args.steps)
     if set(frontier(calibrated)) != {*GGUF, *ONNX}:  # a rerun keeps a finished half
         cli(calibrated, "export", "plan", RUN, "--gguf", ",".join(GGUF), "--onnx", ",".join(ONNX))
     if set(frontier(plain)) != set(CALIBRATED):
