@@ -338,6 +338,8 @@ def main() -> None:
             print(f"{shape} {engine}: FAILED\n{out.stderr[-2000:]}")
             continue
         rows.append(json.loads(line[4:]))
+        if args.out_rows:  # after every row: a run stopped by a time limit keeps what it measured
+            Path(args.out_rows).write_text(json.dumps(rows, indent=1))
         r = rows[-1]
         if "curve" in r:
             print(f"{shape:8} {engine:9} loss curve: " + " ".join(f"{v:.3f}" for v in r["curve"][::5]))
