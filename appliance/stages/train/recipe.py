@@ -473,7 +473,9 @@ class Trainer:
         self.model = load_model(model_record.path, cfg, self.device, self.dtype)
         ctx.log(self.model.appliance_kernels)
         if cfg.offload_activations:
-            ctx.log("activation offload: each checkpointed layer's input waits in host memory")
+            ctx.log("activation offload: each checkpointed layer's input waits in host memory"
+                    if self.device.startswith("cuda") else
+                    "activation offload: nothing to move on the CPU (the inputs are in host memory)")
         self.loss = _loss_module(self.model)
         if self.rank.world > 1:  # LoRA is initialised from the seed: identical on every rank
             from torch.nn.parallel import DistributedDataParallel
