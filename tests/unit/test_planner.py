@@ -140,7 +140,25 @@ def test_offloaded_activations_leave_the_layer_inputs_out_and_say_the_estimate_i
     offloaded = validate({"batch_size": 1, "max_seq_len": 16384, "offload_activations": True})
     s = shape("qwen2.5-7b")
     a, b = (planner.estimate(s, c, 1, 16384) for c in (plain, offloaded))
-    layer_inputs = planner.HIDDEN_LAYER_BYTES * 16384 * s.hidden * s.layers
+    # the fitted range loses its fitted per-layer term, the tokens beyond it 2 bytes per layer
+    fit, beyond = planner.FIT_TOKENS, 16384 - planner.FIT_TOKENS
+    layer_inputs = (planner.HIDDEN_LAYER_BYTES * fit + 2.0 * beyond) * s.hidden * s.layers
     assert a.activations - b.activations == pytest.approx(layer_inputs)
     assert a.calibrated and not b.calibrated
     assert "without activation offload" in planner.plan(s, offloaded, T4).describe(offloaded)
+
+
+def test_long_sequences_on_the_7b_shape_are_not_underestimated() -> None:
+    """The batch-1 sweep of the Qwen2.5-7B shape to 24k tokens (v2 engine): beyond the fitted
+    range the planner takes the sweep's slope as a floor (LONG_TOKEN_BYTES, from these same
+    points: a guard against passing runs that do not fit, not an out-of-sample check)."""
+    sys.path.insert(0, str(BENCH))
+    from train_throughput import SHAPES as BENCH_SHAPES
+
+    row = json.loads((BENCH / "results" / "max-seq-qwen7b-h100-v2.json").read_text())["rows"][0]
+    s = planner.Shape.from_config(BENCH_SHAPES["qwen7b"][0])
+    for seq, peak in row["peaks_gib"].items():
+        est = planner.estimate(s, CALIBRATED, 1, int(seq)).allocated / planner.GIB
+        assert -0.06 <= est / peak - 1 <= 0.15, (seq, peak, est)
+    fitted_slope = planner.HIDDEN_LAYER_BYTES * s.layers + planner.HIDDEN_BYTES
+    assert fitted_slope < planner.LONG_TOKEN_BYTES  # the floor is what moves the long rows

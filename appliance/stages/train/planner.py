@@ -10,7 +10,10 @@ Peak GPU memory of a QLoRA step of the engine in `appliance/stages/train/recipe.
 - paged 8-bit AdamW keeps 2 bytes per LoRA parameter in managed memory (outside torch's allocator),
   plain AdamW 8 bytes plus 4 for the gradient; plus the CUDA context.
 
-The coefficients marked "fitted" come from least squares over the peaks measured on an H100
+Beyond the fitted points' longest step (8,192 tokens) each further token costs at least what it
+cost on a measured Qwen2.5-7B sweep to 24k tokens (`LONG_TOKEN_BYTES`): the fit alone
+underestimated that shape's long sequences by up to 22%. The coefficients marked "fitted" come
+from least squares over the peaks measured on an H100
 (`bench/calibrate_planner.py`: 21 points, 3 shapes, vocabularies of 49k-152k, every token trained;
 stored in `appliance/data/planner-calibration.json`), weighted by relative error; every recorded
 point is predicted within 8% (the peak is really the larger of the loss phase and the layers'
@@ -42,6 +45,12 @@ HIDDEN_LAYER_BYTES = 0.671  # per token per hidden unit per layer (fitted; check
 HIDDEN_BYTES = 58.75        # per token per hidden unit (fitted; one layer recomputed, final states)
 LOGIT_BYTES = 11.15         # per chunk token per vocabulary entry (fitted; logits, fp32 copy, grads)
 CONSTANT_BYTES = 87.8e6     # cuBLAS workspaces and small buffers inside the allocator (fitted)
+FIT_TOKENS = 8192           # the longest step (batch x seq) among the fitted points
+# Beyond FIT_TOKENS each further token costs at least this, per hidden unit: the slope of the
+# Qwen2.5-7B shape's batch-1 sweep from 2k to 24k tokens (bench/results/max-seq-qwen7b-h100-v2.json:
+# 0.472 GiB per 1k tokens, a straight line), the steepest measured. The fit alone, made on small
+# shapes at <= 8k tokens, put it at 77.5 and passed 7B runs that did not fit (docs/PITFALLS.md).
+LONG_TOKEN_BYTES = 138.15
 CUDA_CONTEXT_BYTES = 0.5 * GIB
 HEADROOM = 0.10             # fragmentation the allocator may still add (reserved over allocated)
 
@@ -148,7 +157,11 @@ def estimate(shape: Shape, cfg: TrainConfig, batch: int, seq: int, *, gpu: bool 
     per_layer = HIDDEN_LAYER_BYTES if cfg.gradient_checkpointing else HIDDEN_BYTES
     if cfg.offload_activations and gpu:  # the checkpointed inputs wait in host memory (offload.py)
         per_layer = 0.0
-    activations = (tokens * shape.hidden * (per_layer * shape.layers + HIDDEN_BYTES)
+    per_token = per_layer * shape.layers + HIDDEN_BYTES
+    beyond = max(0, tokens - FIT_TOKENS)
+    # the sweep kept each layer's bf16 input on the GPU (2 bytes per hidden unit per layer)
+    floor = LONG_TOKEN_BYTES - (2.0 * shape.layers if cfg.offload_activations and gpu else 0.0)
+    activations = (shape.hidden * ((tokens - beyond) * per_token + beyond * max(per_token, floor))
                    + LOGIT_BYTES * min(tokens, loss_chunk(shape.vocab)) * shape.vocab)
     n_lora = lora_params(shape, cfg.lora_r)
     paged = cfg.optimizer == "paged_adamw_8bit" or (cfg.optimizer == "auto" and gpu)
