@@ -26,8 +26,11 @@ import importlib
 import types
 from typing import Any
 
-# model_type -> transformers module whose `apply_rotary_pos_emb` the attention calls
-FAMILIES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+from appliance.versions import package_version
+
+# model types with the Llama layout; each is also the name of the transformers module
+# (`models/<type>/modeling_<type>.py`) whose `apply_rotary_pos_emb` its attention calls
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def on_gpu(tensor: Any) -> bool:
@@ -44,7 +47,8 @@ def _liger() -> tuple[Any, str]:
     try:
         return importlib.import_module("liger_kernel.transformers.functional"), ""
     except ModuleNotFoundError as err:
-        return None, f"{err.name} is not installed (set-up installs liger-kernel on CUDA boxes)"
+        return None, (f"{err.name} is not installed (set-up installs liger-kernel on CUDA boxes; "
+                      "Triton comes with CUDA builds of torch)")
     except Exception as err:  # Triton failing to find a driver or a compiler
         return None, f"liger-kernel did not load: {type(err).__name__}: {err}"
 
@@ -54,7 +58,7 @@ def apply(model: Any, device: str, setting: str = "auto") -> str:
     return one line for the job log that says what was done or why not."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    family = FAMILIES.get(model_type or "")
+    family = model_type if model_type in FAMILIES else None
     if setting == "off":
         _rope.pop(family or "", None)  # a wrapper from an earlier model in this process stays plain
         return "fused kernels off: set in the config (fused_kernels)"
@@ -70,7 +74,7 @@ def apply(model: Any, device: str, setting: str = "auto") -> str:
         return f"fused kernels off: {why}"
     norms, mlps = bind(model, functional)
     wrap_rope(family, functional)
-    version = _version("liger-kernel")
+    version = package_version("liger-kernel") or "(unknown version)"
     return (f"fused kernels: liger-kernel {version}: RMSNorm x{norms}, SwiGLU x{mlps}, RoPE "
             "(Triton, CUDA tensors only)")
 
@@ -128,12 +132,3 @@ def wrap_rope(family: str, functional: Any) -> None:
 
     apply_rotary_pos_emb.appliance_plain = plain  # type: ignore[attr-defined]
     module.apply_rotary_pos_emb = apply_rotary_pos_emb
-
-
-def _version(dist: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "(unknown version)"
