@@ -38,6 +38,18 @@ def build_random_llama(folder: Path, **shape: int) -> Path:
     return folder
 
 
+def randomize_lora_b(model: object) -> None:
+    """Give every LoRA B (zero at init, so the adapters would do nothing) small random values
+    drawn on the CPU from its name: the same values on any device and in every model built alike."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # type: ignore[attr-defined]
+            if "lora_B" in name:
+                g = torch.Generator().manual_seed(len(name))
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
 def build_random_qwen2(folder: Path, **shape: int) -> Path:
     """A random-init Qwen2 HF folder (attention biases, tied embeddings): a second architecture
     family, around the same real tokenizer (llama.cpp recognises it) and its ChatML template."""

@@ -18,7 +18,7 @@ pytest.importorskip("liger_kernel", reason="needs liger-kernel (set-up installs 
 
 from appliance.stages.train.config import validate  # noqa: E402
 from appliance.stages.train.recipe import causal_lm_loss, load_model  # noqa: E402
-from tests.conftest import build_random_llama, build_random_qwen2  # noqa: E402
+from tests.conftest import build_random_llama, build_random_qwen2, randomize_lora_b  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 SHAPE = {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4,
@@ -43,11 +43,7 @@ def _step(folder: Path, fused: str, dtype: Any) -> tuple[float, dict[str, Any], 
     cfg = validate({"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "seed": 4,
                     "fused_kernels": fused})
     model = load_model(folder, cfg, "cuda", dtype).train()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                g = torch.Generator().manual_seed(len(name))  # on the CPU: the same draws anywhere
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    randomize_lora_b(model)
     ids = torch.randint(3, 49152, (2, 256), generator=torch.Generator().manual_seed(9)).cuda()
     labels = ids.clone()
     labels[:, :40] = -100

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 
 from appliance.stages.train.config import validate  # noqa: E402
 from appliance.stages.train.recipe import causal_lm_loss, load_model  # noqa: E402
-from tests.conftest import build_random_llama  # noqa: E402
+from tests.conftest import build_random_llama, randomize_lora_b  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 SHAPE = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 12,
@@ -28,11 +28,7 @@ def _step(folder: Path, offloaded: bool) -> tuple[float, dict[str, Any], float]:
     cfg = validate({"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "seed": 4,
                     "offload_activations": offloaded})
     model = load_model(folder, cfg, "cuda", torch.bfloat16).train()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                g = torch.Generator().manual_seed(len(name))  # on the CPU: the same draws anywhere
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    randomize_lora_b(model)
     ids = torch.randint(3, 49152, (BATCH, SEQ), generator=torch.Generator().manual_seed(9)).cuda()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

@@ -15,16 +15,14 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from appliance.stages.train.config import validate  # noqa: E402
 from appliance.stages.train.fastlora import fuse  # noqa: E402
 from appliance.stages.train.recipe import causal_lm_loss, load_model  # noqa: E402
+from tests.conftest import randomize_lora_b  # noqa: E402
 
 
 def _loss_and_grads(folder: Path, fused: bool, quantization: str) -> tuple[float, dict]:
     cfg = validate({"fused_lora": fused, "quantization": quantization, "lora_dropout": 0.0,
                     "lora_r": 8, "lora_alpha": 16, "seed": 5})
     model = load_model(folder, cfg, "cpu", torch.bfloat16)
-    with torch.no_grad():  # B starts at zero: give the adapters something to do
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+    randomize_lora_b(model)
     model.train()
     ids = torch.randint(3, 49152, (2, 24), generator=torch.Generator().manual_seed(7))
     inputs = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
@@ -99,10 +97,7 @@ def _dropout_grads(folder: Path, checkpointing: bool, dropout: float) -> dict:
     cfg = validate({"quantization": "none", "lora_dropout": dropout, "lora_r": 8, "lora_alpha": 16,
                     "seed": 5, "gradient_checkpointing": checkpointing})
     model = load_model(folder, cfg, "cpu", torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+    randomize_lora_b(model)
     model.train()
     ids = torch.randint(3, 49152, (2, 24), generator=torch.Generator().manual_seed(7))
     torch.manual_seed(123)  # as the training loop seeds each step

@@ -15,16 +15,14 @@ torch = pytest.importorskip("torch")
 from appliance.stages.train import graphed  # noqa: E402
 from appliance.stages.train.config import validate  # noqa: E402
 from appliance.stages.train.recipe import causal_lm_loss, load_model  # noqa: E402
+from tests.conftest import randomize_lora_b  # noqa: E402
 
 
 def _model(folder: Path, dropout: float = 0.0):
     cfg = validate({"quantization": "none", "lora_dropout": dropout, "lora_r": 8, "lora_alpha": 16,
                     "seed": 5})
     model = load_model(folder, cfg, "cpu", torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+    randomize_lora_b(model)
     return model.train()
 
 

@@ -22,6 +22,7 @@ from transformers.models.llama import modeling_llama  # noqa: E402
 from appliance.stages.train import kernels  # noqa: E402
 from appliance.stages.train.config import validate  # noqa: E402
 from appliance.stages.train.recipe import load_model  # noqa: E402
+from tests.conftest import randomize_lora_b  # noqa: E402
 
 
 def _stand_in(calls: Counter) -> SimpleNamespace:
@@ -55,10 +56,7 @@ def _model(folder: Path, **extra: Any) -> Any:
     cfg = validate({"quantization": "none", "lora_r": 8, "lora_alpha": 16, "seed": 3,
                     "lora_dropout": 0.0, **extra})
     model = load_model(folder, cfg, "cpu", torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+    randomize_lora_b(model)
     return model
 
 

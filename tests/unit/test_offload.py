@@ -17,16 +17,14 @@ from appliance.errors import ValidationError  # noqa: E402
 from appliance.stages.train import offload  # noqa: E402
 from appliance.stages.train.config import validate  # noqa: E402
 from appliance.stages.train.recipe import causal_lm_loss, load_model  # noqa: E402
+from tests.conftest import randomize_lora_b  # noqa: E402
 
 
 def _grads(folder: Path, offloaded: bool, dropout: float) -> tuple[float, dict[str, Any]]:
     cfg = validate({"quantization": "none", "lora_r": 8, "lora_alpha": 16, "seed": 2,
                     "lora_dropout": dropout, "offload_activations": offloaded})
     model = load_model(folder, cfg, "cpu", torch.float32).train()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+    randomize_lora_b(model)
     ids = torch.randint(3, 49152, (2, 24), generator=torch.Generator().manual_seed(4))
     labels = ids.clone()
     labels[:, :5] = -100
