@@ -349,7 +349,7 @@ def print_report(report: dict[str, Any], say: Callable[[str], None]) -> None:
         f"{rt['llama_cpp_gpu_offload']}")
     chose = rt.get("setup")
     say("set-up      " + (f"{chose.get('accelerator')} ({chose.get('why')})" if chose else
-                          "no record (made before set-up recorded its accelerator, or from a kit)"))
+                          "no record (made before set-up or a kit install recorded its accelerator)"))
     d = report["disk"]
     say(f"workspace   {d['workspace']} ({'exists' if d['exists'] else 'not created yet'}), "
         f"{d['free_gib']} GiB free of {d['total_gib']}")

@@ -9,6 +9,14 @@ the profile, the appliance version, and every file with its size and sha256. `ve
 kit for another Python or platform, a missing, changed or extra file, or a link, naming the file
 and the check, so a damaged or altered kit never gets as far as pip.
 
+The target's accelerator is `cpu` or `cuda`. A kit carries the llama-cpp-python wheel and the
+llama.cpp tools of the set-up it was built from, so it is built from a set-up of its own accelerator
+(`share/accelerator.json` says which): a cuda kit after `APPLIANCE_ACCEL=cuda make setup`. A cuda kit
+adds onnxruntime-gpu (CUDA 13, with the nvidia-* runtime wheels), onnxruntime-genai-cuda and, for the
+full profile, liger-kernel and a CUDA build of torch; kit.json's `contents.cuda` says what replaces
+what, so `accelerate` (run by both installers after pip) needs no knowledge of its own. `verify`
+refuses a cuda kit on a box with no NVIDIA GPU or a driver too old for its CUDA, before hashing.
+
 This module is the standard library only: it runs before anything is installed
 (`python3 appliance/kit.py verify DIR`, and a copy travels in each kit as `verify.py`).
 """
@@ -20,11 +28,14 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
 import sys
 import sysconfig
+import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +46,12 @@ PROFILES = ("full", "edge")
 ACCELERATORS = ("cpu", "cuda")
 CHUNK = 1 << 20
 LLAMA_TOOLS = ("llama-imatrix", "llama-quantize")  # share/llama.cpp/bin: export gguf --imatrix
+SETUP_RECORD = "accelerator.json"  # what scripts/setup.sh chose: accelerator, why, cuda_architectures, ...
+# The CUDA kit, as scripts/setup.sh's CUDA branch: the GPU build of each runtime replaces the CPU one
+# (one module, two packages: never both installed), and onnxruntime-gpu 1.31's CUDA is 13.
+CUDA_MAJOR = 13
+GPU_BUILDS = {"onnxruntime": "onnxruntime-gpu", "onnxruntime-genai": "onnxruntime-genai-cuda"}
+ORT_GPU = "onnxruntime-gpu[cuda,cudnn]"  # with the nvidia-* runtime wheels (CUDA, cuDNN)
 
 
 class KitError(Exception):
@@ -126,8 +143,72 @@ def read_manifest(kit_dir: Path) -> dict[str, Any]:
     return data
 
 
+@dataclass(frozen=True)
+class Gpu:
+    """What `nvidia-smi` says of this box: how many GPUs, and the CUDA version its driver supports."""
+
+    count: int
+    cuda: tuple[int, int] | None = None
+    smi: str | None = None  # the nvidia-smi found on PATH, None where there is none
+
+
+def _output(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def probe_gpu() -> Gpu:
+    """`nvidia-smi -L` (a `GPU n: ...` line each) and plain `nvidia-smi` (its `CUDA Version: X.Y`
+    header), the nvidia-smi on PATH, as scripts/setup.sh counts GPUs."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return Gpu(0)
+    count = sum(line.startswith("GPU ") for line in _output([smi, "-L"]).splitlines())
+    found = re.search(r"CUDA Version:\s*(\d+)\.(\d+)", _output([smi]))
+    return Gpu(count, (int(found[1]), int(found[2])) if found else None, smi)
+
+
+def _cuda_section(manifest: dict[str, Any]) -> dict[str, Any]:
+    """kit.json's `contents.cuda` (what a cuda kit swaps), or {} (a cpu kit)."""
+    contents = manifest.get("contents")
+    cuda = contents.get("cuda") if isinstance(contents, dict) else None
+    return cuda if isinstance(cuda, dict) else {}
+
+
+def _cuda_runtimes(manifest: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """What a cuda kit installs after the profile: with dependencies, and without."""
+    cuda = _cuda_section(manifest)
+    install, no_deps = cuda.get("install"), cuda.get("install_no_deps")
+    if not isinstance(install, list) or not install or not isinstance(no_deps, list):
+        raise KitError(MANIFEST, "accelerator", "the kit is for CUDA but names no GPU runtimes to "
+                       "install (an older kit: only its target said cuda); build it again")
+    return [str(r) for r in install], [str(r) for r in no_deps]
+
+
+def _check_gpu(manifest: dict[str, Any], gpu: Gpu) -> None:
+    """A cuda kit needs an NVIDIA GPU and a driver for the kit's CUDA (its runtimes fail without)."""
+    _cuda_runtimes(manifest)
+    need = _cuda_section(manifest).get("cuda_major")
+    need = need if isinstance(need, int) else CUDA_MAJOR
+    cpu_kit = "install from a cpu kit instead (`kit build --accelerator cpu` on a connected machine)"
+    if gpu.count == 0:
+        where = "there is no nvidia-smi" if gpu.smi is None else f"`{gpu.smi} -L` lists no GPU"
+        raise KitError(MANIFEST, "accelerator", f"the kit is for CUDA, but this box has no NVIDIA GPU "
+                       f"({where}): {cpu_kit}")
+    if gpu.cuda is None or gpu.cuda[0] < need:
+        has = "no CUDA version" if gpu.cuda is None else f"CUDA {gpu.cuda[0]}.{gpu.cuda[1]}"
+        raise KitError(MANIFEST, "accelerator", f"the kit needs an NVIDIA driver for CUDA {need}, "
+                       f"this one supports {has} (`nvidia-smi`): update the driver to one that "
+                       f"supports CUDA {need}, or {cpu_kit}")
+
+
 def _check_target(manifest: dict[str, Any], here: Target, profile: str | None) -> None:
     target = manifest["target"]
+    if target.get("accelerator", "cpu") not in ACCELERATORS:
+        raise KitError(MANIFEST, "accelerator", f"the kit is for {target.get('accelerator')!r}; this "
+                       f"installer knows {', '.join(ACCELERATORS)}")
     if target.get("python") != here.python:
         raise KitError(MANIFEST, "python", f"the kit is for Python {target.get('python')}, this "
                        f"Python is {here.python}: build a kit for it (`appliance kit build` with "
@@ -140,15 +221,18 @@ def _check_target(manifest: dict[str, Any], here: Target, profile: str | None) -
                        f"profile, {profile!r} was asked for")
 
 
-def verify(kit_dir: Path, *, here: Target | None = None, profile: str | None = None) -> dict[str, Any]:
+def verify(kit_dir: Path, *, here: Target | None = None, profile: str | None = None,
+           gpu: Callable[[], Gpu] = probe_gpu) -> dict[str, Any]:
     """The kit's manifest, once every check passed; else a KitError naming the file and check.
 
-    Order: the manifest, the target (a kit for another Python is refused before hashing 2 GB),
-    then every file: missing, changed size, changed content (sha256), and files the manifest does
-    not list."""
+    Order: the manifest, the target (a kit for another Python is refused before hashing 2 GB; a
+    cuda kit on a box with no NVIDIA GPU or too old a driver too: `gpu` asks nvidia-smi), then every
+    file: missing, changed size, changed content (sha256), and files the manifest does not list."""
     kit_dir = Path(kit_dir)
     manifest = read_manifest(kit_dir)
     _check_target(manifest, here or Target.here(manifest["target"].get("accelerator", "cpu")), profile)
+    if manifest["target"].get("accelerator") == "cuda":
+        _check_gpu(manifest, gpu())
     listed: dict[str, dict[str, Any]] = manifest["files"]
     for rel, entry in listed.items():
         path = kit_dir / rel
@@ -174,7 +258,7 @@ def describe(manifest: dict[str, Any]) -> str:
             f"{len(manifest['files'])} files, {size / 2**20:.0f} MiB")
 
 
-# -- building a kit (on a connected machine, after `make setup`) ---------------------------------
+# -- installing from a kit (the kit's install.sh and `scripts/setup.sh --kit` call these) --------
 INSTALL_SH = """#!/bin/sh
 # Install the appliance from this kit, with no network and no compiler:  ./install.sh [VENV]
 # Every file is checked against kit.json first; nothing is installed from a kit that fails.
@@ -189,17 +273,107 @@ OLD=$("$VENV/bin/python" -I -c 'import importlib.metadata as m; print(m.version(
   2>/dev/null || true)
 PIP_CONFIG_FILE=/dev/null "$VENV/bin/python" -m pip install -q --no-index --no-cache-dir \\
   --disable-pip-version-check --find-links "$KIT/wheels" --upgrade "appliance[$PROFILE]"
+"$VENV/bin/python" -I "$KIT/verify.py" accelerate "$KIT" "$VENV/bin/python"
 mkdir -p "$VENV/share/appliance"
 cp -R "$KIT/share/." "$VENV/share/appliance/"
 chmod +x "$VENV"/share/appliance/llama.cpp/bin/llama-* 2>/dev/null || true
 "$VENV/bin/python" -I "$KIT/verify.py" record "$KIT" "$VENV/share/appliance" ${OLD:+--previous "$OLD"}
 echo "installed: $VENV/bin/appliance ($PROFILE profile)"
 """
+_INSTALLED = """import importlib.metadata as m, sys
+for name in sys.argv[1:]:
+    try:
+        m.version(name)
+        print(name)
+    except m.PackageNotFoundError:
+        pass
+"""
+
+
+def installed_packages(python: str, names: list[str]) -> set[str]:
+    """Which of `names` are installed in `python`'s environment (all of them, if it cannot tell:
+    uninstalling one that is not there only makes pip warn)."""
+    try:
+        out = subprocess.run([python, "-I", "-c", _INSTALLED, *names], capture_output=True, text=True,
+                             check=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return set(names)
+    return set(out.split()) & set(names)
+
+
+def _kit_wheel_pins(manifest: dict[str, Any]) -> dict[str, str]:
+    """The kit's wheels, normalized name -> version (`wheels/onnxruntime-1.31.1-cp311-...whl`)."""
+    pins = {}
+    for rel in manifest["files"]:
+        if rel.startswith("wheels/") and rel.endswith(".whl"):
+            parts = Path(rel).name.split("-")
+            if len(parts) >= 5:  # name-version-python-abi-platform.whl
+                pins[_normalize(parts[0])] = parts[1]
+    return pins
+
+
+def accelerate_commands(kit_dir: Path, manifest: dict[str, Any], python: str,
+                        installed: Callable[[list[str]], set[str]]) -> list[list[str]]:
+    """The pip commands that give the installed runtimes the kit's accelerator, once `appliance[PROFILE]`
+    is installed from the kit (which installs the CPU onnxruntime, also over a GPU build).
+
+    A cuda kit: uninstall both builds of onnxruntime and onnxruntime-genai (one module, two packages:
+    removing one build deletes the other's files too), then install what kit.json's `contents.cuda`
+    names. A cpu kit over a CUDA install: the same the other way round. Else nothing."""
+    pip = [python, "-m", "pip"]
+    offline = ["install", "-q", "--no-index", "--no-cache-dir", "--disable-pip-version-check",
+               "--find-links", str(Path(kit_dir) / "wheels")]
+    cuda = _cuda_section(manifest)
+    recorded = cuda.get("swap")
+    swap: dict[str, str] = recorded if isinstance(recorded, dict) else GPU_BUILDS
+    both = [name for pair in swap.items() for name in pair]
+    present = installed(both)
+    if manifest["target"].get("accelerator") == "cuda":
+        install, no_deps = _cuda_runtimes(manifest)
+    elif present & set(swap.values()):
+        pins = _kit_wheel_pins(manifest)
+        install, no_deps = [], [f"{name}=={pins[name]}" for name in swap if name in pins]
+    else:
+        return []
+    commands = [[*pip, "uninstall", "-q", "-y", *(n for n in both if n in present)]] if present else []
+    commands += [[*pip, *offline, *install]] if install else []
+    commands += [[*pip, *offline, "--no-deps", *no_deps]] if no_deps else []
+    return commands
+
+
+def accelerate(kit_dir: Path, python: str, say: Any = print,
+               installed: Callable[[list[str]], set[str]] | None = None) -> list[list[str]]:
+    """Run `accelerate_commands` with pip's configuration off (no index, the kit's wheels only)."""
+    manifest = read_manifest(Path(kit_dir))
+    commands = accelerate_commands(Path(kit_dir), manifest, python,
+                                   installed or (lambda names: installed_packages(python, names)))
+    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull}
+    for cmd in commands:
+        _run(cmd, say, env=env)
+    return commands
+
+
+def _setup_record_of(manifest: dict[str, Any]) -> dict[str, str]:
+    """What `share/accelerator.json` says after an install from this kit (the keys scripts/setup.sh
+    writes, which `appliance doctor` shows and checks)."""
+    accelerator = str(manifest["target"].get("accelerator") or "cpu")
+    llama = sorted(Path(rel).name for rel in manifest["files"] if rel.startswith("wheels/llama_cpp_python-"))
+    return {"accelerator": accelerator,
+            "why": f"installed from the {accelerator} kit built {manifest.get('created')}",
+            "cuda_architectures": str(_cuda_section(manifest).get("architectures") or ""),
+            "llama_cpp_wheel": llama[-1] if llama else ""}
+
+
+def _write_json(path: Path, data: Any, indent: int | None = 1) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=indent) + "\n", encoding="utf-8")
+    tmp.replace(path)
 
 
 def record(kit_dir: Path, share: Path, previous: str | None = None) -> dict[str, Any]:
-    """After an install from `kit_dir`: its manifest (less the file list) as `share/kit.json`, and
-    one line appended to `share/kit-history.json` (what `appliance doctor` shows)."""
+    """After an install from `kit_dir`: its manifest (less the file list) as `share/kit.json`, one
+    line appended to `share/kit-history.json` (what `appliance doctor` shows), and the kit's
+    accelerator as `share/accelerator.json`, as a set-up from source writes it."""
     manifest = read_manifest(Path(kit_dir))
     entry = {k: manifest.get(k) for k in ("appliance_version", "profile", "target", "created")}
     entry["installed"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -211,29 +385,127 @@ def record(kit_dir: Path, share: Path, previous: str | None = None) -> dict[str,
     except (OSError, ValueError):
         history = []
     history = [*history, entry] if isinstance(history, list) else [entry]
-    for path, data in ((share / "kit.json", entry), (history_path, history)):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-        tmp.replace(path)
+    _write_json(share / "kit.json", entry)
+    _write_json(history_path, history)
+    _write_json(share / SETUP_RECORD, _setup_record_of(manifest), indent=None)
     return entry
 
 
-def _run(cmd: list[str], say: Any) -> None:
+# -- building a kit (on a connected machine, after `make setup`) ---------------------------------
+def _run(cmd: list[str], say: Any, env: dict[str, str] | None = None) -> None:
     say("$ " + " ".join(cmd))
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, env=env)
 
 
-def build(kit_dir: Path, *, profile: str, checkout: Path, share: Path, cache: Path,
-          accelerator: str = "cpu", python: str = sys.executable, say: Any = print) -> dict[str, Any]:
-    """Fill `kit_dir` (new or empty) with what `profile` needs on this Python and platform, then
-    write its manifest. Uses pip and the network: run it on a connected machine."""
-    if profile not in PROFILES:
-        raise KitError(profile, "profile", f"unknown profile; known: {', '.join(PROFILES)}")
-    if accelerator not in ACCELERATORS:
-        raise KitError(accelerator, "accelerator", f"unknown; known: {', '.join(ACCELERATORS)}")
-    kit_dir = Path(kit_dir)
-    if kit_dir.exists() and any(kit_dir.iterdir()):
-        raise KitError(str(kit_dir), "kit folder", "is not empty: give a new or empty folder")
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _pins(constraints: Path, names: list[str]) -> dict[str, str]:
+    """`name==version` of each of `names` in the constraints file (as scripts/setup.sh reads them)."""
+    pins = {}
+    for line in constraints.read_text(encoding="utf-8").splitlines():
+        name, sep, version = line.split("#")[0].strip().partition("==")
+        if sep:
+            pins[_normalize(name)] = version.strip()
+    for name in names:
+        if name not in pins:
+            raise KitError(str(constraints), "constraints", f"pins no version of {name}")
+    return pins
+
+
+def _setup_record(share: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((share / SETUP_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _llama_source(share: Path, cache: Path, accelerator: str) -> tuple[Path, dict[str, Any]]:
+    """Where set-up cached the llama-cpp-python wheel the kit carries (pip's --find-links), and
+    set-up's record. The kit's llama.cpp tools were built against that wheel, so the set-up must be
+    of the kit's accelerator: a cuda kit from a CUDA set-up; a cpu kit from a CPU one (a CUDA
+    set-up's tools need the CUDA wheel's libraries, and its cache may hold no CPU wheel at all)."""
+    path, setup = share / SETUP_RECORD, _setup_record(share)
+    chose = setup.get("accelerator") or "cpu"  # a set-up older than its record was a CPU one
+    if accelerator == "cuda" and chose != "cuda":
+        said = f"says {chose!r}" if setup else "is missing"
+        raise KitError(str(path), "accelerator", f"{said}: a cuda kit carries set-up's CUDA build of "
+                       "llama-cpp-python and llama.cpp's tools; run `APPLIANCE_ACCEL=cuda make setup` on "
+                       "a connected CUDA box and build the kit there")
+    if accelerator == "cpu" and chose == "cuda":
+        raise KitError(str(path), "accelerator", "says 'cuda': this set-up's llama-cpp-python wheel and "
+                       "llama.cpp tools are CUDA builds, which need an NVIDIA driver; build a cuda kit "
+                       "here (--accelerator cuda), or the cpu kit from a CPU set-up "
+                       "(`VENV=.venv-cpu APPLIANCE_ACCEL=cpu make setup`)")
+    if accelerator == "cpu":
+        return cache / "wheels", setup
+    archs, name = setup.get("cuda_architectures"), setup.get("llama_cpp_wheel")
+    if not isinstance(archs, str) or not archs or not isinstance(name, str) or not name:
+        raise KitError(str(path), "accelerator", "names no cuda_architectures or llama_cpp_wheel: "
+                       "run `APPLIANCE_ACCEL=cuda make setup` again")
+    folder = cache / f"wheels-cuda-{archs.replace(';', '-')}"
+    if not (folder / name).is_file():
+        raise KitError(str(folder / name), "set-up", "set-up's CUDA build of llama-cpp-python is not "
+                       "in the cache: run `APPLIANCE_ACCEL=cuda make setup` again (it rebuilds it)")
+    return folder, setup
+
+
+def _check_llama_wheel(wheels: Path, folder: Path, name: str, required: bool) -> None:
+    """The kit's llama-cpp-python wheel is set-up's build, byte for byte (the CPU and the CUDA
+    builds have one file name: only the content tells them apart)."""
+    cached = folder / name
+    if not required and not cached.is_file():
+        return
+    found = sorted(p.name for p in wheels.glob("llama_cpp_python-*.whl"))
+    if found != [name]:
+        raise KitError(f"wheels/{found[0] if found else name}", "accelerator",
+                       f"the kit's llama-cpp-python wheels are {found or 'none'}, set-up's is {name}")
+    if sha256_file(wheels / name) != sha256_file(cached):
+        raise KitError(f"wheels/{name}", "accelerator", f"differs from set-up's build {cached} (sha256): "
+                       "pip took llama-cpp-python from elsewhere (a --find-links or PIP_FIND_LINKS "
+                       "folder); build the kit with that unset")
+
+
+def _wheel_metadata(wheel: Path) -> tuple[str, list[str]]:
+    """A wheel's Version and Requires-Dist (its .dist-info/METADATA)."""
+    from email.parser import HeaderParser
+
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            member = next(n for n in z.namelist() if n.count("/") == 1 and n.endswith(".dist-info/METADATA"))
+            meta = HeaderParser().parsestr(z.read(member).decode("utf-8", "replace"))
+    except (OSError, zipfile.BadZipFile, StopIteration):
+        raise KitError(f"wheels/{wheel.name}", "wheel", "is not a wheel (no .dist-info/METADATA)") from None
+    return str(meta.get("Version") or ""), [str(r) for r in meta.get_all("Requires-Dist") or []]
+
+
+def _check_torch_cuda(wheels: Path) -> None:
+    """A cuda kit of the full profile trains on the GPU: its torch must be a CUDA build."""
+    found = sorted(wheels.glob("torch-*.whl"))
+    if not found:
+        raise KitError("wheels/torch-*.whl", "missing", "the full profile's torch wheel was not downloaded")
+    version, requires = _wheel_metadata(found[-1])
+    if "+cpu" in version or not any(_normalize(r).startswith("nvidia-") for r in requires):
+        raise KitError(f"wheels/{found[-1].name}", "accelerator", "is a CPU build of torch; on this "
+                       f"machine pip resolves torch to a CPU wheel (version {version}, needing no nvidia-* "
+                       "package): a pip configuration or PIP_* variable (index-url, find-links: `pip config "
+                       "list`) points at CPU wheels. Build the cuda kit where pip takes torch from PyPI "
+                       "(its Linux wheels are CUDA builds), or build the edge profile")
+
+
+def _cuda_runtimes_of(constraints: Path, profile: str) -> dict[str, Any]:
+    """The GPU runtimes scripts/setup.sh's CUDA branch installs, at its pins; what replaces what."""
+    extra = ["liger-kernel"] if profile == "full" else []
+    pins = _pins(constraints, [*GPU_BUILDS, *extra])
+    return {"cuda_major": CUDA_MAJOR, "swap": dict(GPU_BUILDS), "extra": extra,
+            "install": [f"{ORT_GPU}=={pins['onnxruntime']}"],
+            "install_no_deps": [f"{GPU_BUILDS['onnxruntime-genai']}=={pins['onnxruntime-genai']}",
+                                *(f"{name}=={pins[name]}" for name in extra)]}
+
+
+def _check_set_up(share: Path, profile: str) -> None:
     # the full profile exports GGUF with an importance matrix; the edge one serves (they travel anyway)
     tools = [share / "llama.cpp" / "bin" / name for name in LLAMA_TOOLS] if profile == "full" else []
     for need, what in ((share / "llama.cpp" / "convert_hf_to_gguf.py", "the GGUF converter"),
@@ -241,18 +513,54 @@ def build(kit_dir: Path, *, profile: str, checkout: Path, share: Path, cache: Pa
                        *((tool, f"llama.cpp's {tool.name}") for tool in tools)):
         if not need.exists():
             raise KitError(str(need), "set-up", f"{what} is missing: run `make setup` first")
-    wheels = kit_dir / "wheels"
+
+
+def _fetch_wheels(wheels: Path, *, python: str, checkout: Path, share: Path, llama_links: Path,
+                  profile: str, cuda: dict[str, Any] | None, say: Any) -> None:
+    """The appliance's and gguf-py's wheels, and every wheel of the profile (and of a cuda kit's GPU
+    runtimes), with pip; a source archive among them is refused."""
     wheels.mkdir(parents=True, exist_ok=True)
     pip = [python, "-m", "pip", "--disable-pip-version-check"]
+    constraints = checkout / "requirements" / "constraints.txt"
     _run([*pip, "wheel", "-q", "--no-deps", "-w", str(wheels), str(checkout)], say)
     _run([*pip, "wheel", "-q", "--no-deps", "-w", str(wheels), str(share / "llama.cpp" / "gguf-py")], say)
-    _run([*pip, "download", "-q", "--prefer-binary", "-d", str(wheels), "--find-links", str(wheels),
-          "--find-links", str(cache / "wheels"), "-c", str(checkout / "requirements" / "constraints.txt"),
-          f"appliance[{profile}]"], say)
+    get = [*pip, "download", "-q", "--prefer-binary", "-d", str(wheels), "--find-links", str(wheels),
+           "-c", str(constraints)]
+    # onnxruntime-gpu in the profile's resolve: its nvidia-* wheels are then the versions torch pins
+    # (resolved apart, pip takes the newest: a second cuDNN, CUDA runtime, ... the install never uses)
+    gpu = cuda["install"] if cuda else []
+    _run([*get, "--find-links", str(llama_links), f"appliance[{profile}]", *gpu], say)
+    if cuda:
+        _run([*get, "--no-deps", *cuda["install_no_deps"]], say)
     not_wheels = sorted(p.name for p in wheels.iterdir() if p.suffix != ".whl")
     if not_wheels:
         raise KitError(f"wheels/{not_wheels[0]}", "wheel", "is a source archive: the air-gapped box "
                        "has no compiler; pin a version with a wheel for this platform")
+
+
+def build(kit_dir: Path, *, profile: str, checkout: Path, share: Path, cache: Path,
+          accelerator: str = "cpu", python: str = sys.executable, say: Any = print) -> dict[str, Any]:
+    """Fill `kit_dir` (new or empty) with what `profile` needs on this Python and platform, then
+    write its manifest. Uses pip and the network: run it on a connected machine, after a set-up of
+    the kit's accelerator (a cuda kit: `APPLIANCE_ACCEL=cuda make setup` on a CUDA box)."""
+    if profile not in PROFILES:
+        raise KitError(profile, "profile", f"unknown profile; known: {', '.join(PROFILES)}")
+    if accelerator not in ACCELERATORS:
+        raise KitError(accelerator, "accelerator", f"unknown; known: {', '.join(ACCELERATORS)}")
+    kit_dir = Path(kit_dir)
+    if kit_dir.exists() and any(kit_dir.iterdir()):
+        raise KitError(str(kit_dir), "kit folder", "is not empty: give a new or empty folder")
+    _check_set_up(share, profile)
+    llama_links, setup = _llama_source(share, cache, accelerator)
+    constraints = checkout / "requirements" / "constraints.txt"
+    cuda = _cuda_runtimes_of(constraints, profile) if accelerator == "cuda" else None
+    wheels = kit_dir / "wheels"
+    _fetch_wheels(wheels, python=python, checkout=checkout, share=share, llama_links=llama_links,
+                  profile=profile, cuda=cuda, say=say)
+    if isinstance(setup.get("llama_cpp_wheel"), str) and setup["llama_cpp_wheel"]:
+        _check_llama_wheel(wheels, llama_links, setup["llama_cpp_wheel"], required=cuda is not None)
+    if cuda is not None and profile == "full":
+        _check_torch_cuda(wheels)
     shutil.copytree(share / "llama.cpp", kit_dir / "share" / "llama.cpp",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.copytree(share / "models", kit_dir / "share" / "models")
@@ -262,9 +570,13 @@ def build(kit_dir: Path, *, profile: str, checkout: Path, share: Path, cache: Pa
     version = _wheel_version(wheels)
     sizes = {"wheels": sum(p.stat().st_size for p in wheels.iterdir()),
              "share": sum(p.stat().st_size for p in (kit_dir / "share").rglob("*") if p.is_file())}
+    contents: dict[str, Any] = {"wheels": sorted(p.name for p in wheels.iterdir()), "bytes": sizes,
+                                "llama_tools": [f"share/llama.cpp/bin/{n}" for n in LLAMA_TOOLS]}
+    if cuda is not None:
+        contents["cuda"] = {"architectures": setup["cuda_architectures"],
+                            "llama_cpp_wheel": setup["llama_cpp_wheel"], **cuda}
     return write_manifest(kit_dir, profile=profile, target=Target.here(accelerator), version=version,
-                          contents={"wheels": sorted(p.name for p in wheels.iterdir()), "bytes": sizes,
-                                    "llama_tools": [f"share/llama.cpp/bin/{n}" for n in LLAMA_TOOLS]})
+                          contents=contents)
 
 
 def _wheel_version(wheels: Path) -> str:
@@ -286,12 +598,26 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--accelerator", choices=ACCELERATORS, default="cpu")
     b.add_argument("--share", type=Path, default=Path(sys.prefix) / "share" / "appliance",
                    help="what `make setup` installed (default: this environment's)")
-    b.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "appliance")
+    b.add_argument("--cache", type=Path,
+                   default=Path(os.environ.get("APPLIANCE_CACHE") or Path.home() / ".cache" / "appliance"))
+    a = sub.add_parser("accelerate", help="give the installed runtimes the kit's accelerator "
+                       "(the installer calls it after pip)")
+    a.add_argument("dir", type=Path)
+    a.add_argument("python", help="the environment's Python")
     r = sub.add_parser("record", help="note an install from a kit (the installer calls it)")
     r.add_argument("dir", type=Path)
     r.add_argument("share", type=Path)
     r.add_argument("--previous")
     args = parser.parse_args(argv)
+    if args.command == "accelerate":
+        try:
+            done = accelerate(args.dir, args.python)
+        except (KitError, subprocess.CalledProcessError) as exc:
+            print(f"kit runtimes not installed: {exc}", file=sys.stderr)
+            return 2
+        accelerator = read_manifest(args.dir)["target"].get("accelerator")
+        print(f"runtimes: {accelerator}" + ("" if done else " (nothing to swap)"))
+        return 0
     if args.command == "record":
         entry = record(args.dir, args.share, args.previous)
         print(f"recorded: appliance {entry['appliance_version']} ({entry['profile']} profile)"

@@ -87,6 +87,8 @@ if [ -n "$KIT" ]; then
   say "installing the $PROFILE profile from the kit (no index, no network)"
   PIP_CONFIG_FILE=/dev/null "$VENV/bin/python" -m pip install -q --no-index --no-cache-dir \
     --disable-pip-version-check --find-links "$KIT/wheels" --upgrade "appliance[$PROFILE]"
+  # a cuda kit swaps in the GPU runtimes it carries (kit.json says which), as install.sh does
+  "$VENV/bin/python" -I appliance/kit.py accelerate "$KIT" "$VENV/bin/python"
   mkdir -p "$SHARE"
   cp -R "$KIT/share/." "$SHARE/"
   chmod +x "$SHARE"/llama.cpp/bin/llama-* 2>/dev/null || true  # a kit copied through a stick may lose it
