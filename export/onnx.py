@@ -19,6 +19,11 @@ returning logits and present.N.key/value), then, per precision:
   keeps its output matrix at 6 bits) and either a measured layout (`keep_8bit`: the matrices most
   sensitive per byte on the run's data, `export.sensitivity`, chosen by the export stage) or the
   fixed list (`INT4_KEEP_8BIT`) at the same bytes;
+- int4-cuda: what a T4 serves. The same int4 MatMulNBits quantization and 8-bit layout, applied to the
+  fp16 graph genai's builder makes (q, k and v kept as separate MatMuls, so that a layout can keep one
+  of them at 8 bits): fp16 activations, GroupQueryAttention, served by genai's generator on CUDA.
+  It runs on the CPU too (the parity gate and eval score it there), only slower than `int4`, which
+  is the CPU's. Needs onnxruntime-genai and an architecture its builder knows; else refused;
 - int8: the same with 8-bit weights everywhere. Not `quantize_dynamic`: its per-tensor uint8
   activations wrecked SmolLM2 (mean KL to fp32 0.59, worse than int4's 0.33; 8-bit MatMulNBits 0.006).
 Tied embeddings export as `MatMul(x, Transpose(embedding))`, which the quantizer skips (its B is not
@@ -52,8 +57,9 @@ from appliance.errors import ApplianceError, RefusedError, ValidationError
 
 LineSink = Callable[[str], None]  # where progress lines go, one call per line
 
-PRECISIONS = ("fp32", "fp16", "int4", "int8")
+PRECISIONS = ("fp32", "fp16", "int4", "int8", "int4-cuda")
 QUANTIZED = ("int4", "int8")
+INT4_CUDA = "int4-cuda"
 TASK = "text-generation-with-past"
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx_data"
@@ -82,13 +88,22 @@ def _quiet(_: str) -> None:
 
 # -- export -----------------------------------------------------------------------------------
 def export_onnx(model_dir: Path, out_dir: Path, precision: str,
-                progress: LineSink | None = None) -> dict[str, Any]:
-    """Export the HF folder `model_dir` to an ONNX folder `out_dir`; returns what was written."""
+                progress: LineSink | None = None, keep_8bit_modules: Collection[str] | None = None
+                ) -> dict[str, Any]:
+    """Export the HF folder `model_dir` to an ONNX folder `out_dir`; returns what was written.
+    int4-cuda: `keep_8bit_modules` names the torch modules kept at 8 bits ("lm_head",
+    "model.layers.3.self_attn.v_proj": a measured layout, `unit_module` of the fp32 export's
+    MatMuls); None keeps the fixed list."""
     _check_precision(precision, PRECISIONS)
     model_dir = Path(model_dir).resolve()
     _check_source(model_dir)
-    return _staged(Path(out_dir), precision, progress or _quiet, f"exporting {model_dir} to ONNX",
-                   lambda staging, say: _build(model_dir, staging, precision, say))
+
+    def build(staging: Path, say: LineSink) -> dict[str, Any] | None:
+        if precision == INT4_CUDA:
+            return _int4_cuda(model_dir, staging, say, keep_8bit_modules)
+        return _build(model_dir, staging, precision, say)
+
+    return _staged(Path(out_dir), precision, progress or _quiet, f"exporting {model_dir} to ONNX", build)
 
 
 def quantize_onnx(fp32_dir: Path, out_dir: Path, precision: str,
@@ -210,19 +225,67 @@ def _build(model_dir: Path, staging: Path, precision: str, say: LineSink) -> dic
     return details
 
 
-def _genai_build(model_dir: Path, staging: Path, say: LineSink) -> bool:
+def _int4_cuda(model_dir: Path, staging: Path, say: LineSink,
+               keep_modules: Collection[str] | None) -> dict[str, Any]:
+    """genai's fp16 graph (separate q/k/v), then int4 with the 8-bit layout mapped onto its MatMuls."""
+    raw = staging / "raw"
+    raw.mkdir()
+    if not _genai_build(model_dir, raw, say, extra_options="disable_qkv_fusion=true",
+                        fallback="refusing int4-cuda"):
+        raise RefusedError(f"int4-cuda is built on onnxruntime-genai's fp16 graph, which cannot be made "
+                           f"for {model_dir.name} here (see the line above)", title=TITLE,
+                           hint="export int4 (the CPU's int4, which CUDA runs too, slower) or fp16")
+    keep = None
+    if keep_modules is not None:
+        import onnx
+
+        names = [n.name for n in _weight_matmuls(onnx.load(str(raw / MODEL_FILE), load_external_data=False))]
+        keep = genai_nodes(names, keep_modules)
+    details = _quantize(raw, staging, "int4", say, keep)
+    os.rename(raw / GENAI_CONFIG, staging / GENAI_CONFIG)
+    shutil.rmtree(raw)
+    _copy_side_files(model_dir, staging, say)
+    return {**details, "activations": "fp16", "qkv": "separate"}
+
+
+def layer_key(module: str) -> tuple[int | None, str]:
+    """(decoder layer, projection) of a module path, whatever the graph calls the blocks between:
+    'model.layers.3.self_attn.v_proj' (optimum, torch) and 'model.layers.3.attn.v_proj' (genai)
+    -> (3, 'v_proj'); 'lm_head' -> (None, 'lm_head')."""
+    parts = module.split(".")
+    layer = next((int(parts[i + 1]) for i, p in enumerate(parts[:-1])
+                  if p == "layers" and parts[i + 1].isdigit()), None)
+    return layer, parts[-1]
+
+
+def genai_nodes(names: Collection[str], modules: Collection[str]) -> list[str]:
+    """The MatMuls of a genai graph (`names`) that compute the torch `modules`; a module with no such
+    MatMul is refused (a layout measured on another architecture)."""
+    by_key = {layer_key(unit_module(n)): n for n in names}
+    missing = sorted(m for m in modules if layer_key(m) not in by_key)
+    if missing:
+        raise ApplianceError(f"the int4 layout names {len(missing)} module(s) the genai graph has no MatMul "
+                             f"for, e.g. {missing[0]!r}", title=TITLE,
+                             hint="export with --calibrate off, or export int4 (the optimum graph)")
+    wanted = {layer_key(m) for m in modules}
+    return [n for n in names if layer_key(unit_module(n)) in wanted]
+
+
+def _genai_build(model_dir: Path, staging: Path, say: LineSink, extra_options: str | None = None,
+                 fallback: str = "exporting with optimum instead (slower on CUDA)") -> bool:
     """fp16 for CUDA through onnxruntime-genai's model builder, in a child process (it imports torch
     and transformers; offline variables set, a local folder only). False, with a line saying why,
     when genai is not installed or its builder does not know the architecture."""
     import importlib.util
 
     if importlib.util.find_spec("onnxruntime_genai") is None:
-        say("onnxruntime-genai is not installed: exporting with optimum instead (slower on CUDA)")
+        say(f"onnxruntime-genai is not installed: {fallback}")
         return False
     say(f"building {model_dir.name} as an fp16 graph for CUDA (onnxruntime-genai's model builder)")
     cache = staging / ".builder-cache"
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(staging),
-           "-p", "fp16", "-e", "cuda", "-c", str(cache)]
+           "-p", "fp16", "-e", "cuda", "-c", str(cache),
+           *(["--extra_options", extra_options] if extra_options else [])]
     code, tail = _run_builder(cmd, say)
     shutil.rmtree(cache, ignore_errors=True)
     if code == 0 and (staging / MODEL_FILE).is_file() and (staging / GENAI_CONFIG).is_file():
@@ -233,8 +296,7 @@ def _genai_build(model_dir: Path, staging: Path, say: LineSink) -> bool:
     for leftover in staging.iterdir():
         shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     if "not currently supported" in said or "is not supported" in said:
-        say("onnxruntime-genai's builder does not know this architecture: exporting with optimum "
-            "instead (slower on CUDA)")
+        say(f"onnxruntime-genai's builder does not know this architecture: {fallback}")
         return False
     raise ApplianceError(f"onnxruntime-genai's model builder failed on {model_dir} (exit {code}): "
                          + (tail[-1] if tail else "no output"), title=TITLE,

@@ -255,7 +255,8 @@ def register(sub: Any) -> None:
             ("gguf", "--quant", ",".join(DEFAULT_TYPES["gguf"]), "llama.cpp types, comma-separated "
              f"({', '.join(GGUF_OFFERED)}, ...)"),
             ("onnx", "--precision", ",".join(DEFAULT_TYPES["onnx"]),
-             f"comma-separated: {', '.join(ONNX_PRECISIONS)} (fp16 on CUDA)")):
+             f"comma-separated: {', '.join(ONNX_PRECISIONS)} (fp16 and int4-cuda for CUDA GPUs; "
+             "int4 for the CPU)")):
         p = esub.add_parser(fmt, help=f"export to {fmt.upper()}")
         complete(p.add_argument("run"), names("run"))
         p.add_argument(option, default=default, help=text)

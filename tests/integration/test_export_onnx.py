@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from appliance import manifest
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, RefusedError
 from appliance.workspace import ArtifactRecord
 from export.onnx import TITLE, OnnxLM, export_onnx, quantize_onnx
+from tests.conftest import TINY_SHAPE
 from tests.tmpdirs import ModuleTemp
 
 pytestmark = pytest.mark.integration
@@ -200,6 +201,55 @@ def test_fp16_falls_back_to_optimum_for_an_architecture_the_builder_does_not_kno
     with pytest.raises(ApplianceError, match=r"model builder failed .*exit 1.*Killed"):
         export_onnx(tiny_llama_source, tmp_path / "fp16-b", "fp16")
     assert not (tmp_path / "fp16-b").exists() and not list(tmp_path.glob(".fp16-b*"))
+
+
+def _bits(folder: Path) -> dict[str, int]:
+    import onnx
+
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    return {n.name.rsplit("_Q", 1)[0]: next(a.i for a in n.attribute if a.name == "bits")
+            for n in graph.node if n.op_type == "MatMulNBits"}
+
+
+def test_int4_cuda_is_genai_s_graph_in_int4_with_the_layout_s_modules_at_8_bits(
+        tiny: dict, tiny_llama_source: Path, tmp_path: Path) -> None:
+    """The CUDA int4: genai's fp16 graph (GroupQueryAttention, fp16 cache) with q/k/v separate, so
+    a measured layout's modules map one to one onto its MatMuls; it runs on the CPU (the gate's
+    scoring) close to the fp32 export, with the same greedy tokens as without a cache."""
+    import onnx
+
+    keep = ["lm_head", "model.layers.1.self_attn.k_proj"]
+    folder = tmp_path / "int4-cuda"
+    info = export_onnx(tiny_llama_source, folder, "int4-cuda", keep_8bit_modules=keep)
+    assert info["graph"] == "onnxruntime-genai builder" and info["kv_dtype"] == "FLOAT16"
+    assert "genai_config.json" in info["files"] and "GroupQueryAttention" in {
+        n.op_type for n in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node}
+    quant = info["quantization"]
+    assert (quant["layout"], quant["eight_bit"], quant["activations"]) == ("measured", 2, "fp16")
+    bits = _bits(folder)
+    assert not [n for n in bits if "qkv" in n] and len(bits) == 7 * TINY_SHAPE["num_hidden_layers"] + 1
+    assert {n for n, b in bits.items() if b == 8} == {"/lm_head/MatMul", "/model/layers.1/attn/k_proj/MatMul"}
+    assert set(bits.values()) == {4, 8}
+    lm = OnnxLM(folder)
+    reference = OnnxLM(tiny["llama-fp32"][0]).logits(IDS)
+    assert np.abs(lm.logits(IDS).astype(np.float32) - reference).max() < 0.3
+    assert lm.generate(IDS, 4, []) == _greedy_without_cache(lm, IDS, 4)
+    fixed = export_onnx(tiny_llama_source, tmp_path / "fixed", "int4-cuda")
+    assert fixed["quantization"]["layout"] == "fixed"
+    assert {n.split("/")[-2] for n, b in _bits(tmp_path / "fixed").items() if b == 8} == {
+        "v_proj", "down_proj", "lm_head"}
+
+
+def test_int4_cuda_refuses_a_layout_of_other_modules_and_an_architecture_genai_lacks(
+        tiny_llama_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ApplianceError, match=r"no MatMul for, e\.g\. 'model\.layers\.9\.mlp\.up_proj'"):
+        export_onnx(tiny_llama_source, tmp_path / "a", "int4-cuda",
+                    keep_8bit_modules=["model.layers.9.mlp.up_proj"])
+    monkeypatch.setattr("export.onnx._run_builder", lambda cmd, say: (
+        1, ["NotImplementedError: The FooForCausalLM model is not currently supported."]))
+    with pytest.raises(RefusedError, match="int4-cuda is built on onnxruntime-genai's fp16 graph"):
+        export_onnx(tiny_llama_source, tmp_path / "b", "int4-cuda")
+    assert not list(tmp_path.iterdir())  # nothing left behind, staging included
 
 
 def test_external_data_is_one_file_beside_the_graph(tmp_path: Path, tiny_llama_source: Path,

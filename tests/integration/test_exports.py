@@ -8,6 +8,7 @@ import errno
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -246,6 +247,39 @@ def test_int4_keeps_the_weights_measured_most_sensitive_and_loses_less(smol_run:
     assert measured["ppl_increase"] <= strict["ppl_increase"] and measured["kl"] <= strict["kl"]
     assert verify(smol_run, fixed_record.name, overrides=strict)["passed"] is False
     smol_run.remove("export", fixed_record.name)  # the next tests make the default one again
+
+
+def test_int4_cuda_is_genai_s_graph_with_the_same_measured_layout_and_passes(smol_run: Workspace) -> None:
+    """The CUDA int4 (issue 16): genai's fp16 graph quantized with the layout measured for the job
+    (the same modules at 8 bits as the CPU's int4), gated on the CPU, and it answers and stops."""
+    from appliance.stages.export import layout
+    from export.onnx import OnnxLM, layer_key, unit_module
+
+    scratch = smol_run.root / "scratch"
+    (int4,) = convert.export_onnx(smol_run, "run", ["int4"], scratch=scratch)
+    (record,) = convert.export_onnx(smol_run, "run", ["int4-cuda"], scratch=scratch)
+    assert manifest.read(record.path)["info"]["calibration"]["used"] is True
+    details = json.loads((record.path / "onnx_export.json").read_text())
+    assert details["graph"] == "onnxruntime-genai builder" and details["kv_dtype"] == "FLOAT16"
+    assert details["quantization"]["layout"] == "measured"
+    kept = json.loads((int4.path / layout.LAYOUT_FILE).read_text())["eight_bit"]
+    graph = onnx_graph(record.path / "onnx")
+    eight = {n.name.rsplit("_Q", 1)[0] for n in graph.node if n.op_type == "MatMulNBits"
+             and next(a.i for a in n.attribute if a.name == "bits") == 8}
+    assert {layer_key(unit_module(n)) for n in eight} == {layer_key(unit_module(n)) for n in kept}
+    row = json.loads((record.path / "parity.json").read_text())["artifacts"][0]
+    assert row["kind"] == "int4-cuda" and row["passed"] is True and record.status == "ready", row
+    lm = OnnxLM(record.path / "onnx")
+    out = lm.generate(lm.tokenize("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+                                  "<|im_start|>assistant\n"), 40, lm.stop_ids)
+    assert 0 < len(out) < 40
+    smol_run.remove("export", record.name)
+
+
+def onnx_graph(folder: Path) -> Any:
+    import onnx
+
+    return onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
 
 
 def test_below_six_bits_the_gguf_uses_an_imatrix_of_the_runs_training_chats(

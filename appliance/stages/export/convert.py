@@ -196,7 +196,7 @@ def export_onnx(ws: Workspace, run: str, precisions: list[str], *, scratch: Path
     plan = layout.Layout(ws, run, calibrate, scratch, job.stages, report)
 
     def same(name: str, precision: str, found: ArtifactRecord) -> None:
-        if precision != "int4":
+        if precision not in ("int4", onnx.INT4_CUDA):
             return
         why = layout.existing_mismatch(manifest.read(found.path).get("info") or {},
                                        calibrate == layout.AUTO)
@@ -227,11 +227,16 @@ def _one_onnx(job: _Export, precision: str, scratch: Path, plan: layout.Layout) 
             _fp32_graph(job, fp32)
             keep = None
             if precision == "int4":
-                keep, info["calibration"] = plan.get(fp32, job.merged)
-                plan.write_beside(w.path)
+                keep, info["calibration"] = _int4_layout(job, scratch, plan, w.path)
             job.stages.emit("quantize", f"quantizing the ONNX graph to {precision}")
             details = onnx.quantize_onnx(fp32, target, precision, progress=job.report.log,
                                          keep_8bit=keep)
+        elif precision == onnx.INT4_CUDA:  # genai's fp16 graph, with the layout measured on the fp32 one
+            keep, info["calibration"] = _int4_layout(job, scratch, plan, w.path)
+            job.stages.emit("export-onnx", "building the int4-cuda ONNX graph")
+            details = onnx.export_onnx(job.merged.path, target, precision, progress=job.report.log,
+                                       keep_8bit_modules=None if keep is None else
+                                       [onnx.unit_module(n) for n in keep])
         else:
             job.stages.emit("export-onnx", f"exporting the {precision} ONNX graph")
             details = onnx.export_onnx(job.merged.path, target, precision, progress=job.report.log)
@@ -243,6 +248,17 @@ def _one_onnx(job: _Export, precision: str, scratch: Path, plan: layout.Layout) 
                          **({"calibrated": bool(info["calibration"].get("used"))} if info else {})},
                         info=info or None)
     return job.ws.get("export", name)
+
+
+def _int4_layout(job: _Export, scratch: Path, plan: layout.Layout, beside: Path
+                 ) -> tuple[list[str] | None, dict[str, Any]]:
+    """The 8-bit layout (MatMul names of the fp32 graph, None for the fixed one), measured once a job."""
+    fp32 = scratch / "onnx-fp32"
+    if plan.choice != layout.OFF:
+        _fp32_graph(job, fp32)  # the layout is measured against its MatMuls
+    keep, calibration = plan.get(fp32, job.merged)
+    plan.write_beside(beside)
+    return keep, calibration
 
 
 # -- each artifact, made or reused ---------------------------------------------------------------

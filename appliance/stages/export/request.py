@@ -17,7 +17,8 @@ from typing import Any, ClassVar
 FORMATS = ("gguf", "onnx")
 PLAN = "plan"  # both formats in one job (`export plan`): GGUF types first, then ONNX precisions
 GGUF_OFFERED = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")  # ticked in the TUI; any llama.cpp type goes
-ONNX_PRECISIONS = ("fp32", "fp16", "int8", "int4")  # export/onnx.py makes each (a test keeps them equal)
+# export/onnx.py makes each (a test keeps them equal); fp16 and int4-cuda are the CUDA ones
+ONNX_PRECISIONS = ("fp32", "fp16", "int8", "int4", "int4-cuda")
 DEFAULT_TYPES: Mapping[str, tuple[str, ...]] = {"gguf": ("Q8_0", "Q4_K_M"), "onnx": ("int4",)}
 # `export plan`: the candidates a CPU or T4-class box serves, from lossless-ish to 4 bits
 PLAN_TYPES: Mapping[str, tuple[str, ...]] = {"gguf": ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M"),

@@ -48,6 +48,7 @@ THRESHOLDS: dict[str, Threshold] = {
     "q8_0": Threshold(0.02, 0.02, 0.90), "int8": Threshold(0.02, 0.03, 0.90),
     "q6_k": Threshold(0.03, 0.04, 0.88), "q5_k_m": Threshold(0.04, 0.07, 0.85),
     "q4_k_m": Threshold(0.06, 0.12, 0.80), "int4": Threshold(0.18, 0.18, 0.75),
+    "int4-cuda": Threshold(0.18, 0.18, 0.75),  # int4 weights on fp16 activations
     "adapter": Threshold(0.02, 0.05, 0.90),
 }
 FALLBACK = Threshold(0.10, 0.25, 0.75)  # other llama.cpp types (IQ*, Q3_K, ...): loose
