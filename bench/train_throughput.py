@@ -265,6 +265,7 @@ def max_seq_row(engine: str, shape: str) -> dict:
     path = build(shape)
     step = make_step(engine, path, shape)
     peaks: dict[int, float] = {}
+    reserved: dict[int, float] = {}  # what the allocator held: closer to what a 16 GB card must have
     for seq in MAX_SEQS:
         x = torch.randint(0, SHAPES[shape][0]["vocab_size"], (1, seq), device="cuda")
         torch.cuda.reset_peak_memory_stats()
@@ -274,10 +275,12 @@ def max_seq_row(engine: str, shape: str) -> dict:
         except torch.cuda.OutOfMemoryError:
             break
         peaks[seq] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        reserved[seq] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
         if peaks[seq] > T4_BUDGET_GIB:
             break
     fitting = [s for s, p in peaks.items() if p <= T4_BUDGET_GIB]
-    return {"engine": engine, "shape": shape, "peaks_gib": peaks, "settings": settings(engine),
+    return {"engine": engine, "shape": shape, "peaks_gib": peaks, "reserved_gib": reserved,
+            "settings": settings(engine),
             "max_seq_under_15gib": max(fitting, default=0)}
 
 
@@ -346,7 +349,8 @@ def main() -> None:
             continue
         if args.max_seq:
             print(f"{shape:8} {engine:9} largest batch-1 sequence under {T4_BUDGET_GIB} GiB: "
-                  f"{r['max_seq_under_15gib']}  (peaks {r['peaks_gib']})", flush=True)
+                  f"{r['max_seq_under_15gib']}  (peaks {r['peaks_gib']}; reserved {r['reserved_gib']})",
+                  flush=True)
             continue
         print(f"{shape:8} {engine:9} {r['tokens_per_s']:>7} tokens/s  {r['peak_gib']:6.2f} GiB  "
               f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}", flush=True)
