@@ -9,6 +9,7 @@ the whole as JSON.
 Engines (`--engines`, comma-separated): baseline, liger (when liger-kernel is installed), ours
 (the product's engine: with Liger's RoPE/RMSNorm/SwiGLU when liger-kernel is installed, as the
 product trains; FUSED_KERNELS=off for without), ours-offload (the same with offload_activations),
+ours-compiled (bench only: each decoder layer one torch.compile region, as Unsloth compiles them),
 graphed (ours with forward + backward replayed as one CUDA graph: appliance/stages/train/graphed.py),
 unsloth (when unsloth is installed: the same folder, LoRA shape and optimizer). `--repeat N` runs
 every row N times, engines interleaved, and reports the median run with the spread.
@@ -99,7 +100,7 @@ def baseline_step(path: str, liger: bool):
     return step
 
 
-def ours_step(path: str, offload: bool = False):
+def ours_step(path: str, offload: bool = False, compile_layers: bool = False):
     import torch
 
     from appliance.stages.train.config import validate
@@ -114,6 +115,9 @@ def ours_step(path: str, offload: bool = False):
     fp16 = os.environ.get("OURS_DTYPE") == "fp16"  # a T4's compute dtype, with loss scaling
     model = load_model(Path(path), cfg, "cuda", torch.float16 if fp16 else torch.bfloat16)
     print(f"ours: {model.appliance_kernels}", file=sys.stderr, flush=True)
+    if compile_layers:  # bench only: each decoder layer one torch.compile region, as Unsloth does
+        for layer in model.get_base_model().model.layers:
+            layer.compile(dynamic=False)
     model.train()
     opt = make_optimizer(model, cfg, "cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
@@ -200,8 +204,8 @@ def unsloth_first(engine: str) -> None:
 
 
 def make_step(engine: str, path: str, shape: str):
-    if engine in ("ours", "ours-offload"):
-        return ours_step(path, offload=engine == "ours-offload")
+    if engine in ("ours", "ours-offload", "ours-compiled"):
+        return ours_step(path, offload=engine == "ours-offload", compile_layers=engine == "ours-compiled")
     if engine == "graphed":
         return graphed_step(path, shape)
     if engine == "unsloth":
@@ -247,7 +251,7 @@ def run_row(engine: str, shape: str) -> dict:
 
 def settings(engine: str) -> dict:
     """What the environment changed for our rows (the product's defaults otherwise)."""
-    if engine not in ("ours", "ours-offload", "graphed"):
+    if engine not in ("ours", "ours-offload", "ours-compiled", "graphed"):
         return {}
     keys = ("FUSED_KERNELS", "OURS_DROPOUT", "OURS_DTYPE", "OURS_OPTIMIZER", "GRAPHED_UNPACK")
     return {k: os.environ[k] for k in keys if k in os.environ}
@@ -376,7 +380,7 @@ def main() -> None:
                 print(f"{shape}: ours/liger speed {o['tokens_per_s'] / g['tokens_per_s']:.2f}x, "
                       f"memory {o['peak_gib'] / g['peak_gib']:.2f}x")
         for ref in ("unsloth", "baseline"):
-            for engine in ("ours", "ours-offload", "graphed"):
+            for engine in ("ours", "ours-offload", "ours-compiled", "graphed"):
                 if ref in by and engine in by:
                     o, u = by[engine], by[ref]
                     print(f"{shape}: {engine}/{ref} speed {o['tokens_per_s'] / u['tokens_per_s']:.2f}x "
