@@ -7,7 +7,8 @@ metadata, an ONNX folder's config.json), so `appliance exports fit` answers in m
 with no GPU too ("would it fit a 16 GB T4?"), and `serve` places models before it opens them:
 
     weights   every tensor on the device (the file's bytes: all layers are offloaded)
-    kv cache  layers x context x kv-heads x (key + value width) x 2 bytes (an f16 cache)
+    kv cache  layers x context x kv-heads x (key + value width) x 2 bytes (an f16 cache; 4 for an
+              ONNX graph whose cache is fp32: optimum's fp32, int8 and int4 exports)
     scratch   the runtime's compute buffer for one batch of `UBATCH` tokens: the logits
               (vocabulary x batch x 4) and, without flash attention, the attention scores
               (heads x context x batch x 4), plus the MLP's activations
@@ -77,8 +78,8 @@ def _mib(n: int) -> float:
     return round(n / MIB, 1)
 
 
-def estimate(name: str, shape: Shape, weights: int, context: int) -> Footprint:
-    kv = shape.layers * context * shape.kv_heads * (shape.key_width + shape.value_width) * KV_BYTES
+def estimate(name: str, shape: Shape, weights: int, context: int, kv_bytes: int = KV_BYTES) -> Footprint:
+    kv = shape.layers * context * shape.kv_heads * (shape.key_width + shape.value_width) * kv_bytes
     batch = min(UBATCH, context)
     scores = shape.heads * context * batch * 4
     logits = shape.vocab * batch * 4
@@ -140,6 +141,22 @@ def onnx_shape(folder: Path) -> Shape:
                  vocab=num("vocab_size"))
 
 
+def onnx_kv_bytes(folder: Path) -> int:
+    """Bytes per cached key/value element of an ONNX export: what the export recorded beside the
+    folder (`onnx_export.json`'s kv_dtype), else 2 for genai's builder graph (its cache is fp16), else
+    4: optimum's graphs keep an fp32 cache but for fp16, and an unknown folder is counted high."""
+    try:
+        details = json.loads((folder.parent / "onnx_export.json").read_text(encoding="utf-8"))
+        recorded = details.get("kv_dtype")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded in ("FLOAT16", "BFLOAT16"):
+        return 2
+    if recorded == "FLOAT":
+        return 4
+    return 2 if (folder / "genai_config.json").is_file() else 4
+
+
 def onnx_weights(folder: Path) -> int:
     """Bytes of the graph and its external data (what onnxruntime puts on the device)."""
     return sum(f.stat().st_size for f in folder.iterdir()
@@ -153,7 +170,7 @@ def footprint(kind: str, path: Path, name: str, context: int) -> Footprint:
     if kind == "gguf":
         return estimate(name, gguf_shape(path), path.stat().st_size, context)
     if kind == "onnx":
-        return estimate(name, onnx_shape(path), onnx_weights(path), context)
+        return estimate(name, onnx_shape(path), onnx_weights(path), context, onnx_kv_bytes(path))
     raise ValidationError(f"unknown artifact kind {kind!r}", hint="gguf or onnx")
 
 

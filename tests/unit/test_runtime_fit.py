@@ -77,11 +77,28 @@ def test_the_onnx_shape_comes_from_config_json(tmp_path: Path) -> None:
     (tmp_path / "tokenizer.json").write_bytes(b"x" * 9999)  # not on the device
     f = fit.footprint("onnx", tmp_path, "o", 100)
     assert f.weights == 6000
-    assert f.kv_cache == 30 * 100 * 3 * (64 + 64) * 2
+    assert f.kv_cache == 30 * 100 * 3 * (64 + 64) * 4  # an unknown cache type is counted as fp32
     assert fit.default_context("onnx", tmp_path) == 8192
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValidationError, match="hidden_size is missing"):
         fit.onnx_shape(tmp_path)
+
+
+def test_the_onnx_cache_is_counted_in_the_type_the_export_keeps(tmp_path: Path) -> None:
+    """optimum's fp32/int8/int4 graphs keep an fp32 cache (4 bytes an element), fp16 and genai's
+    graphs an fp16 one: what the export recorded beside the folder, else genai's config, else 4."""
+    folder = tmp_path / "onnx"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "hidden_size": 64, "intermediate_size": 128, "vocab_size": 100}))
+    per_element = 2 * 32 * 2 * (16 + 16)  # layers x context x kv heads x (key + value width)
+    assert fit.footprint("onnx", folder, "o", 32).kv_cache == per_element * 4
+    (folder / "genai_config.json").write_text("{}")
+    assert fit.footprint("onnx", folder, "o", 32).kv_cache == per_element * 2
+    for recorded, size in (("FLOAT", 4), ("FLOAT16", 2)):
+        (tmp_path / "onnx_export.json").write_text(json.dumps({"kv_dtype": recorded}))
+        assert fit.footprint("onnx", folder, "o", 32).kv_cache == per_element * size
 
 
 def test_a_genai_built_onnx_folder_takes_a_capped_context_unasked(tmp_path: Path) -> None:
