@@ -295,11 +295,13 @@ class EngineBase:
             finally:
                 tokens.close()
             rest = "" if stops.stopped else stops.push(tail()) + stops.flush()
-            if rest:
-                yield Delta(rest, -1)
-            yield Done(reason, len(ids), count)
         finally:
+            # free before the last items: a consumer that answers on Done (the server) and then
+            # gets the next request must find the engine idle, not still held by this generator
             self._busy.release()
+        if rest:
+            yield Delta(rest, -1)
+        yield Done(reason, len(ids), count)
 
 
 def default_threads() -> int:

@@ -131,6 +131,17 @@ def test_one_generation_at_a_time() -> None:
     assert _collect(engine.generate(HI, GREEDY))[0] == "The answer"
 
 
+def test_the_engine_is_free_once_its_tokens_end_before_done_is_taken() -> None:
+    """The server answers on Done and may get the next request before it pulls the generator past
+    Done: by then the engine must be idle (a race a loaded test box hit as BusyError)."""
+    engine = ScriptedEngine([10, 11, 2])
+    first = engine.generate(HI, GREEDY)
+    items = []
+    while not items or not isinstance(items[-1], Done):
+        items.append(next(first))
+    assert _collect(engine.generate(HI, GREEDY))[0] == "The answer"  # first is not yet exhausted
+
+
 def test_default_threads_leave_cores_free() -> None:
     import os
 
