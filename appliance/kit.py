@@ -150,13 +150,25 @@ class Gpu:
     count: int
     cuda: tuple[int, int] | None = None
     smi: str | None = None  # the nvidia-smi found on PATH, None where there is none
+    hung: bool = False      # it did not answer within SMI_TIMEOUT (a driver in trouble)
 
 
-def _output(cmd: list[str]) -> str:
+SMI_TIMEOUT = 20.0
+
+
+def _output(cmd: list[str]) -> str | None:
+    """The command's output; None when it does not finish in SMI_TIMEOUT s. A process stuck in the
+    kernel (a hung driver) may not even die when killed: it is left, never waited for."""
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    except OSError:
         return ""
+    try:
+        out, _ = proc.communicate(timeout=SMI_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return None
+    return out
 
 
 def probe_gpu() -> Gpu:
@@ -165,8 +177,14 @@ def probe_gpu() -> Gpu:
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return Gpu(0)
-    count = sum(line.startswith("GPU ") for line in _output([smi, "-L"]).splitlines())
-    found = re.search(r"CUDA Version:\s*(\d+)\.(\d+)", _output([smi]))
+    listing = _output([smi, "-L"])
+    if listing is None:
+        return Gpu(0, smi=smi, hung=True)
+    count = sum(line.startswith("GPU ") for line in listing.splitlines())
+    header = _output([smi]) if count else ""
+    if header is None:
+        return Gpu(count, smi=smi, hung=True)
+    found = re.search(r"CUDA Version:\s*(\d+)\.(\d+)", header)
     return Gpu(count, (int(found[1]), int(found[2])) if found else None, smi)
 
 
@@ -193,6 +211,10 @@ def _check_gpu(manifest: dict[str, Any], gpu: Gpu) -> None:
     need = _cuda_section(manifest).get("cuda_major")
     need = need if isinstance(need, int) else CUDA_MAJOR
     cpu_kit = "install from a cpu kit instead (`kit build --accelerator cpu` on a connected machine)"
+    if gpu.hung:
+        raise KitError(MANIFEST, "accelerator", f"the kit is for CUDA, and `{gpu.smi}` did not answer in "
+                       f"{SMI_TIMEOUT:.0f} s: check the NVIDIA driver (`nvidia-smi` must answer), then "
+                       "install again")
     if gpu.count == 0:
         where = "there is no nvidia-smi" if gpu.smi is None else f"`{gpu.smi} -L` lists no GPU"
         raise KitError(MANIFEST, "accelerator", f"the kit is for CUDA, but this box has no NVIDIA GPU "
@@ -222,7 +244,7 @@ def _check_target(manifest: dict[str, Any], here: Target, profile: str | None) -
 
 
 def verify(kit_dir: Path, *, here: Target | None = None, profile: str | None = None,
-           gpu: Callable[[], Gpu] = probe_gpu) -> dict[str, Any]:
+           gpu: Callable[[], Gpu] | None = probe_gpu) -> dict[str, Any]:
     """The kit's manifest, once every check passed; else a KitError naming the file and check.
 
     Order: the manifest, the target (a kit for another Python is refused before hashing 2 GB; a
@@ -231,7 +253,7 @@ def verify(kit_dir: Path, *, here: Target | None = None, profile: str | None = N
     kit_dir = Path(kit_dir)
     manifest = read_manifest(kit_dir)
     _check_target(manifest, here or Target.here(manifest["target"].get("accelerator", "cpu")), profile)
-    if manifest["target"].get("accelerator") == "cuda":
+    if manifest["target"].get("accelerator") == "cuda" and gpu is not None:  # None: a copy station
         _check_gpu(manifest, gpu())
     listed: dict[str, dict[str, Any]] = manifest["files"]
     for rel, entry in listed.items():
@@ -283,22 +305,28 @@ echo "installed: $VENV/bin/appliance ($PROFILE profile)"
 _INSTALLED = """import importlib.metadata as m, sys
 for name in sys.argv[1:]:
     try:
-        m.version(name)
-        print(name)
+        print(name, m.version(name))
     except m.PackageNotFoundError:
         pass
 """
 
 
-def installed_packages(python: str, names: list[str]) -> set[str]:
-    """Which of `names` are installed in `python`'s environment (all of them, if it cannot tell:
-    uninstalling one that is not there only makes pip warn)."""
+def installed_versions(python: str, names: list[str]) -> dict[str, str] | None:
+    """The versions of those of `names` installed in `python`'s environment; None if it cannot tell."""
     try:
         out = subprocess.run([python, "-I", "-c", _INSTALLED, *names], capture_output=True, text=True,
                              check=True, timeout=120).stdout
     except (OSError, subprocess.SubprocessError):
-        return set(names)
-    return set(out.split()) & set(names)
+        return None
+    found = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+    return {name: found[name] for name in names if name in found}
+
+
+def installed_packages(python: str, names: list[str]) -> set[str]:
+    """Which of `names` are installed in `python`'s environment (all of them, if it cannot tell:
+    uninstalling one that is not there only makes pip warn)."""
+    versions = installed_versions(python, names)
+    return set(names) if versions is None else set(versions)
 
 
 def _kit_wheel_pins(manifest: dict[str, Any]) -> dict[str, str]:
@@ -341,12 +369,34 @@ def accelerate_commands(kit_dir: Path, manifest: dict[str, Any], python: str,
     return commands
 
 
-def accelerate(kit_dir: Path, python: str, say: Any = print,
-               installed: Callable[[list[str]], set[str]] | None = None) -> list[list[str]]:
-    """Run `accelerate_commands` with pip's configuration off (no index, the kit's wheels only)."""
+def reinstall_commands(kit_dir: Path, manifest: dict[str, Any], python: str,
+                       versions: Callable[[list[str]], dict[str, str] | None]) -> list[list[str]]:
+    """The kit's own builds put in place where `pip install --upgrade` keeps another build of the
+    same version: llama-cpp-python (the CPU and the CUDA wheel are both 0.3.36; the kit's llama.cpp
+    tools link its libraries), always; torch when the installed one is another build (2.13.0+cpu
+    satisfies the profile as well as the CUDA 2.13.0 does)."""
+    wheels = sorted(rel for rel in manifest["files"] if rel.startswith("wheels/") and rel.endswith(".whl"))
+    llama = [rel for rel in wheels if Path(rel).name.startswith("llama_cpp_python-")]
+    torch = [rel for rel in wheels if Path(rel).name.startswith("torch-")]
+    if torch:
+        have = (versions(["torch"]) or {}).get("torch")
+        if have == Path(torch[-1]).name.split("-")[1]:
+            torch = []
+    again = [str(Path(kit_dir) / rel) for rel in (llama[-1:] + torch[-1:])]
+    return [[python, "-m", "pip", "install", "-q", "--no-index", "--no-cache-dir",
+             "--disable-pip-version-check", "--force-reinstall", "--no-deps", *again]] if again else []
+
+
+def accelerate(kit_dir: Path, python: str, say: Callable[[str], None] = print,
+               installed: Callable[[list[str]], set[str]] | None = None,
+               versions: Callable[[list[str]], dict[str, str] | None] | None = None) -> list[list[str]]:
+    """Run `accelerate_commands`, then `reinstall_commands`, with pip's configuration off (no index,
+    the kit's wheels only)."""
     manifest = read_manifest(Path(kit_dir))
     commands = accelerate_commands(Path(kit_dir), manifest, python,
                                    installed or (lambda names: installed_packages(python, names)))
+    commands += reinstall_commands(Path(kit_dir), manifest, python,
+                                   versions or (lambda names: installed_versions(python, names)))
     env = {**os.environ, "PIP_CONFIG_FILE": os.devnull}
     for cmd in commands:
         _run(cmd, say, env=env)
@@ -392,7 +442,7 @@ def record(kit_dir: Path, share: Path, previous: str | None = None) -> dict[str,
 
 
 # -- building a kit (on a connected machine, after `make setup`) ---------------------------------
-def _run(cmd: list[str], say: Any, env: dict[str, str] | None = None) -> None:
+def _run(cmd: list[str], say: Callable[[str], None], env: dict[str, str] | None = None) -> None:
     say("$ " + " ".join(cmd))
     subprocess.run(cmd, check=True, env=env)
 
@@ -516,7 +566,7 @@ def _check_set_up(share: Path, profile: str) -> None:
 
 
 def _fetch_wheels(wheels: Path, *, python: str, checkout: Path, share: Path, llama_links: Path,
-                  profile: str, cuda: dict[str, Any] | None, say: Any) -> None:
+                  profile: str, cuda: dict[str, Any] | None, say: Callable[[str], None]) -> None:
     """The appliance's and gguf-py's wheels, and every wheel of the profile (and of a cuda kit's GPU
     runtimes), with pip; a source archive among them is refused."""
     wheels.mkdir(parents=True, exist_ok=True)
@@ -539,7 +589,8 @@ def _fetch_wheels(wheels: Path, *, python: str, checkout: Path, share: Path, lla
 
 
 def build(kit_dir: Path, *, profile: str, checkout: Path, share: Path, cache: Path,
-          accelerator: str = "cpu", python: str = sys.executable, say: Any = print) -> dict[str, Any]:
+          accelerator: str = "cpu", python: str = sys.executable,
+          say: Callable[[str], None] = print) -> dict[str, Any]:
     """Fill `kit_dir` (new or empty) with what `profile` needs on this Python and platform, then
     write its manifest. Uses pip and the network: run it on a connected machine, after a set-up of
     the kit's accelerator (a cuda kit: `APPLIANCE_ACCEL=cuda make setup` on a CUDA box)."""
@@ -592,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("verify", help="check every file of a kit against its kit.json")
     p.add_argument("dir", type=Path)
     p.add_argument("--profile", choices=PROFILES)
+    p.add_argument("--no-gpu-check", action="store_true",
+                   help="check a cuda kit's files on a box without its GPU (copying it, not installing)")
     b = sub.add_parser("build", help="build a kit (connected machine, after `make setup`)")
     b.add_argument("dir", type=Path)
     b.add_argument("--profile", choices=PROFILES, default="full")
@@ -612,8 +665,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "accelerate":
         try:
             done = accelerate(args.dir, args.python)
-        except (KitError, subprocess.CalledProcessError) as exc:
-            print(f"kit runtimes not installed: {exc}", file=sys.stderr)
+        except (KitError, OSError, subprocess.CalledProcessError) as exc:
+            print(f"kit runtimes not installed: {exc}\nthe environment may be left half swapped (no "
+                  "onnxruntime): run the installer again; it checks and swaps again from the kit",
+                  file=sys.stderr)
             return 2
         accelerator = read_manifest(args.dir)["target"].get("accelerator")
         print(f"runtimes: {accelerator}" + ("" if done else " (nothing to swap)"))
@@ -634,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kit built in {args.dir}: {describe(manifest)}")
         return 0
     try:
-        manifest = verify(args.dir, profile=args.profile)
+        manifest = verify(args.dir, profile=args.profile, gpu=None if args.no_gpu_check else probe_gpu)
     except KitError as exc:
         print(f"kit refused: {exc}\nnothing was installed", file=sys.stderr)
         return 2

@@ -46,7 +46,7 @@ say() { printf '[setup] %s\n' "$*"; }
 # The accelerator: sets ACCEL (cpu|cuda) and ACCEL_WHY.
 detect_accel() {
   local asked=${APPLIANCE_ACCEL:-auto} gpus nvcc
-  gpus=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU ' || true)
+  gpus=$( (timeout 20 nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU ' || true)  # a hung driver: none
   local home=${CUDA_HOME:-/usr/local/cuda}
   nvcc=$(command -v nvcc || { [ -x "$home/bin/nvcc" ] && echo "$home/bin/nvcc"; } || true)
   case "$asked" in
@@ -67,7 +67,13 @@ detect_accel() {
 }
 check_sha() { echo "$2  $1" | sha256sum --check --status; }
 
-detect_accel
+if [ -n "$KIT" ]; then  # no compiler on a kit's box: the kit says which accelerator it carries
+  ACCEL=$($PY -I -c 'import json,sys; print(json.load(open(sys.argv[1]))["target"]["accelerator"])' \
+    "$KIT/kit.json" 2>/dev/null || echo cpu)
+  ACCEL_WHY="the kit's target"
+else
+  detect_accel
+fi
 if [ -n "$DETECT_ONLY" ]; then echo "$ACCEL: $ACCEL_WHY"; exit 0; fi
 CUDA_ARCHS=${APPLIANCE_CUDA_ARCHS:-75;80;86;89;90}
 ORT_VERSION=$(sed -n 's/^onnxruntime==//p' requirements/constraints.txt)

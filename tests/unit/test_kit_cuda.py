@@ -297,6 +297,25 @@ def test_a_cuda_kit_verifies_on_a_cuda_13_box_and_a_cpu_kit_anywhere(
     assert kit.verify(cpu)["target"]["accelerator"] == "cpu"  # and so does a box with none
 
 
+def test_a_hung_nvidia_smi_is_named_and_not_waited_for(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A driver in trouble: nvidia-smi does not answer. verify says so (not "no GPU: use a cpu kit")
+    after SMI_TIMEOUT, and `--no-gpu-check` still checks the files on a box without the GPU."""
+    d = _kit(tmp_path)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nexec sleep 30\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(kit, "SMI_TIMEOUT", 0.5)
+    gpu = kit.probe_gpu()
+    assert gpu.hung and gpu.count == 0
+    with pytest.raises(kit.KitError, match="did not answer in 0 s: check the NVIDIA driver"):
+        kit.verify(d)
+    assert kit.verify(d, gpu=None)["target"]["accelerator"] == "cuda"
+    assert kit.main(["verify", str(d), "--no-gpu-check"]) == 0
+
+
 def test_a_cuda_kit_that_names_no_gpu_runtimes_is_refused(tmp_path: Path) -> None:
     """A kit built before the cuda target was real: its target said cuda, its wheels were CPU ones."""
     d = _kit(tmp_path, cuda={})
@@ -366,9 +385,41 @@ def test_accelerate_runs_pip_with_its_configuration_off(tmp_path: Path,
     fake = FakePip()
     monkeypatch.setattr(kit, "_run", fake)
     done = kit.accelerate(_full_kit(tmp_path), "py", say=lambda _: None,
-                          installed=lambda n: {"onnxruntime"})
-    assert fake.commands == done and len(done) == 3
+                          installed=lambda n: {"onnxruntime"}, versions=lambda n: {})
+    assert fake.commands == done and len(done) == 4  # the swap, then the kit's llama build again
     assert all(env is not None and env["PIP_CONFIG_FILE"] == os.devnull for env in fake.envs)
+
+
+def test_the_kit_s_own_builds_replace_those_pip_keeps_at_the_same_version(tmp_path: Path) -> None:
+    """`pip install --upgrade` keeps an installed llama-cpp-python 0.3.36 and torch 2.13.0+cpu (both
+    satisfy the profile): the kit's llama wheel is always put in place again, its torch wheel when
+    the installed torch is another build."""
+    d = _full_kit(tmp_path)
+    torch = "torch-2.13.0-cp311-cp311-manylinux_2_28_x86_64.whl"
+    _torch_wheel(d / "wheels" / torch, *CUDA_TORCH)
+    manifest = kit.write_manifest(d, profile="full", target=kit.Target.here("cuda"), version="0.1.0",
+                                  contents=kit.read_manifest(d)["contents"])
+    force = ["py", "-m", "pip", "install", "-q", "--no-index", "--no-cache-dir",
+             "--disable-pip-version-check", "--force-reinstall", "--no-deps"]
+    over_cpu = kit.reinstall_commands(d, manifest, "py", lambda n: {"torch": "2.13.0+cpu"})
+    assert over_cpu == [[*force, str(d / "wheels" / LLAMA), str(d / "wheels" / torch)]]
+    same = kit.reinstall_commands(d, manifest, "py", lambda n: {"torch": "2.13.0"})
+    assert same == [[*force, str(d / "wheels" / LLAMA)]]
+    assert kit.reinstall_commands(d, manifest, "py", lambda n: None)[0][-1] == str(d / "wheels" / torch)
+
+
+def test_installed_versions_are_read_from_the_environment_s_python() -> None:
+    found = kit.installed_versions(sys.executable, ["pytest", "no-such-package-here"])
+    assert found is not None and set(found) == {"pytest"} and found["pytest"][0].isdigit()
+    assert kit.installed_versions("/nonexistent/python", ["pytest"]) is None
+    assert kit.installed_packages("/nonexistent/python", ["a", "b"]) == {"a", "b"}
+
+
+def test_a_failed_swap_says_the_environment_may_be_half_swapped(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    assert kit.main(["accelerate", str(_full_kit(tmp_path)), "/nonexistent/python"]) == 2
+    err = capsys.readouterr().err
+    assert "kit runtimes not installed" in err and "run the installer again" in err
 
 
 def test_both_installers_swap_after_pip_and_before_the_record() -> None:
