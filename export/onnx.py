@@ -95,6 +95,9 @@ def export_onnx(model_dir: Path, out_dir: Path, precision: str,
     "model.layers.3.self_attn.v_proj": a measured layout, `unit_module` of the fp32 export's
     MatMuls); None keeps the fixed list."""
     _check_precision(precision, PRECISIONS)
+    if keep_8bit_modules is not None and precision != INT4_CUDA:
+        raise ValidationError(f"an 8-bit layout was given for {precision}: it is for int4-cuda here "
+                              "(int4 takes it through quantize_onnx's keep_8bit)")
     model_dir = Path(model_dir).resolve()
     _check_source(model_dir)
 
@@ -240,7 +243,11 @@ def _int4_cuda(model_dir: Path, staging: Path, say: LineSink,
         import onnx
 
         names = [n.name for n in _weight_matmuls(onnx.load(str(raw / MODEL_FILE), load_external_data=False))]
-        keep = genai_nodes(names, keep_modules)
+        keep, missing = genai_nodes(names, keep_modules)
+        if missing:  # measured on modules this graph splits otherwise: the fixed layout is known good
+            say(f"the measured int4 layout names {len(missing)} module(s) genai's graph has no MatMul for "
+                f"(e.g. {missing[0]}): the fixed layout is used instead")
+            keep = None
     details = _quantize(raw, staging, "int4", say, keep)
     os.rename(raw / GENAI_CONFIG, staging / GENAI_CONFIG)
     shutil.rmtree(raw)
@@ -258,17 +265,25 @@ def layer_key(module: str) -> tuple[int | None, str]:
     return layer, parts[-1]
 
 
-def genai_nodes(names: Collection[str], modules: Collection[str]) -> list[str]:
-    """The MatMuls of a genai graph (`names`) that compute the torch `modules`; a module with no such
-    MatMul is refused (a layout measured on another architecture)."""
+# HF modules that genai's builder splits into its own MatMuls (Phi-3's packed projections, Phi's
+# attention output): a layout measured on the merged model names the HF module, the graph its parts
+PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
+          "dense": ("o_proj",)}
+
+
+def genai_nodes(names: Collection[str], modules: Collection[str]) -> tuple[list[str], list[str]]:
+    """(the MatMuls of a genai graph, `names`, that compute the torch `modules`; the modules with no
+    such MatMul). A packed module maps to each of its parts."""
     by_key = {layer_key(unit_module(n)): n for n in names}
-    missing = sorted(m for m in modules if layer_key(m) not in by_key)
-    if missing:
-        raise ApplianceError(f"the int4 layout names {len(missing)} module(s) the genai graph has no MatMul "
-                             f"for, e.g. {missing[0]!r}", title=TITLE,
-                             hint="export with --calibrate off, or export int4 (the optimum graph)")
-    wanted = {layer_key(m) for m in modules}
-    return [n for n in names if layer_key(unit_module(n)) in wanted]
+    wanted, missing = set(), []
+    for module in modules:
+        layer, leaf = layer_key(module)
+        keys = [(layer, part) for part in PACKED.get(leaf, (leaf,))]
+        if all(k in by_key for k in keys):
+            wanted.update(keys)
+        else:
+            missing.append(module)
+    return [n for n in names if layer_key(unit_module(n)) in wanted], sorted(missing)
 
 
 def _genai_build(model_dir: Path, staging: Path, say: LineSink, extra_options: str | None = None,

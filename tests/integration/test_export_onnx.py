@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from appliance import manifest
-from appliance.errors import ApplianceError, RefusedError
+from appliance.errors import ApplianceError, RefusedError, ValidationError
 from appliance.workspace import ArtifactRecord
 from export.onnx import TITLE, OnnxLM, export_onnx, quantize_onnx
 from tests.conftest import TINY_SHAPE
@@ -240,16 +240,31 @@ def test_int4_cuda_is_genai_s_graph_in_int4_with_the_layout_s_modules_at_8_bits(
         "v_proj", "down_proj", "lm_head"}
 
 
-def test_int4_cuda_refuses_a_layout_of_other_modules_and_an_architecture_genai_lacks(
+def test_int4_cuda_maps_packed_modules_and_falls_back_for_a_layout_it_cannot_map(
         tiny_llama_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ApplianceError, match=r"no MatMul for, e\.g\. 'model\.layers\.9\.mlp\.up_proj'"):
-        export_onnx(tiny_llama_source, tmp_path / "a", "int4-cuda",
-                    keep_8bit_modules=["model.layers.9.mlp.up_proj"])
+    """A packed HF module (Phi-3's qkv_proj) keeps each of genai's parts at 8 bits; a layout naming a
+    module the graph lacks is not half applied: the fixed layout, with a line saying why; an
+    architecture genai's builder does not know is refused, leaving nothing behind."""
+    from export.onnx import genai_nodes
+
+    names = ["/model/layers.0/attn/q_proj/MatMul", "/model/layers.0/attn/k_proj/MatMul",
+             "/model/layers.0/attn/v_proj/MatMul", "/model/layers.0/attn/o_proj/MatMul", "/lm_head/MatMul"]
+    assert genai_nodes(names, ["model.layers.0.self_attn.qkv_proj", "lm_head"]) == (
+        [names[0], names[1], names[2], names[4]], [])
+    assert genai_nodes(names, ["model.layers.0.self_attn.dense", "model.layers.3.mlp.up_proj"]) == (
+        [names[3]], ["model.layers.3.mlp.up_proj"])
+    said: list[str] = []
+    info = export_onnx(tiny_llama_source, tmp_path / "a", "int4-cuda", progress=said.append,
+                       keep_8bit_modules=["model.layers.9.mlp.up_proj"])
+    assert info["quantization"]["layout"] == "fixed"
+    assert any("no MatMul for (e.g. model.layers.9.mlp.up_proj): the fixed layout" in line for line in said)
+    with pytest.raises(ValidationError, match="for int4: it is for int4-cuda"):
+        export_onnx(tiny_llama_source, tmp_path / "c", "int4", keep_8bit_modules=["lm_head"])
     monkeypatch.setattr("export.onnx._run_builder", lambda cmd, say: (
         1, ["NotImplementedError: The FooForCausalLM model is not currently supported."]))
     with pytest.raises(RefusedError, match="int4-cuda is built on onnxruntime-genai's fp16 graph"):
         export_onnx(tiny_llama_source, tmp_path / "b", "int4-cuda")
-    assert not list(tmp_path.iterdir())  # nothing left behind, staging included
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # nothing else left, staging included
 
 
 def test_external_data_is_one_file_beside_the_graph(tmp_path: Path, tiny_llama_source: Path,

@@ -227,16 +227,20 @@ def _one_onnx(job: _Export, precision: str, scratch: Path, plan: layout.Layout) 
             _fp32_graph(job, fp32)
             keep = None
             if precision == "int4":
-                keep, info["calibration"] = _int4_layout(job, scratch, plan, w.path)
+                keep, info["calibration"] = _job_layout(job, scratch, plan, w.path)
             job.stages.emit("quantize", f"quantizing the ONNX graph to {precision}")
             details = onnx.quantize_onnx(fp32, target, precision, progress=job.report.log,
                                          keep_8bit=keep)
         elif precision == onnx.INT4_CUDA:  # genai's fp16 graph, with the layout measured on the fp32 one
-            keep, info["calibration"] = _int4_layout(job, scratch, plan, w.path)
+            keep, info["calibration"] = _job_layout(job, scratch, plan, w.path)
             job.stages.emit("export-onnx", "building the int4-cuda ONNX graph")
             details = onnx.export_onnx(job.merged.path, target, precision, progress=job.report.log,
                                        keep_8bit_modules=None if keep is None else
                                        [onnx.unit_module(n) for n in keep])
+            if keep is not None and details["quantization"]["layout"] == "fixed":  # could not be mapped
+                info["calibration"] = {"used": False, "why": "the measured layout's modules are split "
+                                       "otherwise in genai's graph: the fixed layout was used"}
+                (w.path / layout.LAYOUT_FILE).unlink(missing_ok=True)
         else:
             job.stages.emit("export-onnx", f"exporting the {precision} ONNX graph")
             details = onnx.export_onnx(job.merged.path, target, precision, progress=job.report.log)
@@ -250,7 +254,7 @@ def _one_onnx(job: _Export, precision: str, scratch: Path, plan: layout.Layout) 
     return job.ws.get("export", name)
 
 
-def _int4_layout(job: _Export, scratch: Path, plan: layout.Layout, beside: Path
+def _job_layout(job: _Export, scratch: Path, plan: layout.Layout, beside: Path
                  ) -> tuple[list[str] | None, dict[str, Any]]:
     """The 8-bit layout (MatMul names of the fp32 graph, None for the fixed one), measured once a job."""
     fp32 = scratch / "onnx-fp32"
