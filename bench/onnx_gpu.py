@@ -11,8 +11,8 @@ exporter (a GPU host has no workspace with a run to export; this is the same fun
 stage calls).
 
 `bench`: for each shape (random weights, bench/gguf_gpu.py's HF folders) the product's exports
-(fp16: exported from the model loaded in fp16; int4: MatMulNBits from the fp32 export, as the export
-stage does), then in a child process that never imports torch (one CUDA runtime per process), the
+(fp16: genai's builder graph; int4: MatMulNBits from the fp32 export, as the export stage does;
+int4-cuda: genai's fp16 graph in int4 with the fixed 8-bit layout), then in a child process that never imports torch (one CUDA runtime per process), the
 product's `OnnxEngine` on CUDA, greedy, stop tokens biased away, N tokens after a short chat prompt,
 median of 3 after a warm-up: decode tokens/s (first token to last) and time to first token; with
 IO binding (the cache kept on the device: the engine's default on CUDA) and without (the host feed),
@@ -404,7 +404,7 @@ def main() -> None:
     s.add_argument("--graph", choices=("genai", "optimum"), default="genai")
     b = sub.add_parser("bench")
     b.add_argument("--shapes", default="0.5b")
-    b.add_argument("--precisions", default="fp16,int4")
+    b.add_argument("--precisions", default="fp16,int4,int4-cuda")
     b.add_argument("--tokens", type=int, default=128)
     b.add_argument("--variants", default="",
                    help="comma list of fp16 rows: optimum, fused, genai, genai-graph")
