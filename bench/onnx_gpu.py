@@ -12,8 +12,8 @@ stage calls).
 
 `bench`: for each shape (random weights, bench/gguf_gpu.py's HF folders) the product's exports
 (fp16: genai's builder graph; int4: MatMulNBits from the fp32 export, as the export stage does;
-int4-cuda: genai's fp16 graph in int4 with the fixed 8-bit layout), then in a child process that never imports torch (one CUDA runtime per process), the
-product's `OnnxEngine` on CUDA, greedy, stop tokens biased away, N tokens after a short chat prompt,
+int4-cuda: genai's fp16 graph in int4 with the fixed 8-bit layout), then in a child process that
+never imports torch (one CUDA runtime per process), the product's `OnnxEngine` on CUDA, greedy, stop tokens biased away, N tokens after a short chat prompt,
 median of 3 after a warm-up: decode tokens/s (first token to last) and time to first token; with
 IO binding (the cache kept on the device: the engine's default on CUDA) and without (the host feed),
 so the binding's worth is measured, not assumed. The bandwidth limit: the graph's initializer bytes
