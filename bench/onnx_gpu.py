@@ -13,12 +13,13 @@ stage calls).
 `bench`: for each shape (random weights, bench/gguf_gpu.py's HF folders) the product's exports
 (fp16: genai's builder graph; int4: MatMulNBits from the fp32 export, as the export stage does;
 int4-cuda: genai's fp16 graph in int4 with the fixed 8-bit layout), then in a child process that
-never imports torch (one CUDA runtime per process), the product's `OnnxEngine` on CUDA, greedy, stop tokens biased away, N tokens after a short chat prompt,
-median of 3 after a warm-up: decode tokens/s (first token to last) and time to first token; with
-IO binding (the cache kept on the device: the engine's default on CUDA) and without (the host feed),
-so the binding's worth is measured, not assumed. The bandwidth limit: the graph's initializer bytes
-but the token embedding (one row of it is read per token) over the card's measured device-to-device
-copy bandwidth; efficiency = tokens/s x bytes / bandwidth.
+never imports torch (one CUDA runtime per process), the product's `OnnxEngine` on CUDA, greedy, stop
+tokens biased away, N tokens after a short chat prompt, median of 3 after a warm-up: decode tokens/s
+(first token to last) and time to first token; with IO binding (the cache kept on the device: the
+engine's default on CUDA) and without (the host feed), so the binding's worth is measured, not
+assumed. The bandwidth limit: the graph's initializer bytes but the token embedding (one row of it
+is read per token) over the card's measured device-to-device copy bandwidth; efficiency = tokens/s x
+bytes / bandwidth.
 
 `--variants` adds fp16 rows beside the product's export, so the choice the issue asks for (the
 product's graph with its cache bound on the device, or onnxruntime-genai's CUDA runtime) is measured,
