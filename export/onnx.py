@@ -249,6 +249,8 @@ def _int4_cuda(model_dir: Path, staging: Path, say: LineSink,
                 f"(e.g. {missing[0]}): the fixed layout is used instead")
             keep = None
     details = _quantize(raw, staging, "int4", say, keep)
+    if keep is not None:  # this graph's names (the layout file beside the export has the fp32 graph's)
+        details["eight_bit_matmuls"] = keep
     os.rename(raw / GENAI_CONFIG, staging / GENAI_CONFIG)
     shutil.rmtree(raw)
     _copy_side_files(model_dir, staging, say)

@@ -229,6 +229,7 @@ def test_int4_cuda_is_genai_s_graph_in_int4_with_the_layout_s_modules_at_8_bits(
     bits = _bits(folder)
     assert not [n for n in bits if "qkv" in n] and len(bits) == 7 * TINY_SHAPE["num_hidden_layers"] + 1
     assert {n for n, b in bits.items() if b == 8} == {"/lm_head/MatMul", "/model/layers.1/attn/k_proj/MatMul"}
+    assert sorted(quant["eight_bit_matmuls"]) == ["/lm_head/MatMul", "/model/layers.1/attn/k_proj/MatMul"]
     assert set(bits.values()) == {4, 8}
     lm = OnnxLM(folder)
     reference = OnnxLM(tiny["llama-fp32"][0]).logits(IDS)
