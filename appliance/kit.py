@@ -322,28 +322,33 @@ def installed_versions(python: str, names: list[str]) -> dict[str, str] | None:
     return {name: found[name] for name in names if name in found}
 
 
-def installed_packages(python: str, names: list[str]) -> set[str]:
-    """Which of `names` are installed in `python`'s environment (all of them, if it cannot tell:
-    uninstalling one that is not there only makes pip warn)."""
-    versions = installed_versions(python, names)
-    return set(names) if versions is None else set(versions)
+def _kit_wheels(manifest: dict[str, Any]) -> dict[str, str]:
+    """The kit's wheels by normalized name -> file name (`onnxruntime_genai-0.15.2-cp311-...whl`
+    under `onnxruntime-genai`): the last one in sort order where a name has several."""
+    found: dict[str, str] = {}
+    for rel in sorted(manifest["files"]):
+        name = Path(rel).name
+        if rel.startswith("wheels/") and name.endswith(".whl") and len(name.split("-")) >= 5:
+            found[_normalize(name.split("-")[0])] = name  # name-version-python-abi-platform.whl
+    return found
 
 
-def _kit_wheel_pins(manifest: dict[str, Any]) -> dict[str, str]:
-    """The kit's wheels, normalized name -> version (`wheels/onnxruntime-1.31.1-cp311-...whl`)."""
-    pins = {}
-    for rel in manifest["files"]:
-        if rel.startswith("wheels/") and rel.endswith(".whl"):
-            parts = Path(rel).name.split("-")
-            if len(parts) >= 5:  # name-version-python-abi-platform.whl
-                pins[_normalize(parts[0])] = parts[1]
-    return pins
+def _version_of(wheel: str) -> str:
+    return wheel.split("-")[1]
+
+
+def _swap(manifest: dict[str, Any]) -> dict[str, str]:
+    """CPU package -> its GPU build, as kit.json records it (GPU_BUILDS for a kit without)."""
+    recorded = _cuda_section(manifest).get("swap")
+    return recorded if isinstance(recorded, dict) else GPU_BUILDS
 
 
 def accelerate_commands(kit_dir: Path, manifest: dict[str, Any], python: str,
-                        installed: Callable[[list[str]], set[str]]) -> list[list[str]]:
+                        installed: dict[str, str] | None) -> list[list[str]]:
     """The pip commands that give the installed runtimes the kit's accelerator, once `appliance[PROFILE]`
     is installed from the kit (which installs the CPU onnxruntime, also over a GPU build).
+    `installed`: the environment's versions by package (`installed_versions`; None: unknown, every
+    build is taken as present, since uninstalling one that is not there only makes pip warn).
 
     A cuda kit: uninstall both builds of onnxruntime and onnxruntime-genai (one module, two packages:
     removing one build deletes the other's files too), then install what kit.json's `contents.cuda`
@@ -351,16 +356,14 @@ def accelerate_commands(kit_dir: Path, manifest: dict[str, Any], python: str,
     pip = [python, "-m", "pip"]
     offline = ["install", "-q", "--no-index", "--no-cache-dir", "--disable-pip-version-check",
                "--find-links", str(Path(kit_dir) / "wheels")]
-    cuda = _cuda_section(manifest)
-    recorded = cuda.get("swap")
-    swap: dict[str, str] = recorded if isinstance(recorded, dict) else GPU_BUILDS
+    swap = _swap(manifest)
     both = [name for pair in swap.items() for name in pair]
-    present = installed(both)
+    present = set(both) if installed is None else set(both) & set(installed)
     if manifest["target"].get("accelerator") == "cuda":
         install, no_deps = _cuda_runtimes(manifest)
     elif present & set(swap.values()):
-        pins = _kit_wheel_pins(manifest)
-        install, no_deps = [], [f"{name}=={pins[name]}" for name in swap if name in pins]
+        wheels = _kit_wheels(manifest)
+        install, no_deps = [], [f"{name}=={_version_of(wheels[name])}" for name in swap if name in wheels]
     else:
         return []
     commands = [[*pip, "uninstall", "-q", "-y", *(n for n in both if n in present)]] if present else []
@@ -370,33 +373,31 @@ def accelerate_commands(kit_dir: Path, manifest: dict[str, Any], python: str,
 
 
 def reinstall_commands(kit_dir: Path, manifest: dict[str, Any], python: str,
-                       versions: Callable[[list[str]], dict[str, str] | None]) -> list[list[str]]:
+                       installed: dict[str, str] | None) -> list[list[str]]:
     """The kit's own builds put in place where `pip install --upgrade` keeps another build of the
     same version: llama-cpp-python (the CPU and the CUDA wheel are both 0.3.36; the kit's llama.cpp
     tools link its libraries), always; torch when the installed one is another build (2.13.0+cpu
-    satisfies the profile as well as the CUDA 2.13.0 does)."""
-    wheels = sorted(rel for rel in manifest["files"] if rel.startswith("wheels/") and rel.endswith(".whl"))
-    llama = [rel for rel in wheels if Path(rel).name.startswith("llama_cpp_python-")]
-    torch = [rel for rel in wheels if Path(rel).name.startswith("torch-")]
-    if torch:
-        have = (versions(["torch"]) or {}).get("torch")
-        if have == Path(torch[-1]).name.split("-")[1]:
-            torch = []
-    again = [str(Path(kit_dir) / rel) for rel in (llama[-1:] + torch[-1:])]
+    satisfies the profile as well as the CUDA 2.13.0 does), or when that cannot be told."""
+    wheels = _kit_wheels(manifest)
+    again = [wheels[name] for name in ("llama-cpp-python", "torch") if name in wheels]
+    if "torch" in wheels and installed is not None and installed.get("torch") == _version_of(wheels["torch"]):
+        again.remove(wheels["torch"])
     return [[python, "-m", "pip", "install", "-q", "--no-index", "--no-cache-dir",
-             "--disable-pip-version-check", "--force-reinstall", "--no-deps", *again]] if again else []
+             "--disable-pip-version-check", "--force-reinstall", "--no-deps",
+             *(str(Path(kit_dir) / "wheels" / name) for name in again)]] if again else []
 
 
 def accelerate(kit_dir: Path, python: str, say: Callable[[str], None] = print,
-               installed: Callable[[list[str]], set[str]] | None = None,
-               versions: Callable[[list[str]], dict[str, str] | None] | None = None) -> list[list[str]]:
+               installed: dict[str, str] | None = None) -> list[list[str]]:
     """Run `accelerate_commands`, then `reinstall_commands`, with pip's configuration off (no index,
-    the kit's wheels only)."""
+    the kit's wheels only). `installed`: as they take it; read from `python`'s environment when not
+    given."""
     manifest = read_manifest(Path(kit_dir))
-    commands = accelerate_commands(Path(kit_dir), manifest, python,
-                                   installed or (lambda names: installed_packages(python, names)))
-    commands += reinstall_commands(Path(kit_dir), manifest, python,
-                                   versions or (lambda names: installed_versions(python, names)))
+    if installed is None:
+        installed = installed_versions(python, [*(n for pair in _swap(manifest).items() for n in pair),
+                                                "torch"])
+    commands = accelerate_commands(Path(kit_dir), manifest, python, installed)
+    commands += reinstall_commands(Path(kit_dir), manifest, python, installed)
     env = {**os.environ, "PIP_CONFIG_FILE": os.devnull}
     for cmd in commands:
         _run(cmd, say, env=env)
@@ -407,11 +408,10 @@ def _setup_record_of(manifest: dict[str, Any]) -> dict[str, str]:
     """What `share/accelerator.json` says after an install from this kit (the keys scripts/setup.sh
     writes, which `appliance doctor` shows and checks)."""
     accelerator = str(manifest["target"].get("accelerator") or "cpu")
-    llama = sorted(Path(rel).name for rel in manifest["files"] if rel.startswith("wheels/llama_cpp_python-"))
     return {"accelerator": accelerator,
             "why": f"installed from the {accelerator} kit built {manifest.get('created')}",
             "cuda_architectures": str(_cuda_section(manifest).get("architectures") or ""),
-            "llama_cpp_wheel": llama[-1] if llama else ""}
+            "llama_cpp_wheel": _kit_wheels(manifest).get("llama-cpp-python", "")}
 
 
 def _write_json(path: Path, data: Any, indent: int | None = 1) -> None:
