@@ -227,12 +227,13 @@ def _one_onnx(job: _Export, precision: str, scratch: Path, plan: layout.Layout) 
             _fp32_graph(job, fp32)
             keep = None
             if precision == "int4":
-                keep, info["calibration"] = _job_layout(job, scratch, plan, w.path)
+                keep, info["calibration"] = _job_layout(job, scratch, plan)
+                plan.write_beside(w.path)
             job.stages.emit("quantize", f"quantizing the ONNX graph to {precision}")
             details = onnx.quantize_onnx(fp32, target, precision, progress=job.report.log,
                                          keep_8bit=keep)
         elif precision == onnx.INT4_CUDA:  # genai's fp16 graph, with the layout measured on the fp32 one
-            keep, info["calibration"] = _job_layout(job, scratch, plan, w.path)
+            keep, info["calibration"] = _job_layout(job, scratch, plan)
             job.stages.emit("export-onnx", "building the int4-cuda ONNX graph")
             details = onnx.export_onnx(job.merged.path, target, precision, progress=job.report.log,
                                        keep_8bit_modules=None if keep is None else
@@ -240,7 +241,8 @@ def _one_onnx(job: _Export, precision: str, scratch: Path, plan: layout.Layout) 
             if keep is not None and details["quantization"]["layout"] == "fixed":  # could not be mapped
                 info["calibration"] = {"used": False, "why": "the measured layout's modules are split "
                                        "otherwise in genai's graph: the fixed layout was used"}
-                (w.path / layout.LAYOUT_FILE).unlink(missing_ok=True)
+            else:
+                plan.write_beside(w.path)
         else:
             job.stages.emit("export-onnx", f"exporting the {precision} ONNX graph")
             details = onnx.export_onnx(job.merged.path, target, precision, progress=job.report.log)
@@ -254,15 +256,12 @@ def _one_onnx(job: _Export, precision: str, scratch: Path, plan: layout.Layout) 
     return job.ws.get("export", name)
 
 
-def _job_layout(job: _Export, scratch: Path, plan: layout.Layout, beside: Path
-                 ) -> tuple[list[str] | None, dict[str, Any]]:
+def _job_layout(job: _Export, scratch: Path, plan: layout.Layout) -> tuple[list[str] | None, dict[str, Any]]:
     """The 8-bit layout (MatMul names of the fp32 graph, None for the fixed one), measured once a job."""
     fp32 = scratch / "onnx-fp32"
     if plan.choice != layout.OFF:
         _fp32_graph(job, fp32)  # the layout is measured against its MatMuls
-    keep, calibration = plan.get(fp32, job.merged)
-    plan.write_beside(beside)
-    return keep, calibration
+    return plan.get(fp32, job.merged)
 
 
 # -- each artifact, made or reused ---------------------------------------------------------------
