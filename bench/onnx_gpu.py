@@ -3,6 +3,8 @@ appliance's ONNX engine, fp16 and int4, each as a share of the card's memory-ban
 the fp16 export of the real SmolLM2 that tests/gpu/test_onnx_gpu.py runs.
 
     python3 bench/onnx_gpu.py smollm2 --gguf SmolLM2-135M-Instruct.Q4_1.gguf --out /tmp/smol-onnx
+    python3 bench/onnx_gpu.py smollm2 --gguf ... --out /tmp/smol-int4 --precision int4-cuda
+    python3 bench/onnx_gpu.py prepare --shapes 8b --precisions int4-cuda,fp16   # exports only, no GPU
     python3 bench/onnx_gpu.py bench --shapes 0.5b --precisions fp16,int4 --out results.json
 
 `smollm2`: the embedded GGUF dequantized by transformers into an HF folder (tokenizer and chat
@@ -53,8 +55,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def smollm2(gguf: Path, out: Path, work: Path, graph: str = "genai") -> None:
-    """The real SmolLM2, fp16 ONNX, from its GGUF (no llama.cpp needed: transformers reads GGUF)."""
+def smollm2(gguf: Path, out: Path, work: Path, graph: str = "genai", precision: str = "fp16") -> None:
+    """The real SmolLM2 as an fp16 (or int4-cuda) ONNX, from its GGUF (no llama.cpp needed:
+    transformers reads GGUF)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from export.onnx import export_onnx
@@ -66,7 +69,7 @@ def smollm2(gguf: Path, out: Path, work: Path, graph: str = "genai") -> None:
         model.save_pretrained(str(hf))
         tokenizer.save_pretrained(str(hf))
     with _graph(graph):
-        info = export_onnx(hf, out, "fp16", progress=print)
+        info = export_onnx(hf, out, precision, progress=print)
     print(json.dumps({"onnx": str(out), "size_mib": round(info["size_bytes"] / 2**20, 1)}))
 
 
@@ -403,6 +406,11 @@ def main() -> None:
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--work", type=Path, default=Path("/tmp/onnx-gpu"))
     s.add_argument("--graph", choices=("genai", "optimum"), default="genai")
+    s.add_argument("--precision", choices=("fp16", "int4-cuda"), default="fp16")
+    p = sub.add_parser("prepare", help="only the exports `bench` would make (no GPU needed)")
+    p.add_argument("--shapes", default="0.5b")
+    p.add_argument("--precisions", default="fp16,int4,int4-cuda")
+    p.add_argument("--work", type=Path, default=Path("/tmp/onnx-gpu"))
     b = sub.add_parser("bench")
     b.add_argument("--shapes", default="0.5b")
     b.add_argument("--precisions", default="fp16,int4,int4-cuda")
@@ -416,7 +424,13 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     if args.command == "smollm2":
         args.work.mkdir(parents=True, exist_ok=True)
-        smollm2(args.gguf, args.out, args.work, args.graph)
+        smollm2(args.gguf, args.out, args.work, args.graph, args.precision)
+    elif args.command == "prepare":
+        args.work.mkdir(parents=True, exist_ok=True)
+        for shape in args.shapes.split(","):
+            print(json.dumps({shape: {k: str(v) for k, v in
+                                      make_exports(shape, args.work, args.precisions.split(",")).items()}}),
+                  flush=True)
     else:
         bench(args)
 

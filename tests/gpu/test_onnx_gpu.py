@@ -1,11 +1,12 @@
-"""An fp16 ONNX export through onnxruntime's CUDA provider: the same greedy answer as on the CPU (or
+"""An fp16 or int4-cuda ONNX export on CUDA: the same greedy answer as on the CPU (or
 within the parity gate's agreement), the KV cache kept on the device between steps (IO binding),
 stops on its stop tokens, and `appliance serve --gpu` answers a request with the model on the GPU.
 
 Skipped unless onnxruntime here has its CUDA provider (onnxruntime-gpu; CI's CPU onnxruntime has
-none). The models: $APPLIANCE_GPU_TEST_ONNX, fp16 exports of the real SmolLM2 separated by ':'
-(a GPU host makes them with `python3 bench/onnx_gpu.py smollm2 --gguf SmolLM2-135M-Instruct.Q4_1.gguf
---out DIR [--graph optimum]`): the export stage's genai-built graph runs through onnxruntime-genai,
+none). The models: $APPLIANCE_GPU_TEST_ONNX, exports of the real SmolLM2 separated by ':' (a GPU
+host makes them with `python3 bench/onnx_gpu.py smollm2 --gguf SmolLM2-135M-Instruct.Q4_1.gguf
+--out DIR [--graph optimum | --precision int4-cuda]`): the export stage's genai-built graphs (fp16,
+and int4-cuda: the same graph with int4 MatMulNBits weights) run through onnxruntime-genai,
 optimum's through onnxruntime with IO binding. On a GPU host:
 `APPLIANCE_GPU_TEST_ONNX=DIR1:DIR2 python -m pytest tests/gpu/test_onnx_gpu.py -q -s`."""
 
