@@ -227,9 +227,11 @@ def run(ws: Workspace, say: Callable[[str], None]) -> int:
         f"{run_record.path / 'adapter'}")
     exported = _exports(ws, say)
     say(_parity_table(exported))
-    for record in exported:
-        files = [f for f in record.path.iterdir() if f.suffix == ".gguf"] or [record.path / "onnx"]
-        say(f"      {record.name}: {record.status} -> {files[0]}")
+    from appliance.runtime import engines
+
+    for record in exported:  # what the runtime loads (a Q4_K_M folder also holds its imatrix.gguf)
+        served = engines.resolve(record.name, ws, allow_failed_parity=True).path
+        say(f"      {record.name}: {record.status} -> {served}")
     _chat(ws, say)
     _eval(ws, model, say)
     say(_serve_hint(ws))

@@ -121,6 +121,11 @@ def gguf_metadata(path: Path) -> dict[str, Any]:
     try:
         reader = GGUFReader(str(path))
     except Exception as exc:  # gguf-py raises ValueError/struct errors on bad files
+        if "reshape" in str(exc) or "mmap length" in str(exc):  # its tensors run past the end
+            raise ValidationError(f"{path}: not a readable GGUF file: it is truncated or damaged (its "
+                                  f"tensors do not fit its {path.stat().st_size:,} bytes: {exc})",
+                                  hint="copy the file again and compare its size and sha256 with "
+                                       "the original") from None
         raise ValidationError(f"{path}: not a readable GGUF file: {exc}") from None
     meta: dict[str, Any] = {}
     for key, fld in reader.fields.items():

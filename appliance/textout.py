@@ -53,6 +53,10 @@ def print_dataset_report(report: dict[str, Any], limit: int = 20) -> None:
     say(f"  form {report['form']}: {report['lines']} lines -> {report['kept']} kept "
         f"({report['train']} train / {report['eval']} eval), {report['rejected']} rejected, "
         f"{report['duplicates']} exact duplicates removed")
+    if report["kept"] and not report["eval"]:
+        say("  warning: no held-out (eval) conversations: training will report no perplexity, and "
+            "its exports cannot be parity-checked (the gate scores the eval split). Import more "
+            "conversations, or set --eval-fraction")
     if tokens.get("count"):
         say(f"  tokens per conversation: min {tokens['min']}, p50 {tokens['p50']}, "
             f"mean {tokens['mean']}, p95 {tokens['p95']}, max {tokens['max']} "
@@ -85,4 +89,9 @@ def format_event(event: dict[str, Any]) -> str:
         return f"state -> {event['state']}" + (f": {event['message']}" if event.get("message") else "")
     if kind == "log":
         return event["message"]
+    if kind == "train-start":
+        start = event.get("step") or 0
+        return (f"training {event.get('run', '')}: attempt {event.get('attempt', 1)}, "
+                + (f"resuming at step {start} of {event.get('max_steps')}" if start
+                   else f"{event.get('max_steps')} steps"))
     return json.dumps(event, ensure_ascii=False)

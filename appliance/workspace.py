@@ -63,6 +63,9 @@ T = TypeVar("T")
 
 KIND_DIRS = {"model": "models", "dataset": "datasets", "run": "runs", "export": "exports",
              "bundle": "bundles", "eval": "evals"}
+# The CLI group whose `rm NAME --yes` removes an artifact of a kind (a bundle's import is undone
+# by removing the exports it brought: bundles have no rm of their own)
+RM_COMMAND = {"model": "models", "dataset": "data", "run": "runs", "export": "exports", "eval": "evals"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 STAGING_PREFIX = ".staging-"
 STAGING_RE = re.compile(r"-\d+-[0-9a-f]{8}")  # what follows ".staging-<name>": -<pid>-<hex>
@@ -377,8 +380,9 @@ class ArtifactWriter:
             if self.final.exists() and not self.replace:
                 raise AlreadyExistsError(
                     f"{self.kind} {self.name!r} already exists at {self.final}",
-                    hint=f"choose another --name, or remove it first "
-                    f"(appliance {KIND_DIRS[self.kind]} rm {self.name})",
+                    hint="choose another --name" + (
+                        f", or remove it first (appliance {RM_COMMAND[self.kind]} rm {self.name} --yes)"
+                        if self.kind in RM_COMMAND else ""),
                 )
             self._restore_trash()
             for stale in self.final.parent.glob(f"{STAGING_PREFIX}{self.name}-*"):

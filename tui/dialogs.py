@@ -61,6 +61,8 @@ class NamedSelect(Select[str]):
 class ConfirmDialog(ModalScreen[bool]):
     """Yes/no before something that cannot be undone."""
 
+    HELP_TITLE = "a confirmation"
+
     DEFAULT_CSS = dialog_css("ConfirmDialog")
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("y", "answer(True)", "Yes"),
@@ -92,6 +94,8 @@ class ConfirmDialog(ModalScreen[bool]):
 
 class ErrorDialog(ModalScreen[None]):
     """An error with its title, what happened, and what to do about it."""
+
+    HELP_TITLE = "an error"
 
     DEFAULT_CSS = dialog_css("ErrorDialog") + """
     ErrorDialog > Vertical { border: thick $error; }
@@ -134,6 +138,8 @@ class FilteredTree(DirectoryTree):
 
 class FilePicker(ModalScreen[Path | None]):
     """Browse to a file (or a folder, when folders are acceptable) or type its path."""
+
+    HELP_TITLE = "pick a file"
 
     DEFAULT_CSS = dialog_css("FilePicker") + """
     FilePicker > Vertical { height: 90%; }

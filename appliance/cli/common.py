@@ -35,11 +35,21 @@ def print_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
     if not rows:
         say("(none)")
         return
-    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    cells = [[_cell(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     say("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)))
     for row in cells:
         say("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def _cell(value: Any) -> str:
+    """A table cell: '-' for nothing, yes/no for a flag, the first line of a text with a hint."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    text = str(value)
+    return text.splitlines()[0] if text else text
 
 
 def artifact_json(record: Any) -> dict[str, Any]:

@@ -39,10 +39,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     request = EvalRequest.make(args.targets, args.data, limit=args.limit,
                                max_new_tokens=args.max_new_tokens, seed=args.seed, name=args.name,
                                judge=args.judge, rubric=args.rubric)
-    if request.judge and not request.problems():  # a judge that is no GGUF: refused before queueing
-        from appliance.stages.eval import judge
+    if not request.problems():  # unknown targets, a judge that is no GGUF: refused before queueing
+        from appliance.stages.eval import judge, targets
 
-        judge.resolve(open_workspace(args), request.judge)
+        ws = open_workspace(args)
+        for target in request.targets:
+            targets.resolve(ws, target)
+        if request.judge:
+            judge.resolve(ws, request.judge)
     return run_job(args, request.kind, request.to_params(), "eval", _eval_report)
 
 

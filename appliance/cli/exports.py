@@ -104,8 +104,35 @@ def _imatrix(value: str) -> str:
     return value if value in IMATRIX_CHOICES or not value else str(Path(value).expanduser().resolve())
 
 
+def _require_run(args: argparse.Namespace) -> None:
+    """A run that is not there is refused before a job is queued (exit 4, nothing in `jobs list`)."""
+    from appliance import manifest
+    from appliance.errors import NotFoundError
+
+    ws = open_workspace(args)
+    run = next((r for r in ws.list("run") if r.name == args.run), None)
+    if run is None:
+        raise NotFoundError(f"no finished run named {args.run!r} in {ws.root}",
+                            hint="`appliance runs list` shows finished runs; a run that is still "
+                                 "training or failed has no adapter to export yet")
+    # a dataset with no eval split: the gate would fail after the merge (a missing or altered
+    # parent is the job's to name, with its manifest checks)
+    parents: list[dict[str, Any]] = manifest.read(run.path)["parents"]
+    parent = next((p for p in parents if p.get("kind") == "dataset"), {})
+    dataset = next((d for d in ws.list("dataset") if d.name == parent.get("name")), None)
+    report = dataset.path / "report.json" if dataset is not None else None
+    if report is not None and report.is_file() and \
+            json.loads(report.read_text(encoding="utf-8")).get("eval") == 0:
+        raise ValidationError(f"run {args.run!r} was trained on dataset {parent['name']!r}, which has no "
+                              "held-out (eval) conversations: the parity gate has nothing to score "
+                              "its exports on", hint="import the dataset again with an eval split "
+                              "(--eval-fraction) and train on it")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from appliance.stages.export.request import DEFAULT_CALIBRATE, DEFAULT_IMATRIX, ExportRequest
+
+    _require_run(args)
 
     types = _types(args.quant if args.format == "gguf" else args.precision)
     request = ExportRequest(args.run, args.format, tuple(types), _thresholds(args.threshold),
@@ -119,6 +146,7 @@ def cmd_export_plan(args: argparse.Namespace) -> int:
     the terminal closing), then the frontier to pick from."""
     from appliance.stages.export.request import PLAN, ExportRequest
 
+    _require_run(args)
     request = ExportRequest(args.run, PLAN, (*_types(args.gguf), *_types(args.onnx)),
                             imatrix=_imatrix(args.imatrix), calibrate=args.calibrate)
     return run_job(args, "export", request.to_params(), "export plan", _plan_report)
@@ -146,6 +174,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from appliance.stages.verify.request import VerifyRequest
 
     request = VerifyRequest(export=args.export, overrides=_thresholds(args.threshold))
+    open_workspace(args).get("export", args.export)  # one that is not there: refused, no job queued
     return run_job(args, "verify", request.to_params(), "parity", _verify_report)
 
 
@@ -185,7 +214,7 @@ def _calibration_line(info: dict[str, Any]) -> str | None:
         return f"  calibration none ({what}: {record.get('why') or 'not used'})"
     data = record.get("calibration")
     source = (f"{data['conversations']} {data['split']} conversations of {data['dataset']} (run "
-              f"{data['run']}; their sha256 in {record.get('hashes_file') or record.get('file')})"
+              f"{data['run']}; their sha256 in {data.get('hashes_file') or record.get('file')})"
               if data else record.get("path", "a file"))
     return f"  calibration {what} from {source}"
 
@@ -199,7 +228,7 @@ def cmd_exports_fit(args: argparse.Namespace) -> int:
     prints = []
     for ref in args.names:
         art = engines.resolve(ref, ws, allow_failed_parity=True)
-        context = args.context or fit.default_context(art.kind, Path(art.path))
+        context = fit.context_for(art.kind, Path(art.path), args.context or None)
         prints.append(fit.footprint(art.kind, Path(art.path), art.name, context))
     card = fit.this_card(args.card_gib)
     placement, lines = fit.report(prints, card)

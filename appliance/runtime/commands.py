@@ -42,10 +42,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits.configure_logging(options.log_level)
     srv = service.load(ws, options, lambda line: print(line, flush=True))
     active = [k for k in keys.list_keys(ws) if k.revoked is None]
-    print(f"serving {', '.join(srv.engines)} at {service.url_for(args.host, args.port)}/v1 "
-          f"({len(active)} active API key{'s' if len(active) != 1 else ''})", flush=True)
-    _warnings(ws, options, args)
-    service.serve_foreground(srv)
+
+    def listening(port: int) -> None:
+        print(f"serving {', '.join(srv.engines)} at {service.url_for(args.host, port)}/v1 "
+              f"({len(active)} active API key{'s' if len(active) != 1 else ''})", flush=True)
+        _warnings(ws, options, args)
+
+    service.serve_foreground(srv, listening)
     return 0
 
 

@@ -173,6 +173,9 @@ class ChatSession:
             self.notify("usage: /save FILE")
             return
         path = Path(arg).expanduser()
+        if not path.parent.is_dir():  # a typo in the path is not a request for new folders
+            self.notify(f"not saved: {path.parent} is not a folder")
+            return
         try:
             atomic_write_text(path, json.dumps(self.transcript(), indent=2, ensure_ascii=False) + "\n")
         except OSError as exc:

@@ -226,6 +226,24 @@ def default_context(kind: str, path: Path) -> int:
     return onnx_default(path, onnx_trained_context(path))
 
 
+def context_for(kind: str, path: Path, asked: int | None) -> int:
+    """The context to plan for: `asked`, refused beyond what the model was trained on (the
+    engines never serve past it), else the engines' own default."""
+    if asked is None:
+        return default_context(kind, path)
+    if kind == "gguf":
+        from appliance.runtime.llama_engine import gguf_context_length
+
+        trained = gguf_context_length(path)
+    else:
+        trained = onnx_trained_context(path)
+    if trained and asked > trained:
+        raise ValidationError(f"{path.name}: a context of {asked:,} tokens is more than the model was "
+                              f"trained on ({trained:,}); the runtime never serves beyond it",
+                              hint=f"--context at most {trained}")
+    return asked
+
+
 def onnx_trained_context(folder: Path) -> int | None:
     try:
         value = json.loads((folder / "config.json").read_text(encoding="utf-8")).get(

@@ -138,6 +138,9 @@ def load(ws: Workspace, options: ServeOptions, say: Callable[[str], None],
     names = [a.name for a in artifacts]
     if len(set(names)) != len(names):
         raise ValidationError(f"the same artifact is named twice: {', '.join(names)}")
+    for art in artifacts:
+        check_cancel()
+        verify_files(art, say)
     places = placement(artifacts, options, say)
     opened, info = {}, {}
     for art in artifacts:
@@ -150,6 +153,21 @@ def load(ws: Workspace, options: ServeOptions, say: Callable[[str], None],
                           "context_length": engine.context_length,
                           "device": "gpu" if getattr(engine, "gpu", False) else "cpu"}
     return server.Server(opened, keys.KeyChecker(ws), server_config(options), info)
+
+
+def verify_files(art: Any, say: Callable[[str], None]) -> None:
+    """Every file of a workspace export against the sha256 its manifest recorded, before it is
+    served: what was gated is what answers (resolving checks sizes only; a flipped byte keeps the
+    size). A loose .gguf or ONNX folder has no manifest to check against."""
+    from appliance import manifest
+
+    path = Path(art.path)
+    folder = path.parent if path.is_file() or path.name == "onnx" else path
+    if not (folder / manifest.MANIFEST).is_file():
+        return
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    say(f"checking the sha256 of {art.name}'s files ({size / 2**30:.2f} GiB) against its manifest")
+    manifest.verify(folder)
 
 
 def placement(artifacts: list[Any], options: ServeOptions,
@@ -240,14 +258,17 @@ def audit_stop(srv: Any) -> None:
                           key_uses=dict(srv.keys.uses), refused=srv.keys.refused)
 
 
-def serve_foreground(srv: Any) -> None:
+def serve_foreground(srv: Any, on_listening: Callable[[int], None] | None = None) -> None:
     """`appliance serve` (and the systemd unit): serve until SIGINT or SIGTERM, then stop cleanly
-    (answers in progress get `shutdown_timeout` to finish)."""
+    (answers in progress get `shutdown_timeout` to finish). `on_listening(port)` runs once the
+    address is bound (so nothing says "serving" for a port that another process holds)."""
     import signal
 
     async def serve() -> None:
         runner, port = await _listen(srv)
         audit_start(srv, port)
+        if on_listening is not None:
+            on_listening(port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -123,7 +123,7 @@ async def test_keys_start_request_stop(ws: Workspace) -> None:
 async def test_a_server_that_fails_to_start_says_why(ws: Workspace) -> None:
     gguf_export(ws, "smol-bad")
     model = next(ws.get("export", "smol-bad").path.glob("*.gguf"))
-    with open(model, "r+b") as fh:  # same size, so the manifest's quick check passes; not a GGUF
+    with open(model, "r+b") as fh:  # same size: the quick check passes, serve's sha256 check does not
         fh.write(b"\0" * 64)
     app = app_for(ws, poll_s=0.3)
     async with app.run_test(size=(100, 30)) as pilot:
@@ -139,7 +139,8 @@ async def test_a_server_that_fails_to_start_says_why(ws: Workspace) -> None:
         await wait_for(pilot, lambda: any(n.title == "Job did not succeed" for n in app._notifications),
                        timeout=60)
         (note,) = [n for n in app._notifications if n.title == "Job did not succeed"]
-        assert "failed" in note.message and "cannot load" in note.message
+        assert "failed" in note.message and "Integrity check failed" in note.message
+        assert model.name in note.message
         assert not _rows(app.screen, "servers")
 
 

@@ -49,7 +49,7 @@ def test_help_lists_every_key_of_every_screen() -> None:
         for binding in screen_bindings(entry.load()):
             assert binding.description in text, (entry.title, binding.description)
     for heading in ("Dialog: import a model", "Dialog: import a dataset", "Dialog: export a run",
-                    "Dialog: FilePicker", "Dialog: ConfirmDialog"):
+                    "Dialog: pick a file", "Dialog: a confirmation"):
         assert heading in headings
     assert "ctrl+s" in text and "Start training" in text and "Cancel job" in text
 

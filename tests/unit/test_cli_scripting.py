@@ -236,6 +236,7 @@ def test_verify_json_is_the_only_thing_on_stdout(tmp_path: Path, monkeypatch: py
 def test_export_and_merge_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                capsys: pytest.CaptureFixture[str]) -> None:
     ws = Workspace(tmp_path / "ws")
+    make_artifact(ws, "run", "r", summary={})  # export refuses a run that is not there, before a job
     make_export(ws, passed=True)
     make_export(ws, passed=False, name="r-gguf-q2_k")
     FakeJobs(monkeypatch, "succeeded", {"exports": {"r-gguf-q8_0": "ready", "r-gguf-q2_k": "failed"}})
@@ -346,6 +347,7 @@ def test_a_followed_job_that_did_not_succeed_exits_7(tmp_path: Path, monkeypatch
 
 def test_a_parity_gate_failure_exits_6_not_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ws = Workspace(tmp_path / "ws")
+    make_artifact(ws, "run", "r", summary={})
     make_export(ws, passed=False, name="r-gguf-q2_k")
     FakeJobs(monkeypatch, "succeeded", {"exports": {"r-gguf-q2_k": "failed"}})
     assert cli.main(["--home", str(ws.root), "export", "gguf", "r", "--quant", "Q2_K"]) == 6

@@ -51,7 +51,8 @@ def held_out(ws: Workspace, request: EvalRequest, targets: list[Target]
         parsed = datasets.parse_file(path, "auto", lambda _: 0)
         rows = [r["messages"] for r in parsed.train]
         data = {"kind": "file", "name": path.name, "path": str(path), "sha256": sha256_file(path),
-                "form": parsed.form, "rejected": len(parsed.rejected)}
+                "form": parsed.form, "rejected": len(parsed.rejected),
+                "rejections": parsed.rejected[:20]}
     else:
         record = ws.get("dataset", request.data) if request.data else next(
             (t.dataset for t in targets if t.dataset is not None), None)
@@ -148,6 +149,10 @@ def evaluate(ws: Workspace, request: EvalRequest, work: Path, *, default_name: s
     targets = [resolve(ws, t) for t in request.targets]
     judged = judge.setup(ws, request.judge, request.rubric, report) if request.judge else None
     data, items = held_out(ws, request, targets)
+    for rej in data.get("rejections", []):
+        report.log(f"{data['name']} line {rej['line']}: {rej['reason']} (skipped)")
+    if data.get("rejected", 0) > len(data.get("rejections", [])):
+        report.log(f"... {data['rejected']} lines of {data['name']} skipped in all")
     report.log(f"{len(items)} held-out items of {data['name']}; targets: "
                + ", ".join(f"{t.name} ({t.runtime})" for t in targets))
     logs = [results.ItemLog(work / f"{n:02d}-{slugify(t.name)}.jsonl") for n, t in enumerate(targets)]

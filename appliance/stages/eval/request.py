@@ -74,6 +74,8 @@ class EvalRequest:
             found["data"] = why
         elif self.data and Path(self.data).is_absolute() and not Path(self.data).is_file():
             found["data"] = f"{self.data} is not a file"
+        elif self.data and Path(self.data).is_absolute() and Path(self.data).stat().st_size == 0:
+            found["data"] = f"{self.data} is empty: it holds no conversations to evaluate on"
         for key, low, high in (("limit", 1, MAX_LIMIT), ("max_new_tokens", 1, MAX_NEW_TOKENS),
                                ("seed", 0, 2**32 - 2)):
             value = getattr(self, key)

@@ -308,7 +308,6 @@ def _one(job: _Export, name: str, kind: str, make: Callable[[str], ArtifactRecor
             job.report.log(f"{name} exists: gating it again with the given thresholds")
             job.gate.again(name)
             return job.ws.get("export", name)
-        job.report.log(f"{name} exists and matches its manifest: reused")
         job.stages.reused(name)
         return found
     job.report.check_cancel()

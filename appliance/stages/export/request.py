@@ -50,6 +50,9 @@ class ExportRequest:
             found["run"] = "pick a finished run"
         if self.format not in (*FORMATS, PLAN):
             found["format"] = f"unknown format {self.format!r}; one of {', '.join(FORMATS)}"
+        elif self.format in FORMATS and not self.types:
+            found["types"] = "name at least one " + (
+                "quantization type, e.g. Q4_K_M" if self.format == "gguf" else "precision, e.g. int4")
         elif self.format == PLAN:
             found.update(_plan_problems(self))
         elif self.format == "onnx":

@@ -52,7 +52,6 @@ def merged_model(ws: Workspace, run: str, stages: Stages, report: Reporter = QUI
                                  f"base={made.get('base')}, not {asked}",
                                  title="Already merged differently",
                                  hint=f"remove it first (appliance exports rm {name}) to merge again")
-        report.log(f"{name} exists and matches its manifest: reused")
         stages.reused(name)
         return found
     stages.start(name)

@@ -1,0 +1,129 @@
+"""What a hands-on operator pass found (2026-12-07), each held by a test: tables without Python
+literals, a job start that says what it is, the right `rm` command in a hint, requests that name
+nothing refused, a chat transcript that does not create folders, a context beyond training refused
+by `exports fit`, and `serve` checking every byte of an export before it answers from it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance import manifest
+from appliance.cli.common import print_table
+from appliance.errors import AlreadyExistsError, ExitCode, IntegrityError, ValidationError
+from appliance.runtime import fit, service
+from appliance.runtime.engine import Artifact
+from appliance.stages.eval.request import EvalRequest
+from appliance.stages.export.request import ExportRequest
+from appliance.textout import format_event
+from appliance.workspace import Workspace
+from tests.unit.test_runtime_fit import _gguf
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_tables_print_dashes_flags_and_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    print_table([{"a": None, "b": True, "c": False, "d": "failed: no run\n  -> try runs list"}],
+                ["a", "b", "c", "d"])
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2  # the header and one row: the hint's line stays out of the table
+    assert out[1].split() == ["-", "yes", "no", "failed:", "no", "run"]
+
+
+def test_a_training_start_reads_as_a_sentence() -> None:
+    assert format_event({"type": "train-start", "attempt": 1, "max_steps": 16, "run": "r", "step": 0}) \
+        == "training r: attempt 1, 16 steps"
+    assert format_event({"type": "train-start", "attempt": 2, "max_steps": 16, "run": "r", "step": 8}) \
+        == "training r: attempt 2, resuming at step 8 of 16"
+
+
+def test_the_hint_for_a_taken_name_gives_a_command_that_exists(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path / "ws")
+    ws.ensure()
+    (ws.root / "datasets" / "d").mkdir(parents=True)
+    with pytest.raises(AlreadyExistsError) as caught, ws.writer("dataset", "d"):
+        pass
+    assert "appliance data rm d --yes" in caught.value.hint
+    help_text = subprocess.run([sys.executable, "-m", "appliance", "data", "rm", "--help"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout
+    assert "--yes" in help_text
+
+
+def test_requests_that_name_nothing_are_refused(tmp_path: Path) -> None:
+    assert "types" in ExportRequest("run", "onnx", ()).problems()
+    assert "types" in ExportRequest("run", "gguf", ()).problems()
+    assert "types" not in ExportRequest("run", "onnx", ("int4",)).problems()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert "is empty" in EvalRequest(("m",), str(empty)).problems()["data"]
+
+
+def test_chat_save_does_not_make_folders(tmp_path: Path) -> None:
+    from tests.unit.test_runtime_console import Script
+
+    target = tmp_path / "no" / "such" / "dir" / "t.json"
+    script = Script("Hi", f"/save {target}", "/quit")
+    assert script.session().run() == 0
+    assert not (tmp_path / "no").exists()
+    assert any(f"not saved: {target.parent} is not a folder" in n for n in script.notes)
+
+
+def test_exports_fit_refuses_a_context_beyond_training(tmp_path: Path) -> None:
+    path = _gguf(tmp_path / "m.gguf", ctx=512)
+    assert fit.context_for("gguf", path, 512) == 512
+    with pytest.raises(ValidationError, match=r"more than the model was trained on \(512\)"):
+        fit.context_for("gguf", path, 100_000)
+
+
+def test_serve_checks_every_byte_of_an_export_before_loading_it(tmp_path: Path) -> None:
+    folder = tmp_path / "export"
+    folder.mkdir()
+    gguf = _gguf(folder / "m.Q8_0.gguf")
+    manifest.write(folder, manifest.build(folder, kind="export", name="m"))
+    said: list[str] = []
+    service.verify_files(Artifact("m", "gguf", gguf, "pass"), said.append)
+    assert said and "checking the sha256 of m's files" in said[0]
+    data = bytearray(gguf.read_bytes())
+    data[-1] ^= 1  # the same size: resolving by sizes alone does not see it
+    gguf.write_bytes(bytes(data))
+    manifest.verify(folder, full=False)
+    with pytest.raises(IntegrityError, match=r"m\.Q8_0\.gguf"):
+        service.verify_files(Artifact("m", "gguf", gguf, "pass"), said.append)
+    loose = _gguf(tmp_path / "loose.gguf")  # no manifest: nothing to check against
+    service.verify_files(Artifact("loose", "gguf", loose, "unknown"), said.append)
+
+
+def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "appliance", "--home", str(home), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_unknown_names_are_refused_before_a_job_is_queued(tmp_path: Path) -> None:
+    home = tmp_path / "ws"
+    for args in (("export", "onnx", "nosuch", "--precision", "int4"), ("export", "plan", "nosuch"),
+                 ("verify", "nosuch"), ("eval", "nosuch", "nosuch2", "--limit", "2")):
+        done = _cli(home, *args)
+        assert done.returncode == ExitCode.NOT_FOUND, (args, done.stdout, done.stderr)
+        assert "nosuch" in done.stderr and "Traceback" not in done.stderr
+    listed = json.loads(_cli(home, "jobs", "list", "--json").stdout)
+    assert listed == []
+
+
+def test_an_export_of_a_run_without_held_out_data_is_refused_before_the_merge(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path / "ws")
+    ws.ensure()
+    report = {"kept": 1, "train": 1, "eval": 0}
+    with ws.writer("dataset", "d") as w:
+        (w.path / "report.json").write_text(json.dumps(report))
+        w.commit()
+    with ws.writer("run", "r") as w:
+        (w.path / "adapter.txt").write_text("x")
+        w.commit(parents=[{"kind": "dataset", "name": "d"}])
+    done = _cli(ws.root, "export", "gguf", "r", "--quant", "Q8_0")
+    assert done.returncode == ExitCode.INVALID, done.stderr
+    assert "no held-out (eval) conversations" in done.stderr
+    assert json.loads(_cli(ws.root, "jobs", "list", "--json").stdout) == []
