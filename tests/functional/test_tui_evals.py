@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from rich.console import Console
-from textual.widgets import Input, Select, SelectionList, Static
+from textual.widgets import Button, Input, Select, SelectionList, Static
 from tuikit import (
     EVAL,
     EVAL_ITEMS,
@@ -190,6 +190,13 @@ async def test_n_starts_an_eval_through_the_door(fixed_ws: Workspace, monkeypatc
         await settle(app, pilot)
         assert app.screen is dialog and "limit: a whole number" in " ".join(
             str(s.render()) for s in dialog.query(".problem"))
+        targets.deselect_all()  # the longest problem line: the buttons stay on the 80x24 screen
+        await pilot.press("ctrl+s")
+        await settle(app, pilot)
+        for button in dialog.query(Button):
+            assert button.region.bottom <= 24 and button.region.height > 0, button.label
+        targets.select(f"{RUN}-gguf-q8_0")
+        targets.select(MODEL)
         dialog.query_one("#limit", Input).value = "4"
         dialog.query_one("#max_new_tokens", Input).value = "32"
         judges = dialog.query_one("#judge", Select)

@@ -391,7 +391,7 @@ class EvalDialog(FormDialog[EvalRequest]):
 
     HELP_TITLE = "start an evaluation"
     DEFAULT_CSS = dialog_css("EvalDialog") + """
-    EvalDialog SelectionList { height: auto; max-height: 8; }
+    EvalDialog SelectionList { height: auto; max-height: 6; }  /* room for a problem line at 80x24 */
     EvalDialog .row { height: auto; }
     EvalDialog .row Input { width: 1fr; }
     """
