@@ -88,7 +88,7 @@ def read_jobs(ws: Workspace, tail: EventTail | None, now: float | None = None) -
     events, end = tail.read_from(start) if tail else ([], 0)
     all_jobs = jobs.list_jobs(ws)
     doing = {j.id: summary_line(last_events(ws, j.id), now) for j in all_jobs
-             if tail is not None and j.id == tail.job_id and j.state in ("queued", "running")}
+             if j.state in ("queued", "running")}  # the table shows it as the Dashboard does
     return JobsRead(all_jobs, tail, start, end, events, doing)
 
 
@@ -137,7 +137,8 @@ class JobsScreen(ApplianceScreen):
     def _show(self, read: JobsRead) -> None:
         table = self.query_one("#jobs", KeyedTable)
         room = message_room(self.app.size.width, [j.id for j in read.jobs])
-        table.fill([(j.id, (j.id, j.state, clip(first_line(j.message, 200), room))) for j in read.jobs])
+        table.fill([(j.id, (j.id, j.state, clip(read.doing.get(j.id) or first_line(j.message, 200), room)))
+                    for j in read.jobs])
         self.by_id = {j.id: j for j in read.jobs}
         wanted = self.appliance.pending_job
         if wanted and table.select_key(wanted):
