@@ -236,6 +236,8 @@ class ApplianceApp(App[int]):
         await self.screen.run_action(action)
 
     def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
+        from tui.screens.help import key_label
+
         yield from super().get_system_commands(screen)
         yield SystemCommand("Help: every key of every screen", "?", self.action_help)
         for entry in SCREENS:
@@ -244,7 +246,7 @@ class ApplianceApp(App[int]):
         for entry in SCREENS:
             for binding in screen_bindings(entry.load()):
                 yield SystemCommand(f"{entry.title}: {binding.description}",
-                                    f"key {binding.key} on the {entry.title} screen",
+                                    f"key {key_label(binding.key)} on the {entry.title} screen",
                                     lambda e=entry, b=binding: self.run_screen_action(e.mode, b.action),
                                     discover=False)
 

@@ -73,6 +73,9 @@ async def test_palette_offers_every_screen_and_action_and_runs_them(tmp_path: Pa
             assert f"Go to {entry.title}" in titles
             for binding in screen_bindings(entry.load()):
                 assert f"{entry.title}: {binding.description}" in titles
+        helps = " ".join(c.help for c in app.get_system_commands(app.screen))
+        assert "key / on the" in helps  # keys as the footer writes them, not Textual's names
+        assert "slash" not in helps and "super+" not in helps
         await pilot.press("ctrl+p")
         await settle(app, pilot)
         await pilot.press(*"Go to Exports")

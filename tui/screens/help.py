@@ -34,6 +34,13 @@ KEY_NAMES = {"question_mark": "?", "backspace": "backspace", "delete": "del", "s
 Rows = list[tuple[str, str]]
 
 
+def key_label(keys: str) -> str:
+    """'ctrl+c,super+c' -> 'ctrl+c'; 'slash' -> '/': keys as the help and the footer write them
+    (super+ is macOS's copy, which a terminal on Linux does not send)."""
+    names = [KEY_NAMES.get(k, k) for k in keys.split(",") if not k.startswith("super+")]
+    return " / ".join(dict.fromkeys(names)) or keys
+
+
 def key_rows(cls: type[Any], leave_out: Rows | None = None) -> Rows:
     """(keys, description) per action of a class's merged BINDINGS, keys joined with ' / ';
     without the rows in `leave_out` (those said elsewhere) and the app's screen keys."""
