@@ -30,7 +30,7 @@ def _thresholds(items: list[str] | None) -> dict[str, float]:
 
     out = {}
     for item in items or []:
-        key, value = parse_override(item)
+        key, value = parse_override(item, "--threshold")
         if key not in THRESHOLD_KEYS or not isinstance(value, int | float):
             raise ValidationError(f"--threshold {item!r}: expected one of "
                                   f"{', '.join(THRESHOLD_KEYS)}=NUMBER")

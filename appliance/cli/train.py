@@ -29,7 +29,7 @@ def load_config(args: argparse.Namespace, model: Any) -> tuple[dict[str, Any], s
     from appliance.stages.train import config as trainconfig
 
     values, source = trainconfig.load_recipe(args.recipe)
-    values.update(dict(trainconfig.parse_override(o) for o in args.set or []))
+    values.update(dict(trainconfig.parse_override(o, "--set") for o in args.set or []))
     cfg = trainconfig.validate(values, source=source,
                                context_length=model.summary.get("context_length"))
     return values, source, cfg

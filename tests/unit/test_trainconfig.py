@@ -139,6 +139,14 @@ def test_parse_override_needs_key_and_equals(text: str) -> None:
         parse_override(text)
 
 
+def test_a_bad_override_names_the_flag_it_came_with() -> None:
+    """The CLI's flag, or none (the TUI's form names its field): not always `--set`."""
+    with pytest.raises(ValidationError, match=r"^--threshold 'garbage': expected key=value$"):
+        parse_override("garbage", "--threshold")
+    with pytest.raises(ValidationError, match=r"^'garbage': expected key=value$"):
+        parse_override("garbage")
+
+
 # -- learning-rate schedule --------------------------------------------------------------------
 def test_lr_warmup_then_cosine() -> None:
     cfg = TrainConfig(warmup_steps=4, max_steps=20, learning_rate=1e-3)

@@ -154,11 +154,12 @@ def resolve_compute_dtype(cfg: TrainConfig, cuda_capability: tuple[int, int] | N
     return cpus.cpu_compute_dtype(cpu)
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """`key=value` from the command line; the value is read as TOML (numbers, booleans, lists)."""
+def parse_override(text: str, flag: str = "") -> tuple[str, Any]:
+    """`key=value` (a command line's `flag`, named in the error; the TUI's field names itself); the
+    value is read as TOML (numbers, booleans, lists)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise ValidationError(f"--set {text!r}: expected key=value")
+        raise ValidationError(f"{flag} {text!r}: expected key=value".lstrip())
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
