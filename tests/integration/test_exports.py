@@ -257,8 +257,10 @@ def test_int4_cuda_is_genai_s_graph_with_the_same_measured_layout_and_passes(smo
 
     scratch = smol_run.root / "scratch"
     (int4,) = convert.export_onnx(smol_run, "run", ["int4"], scratch=scratch)
-    (record,) = convert.export_onnx(smol_run, "run", ["int4-cuda"], scratch=scratch)
-    assert manifest.read(record.path)["info"]["calibration"]["used"] is True
+    (record,) = convert.export_onnx(smol_run, "run", ["int4-cuda"], scratch=smol_run.root / "scratch2")
+    calibration = manifest.read(record.path)["info"]["calibration"]
+    # another job (another scratch): the layout int4 measured is taken, not measured again
+    assert calibration["used"] is True and calibration["reused_from"] == int4.name
     details = json.loads((record.path / "onnx_export.json").read_text())
     assert details["graph"] == "onnxruntime-genai builder" and details["kv_dtype"] == "FLOAT16"
     assert details["quantization"]["layout"] == "measured"

@@ -127,3 +127,42 @@ def test_an_export_of_a_run_without_held_out_data_is_refused_before_the_merge(tm
     assert done.returncode == ExitCode.INVALID, done.stderr
     assert "no held-out (eval) conversations" in done.stderr
     assert json.loads(_cli(ws.root, "jobs", "list", "--json").stdout) == []
+
+
+def test_int4_cuda_takes_the_layout_an_int4_export_of_the_same_merge_measured(tmp_path: Path) -> None:
+    """An int4-cuda export after an int4 one (another job) reuses its measured layout: no fp32
+    graph and no backward passes again (the fp32 path below does not exist: measuring would fail)."""
+    from appliance.progress import QUIET, Stages
+    from appliance.stages.export import layout
+    from appliance.workspace import ArtifactRecord
+
+    ws = Workspace(tmp_path / "ws")
+    ws.ensure()
+    merged = ArtifactRecord("export", "r-merged", tmp_path, "", "merged-sha", "ready", {})
+    doc = {"run": "r", "dataset": "d", "split": "train", "conversation_sha256": ["h"],
+           "scores": {"m": 1.0}, "eight_bit": ["/model/layers.0/mlp/down_proj/MatMul"]}
+    calibration = {"used": True, "source": "run", "method": "fisher", "draws": layout.DRAWS,
+                   "seed": layout.SEED, "file": layout.LAYOUT_FILE}
+
+    def export(name: str, parent_sha: str, used: bool = True) -> None:
+        with ws.writer("export", name) as w:
+            (w.path / layout.LAYOUT_FILE).write_text(json.dumps(doc))
+            w.commit(parents=[{"kind": "export", "name": "r-merged", "manifest_sha256": parent_sha}],
+                     info={"calibration": {**calibration, "used": used}})
+
+    def plan() -> layout.Layout:
+        return layout.Layout(ws, "r", layout.AUTO, tmp_path / "scratch", Stages(), QUIET)
+
+    export("other-merge-onnx-int4", "another-sha")  # another merge's: not this model's layout
+    export("r-onnx-int4-off", "merged-sha", used=False)  # the fixed layout: nothing measured
+    assert not plan().reuse(merged)
+    export("r-onnx-int4", "merged-sha")
+    taken = plan()
+    keep, record = taken.get(tmp_path / "no-fp32-graph", merged)
+    assert keep == doc["eight_bit"] and record["reused_from"] == "r-onnx-int4" and record["used"]
+    out = tmp_path / "beside"
+    out.mkdir()
+    taken.write_beside(out)  # the new export carries its own copy of the layout file
+    assert json.loads((out / layout.LAYOUT_FILE).read_text()) == doc
+    off = layout.Layout(ws, "r", layout.OFF, tmp_path / "scratch", Stages(), QUIET)
+    assert not off.reuse(merged) and off.get(tmp_path, merged)[0] is None

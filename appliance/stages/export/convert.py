@@ -259,7 +259,7 @@ def _one_onnx(job: _Export, precision: str, scratch: Path, plan: layout.Layout) 
 def _job_layout(job: _Export, scratch: Path, plan: layout.Layout) -> tuple[list[str] | None, dict[str, Any]]:
     """The 8-bit layout (MatMul names of the fp32 graph, None for the fixed one), measured once a job."""
     fp32 = scratch / "onnx-fp32"
-    if plan.choice != layout.OFF:
+    if plan.choice != layout.OFF and not plan.reuse(job.merged):
         _fp32_graph(job, fp32)  # the layout is measured against its MatMuls
     return plan.get(fp32, job.merged)
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance import manifest
+from appliance.errors import ApplianceError
 from appliance.progress import Reporter, Stages
 from appliance.stages.export.importance import conversation_hash
 from appliance.stages.export.request import CALIBRATE_CHOICES as CHOICES
@@ -102,9 +103,27 @@ class Layout:
         """(the MatMuls kept at 8 bits, or None for the fixed layout; the manifest's record)."""
         if self.choice == OFF:
             return None, {"used": False, "why": "--calibrate off"}
-        if self._made is None:
+        if self._made is None and not self.reuse(merged):
             self._made = self._measure(fp32, merged)
+        assert self._made is not None
         return self._made
+
+    def reuse(self, merged: ArtifactRecord) -> bool:
+        """Take the layout an export of the same merged model already measured (an int4 made before
+        an int4-cuda, in another job): the same run, conversations, method, draws and seed give the
+        same layout, without the fp32 graph and the backward passes again. True when taken."""
+        if self.choice == OFF or self._made is not None:
+            return self._made is not None
+        for record in self.ws.list("export"):
+            found = _measured_by(record, merged)
+            if found is not None:
+                keep, calibration = found
+                self._file = {k: keep[k] for k in FILE_KEYS}
+                self._made = keep["eight_bit"], {**calibration, "reused_from": record.name}
+                self.report.log(f"int4 layout: the one measured for {record.name} (the same merged model "
+                                f"and training conversations), {len(keep['eight_bit'])} matrices at 8 bits")
+                return True
+        return False
 
     def _measure(self, fp32: Path, merged: ArtifactRecord) -> tuple[list[str] | None, dict[str, Any]]:
         cached = self.scratch / LAYOUT_FILE
@@ -169,6 +188,29 @@ class Layout:
         doc = {"run": self.run, "dataset": calib.dataset.name, "split": "train",
                "conversation_sha256": calib.hashes, "scores": scores}
         return keep, record, doc
+
+
+def _measured_by(record: ArtifactRecord, merged: ArtifactRecord
+                 ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(its layout file, its manifest's calibration record) when `record` is an export of `merged`
+    whose layout this module measured as it would now; None otherwise (or if its files changed)."""
+    path = record.path / LAYOUT_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = manifest.verify(record.path, full=False)
+        kept = json.loads(path.read_text(encoding="utf-8"))
+    except (ApplianceError, OSError, ValueError):
+        return None
+    parents = data.get("parents") or []
+    calibration = (data.get("info") or {}).get("calibration") or {}
+    same = (bool(parents) and parents[0].get("manifest_sha256") == merged.manifest_sha256
+            and calibration.get("used") is True and calibration.get("source") == "run"
+            and calibration.get("method") == "fisher" and calibration.get("draws") == DRAWS
+            and calibration.get("seed") == SEED)
+    if not same or not isinstance(kept, dict) or any(k not in kept for k in FILE_KEYS):
+        return None
+    return kept, calibration
 
 
 def unit_scores(units: list[Any], merged: Path, samples: list[Any], *, seed: int = SEED,
