@@ -44,7 +44,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         ws = open_workspace(args)
         for target in request.targets:
-            targets.resolve(ws, target)
+            targets.find(ws, target)
         if request.judge:
             judge.resolve(ws, request.judge)
     return run_job(args, request.kind, request.to_params(), "eval", _eval_report)

@@ -105,25 +105,21 @@ def _imatrix(value: str) -> str:
 
 
 def _require_run(args: argparse.Namespace) -> None:
-    """A run that is not there is refused before a job is queued (exit 4, nothing in `jobs list`)."""
+    """Refused before a job is queued (nothing in `jobs list`): a run that is not there (exit 4),
+    and one whose dataset has no eval split, which the gate would find only after the merge."""
     from appliance import manifest
     from appliance.errors import NotFoundError
 
     ws = open_workspace(args)
-    run = next((r for r in ws.list("run") if r.name == args.run), None)
-    if run is None:
-        raise NotFoundError(f"no finished run named {args.run!r} in {ws.root}",
-                            hint="`appliance runs list` shows finished runs; a run that is still "
-                                 "training or failed has no adapter to export yet")
-    # a dataset with no eval split: the gate would fail after the merge (a missing or altered
-    # parent is the job's to name, with its manifest checks)
+    run = ws.get("run", args.run)
     parents: list[dict[str, Any]] = manifest.read(run.path)["parents"]
     parent = next((p for p in parents if p.get("kind") == "dataset"), {})
-    dataset = next((d for d in ws.list("dataset") if d.name == parent.get("name")), None)
-    report = dataset.path / "report.json" if dataset is not None else None
-    if report is not None and report.is_file() and \
-            json.loads(report.read_text(encoding="utf-8")).get("eval") == 0:
-        raise ValidationError(f"run {args.run!r} was trained on dataset {parent['name']!r}, which has no "
+    try:
+        dataset = ws.get("dataset", str(parent.get("name")))
+    except NotFoundError:  # the job names a missing parent, with its manifest checks
+        return
+    if dataset.summary.get("eval") == 0:
+        raise ValidationError(f"run {args.run!r} was trained on dataset {dataset.name!r}, which has no "
                               "held-out (eval) conversations: the parity gate has nothing to score "
                               "its exports on", hint="import the dataset again with an eval split "
                               "(--eval-fraction) and train on it")

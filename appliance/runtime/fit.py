@@ -229,19 +229,11 @@ def default_context(kind: str, path: Path) -> int:
 def context_for(kind: str, path: Path, asked: int | None) -> int:
     """The context to plan for: `asked`, refused beyond what the model was trained on (the
     engines never serve past it), else the engines' own default."""
+    from appliance.runtime.llama_engine import gguf_context_length, pick_context
+
     if asked is None:
         return default_context(kind, path)
-    if kind == "gguf":
-        from appliance.runtime.llama_engine import gguf_context_length
-
-        trained = gguf_context_length(path)
-    else:
-        trained = onnx_trained_context(path)
-    if trained and asked > trained:
-        raise ValidationError(f"{path.name}: a context of {asked:,} tokens is more than the model was "
-                              f"trained on ({trained:,}); the runtime never serves beyond it",
-                              hint=f"--context at most {trained}")
-    return asked
+    return pick_context(asked, gguf_context_length(path) if kind == "gguf" else onnx_trained_context(path))
 
 
 def onnx_trained_context(folder: Path) -> int | None:

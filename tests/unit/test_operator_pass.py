@@ -119,7 +119,7 @@ def test_an_export_of_a_run_without_held_out_data_is_refused_before_the_merge(tm
     report = {"kept": 1, "train": 1, "eval": 0}
     with ws.writer("dataset", "d") as w:
         (w.path / "report.json").write_text(json.dumps(report))
-        w.commit()
+        w.commit(info={"summary": {"train": 1, "eval": 0}})  # what the importer records
     with ws.writer("run", "r") as w:
         (w.path / "adapter.txt").write_text("x")
         w.commit(parents=[{"kind": "dataset", "name": "d"}])
@@ -158,6 +158,7 @@ def test_int4_cuda_takes_the_layout_an_int4_export_of_the_same_merge_measured(tm
     assert not plan().reuse(merged)
     export("r-onnx-int4", "merged-sha")
     taken = plan()
+    assert taken.reuse(merged)
     keep, record = taken.get(tmp_path / "no-fp32-graph", merged)
     assert keep == doc["eight_bit"] and record["reused_from"] == "r-onnx-int4" and record["used"]
     out = tmp_path / "beside"

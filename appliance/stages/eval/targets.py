@@ -42,13 +42,17 @@ class Target:
 def resolve(ws: Workspace, target: str) -> Target:
     """A target name (or KIND:NAME) -> the artifact and its runtime; unknown names are refused
     naming what there is."""
+    return _target(ws, target, find(ws, target))
+
+
+def find(ws: Workspace, target: str) -> ArtifactRecord:
+    """The artifact a target names (no manifest read: the CLI checks names before queueing)."""
     kind, name = split_target(target)
     for k in (kind,) if kind else ("export", "run", "model"):
         try:
-            record = ws.get(k, name)
+            return ws.get(k, name)
         except (NotFoundError, ValidationError):
             continue
-        return _target(ws, target, record)
     there = {k: ", ".join(r.name for r in ws.list(k)) or "none" for k in ("model", "run", "export")}
     raise NotFoundError(f"no {kind or 'export, run or model'} named {name!r} in {ws.root}",
                         hint="; ".join(f"{k}s: {v}" for k, v in there.items()))

@@ -103,9 +103,8 @@ class Layout:
         """(the MatMuls kept at 8 bits, or None for the fixed layout; the manifest's record)."""
         if self.choice == OFF:
             return None, {"used": False, "why": "--calibrate off"}
-        if self._made is None and not self.reuse(merged):
+        if self._made is None:  # `reuse` (called first where a graph would be built for this) took none
             self._made = self._measure(fp32, merged)
-        assert self._made is not None
         return self._made
 
     def reuse(self, merged: ArtifactRecord) -> bool:
