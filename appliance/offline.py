@@ -16,6 +16,7 @@ to the operator with its message intact.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 import socket
@@ -145,6 +146,10 @@ def set_offline_env(environ: dict[str, str] | None = None) -> None:
 def install() -> None:
     """Install the guard (idempotent). Call first thing in every entry point."""
     set_offline_env()
+    # on an AVX512-BF16 CPU bitsandbytes asks the `kernels` package for a kernel from the hub as it
+    # is imported: that package is not installed (and the hub is off), so its warning, printed in
+    # every training job's log, told an operator to install something that would go online
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     with _lock:
         if _originals:
             return

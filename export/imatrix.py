@@ -45,6 +45,8 @@ _STAMP = re.compile(r"^\d+\.\d+\.\d+\.\d+ [DIWE] ")  # llama.cpp's log prefix (t
 _TOTAL = re.compile(r"computing over (\d+) chunks")
 _DONE = re.compile(r"\[(\d+)\]\d")  # `[12]9.8731,`: chunk 12 done, perplexity so far
 _TENSOR = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")  # llama-quantize's line per tensor
+# what an operator reads of the tools' output: problems, and the sizes and totals they end with
+_WORTH = re.compile(r"error|fail|warn|size\s*=|computing over \d+ chunks|^Final estimate", re.IGNORECASE)
 
 
 def _quiet(_: str) -> None:
@@ -155,11 +157,11 @@ class _ChunkCount:
 
 
 def _imatrix_line(say: LineSink, count: _ChunkCount) -> LineSink:
-    """Count every line; say only the ones an operator reads (not the loader's, not the running
-    perplexities)."""
+    """Count every line; say only the ones an operator reads (not the loader's, the tokenizer's
+    timings, the ETA or the running perplexities: a failure's message carries the tool's last lines)."""
     def inner(line: str) -> None:
         count(line)
-        if line.startswith(("compute_imatrix:", "Final estimate")) or "error" in line.lower():
+        if _WORTH.search(line):
             say(line)
     return inner
 
@@ -185,12 +187,14 @@ def compute(model: Path, text_file: Path, out: Path, *, chunk: int = CHUNK, thre
 
 
 def _quantize_line(say: LineSink, counts: Counts | None) -> LineSink:
+    """Count the tensors; say problems and the sizes, not the tool's banner and loader lines."""
     def inner(line: str) -> None:
         if tensor := _TENSOR.match(line):
             if counts is not None:
                 counts(int(tensor[1]), int(tensor[2]))
             return
-        say(line)
+        if _WORTH.search(line):
+            say(line)
     return inner
 
 

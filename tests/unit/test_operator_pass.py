@@ -167,3 +167,45 @@ def test_int4_cuda_takes_the_layout_an_int4_export_of_the_same_merge_measured(tm
     assert json.loads((out / layout.LAYOUT_FILE).read_text()) == doc
     off = layout.Layout(ws, "r", layout.OFF, tmp_path / "scratch", Stages(), QUIET)
     assert not off.reuse(merged) and off.get(tmp_path, merged)[0] is None
+
+
+def test_the_tools_noise_stays_out_of_a_job_log() -> None:
+    """The converter logs the chat template whole (a line of Jinja after another) and the
+    quantizer a banner and its loader: the job log keeps what an operator reads."""
+    from appliance.stages.export.convert import tool_lines
+    from export import imatrix
+
+    said: list[str] = []
+    relay = tool_lines(said.append)
+    for line in ["INFO:hf-to-gguf:Model architecture: LlamaForCausalLM",
+                 "INFO:gguf.vocab:Setting chat_template to {% for message in messages %}",
+                 "You are a helpful AI assistant<|im_end|>", "' }}{% endif %}",
+                 "WARNING:hf-to-gguf:unknown key", "Writing:  50%|#####",
+                 "Traceback (most recent call last):",
+                 "INFO:hf-to-gguf:Model successfully exported to x.gguf"]:
+        relay(line)
+    assert said == ["INFO:hf-to-gguf:Model architecture: LlamaForCausalLM",
+                    "WARNING:hf-to-gguf:unknown key", "Traceback (most recent call last):",
+                    "INFO:hf-to-gguf:Model successfully exported to x.gguf"]
+    said.clear()
+    counted: list[tuple[int, int]] = []
+    quantize = imatrix._quantize_line(said.append, lambda d, t: counted.append((d, t)))
+    for line in ["version: 0.5.0-dev (build 0)", "built with GNU 12.2.0 for Linux x86_64",
+                 "====== llama_model_quantize_impl: did not find weights for token_embd.weight",
+                 "load_imatrix: loaded 210 importance matrix entries", "[   1/ 211] token_embd.weight",
+                 "llama_model_quantize_impl: model size  =   256.6 MiB", "main: failed to quantize model"]:
+        quantize(line)
+    assert counted == [(1, 211)]
+    assert said == ["llama_model_quantize_impl: model size  =   256.6 MiB", "main: failed to quantize model"]
+
+
+def test_bitsandbytes_hub_kernel_warning_is_not_in_job_logs() -> None:
+    """bitsandbytes, on an AVX512-BF16 CPU, warns at import that the hub's `kernels` package is
+    missing (and says to install it): the offline guard every entry point installs mutes it."""
+    import logging
+
+    from appliance import offline
+
+    offline.install()
+    assert not logging.getLogger("bitsandbytes.backends.cpu.ops").isEnabledFor(logging.WARNING)
+    assert logging.getLogger("bitsandbytes.backends.cpu.ops").isEnabledFor(logging.ERROR)

@@ -38,14 +38,23 @@ from appliance.stages.verify.gate import Gate
 from appliance.stages.verify.scoring import PARITY_MAX_TOKENS, ReferenceMemo
 from appliance.workspace import ArtifactRecord, Workspace, parent_ref
 
+_RECORD = re.compile(r"^(?:[A-Z]+:|Traceback|\w+(?:Error|Exception)\b)")  # a new log record begins
+
 
 def tool_lines(say: Callable[[str], None]) -> Callable[[str], None]:
     """llama.cpp's converter and quantizer print a line per tensor, and the converter a progress
-    bar many times a second (the staged progress counts it): keep the rest."""
+    bar many times a second (the staged progress counts it): keep the rest. An INFO record that
+    is dropped drops its continuation lines too (the chat template is logged whole, one line of
+    Jinja after another), up to the next record."""
+    dropping = False
+
     def inner(line: str) -> None:
-        if ("-->" in line or "falling back to" in line or line.startswith(("llama_", "Writing:"))
-                or re.match(r"\s*\[\s*\d+/\s*\d+\]", line)
-                or (line.startswith("INFO:") and not re.search(r"architecture|successfully", line))):
+        nonlocal dropping
+        if dropping and not _RECORD.match(line):
+            return
+        dropping = line.startswith("INFO:") and not re.search(r"architecture|successfully", line)
+        if (dropping or "-->" in line or "falling back to" in line or line.startswith(("llama_", "Writing:"))
+                or re.match(r"\s*\[\s*\d+/\s*\d+\]", line)):
             return
         say(line)
     return inner
