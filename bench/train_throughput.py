@@ -8,7 +8,8 @@ the whole as JSON.
 
 Engines (`--engines`, comma-separated): baseline, liger (when liger-kernel is installed), ours
 (the product's engine: with Liger's RoPE/RMSNorm/SwiGLU when liger-kernel is installed, as the
-product trains; FUSED_KERNELS=off for without), ours-offload (the same with offload_activations),
+product trains; FUSED_KERNELS=off for without), ours-adamw and graphed-adamw (those with optimizer = "adamw":
+torch's fused AdamW on CUDA instead of paged 8-bit AdamW), ours-offload (the same with offload_activations),
 ours-compiled (bench only: each decoder layer one torch.compile region, as Unsloth compiles them),
 graphed (ours with forward + backward replayed as one CUDA graph: appliance/stages/train/graphed.py),
 unsloth (when unsloth is installed: the same folder, LoRA shape and optimizer). `--repeat N` runs
@@ -204,6 +205,9 @@ def unsloth_first(engine: str) -> None:
 
 
 def make_step(engine: str, path: str, shape: str):
+    if engine.endswith("-adamw"):  # ours or graphed with optimizer = "adamw" (fused on CUDA)
+        os.environ["OURS_OPTIMIZER"] = "adamw"
+        engine = engine.removesuffix("-adamw")
     if engine in ("ours", "ours-offload", "ours-compiled"):
         return ours_step(path, offload=engine == "ours-offload", compile_layers=engine == "ours-compiled")
     if engine == "graphed":
@@ -251,7 +255,7 @@ def run_row(engine: str, shape: str) -> dict:
 
 def settings(engine: str) -> dict:
     """What the environment changed for our rows (the product's defaults otherwise)."""
-    if engine not in ("ours", "ours-offload", "ours-compiled", "graphed"):
+    if engine.removesuffix("-adamw") not in ("ours", "ours-offload", "ours-compiled", "graphed"):
         return {}
     keys = ("FUSED_KERNELS", "OURS_DROPOUT", "OURS_DTYPE", "OURS_OPTIMIZER", "GRAPHED_UNPACK")
     return {k: os.environ[k] for k in keys if k in os.environ}
