@@ -384,7 +384,7 @@ def main() -> None:
                 print(f"{shape}: ours/liger speed {o['tokens_per_s'] / g['tokens_per_s']:.2f}x, "
                       f"memory {o['peak_gib'] / g['peak_gib']:.2f}x")
         for ref in ("unsloth", "baseline"):
-            for engine in ("ours", "ours-offload", "ours-compiled", "graphed"):
+            for engine in ("ours", "ours-adamw", "ours-offload", "ours-compiled", "graphed", "graphed-adamw"):
                 if ref in by and engine in by:
                     o, u = by[engine], by[ref]
                     print(f"{shape}: {engine}/{ref} speed {o['tokens_per_s'] / u['tokens_per_s']:.2f}x "
