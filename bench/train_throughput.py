@@ -11,7 +11,9 @@ Engines (`--engines`, comma-separated): baseline, liger (when liger-kernel is in
 product trains; FUSED_KERNELS=off for without), ours-adamw and graphed-adamw (those with optimizer = "adamw":
 torch's fused AdamW on CUDA instead of paged 8-bit AdamW), ours-offload (the same with offload_activations),
 ours-compiled (bench only: each decoder layer one torch.compile region, as Unsloth compiles them),
-graphed (ours with forward + backward replayed as one CUDA graph: appliance/stages/train/graphed.py),
+ours-graphs (the product's engine with cuda_graphs = on: the training loop's graphed micro-batch,
+graphed.Steps, with the product's dropout when OURS_DROPOUT is set), graphed (bench only, the first
+version: forward + backward replayed as one CUDA graph without dropout),
 unsloth (when unsloth is installed: the same folder, LoRA shape and optimizer). `--repeat N` runs
 every row N times, engines interleaved, and reports the median run with the spread.
 
@@ -101,7 +103,7 @@ def baseline_step(path: str, liger: bool):
     return step
 
 
-def ours_step(path: str, offload: bool = False, compile_layers: bool = False):
+def ours_step(path: str, offload: bool = False, compile_layers: bool = False, graphs: bool = False):
     import torch
 
     from appliance.stages.train.config import validate
@@ -112,7 +114,7 @@ def ours_step(path: str, offload: bool = False, compile_layers: bool = False):
                     "lora_dropout": float(os.environ.get("OURS_DROPOUT", "0")),  # the product's: 0.05
                     "learning_rate": 2e-4, "optimizer": os.environ.get("OURS_OPTIMIZER", "auto"),
                     "fused_kernels": os.environ.get("FUSED_KERNELS", "auto"),
-                    "offload_activations": offload})
+                    "offload_activations": offload, "cuda_graphs": "on" if graphs else "off"})
     fp16 = os.environ.get("OURS_DTYPE") == "fp16"  # a T4's compute dtype, with loss scaling
     model = load_model(Path(path), cfg, "cuda", torch.float16 if fp16 else torch.bfloat16)
     print(f"ours: {model.appliance_kernels}", file=sys.stderr, flush=True)
@@ -122,6 +124,24 @@ def ours_step(path: str, offload: bool = False, compile_layers: bool = False):
     model.train()
     opt = make_optimizer(model, cfg, "cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+    if graphs:  # the training loop's graphed micro-batch (recipe.Trainer._micro)
+        from appliance.stages.train import graphed
+        from appliance.stages.train.planner import loss_chunk
+        from appliance.stages.train.recipe import LOSS_CHUNK
+
+        vocab = model.get_base_model().get_output_embeddings().weight.shape[0]
+        steps = graphed.Steps(model, 1, 0, min(LOSS_CHUNK, loss_chunk(vocab)))
+
+        def graphed_step(x):
+            weight = scaler.scale(torch.full((), 1 / (x.shape[0] * (x.shape[1] - 1)), device="cuda"))
+            total, n = steps(x, x, weight)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=False)
+            weights_changed()
+            return total / n
+
+        return graphed_step
 
     def step(x):
         total, n = causal_lm_loss(model, {"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x)})
@@ -208,8 +228,9 @@ def make_step(engine: str, path: str, shape: str):
     if engine.endswith("-adamw"):  # ours or graphed with optimizer = "adamw" (fused on CUDA)
         os.environ["OURS_OPTIMIZER"] = "adamw"
         engine = engine.removesuffix("-adamw")
-    if engine in ("ours", "ours-offload", "ours-compiled"):
-        return ours_step(path, offload=engine == "ours-offload", compile_layers=engine == "ours-compiled")
+    if engine in ("ours", "ours-offload", "ours-compiled", "ours-graphs"):
+        return ours_step(path, offload=engine == "ours-offload", compile_layers=engine == "ours-compiled",
+                         graphs=engine == "ours-graphs")
     if engine == "graphed":
         return graphed_step(path, shape)
     if engine == "unsloth":
@@ -255,7 +276,7 @@ def run_row(engine: str, shape: str) -> dict:
 
 def settings(engine: str) -> dict:
     """What the environment changed for our rows (the product's defaults otherwise)."""
-    if engine.removesuffix("-adamw") not in ("ours", "ours-offload", "ours-compiled", "graphed"):
+    if not engine.startswith(("ours", "graphed")):
         return {}
     keys = ("FUSED_KERNELS", "OURS_DROPOUT", "OURS_DTYPE", "OURS_OPTIMIZER", "GRAPHED_UNPACK")
     return {k: os.environ[k] for k in keys if k in os.environ}
@@ -384,7 +405,8 @@ def main() -> None:
                 print(f"{shape}: ours/liger speed {o['tokens_per_s'] / g['tokens_per_s']:.2f}x, "
                       f"memory {o['peak_gib'] / g['peak_gib']:.2f}x")
         for ref in ("unsloth", "baseline"):
-            for engine in ("ours", "ours-adamw", "ours-offload", "ours-compiled", "graphed", "graphed-adamw"):
+            for engine in ("ours", "ours-adamw", "ours-offload", "ours-compiled", "ours-graphs",
+                           "ours-graphs-adamw", "graphed", "graphed-adamw"):
                 if ref in by and engine in by:
                     o, u = by[engine], by[ref]
                     print(f"{shape}: {engine}/{ref} speed {o['tokens_per_s'] / u['tokens_per_s']:.2f}x "

@@ -74,22 +74,25 @@ def test_seeded_dropout_gives_the_gradients_of_its_formula(monkeypatch: pytest.M
     monkeypatch.setattr(fastlora, "DROP_ROWS", 4)  # 15 tokens: four blocks, four masks
     scale = float(layer.scaling["default"])
     grads = []
+    seed = fastlora.seed_tensor("cpu")
+    seed.fill_(1234)
     for fused in (True, False):
         xi = x.clone().requires_grad_()
         a.grad = b.grad = None
         if fused:
-            y = fastlora.LoRALinear.apply(xi, xi, a, b, layer, scale, (0.3, 1234))
+            y = fastlora.LoRALinear.apply(xi, xi, a, b, layer, scale, (0.3, 3))
         else:
             x2 = xi.reshape(-1, 24)
-            xd = torch.cat([fastlora.dropped(x2[s:e], 0.3, 1234 + i)
+            xd = torch.cat([fastlora.dropped(x2[s:e], 0.3, seed, 3 * fastlora.SALT_BLOCKS + i)
                             for i, s, e in fastlora.row_blocks(15)]).view(3, 5, 24)
             y = xi @ w.t() + bias + (xd @ a.t()) @ b.t() * scale
         (y * torch.linspace(-1, 1, 16)).sum().backward()
         grads.append((y.detach(), xi.grad, a.grad.clone(), b.grad.clone()))
     for got, ref in zip(grads[0], grads[1], strict=True):
         assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
-    kept = fastlora.dropped(torch.ones(2000), 0.3, 7)
-    assert torch.equal(kept, fastlora.dropped(torch.ones(2000), 0.3, 7))  # the seed fixes the mask
+    kept = fastlora.dropped(torch.ones(2000), 0.3, seed, 7)
+    assert torch.equal(kept, fastlora.dropped(torch.ones(2000), 0.3, seed, 7))  # the seed fixes the mask
+    assert not torch.equal(kept, fastlora.dropped(torch.ones(2000), 0.3, seed, 8))  # a salt its own
     assert 0.6 < float((kept > 0).float().mean()) < 0.8 and float(kept.max()) == pytest.approx(1 / 0.7)
 
 
@@ -109,9 +112,10 @@ def _dropout_grads(folder: Path, checkpointing: bool, dropout: float) -> dict:
 
 def test_seeded_dropout_survives_checkpointing_and_repeats(tiny_llama_source: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """The path CUDA takes, run on the CPU: the seed is drawn from the CPU generator, so gradient
-    checkpointing's recompute draws the same masks (the gradients equal those without
-    checkpointing), and the same step seed gives the same gradients (resume)."""
+    """The path CUDA takes, run on the CPU: the forward's seed is drawn from the CPU generator
+    into a tensor the recompute reads again, so gradient checkpointing draws the same masks (the
+    gradients equal those without checkpointing), and the same step seed gives the same
+    gradients (resume)."""
     from appliance.stages.train import fastlora
 
     monkeypatch.setattr(fastlora, "SEEDED_DEVICES", ("cuda", "cpu"))

@@ -1,8 +1,8 @@
 """The CUDA-graphed step's loss (graphed.dense_loss: every position, no attention mask, no host
 read) is the training loop's loss: the same value, count and adapter gradients as
-recipe.causal_lm_loss on a right-padded batch with prompt positions ignored. The capture itself
-needs CUDA and runs only in bench/train_throughput.py (`--engines graphed`) so far: it is not in
-the training loop, and no GPU test covers it yet."""
+recipe.causal_lm_loss on a right-padded batch with prompt positions ignored; batches are padded to
+a few shapes; `cuda_graphs = on` is refused where a graph cannot hold the run. The capture itself
+needs CUDA: tests/gpu/test_train_gpu.py trains with it, and bench/train_throughput.py measures it."""
 
 from __future__ import annotations
 
@@ -52,9 +52,14 @@ def test_the_dense_loss_is_the_training_loss_on_a_padded_batch(tiny_llama_source
         assert err < 1e-4, (name, err)  # fp32; the masked and unmasked attention round differently
 
 
-def test_a_graphed_step_refuses_dropout(tiny_llama_source: Path) -> None:
+def test_a_graphed_step_refuses_dropout_it_cannot_seed(tiny_llama_source: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dropout in a graph needs the Triton kernel that reads its seed on the device."""
+    from appliance.stages.train import dropkernel
+
+    monkeypatch.setattr(dropkernel, "available", lambda: False)
     model = _model(tiny_llama_source)
-    with pytest.raises(ValueError, match="lora_dropout 0"):
+    with pytest.raises(ValueError, match="Triton is not installed"):
         graphed.prepare(model, 0.05)
     graphed.prepare(model, 0.0)
     assert model.is_gradient_checkpointing
@@ -62,3 +67,44 @@ def test_a_graphed_step_refuses_dropout(tiny_llama_source: Path) -> None:
     ids = torch.zeros((1, 8), dtype=torch.long)
     with pytest.raises(ValueError, match="one dropout mask"):  # refused before any CUDA call
         graphed.GraphedStep(dropping, ids, ids, chunk=4)
+
+
+def test_fused_lora_dropout_is_seeded_where_triton_is(tiny_llama_source: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.stages.train import dropkernel
+
+    dropping = _model(tiny_llama_source, dropout=0.1)
+    monkeypatch.setattr(dropkernel, "available", lambda: True)
+    assert graphed._unseeded_dropout(dropping) == []  # every LoRA dropout is the fused layer's
+    dropping.get_base_model().model.layers[0].self_attn.extra = torch.nn.Dropout(0.1)
+    assert graphed._unseeded_dropout(dropping) == ["base_model.model.model.layers.0.self_attn.extra"]
+
+
+@pytest.mark.parametrize(("length", "padded"), [(1, 64), (64, 64), (65, 128), (100, 128),
+                                                (300, 320), (1000, 1024), (2048, 2048),
+                                                (2049, 2304), (16000, 16384)])
+def test_lengths_pad_to_few_shapes_and_little_padding(length: int, padded: int) -> None:
+    assert graphed.bucket(length) == padded
+    assert padded - length <= max(63, length // 8)
+
+
+def test_batches_pad_right_with_ignored_labels() -> None:
+    ids = torch.tensor([[5, 6, 7]])
+    labels = torch.tensor([[-100, 6, 7]])
+    out_ids, out_labels = graphed.pad(ids, labels, rows=2, length=5, pad_id=0)
+    assert out_ids.tolist() == [[5, 6, 7, 0, 0], [0, 0, 0, 0, 0]]
+    assert out_labels.tolist() == [[-100, 6, 7, -100, -100], [-100] * 5]
+
+
+@pytest.mark.parametrize(("config", "problem"), [
+    ({"devices": 2}, "devices > 1"),
+    ({"offload_activations": True}, "offload_activations"),
+    ({"fused_lora": False, "lora_dropout": 0.05}, "fused_lora = true"),
+])
+def test_cuda_graphs_refuse_what_a_graph_cannot_hold(config: dict, problem: str) -> None:
+    from appliance.errors import ValidationError
+
+    with pytest.raises(ValidationError, match=f"cuda_graphs: .*{problem}"):
+        validate({"cuda_graphs": "on", **config})
+    validate(config)  # fine without graphs
+    assert validate({"cuda_graphs": "on", "fused_lora": False, "lora_dropout": 0}).cuda_graphs == "on"

@@ -34,6 +34,8 @@ class TrainConfig:
     fused_lora: bool = True              # one autograd function per LoRA layer (train/fastlora.py)
     unpack_scales: bool = True           # NF4 block scales kept in fp32: +0.06 bytes/param, faster steps
     fused_kernels: str = "auto"          # auto: Liger's RMSNorm/RoPE/SwiGLU on CUDA when installed
+    cuda_graphs: str = "off"             # on: each batch shape's forward + backward one CUDA graph
+                                         # (train/graphed.py; batches padded to a few shapes)
     # optimisation
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
@@ -70,6 +72,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "compute_dtype": ("auto", "bf16", "fp16", "fp32"),
     "optimizer": ("auto", "adamw", "paged_adamw_8bit"),
     "fused_kernels": ("auto", "off"),
+    "cuda_graphs": ("off", "on"),
 }
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -125,10 +128,27 @@ def validate(values: dict[str, Any], *, source: str = "config",
     if config.offload_activations and config.devices > 1:
         problems.append("offload_activations: not with devices > 1 (DDP cannot follow its "
                         "re-entrant checkpoint): use one GPU, or turn it off")
+    if config.cuda_graphs == "on":
+        problems += [f"cuda_graphs: {why}" for why in _graph_conflicts(config)]
     if problems:
         raise ValidationError(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(problems),
                               title="Invalid training config")
     return config
+
+
+def _graph_conflicts(config: TrainConfig) -> list[str]:
+    """What a CUDA-graphed step (train/graphed.py) cannot hold, as config problems."""
+    conflicts = []
+    if config.devices > 1:
+        conflicts.append("not with devices > 1 (DDP's gradient hooks run between launches a graph "
+                         "replays as one): use one GPU, or turn it off")
+    if config.offload_activations:
+        conflicts.append("not with offload_activations (its copies to host memory are not in the "
+                         "graph): turn one off")
+    if not config.fused_lora and config.lora_dropout > 0:
+        conflicts.append("needs fused_lora = true with lora_dropout > 0 (peft's dropout draws "
+                         "its masks from a generator the graph would replay unchanged)")
+    return conflicts
 
 
 def resolve_compute_dtype(cfg: TrainConfig, cuda_capability: tuple[int, int] | None,

@@ -88,18 +88,43 @@ def _compute_copies(layer: Any, a: torch.Tensor, b: torch.Tensor, scale: float, 
 
 
 _generators: dict[str, torch.Generator] = {}
+_seeds: dict[str, torch.Tensor] = {}
 SEEDED_DEVICES = ("cuda",)  # where the fused layer makes dropout itself (the CPU keeps peft's)
 DROP_ROWS = 2048  # tokens whose dropped input exists at once (a mask per block, from seed + block)
+SALT_BLOCKS = 1 << 20  # salts of one layer's blocks: layer salt * SALT_BLOCKS + block
 
 
-def dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """x with dropout p, the mask drawn from `seed`: the same seed gives the same mask, so the
-    backward pass draws it again instead of keeping it (or the dropped copy of x)."""
+def seed_tensor(device: torch.device | str) -> torch.Tensor:
+    """The micro-batch's dropout seed, one int64 on `device`: every fused layer reads it (a CUDA
+    graph captures its address, not its value)."""
+    key = str(torch.device(device))
+    found = _seeds.get(key)
+    if found is None:
+        found = _seeds[key] = torch.zeros(1, dtype=torch.int64, device=device)
+    return found
+
+
+def new_dropout_seed(device: torch.device | str) -> None:
+    """Draw the next micro-batch's dropout seed from the CPU generator (the training loop seeds it
+    per step: a resumed run draws the same masks) into `seed_tensor`. Call before the forward pass,
+    and outside a CUDA graph (before its replay); checkpointing's recompute reads the same seed."""
+    seed_tensor(device).fill_(int(torch.randint(0, 2**62, (1,))))
+
+
+def dropped(x: torch.Tensor, p: float, seed: torch.Tensor, salt: int) -> torch.Tensor:
+    """x with dropout p, the mask drawn from `seed` (seed_tensor) + `salt`: the same seed and salt
+    give the same mask, so the backward pass draws it again instead of keeping it (or the dropped
+    copy of x). On CUDA one Triton kernel that reads the seed on the device (graph-safe); elsewhere
+    torch's generator, seeded from the host."""
+    from appliance.stages.train import dropkernel
+
+    if x.is_cuda and dropkernel.available():
+        return dropkernel.dropped(x, p, seed, salt)
     key = str(x.device)
     gen = _generators.get(key)
     if gen is None:
         gen = _generators[key] = torch.Generator(device=x.device)
-    gen.manual_seed(seed)
+    gen.manual_seed(int(seed) + salt)
     keep = torch.empty(x.shape, dtype=torch.uint8, device=x.device).bernoulli_(1 - p, generator=gen)
     return x * keep * (1 / (1 - p))
 
@@ -110,9 +135,10 @@ def row_blocks(rows: int) -> list[tuple[int, int, int]]:
 
 
 class LoRALinear(torch.autograd.Function):
-    """`drop` = (p, seed) makes the dropout here (xd is then unused), DROP_ROWS tokens at a time:
-    only x, which the layers reading the same input share, is kept for backward, where each
-    block's mask is drawn again. peft's dropout module keeps its mask and the dropped copy per
+    """`drop` = (p, salt) makes the dropout here (xd is then unused), DROP_ROWS tokens at a time,
+    each block's mask from the micro-batch's seed (seed_tensor) and the layer's salt: only x,
+    which the layers reading the same input share, is kept for backward, where each block's mask
+    is drawn again. peft's dropout module keeps its mask and the dropped copy per
     adapted layer (3 bytes per input element: about 2 GB for one recomputed layer of a 7B at 16k
     tokens), and makes them whole (a down projection's at 16k: 0.9 GB at once)."""
 
@@ -127,8 +153,9 @@ class LoRALinear(torch.autograd.Function):
         else:
             x2 = x.reshape(-1, x.shape[-1])
             xa = x2.new_empty(x2.shape[0], la.shape[0])
+            seed = seed_tensor(x.device)
             for i, s, e in row_blocks(x2.shape[0]):
-                xa[s:e] = dropped(x2[s:e], drop[0], drop[1] + i) @ la.t()
+                xa[s:e] = dropped(x2[s:e], drop[0], seed, drop[1] * SALT_BLOCKS + i) @ la.t()
             xa = xa.view(*x.shape[:-1], -1)
         y = torch.addmm((x @ w.t()).flatten(0, -2), xa.flatten(0, -2), lb.t()).view(*x.shape[:-1], -1)
         if base.bias is not None:
@@ -157,11 +184,13 @@ class LoRALinear(torch.autograd.Function):
             x2 = src.reshape(-1, src.shape[-1])
             gx2 = grad_x.view(-1, grad_x.shape[-1]) if grad_x is not None else None
             acc = torch.zeros(la.shape, dtype=torch.float32, device=g.device)
+            seed = seed_tensor(g.device)
             for i, s, e in row_blocks(x2.shape[0]):
+                salt = drop[1] * SALT_BLOCKS + i
                 if ctx.needs_input_grad[2]:
-                    acc += gb[s:e].t() @ dropped(x2[s:e], drop[0], drop[1] + i)
+                    acc += gb[s:e].t() @ dropped(x2[s:e], drop[0], seed, salt)
                 if gx2 is not None:  # d(x * mask / (1-p)) / dx: the same mask on the gradient
-                    gx2[s:e] += dropped(gb[s:e] @ la, drop[0], drop[1] + i)
+                    gx2[s:e] += dropped(gb[s:e] @ la, drop[0], seed, salt)
             grad_a = acc.to(a.dtype) if ctx.needs_input_grad[2] else None
         if ctx.needs_input_grad[3]:
             grad_b = (g2.t() @ xa.flatten(0, -2)).to(b.dtype) * ctx.scale
@@ -178,10 +207,9 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     dropout = self.lora_dropout[name]
     if (x.device.type in SEEDED_DEVICES and isinstance(dropout, torch.nn.Dropout) and dropout.p > 0
             and dropout.training):
-        # the seed comes from the CPU generator, which gradient checkpointing restores before
-        # its recompute (the same mask again) and the training loop seeds per step (resumable)
-        seed = int(torch.randint(0, 2**62, (1,)))
-        return LoRALinear.apply(x, x, a, b, self, scale, (dropout.p, seed))
+        # the micro-batch's seed (new_dropout_seed: drawn once per forward pass, so gradient
+        # checkpointing's recompute reads it again) and this layer's own salt
+        return LoRALinear.apply(x, x, a, b, self, scale, (dropout.p, self._drop_salt))
     return LoRALinear.apply(x, dropout(x), a, b, self, scale)
 
 
@@ -196,5 +224,6 @@ def fuse(model: Any) -> int:
             layer: Any = module  # an nn.Module too (LoraLayer is peft's mixin): patched per instance
             layer._peft_forward = layer.forward
             layer.forward = types.MethodType(_fused_forward, layer)
+            layer._drop_salt = count  # its own masks, by its place in the model: a resume agrees
             count += 1
     return count

@@ -167,7 +167,11 @@ def load_model(path: Path, cfg: TrainConfig, device: str, dtype: Any) -> Any:
     for param in model.parameters():
         param.requires_grad_(False)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # a graph capture cannot read the RNG state checkpointing stashes; its only random numbers
+        # are the fused layer's seeded dropout masks, drawn again without it (graphed.py)
+        graphs = cfg.cuda_graphs == "on" and device.startswith("cuda")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+            "use_reentrant": False, **({"preserve_rng_state": False} if graphs else {})})
         model.enable_input_require_grads()
         if cfg.offload_activations:
             from appliance.stages.train import offload
@@ -219,9 +223,11 @@ def causal_lm_loss(model: Any, inputs: dict[str, Any]) -> tuple[Any, int]:
     vocabulary entry per token) never exist, and prompt tokens cost no head matmul at all. Same
     value as the model's own shifted loss.
     """
+    from appliance.stages.train.fastlora import new_dropout_seed
     from appliance.stages.train.headloss import head_loss
 
     causal = model.get_base_model()
+    new_dropout_seed(inputs["input_ids"].device)  # this forward's LoRA dropout masks (fastlora)
     hidden = causal.model(input_ids=inputs["input_ids"],
                           attention_mask=inputs["attention_mask"]).last_hidden_state
     labels = inputs["labels"][:, 1:]
@@ -494,6 +500,39 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
         self.lengths = [len(e.input_ids) for e in self.train_set]
         self._epoch_cache: tuple[int, list[list[int]]] = (-1, [])
+        self.graphs = self._graphs()
+
+    def _graphs(self) -> Any:
+        """The CUDA-graphed micro-batch (graphed.Steps) when cuda_graphs is on, else None."""
+        if self.cfg.cuda_graphs != "on":
+            return None
+        if not self.device.startswith("cuda"):
+            self.ctx.log("cuda_graphs: nothing to capture on the CPU: steps run eagerly")
+            return None
+        from appliance.stages.train import graphed
+
+        self.ctx.log("CUDA graphs on: each batch shape's forward and backward captured once and "
+                     "replayed (batches padded to the batch size and a length bucket)")
+        vocab = self.model.get_base_model().get_output_embeddings().weight.shape[0]
+        return graphed.Steps(self.model, self.cfg.batch_size, self.pad_id,
+                             min(LOSS_CHUNK, loss_chunk(vocab)), log=self.ctx.log)
+
+    def _micro(self, batch: dict[str, Any], trained: float, world: int, last: bool) -> Any:
+        """One micro-batch's forward and backward; its summed loss (a tensor)."""
+        import torch
+
+        inputs = {k: v.to(self.device) for k, v in batch.items()}
+        if self.graphs is not None:
+            weight = self.scaler.scale(torch.full((), 1 / max(trained, 1), device=self.device))
+            try:
+                return self.graphs(inputs["input_ids"], inputs["labels"], weight)[0]
+            except (ValueError, RuntimeError) as exc:  # refused or failed capture: eager from here
+                self.ctx.log(f"CUDA graphs off for the rest of this run: {exc}")
+                self.graphs = None
+        with contextlib.nullcontext() if last or world == 1 else self.loss.no_sync():
+            loss_sum, _ = self.loss(**inputs)
+            self.scaler.scale(loss_sum * world / max(trained, 1)).backward()
+        return loss_sum
 
     def _epoch(self, epoch: int) -> list[list[int]]:
         if self._epoch_cache[0] != epoch:
@@ -562,12 +601,7 @@ class Trainer:
              sum(int(m["attention_mask"].sum()) for m in micro)], self.device)
         total = 0.0
         for i, batch in enumerate(micro):
-            inputs = {k: v.to(self.device) for k, v in batch.items()}
-            last = i == len(micro) - 1
-            with contextlib.nullcontext() if last or world == 1 else self.loss.no_sync():
-                loss_sum, _ = self.loss(**inputs)
-                self.scaler.scale(loss_sum * world / max(trained, 1)).backward()
-            total += float(loss_sum.detach())
+            total += float(self._micro(batch, trained, world, i == len(micro) - 1).detach())
         total = distributed.all_sum([total], self.device)[0] / max(trained, 1)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.scaler.unscale_(self.optimizer)
@@ -577,7 +611,8 @@ class Trainer:
             group["lr"] = lr
         self.scaler.step(self.optimizer)  # skipped (and the scale lowered) if fp16 grads overflowed
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        # a graph accumulates into the gradients it captured: zeroed in place, never replaced
+        self.optimizer.zero_grad(set_to_none=self.graphs is None)
         fastlora.weights_changed()
         state.step += 1
         return {"loss": total, "lr": lr, "grad_norm": norm, "tokens": tokens}
