@@ -74,8 +74,7 @@ def test_seeded_dropout_gives_the_gradients_of_its_formula(monkeypatch: pytest.M
     monkeypatch.setattr(fastlora, "DROP_ROWS", 4)  # 15 tokens: four blocks, four masks
     scale = float(layer.scaling["default"])
     grads = []
-    seed = fastlora.seed_tensor("cpu")
-    seed.fill_(1234)
+    fastlora.set_dropout_seed("cpu", 1234)
     for fused in (True, False):
         xi = x.clone().requires_grad_()
         a.grad = b.grad = None
@@ -83,16 +82,16 @@ def test_seeded_dropout_gives_the_gradients_of_its_formula(monkeypatch: pytest.M
             y = fastlora.LoRALinear.apply(xi, xi, a, b, layer, scale, (0.3, 3))
         else:
             x2 = xi.reshape(-1, 24)
-            xd = torch.cat([fastlora.dropped(x2[s:e], 0.3, seed, 3 * fastlora.SALT_BLOCKS + i)
+            xd = torch.cat([fastlora.dropped(x2[s:e], 0.3, 3 * fastlora.SALT_BLOCKS + i)
                             for i, s, e in fastlora.row_blocks(15)]).view(3, 5, 24)
             y = xi @ w.t() + bias + (xd @ a.t()) @ b.t() * scale
         (y * torch.linspace(-1, 1, 16)).sum().backward()
         grads.append((y.detach(), xi.grad, a.grad.clone(), b.grad.clone()))
     for got, ref in zip(grads[0], grads[1], strict=True):
         assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
-    kept = fastlora.dropped(torch.ones(2000), 0.3, seed, 7)
-    assert torch.equal(kept, fastlora.dropped(torch.ones(2000), 0.3, seed, 7))  # the seed fixes the mask
-    assert not torch.equal(kept, fastlora.dropped(torch.ones(2000), 0.3, seed, 8))  # a salt its own
+    kept = fastlora.dropped(torch.ones(2000), 0.3, 7)
+    assert torch.equal(kept, fastlora.dropped(torch.ones(2000), 0.3, 7))  # the seed fixes the mask
+    assert not torch.equal(kept, fastlora.dropped(torch.ones(2000), 0.3, 8))  # a salt its own
     assert 0.6 < float((kept > 0).float().mean()) < 0.8 and float(kept.max()) == pytest.approx(1 / 0.7)
 
 

@@ -89,14 +89,16 @@ def _compute_copies(layer: Any, a: torch.Tensor, b: torch.Tensor, scale: float, 
 
 _generators: dict[str, torch.Generator] = {}
 _seeds: dict[str, torch.Tensor] = {}
+_seed_values: dict[str, int] = {}
 SEEDED_DEVICES = ("cuda",)  # where the fused layer makes dropout itself (the CPU keeps peft's)
 DROP_ROWS = 2048  # tokens whose dropped input exists at once (a mask per block, from seed + block)
 SALT_BLOCKS = 1 << 20  # salts of one layer's blocks: layer salt * SALT_BLOCKS + block
+DEVICE_DROPOUT = {"on": False}  # graphed.Steps turns it on: masks from the Triton kernel
 
 
 def seed_tensor(device: torch.device | str) -> torch.Tensor:
-    """The micro-batch's dropout seed, one int64 on `device`: every fused layer reads it (a CUDA
-    graph captures its address, not its value)."""
+    """The micro-batch's dropout seed, one int64 on `device`, which the Triton kernel reads (a
+    CUDA graph captures its address, not its value)."""
     key = str(torch.device(device))
     found = _seeds.get(key)
     if found is None:
@@ -104,27 +106,40 @@ def seed_tensor(device: torch.device | str) -> torch.Tensor:
     return found
 
 
+def set_dropout_seed(device: torch.device | str, value: int) -> None:
+    """The seed every fused layer's masks come from until the next call, on the device (for the
+    kernel) and on the host (for torch's generator, without a device read)."""
+    seed_tensor(device).fill_(value)
+    _seed_values[str(torch.device(device))] = value
+
+
 def new_dropout_seed(device: torch.device | str) -> None:
     """Draw the next micro-batch's dropout seed from the CPU generator (the training loop seeds it
-    per step: a resumed run draws the same masks) into `seed_tensor`. Call before the forward pass,
-    and outside a CUDA graph (before its replay); checkpointing's recompute reads the same seed."""
-    seed_tensor(device).fill_(int(torch.randint(0, 2**62, (1,))))
+    per step: a resumed run draws the same masks). Call before the forward pass, and outside a
+    CUDA graph (before its replay); checkpointing's recompute reads the same seed."""
+    set_dropout_seed(device, int(torch.randint(0, 2**62, (1,))))
 
 
-def dropped(x: torch.Tensor, p: float, seed: torch.Tensor, salt: int) -> torch.Tensor:
-    """x with dropout p, the mask drawn from `seed` (seed_tensor) + `salt`: the same seed and salt
-    give the same mask, so the backward pass draws it again instead of keeping it (or the dropped
-    copy of x). On CUDA one Triton kernel that reads the seed on the device (graph-safe); elsewhere
-    torch's generator, seeded from the host."""
+def _kernel_dropout(x: torch.Tensor) -> bool:
     from appliance.stages.train import dropkernel
 
-    if x.is_cuda and dropkernel.available():
-        return dropkernel.dropped(x, p, seed, salt)
+    return x.is_cuda and DEVICE_DROPOUT["on"] and dropkernel.available()
+
+
+def dropped(x: torch.Tensor, p: float, salt: int) -> torch.Tensor:
+    """x with dropout p, the mask drawn from the micro-batch's seed + `salt`: the same seed and
+    salt give the same mask, so the backward pass draws it again instead of keeping it (or the
+    dropped copy of x). Under CUDA graphs one Triton kernel that reads the seed on the device (a
+    replay draws new masks); otherwise torch's generator, seeded from the host."""
+    if _kernel_dropout(x):
+        from appliance.stages.train import dropkernel
+
+        return dropkernel.dropped(x, p, seed_tensor(x.device), salt)
     key = str(x.device)
     gen = _generators.get(key)
     if gen is None:
         gen = _generators[key] = torch.Generator(device=x.device)
-    gen.manual_seed(int(seed) + salt)
+    gen.manual_seed(_seed_values.get(key, 0) + salt)
     keep = torch.empty(x.shape, dtype=torch.uint8, device=x.device).bernoulli_(1 - p, generator=gen)
     return x * keep * (1 / (1 - p))
 
@@ -153,9 +168,8 @@ class LoRALinear(torch.autograd.Function):
         else:
             x2 = x.reshape(-1, x.shape[-1])
             xa = x2.new_empty(x2.shape[0], la.shape[0])
-            seed = seed_tensor(x.device)
             for i, s, e in row_blocks(x2.shape[0]):
-                xa[s:e] = dropped(x2[s:e], drop[0], seed, drop[1] * SALT_BLOCKS + i) @ la.t()
+                xa[s:e] = dropped(x2[s:e], drop[0], drop[1] * SALT_BLOCKS + i) @ la.t()
             xa = xa.view(*x.shape[:-1], -1)
         y = torch.addmm((x @ w.t()).flatten(0, -2), xa.flatten(0, -2), lb.t()).view(*x.shape[:-1], -1)
         if base.bias is not None:
@@ -184,13 +198,12 @@ class LoRALinear(torch.autograd.Function):
             x2 = src.reshape(-1, src.shape[-1])
             gx2 = grad_x.view(-1, grad_x.shape[-1]) if grad_x is not None else None
             acc = torch.zeros(la.shape, dtype=torch.float32, device=g.device)
-            seed = seed_tensor(g.device)
             for i, s, e in row_blocks(x2.shape[0]):
                 salt = drop[1] * SALT_BLOCKS + i
                 if ctx.needs_input_grad[2]:
-                    acc += gb[s:e].t() @ dropped(x2[s:e], drop[0], seed, salt)
+                    acc += gb[s:e].t() @ dropped(x2[s:e], drop[0], salt)
                 if gx2 is not None:  # d(x * mask / (1-p)) / dx: the same mask on the gradient
-                    gx2[s:e] += dropped(gb[s:e] @ la, drop[0], seed, salt)
+                    gx2[s:e] += dropped(gb[s:e] @ la, drop[0], salt)
             grad_a = acc.to(a.dtype) if ctx.needs_input_grad[2] else None
         if ctx.needs_input_grad[3]:
             grad_b = (g2.t() @ xa.flatten(0, -2)).to(b.dtype) * ctx.scale

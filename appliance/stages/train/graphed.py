@@ -161,6 +161,7 @@ class Steps:
         self.log = log or (lambda _message: None)
         self.graphs: dict[tuple[int, int], GraphedStep] = {}
         self.pool = torch.cuda.graph_pool_handle()
+        fastlora.DEVICE_DROPOUT["on"] = True  # masks whose seed a replay reads on the device
 
     def __call__(self, input_ids: Any, labels: Any, weight: Any) -> tuple[Any, Any]:
         shape = (max(self.rows, input_ids.shape[0]), bucket(input_ids.shape[1]))
