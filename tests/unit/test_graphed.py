@@ -65,7 +65,7 @@ def test_a_graphed_step_refuses_dropout_it_cannot_seed(tiny_llama_source: Path,
     assert model.is_gradient_checkpointing
     dropping = _model(tiny_llama_source, dropout=0.1)
     ids = torch.zeros((1, 8), dtype=torch.long)
-    with pytest.raises(ValueError, match="one dropout mask"):  # refused before any CUDA call
+    with pytest.raises(ValueError, match="cannot draw again"):  # refused before any CUDA call
         graphed.GraphedStep(dropping, ids, ids, chunk=4)
 
 
@@ -75,9 +75,12 @@ def test_fused_lora_dropout_is_seeded_where_triton_is(tiny_llama_source: Path,
 
     dropping = _model(tiny_llama_source, dropout=0.1)
     monkeypatch.setattr(dropkernel, "available", lambda: True)
-    assert graphed._unseeded_dropout(dropping) == []  # every LoRA dropout is the fused layer's
+    assert graphed.unseeded_dropout(dropping) == []  # every LoRA dropout is the fused layer's
     dropping.get_base_model().model.layers[0].self_attn.extra = torch.nn.Dropout(0.1)
-    assert graphed._unseeded_dropout(dropping) == ["base_model.model.model.layers.0.self_attn.extra"]
+    assert graphed.unseeded_dropout(dropping) == ["base_model.model.model.layers.0.self_attn.extra"]
+    del dropping.get_base_model().model.layers[0].self_attn.extra
+    dropping.config.attention_dropout = 0.1  # SDPA's own dropout: no module to find
+    assert graphed.unseeded_dropout(dropping) == ["attention_dropout (the model's config)"]
 
 
 @pytest.mark.parametrize(("length", "padded"), [(1, 64), (64, 64), (65, 128), (100, 128),

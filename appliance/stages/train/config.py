@@ -146,8 +146,8 @@ def _graph_conflicts(config: TrainConfig) -> list[str]:
         conflicts.append("not with offload_activations (its copies to host memory are not in the "
                          "graph): turn one off")
     if not config.fused_lora and config.lora_dropout > 0:
-        conflicts.append("needs fused_lora = true with lora_dropout > 0 (peft's dropout draws "
-                         "its masks from a generator the graph would replay unchanged)")
+        conflicts.append("needs fused_lora = true with lora_dropout > 0 (peft's dropout cannot "
+                         "draw the same masks again in checkpointing's recompute inside a graph)")
     return conflicts
 
 

@@ -50,6 +50,6 @@ def dropped(x: Any, p: float, seed: Any, salt: int) -> Any:
     x = x.contiguous()
     out = x.new_empty(x.shape)
     n = x.numel()
-    assert n < 2**31, "one block of rows at a time (fastlora.DROP_ROWS)"
+    assert n <= 2**31 - BLOCK, "int32 offsets: one block of rows at a time (fastlora.DROP_ROWS)"
     _kernel()[(triton.cdiv(n, BLOCK),)](x, out, seed, salt, n, p, 1.0 / (1.0 - p), BLOCK=BLOCK)
     return out

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from appliance.errors import ApplianceError
 from appliance.stages.train import fastlora
 from appliance.stages.train.headloss import IGNORE_INDEX, head_loss
 
@@ -57,9 +58,11 @@ def prepare(model: Any, dropout: float) -> None:
         gradient_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": False})
 
 
-def _unseeded_dropout(model: Any) -> list[str]:
-    """Dropout modules a replay would repeat: any with p > 0 but the LoRA dropouts of fused layers
-    (which draw from the seed tensor instead), and those too where Triton is missing."""
+def unseeded_dropout(model: Any) -> list[str]:
+    """What draws random numbers a graph cannot: with checkpointing's RNG stash off (a capture
+    cannot read the generator's state) its recompute would draw other masks than its forward.
+    Dropout modules with p > 0 but the LoRA dropouts of fused layers (drawn from the seed tensor
+    by the Triton kernel; those too where Triton is missing), and attention dropout."""
     from appliance.stages.train import dropkernel
 
     seeded: set[int] = set()
@@ -67,8 +70,11 @@ def _unseeded_dropout(model: Any) -> list[str]:
         for module in model.modules():
             if "_peft_forward" in module.__dict__:  # fastlora.fuse patched it
                 seeded.update(id(d) for d in module.lora_dropout.values())
-    return [name for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Dropout) and m.p > 0 and id(m) not in seeded]
+    found = [name for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Dropout) and m.p > 0 and id(m) not in seeded]
+    if float(getattr(getattr(model, "config", None), "attention_dropout", 0) or 0) > 0:
+        found.append("attention_dropout (the model's config)")
+    return found
 
 
 def _grads(params: list[Any]) -> list[Any]:
@@ -91,9 +97,11 @@ class GraphedStep:
 
     def __init__(self, model: Any, input_ids: Any, labels: Any, chunk: int, warmup: int = 2,
                  pool: Any = None) -> None:
-        if unseeded := _unseeded_dropout(model):
-            raise ValueError(f"a CUDA graph would replay one dropout mask every step ({unseeded[0]}): "
+        if unseeded := unseeded_dropout(model):
+            raise ValueError(f"random numbers a CUDA graph cannot draw again ({unseeded[0]}): "
                              "lora_dropout must be 0, or the layer fused and Triton installed")
+        fastlora.DEVICE_DROPOUT["on"] = True  # masks from the kernel, seeded on the device
+        fastlora.seed_tensor(input_ids.device)  # made before the capture, not inside it
         self.model, self.chunk = model, chunk
         self.ids, self.labels = input_ids.clone(), labels.clone()
         self.weight = torch.ones((), dtype=torch.float32, device=input_ids.device)
@@ -104,6 +112,9 @@ class GraphedStep:
         finally:  # what earlier micro-batches of this step accumulated, kept even if capture failed
             for g, kept in zip(grads, stash, strict=True):
                 g.copy_(kept)
+            # the compute copies cached during the capture live in the graph's pool and hold what
+            # the last replay wrote, if any: eager code makes its own
+            fastlora.weights_changed()
 
     def _capture(self, grads: list[Any], warmup: int, pool: Any) -> None:
         side = torch.cuda.Stream()
@@ -161,7 +172,6 @@ class Steps:
         self.log = log or (lambda _message: None)
         self.graphs: dict[tuple[int, int], GraphedStep] = {}
         self.pool = torch.cuda.graph_pool_handle()
-        fastlora.DEVICE_DROPOUT["on"] = True  # masks whose seed a replay reads on the device
 
     def __call__(self, input_ids: Any, labels: Any, weight: Any) -> tuple[Any, Any]:
         shape = (max(self.rows, input_ids.shape[0]), bucket(input_ids.shape[1]))
@@ -170,6 +180,16 @@ class Steps:
         if step is None:
             self.log(f"CUDA graph: capturing the step for batches of {shape[0]} x {shape[1]} tokens "
                      f"({len(self.graphs) + 1} shape{'s' if self.graphs else ''} so far)")
-            step = self.graphs[shape] = GraphedStep(self.model, ids, labels, self.chunk,
-                                                    warmup=1 if self.graphs else 2, pool=self.pool)
+            try:
+                step = GraphedStep(self.model, ids, labels, self.chunk,
+                                   warmup=1 if self.graphs else 2, pool=self.pool)
+            except ValueError:
+                raise
+            except Exception as exc:  # a failed capture leaves torch's stream and pool state behind
+                raise ApplianceError(
+                    f"capturing the CUDA graph for batches of {shape[0]} x {shape[1]} tokens failed: "
+                    f"{exc}", title="CUDA graph capture failed",
+                    hint="the job stopped at its last checkpoint; resume it with cuda_graphs=off "
+                         "(--set cuda_graphs=off), or a smaller batch_size or max_seq_len") from exc
+            self.graphs[shape] = step
         return step(ids, labels, weight)

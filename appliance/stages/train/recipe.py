@@ -504,6 +504,9 @@ class Trainer:
 
     def _graphs(self) -> Any:
         """The CUDA-graphed micro-batch (graphed.Steps) when cuda_graphs is on, else None."""
+        from appliance.stages.train import fastlora
+
+        fastlora.DEVICE_DROPOUT["on"] = False  # torch's generator, unless a graph is captured
         if self.cfg.cuda_graphs != "on":
             return None
         if not self.device.startswith("cuda"):
@@ -511,11 +514,25 @@ class Trainer:
             return None
         from appliance.stages.train import graphed
 
+        if unseeded := graphed.unseeded_dropout(self.model):
+            self._eager(f"this model draws random numbers a graph cannot draw again ({unseeded[0]})")
+            return None
         self.ctx.log("CUDA graphs on: each batch shape's forward and backward captured once and "
                      "replayed (batches padded to the batch size and a length bucket)")
         vocab = self.model.get_base_model().get_output_embeddings().weight.shape[0]
         return graphed.Steps(self.model, self.cfg.batch_size, self.pad_id,
                              min(LOSS_CHUNK, loss_chunk(vocab)), log=self.ctx.log)
+
+    def _eager(self, why: str) -> None:
+        """Train without graphs from here, with checkpointing's RNG stash back on (load_model turned
+        it off for the graphs) and torch's generator for the LoRA dropout."""
+        from appliance.stages.train import fastlora
+
+        self.ctx.log(f"CUDA graphs off: {why}; training eagerly")
+        self.graphs = None
+        fastlora.DEVICE_DROPOUT["on"] = False
+        if self.cfg.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def _micro(self, batch: dict[str, Any], trained: float, world: int, last: bool) -> Any:
         """One micro-batch's forward and backward; its summed loss (a tensor)."""
@@ -526,9 +543,8 @@ class Trainer:
             weight = self.scaler.scale(torch.full((), 1 / max(trained, 1), device=self.device))
             try:
                 return self.graphs(inputs["input_ids"], inputs["labels"], weight)[0]
-            except (ValueError, RuntimeError) as exc:  # refused or failed capture: eager from here
-                self.ctx.log(f"CUDA graphs off for the rest of this run: {exc}")
-                self.graphs = None
+            except ValueError as exc:  # refused before any capture (a failed one stops the job)
+                self._eager(str(exc))
         with contextlib.nullcontext() if last or world == 1 else self.loss.no_sync():
             loss_sum, _ = self.loss(**inputs)
             self.scaler.scale(loss_sum * world / max(trained, 1)).backward()
