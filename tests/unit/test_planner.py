@@ -176,6 +176,9 @@ def test_offloaded_activations_leave_the_layer_inputs_out_and_say_the_estimate_i
     assert a.activations - b.activations == pytest.approx(layer_inputs)
     assert a.calibrated and not b.calibrated
     assert "without activation offload" in planner.plan(s, offloaded, T4).describe(offloaded)
+    graphed = validate({"batch_size": 1, "max_seq_len": 16384, "cuda_graphs": "on"})
+    assert "cuda_graphs: not counted" in planner.plan(s, graphed, T4).describe(graphed)
+    assert "cuda_graphs" not in planner.plan(s, plain, T4).describe(plain)
 
 
 def test_long_sequences_on_the_7b_shape_are_not_underestimated() -> None:
