@@ -358,9 +358,10 @@ class ItemView(ModalScreen[None]):
 
 # -- a new evaluation ---------------------------------------------------------------------------
 def target_choices(ws: Workspace) -> list[tuple[str, str]]:
-    """(label, target name) for every model, run and export; a name two kinds share is written
-    KIND:NAME, as `appliance eval` takes it."""
-    found = [(kind, name) for kind in TARGET_KINDS for name in record_names(ws, kind)]
+    """(label, target name) for every model, run and export, by name within each kind (the
+    workspace lists by creation time, which ties within a second); a name two kinds share is
+    written KIND:NAME, as `appliance eval` takes it."""
+    found = [(kind, name) for kind in TARGET_KINDS for name in sorted(record_names(ws, kind))]
     names = [name for _, name in found]
     return [(f"{kind:<6} {name}", name if names.count(name) == 1 else f"{kind}:{name}")
             for kind, name in found]
