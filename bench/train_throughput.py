@@ -126,11 +126,9 @@ def ours_step(path: str, offload: bool = False, compile_layers: bool = False, gr
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
     if graphs:  # the training loop's graphed micro-batch (recipe.Trainer._micro)
         from appliance.stages.train import graphed
-        from appliance.stages.train.planner import loss_chunk
-        from appliance.stages.train.recipe import LOSS_CHUNK
+        from appliance.stages.train.recipe import head_chunk
 
-        vocab = model.get_base_model().get_output_embeddings().weight.shape[0]
-        steps = graphed.Steps(model, 1, 0, min(LOSS_CHUNK, loss_chunk(vocab)))
+        steps = graphed.Steps(model, 1, 0, head_chunk(model))
 
         def graphed_step(x):
             weight = scaler.scale(torch.full((), 1 / (x.shape[0] * (x.shape[1] - 1)), device="cuda"))
@@ -163,18 +161,16 @@ def graphed_step(path: str, shape: str):
     from appliance.stages.train import graphed
     from appliance.stages.train.config import validate
     from appliance.stages.train.fastlora import weights_changed
-    from appliance.stages.train.planner import loss_chunk
-    from appliance.stages.train.recipe import load_model, make_optimizer
+    from appliance.stages.train.recipe import head_chunk, load_model, make_optimizer
 
     cfg = validate({"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": TARGETS,
                     "learning_rate": 2e-4, "optimizer": os.environ.get("OURS_OPTIMIZER", "auto"),
                     "unpack_scales": os.environ.get("GRAPHED_UNPACK", "1") == "1",
-                    "fused_kernels": os.environ.get("FUSED_KERNELS", "auto")})
-    model = load_model(Path(path), cfg, "cuda", torch.bfloat16)
-    graphed.prepare(model, cfg.lora_dropout)
+                    "fused_kernels": os.environ.get("FUSED_KERNELS", "auto"), "cuda_graphs": "on"})
+    model = load_model(Path(path), cfg, "cuda", torch.bfloat16)  # checkpointing set for graphs
     model.train()
     opt = make_optimizer(model, cfg, "cuda")
-    chunk = loss_chunk(SHAPES[shape][0]["vocab_size"])
+    chunk = head_chunk(model)
     held: dict = {}  # one graph per batch shape (--max-seq steps through several)
 
     def step(x):

@@ -46,18 +46,6 @@ def dense_loss(model: Any, input_ids: Any, labels: Any, chunk: int) -> tuple[Any
     return head_loss(states, weight, targets, chunk), (targets != IGNORE_INDEX).sum()
 
 
-def prepare(model: Any, dropout: float) -> None:
-    """Gradient checkpointing without RNG stashing (torch cannot read the generator's state during
-    a capture): exact when the only random numbers are the fused layer's seeded dropout."""
-    from appliance.stages.train import dropkernel
-
-    if dropout and not dropkernel.available():
-        raise ValueError("a CUDA-graphed step makes LoRA dropout with a Triton kernel, and Triton is "
-                         "not installed; set lora_dropout=0 or cuda_graphs=off")
-    model.gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": False})
-
-
 def unseeded_dropout(model: Any) -> list[str]:
     """What draws random numbers a graph cannot: with checkpointing's RNG stash off (a capture
     cannot read the generator's state) its recompute would draw other masks than its forward.

@@ -233,9 +233,14 @@ def causal_lm_loss(model: Any, inputs: dict[str, Any]) -> tuple[Any, int]:
     labels = inputs["labels"][:, 1:]
     keep = labels != chat.IGNORE_INDEX
     states, targets = hidden[:, :-1][keep], labels[keep]
-    weight = causal.get_output_embeddings().weight
-    chunk = min(LOSS_CHUNK, loss_chunk(weight.shape[0]))
-    return head_loss(states, weight, targets, chunk), int(targets.shape[0])
+    return (head_loss(states, causal.get_output_embeddings().weight, targets, head_chunk(model)),
+            int(targets.shape[0]))
+
+
+def head_chunk(model: Any) -> int:
+    """Positions whose logits the loss head makes at once, for this model's vocabulary."""
+    vocab = model.get_base_model().get_output_embeddings().weight.shape[0]
+    return min(LOSS_CHUNK, loss_chunk(vocab))
 
 
 def _loss_module(model: Any) -> Any:
@@ -519,9 +524,8 @@ class Trainer:
             return None
         self.ctx.log("CUDA graphs on: each batch shape's forward and backward captured once and "
                      "replayed (batches padded to the batch size and a length bucket)")
-        vocab = self.model.get_base_model().get_output_embeddings().weight.shape[0]
-        return graphed.Steps(self.model, self.cfg.batch_size, self.pad_id,
-                             min(LOSS_CHUNK, loss_chunk(vocab)), log=self.ctx.log)
+        return graphed.Steps(self.model, self.cfg.batch_size, self.pad_id, head_chunk(self.model),
+                             log=self.ctx.log)
 
     def _eager(self, why: str) -> None:
         """Train without graphs from here, with checkpointing's RNG stash back on (load_model turned
