@@ -44,36 +44,11 @@ def test_the_fused_layer_gives_the_gradients_of_its_formula_with_the_kernel(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The fused layer's forward and backward (masks drawn twice from the seed) against autograd
     through the explicit formula, both with the kernel's masks."""
-    from peft import LoraConfig, get_peft_model
+    from tests.unit.test_fastlora import check_fused_dropout_against_formula
 
     monkeypatch.setattr(fastlora, "_kernel_dropout", lambda x: True)  # as under CUDA graphs
     monkeypatch.setattr(fastlora, "DROP_ROWS", 4)
-    torch.manual_seed(0)
-    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(24, 16)),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["0"], lora_dropout=0.3)).to(DEVICE)
-    layer = model.base_model.model[0]
-    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    with torch.no_grad():
-        b.normal_(0, 0.1)
-    w, bias = layer.get_base_layer().weight.detach(), layer.get_base_layer().bias.detach()
-    x = torch.randn(3, 5, 24, device=DEVICE)
     fastlora.set_dropout_seed(DEVICE, 42)
     seed = fastlora.seed_tensor(DEVICE)
-    scale = float(layer.scaling["default"])
-    out = []
-    for fused in (True, False):
-        xi = x.clone().requires_grad_()
-        a.grad = b.grad = None
-        if fused:
-            y = fastlora.LoRALinear.apply(xi, xi, a, b, layer, scale, (0.3, 2))
-        else:
-            x2 = xi.reshape(-1, 24)
-            # the kernel's masks (0 or 1 / (1 - p)), applied with a differentiable product
-            masks = [dropkernel.dropped(torch.ones_like(x2[s:e]), 0.3, seed, 2 * fastlora.SALT_BLOCKS + i)
-                     for i, s, e in fastlora.row_blocks(15)]
-            xd = (x2 * torch.cat(masks)).view(3, 5, 24)
-            y = xi @ w.t() + bias + (xd @ a.t()) @ b.t() * scale
-        (y * torch.linspace(-1, 1, 16, device=DEVICE)).sum().backward()
-        out.append((y.detach(), xi.grad, a.grad.clone(), b.grad.clone()))
-    for got, ref in zip(out[0], out[1], strict=True):
-        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
+    check_fused_dropout_against_formula(  # the kernel on ones: its mask, as a differentiable factor
+        DEVICE, lambda block, salt: dropkernel.dropped(torch.ones_like(block), 0.3, seed, salt))

@@ -4,6 +4,7 @@ Llama and on the tiny Qwen2 (attention biases)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -55,26 +56,25 @@ def test_layers_peft_does_differently_keep_peft_forward() -> None:
     assert fuse(plain) == 1 and fuse(plain) == 0  # idempotent
 
 
-def test_seeded_dropout_gives_the_gradients_of_its_formula(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On CUDA the fused layer makes LoRA dropout itself and keeps only x for backward, drawing
-    the mask again from its seed (fastlora.dropped). The function is device-agnostic: checked
-    here on the CPU against autograd through the explicit formula, with the same mask."""
+def check_fused_dropout_against_formula(device: str,
+                                        mask: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
+    """The fused layer's forward and backward (each block's mask drawn again from the seed)
+    against autograd through y = x W^T + b + s (x * mask) A^T B^T, where `mask(block, salt)` is
+    the mask (0 or 1 / (1 - p)) the fused layer draws for that block. Four blocks of 4 tokens
+    (the caller sets fastlora.DROP_ROWS = 4) and the seed."""
     from appliance.stages.train import fastlora
 
     torch.manual_seed(0)
     peft_model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(24, 16)),
                                 LoraConfig(r=4, lora_alpha=8, target_modules=["0"], lora_dropout=0.3))
-    layer = peft_model.base_model.model[0]
+    layer = peft_model.to(device).base_model.model[0]
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     with torch.no_grad():
         b.normal_(0, 0.1)
-    w = layer.get_base_layer().weight.detach()
-    bias = layer.get_base_layer().bias.detach()
-    x = torch.randn(3, 5, 24)
-    monkeypatch.setattr(fastlora, "DROP_ROWS", 4)  # 15 tokens: four blocks, four masks
+    w, bias = layer.get_base_layer().weight.detach(), layer.get_base_layer().bias.detach()
+    x = torch.randn(3, 5, 24, device=device)
     scale = float(layer.scaling["default"])
-    grads = []
-    fastlora.set_dropout_seed("cpu", 1234)
+    out = []
     for fused in (True, False):
         xi = x.clone().requires_grad_()
         a.grad = b.grad = None
@@ -82,13 +82,24 @@ def test_seeded_dropout_gives_the_gradients_of_its_formula(monkeypatch: pytest.M
             y = fastlora.LoRALinear.apply(xi, xi, a, b, layer, scale, (0.3, 3))
         else:
             x2 = xi.reshape(-1, 24)
-            xd = torch.cat([fastlora.dropped(x2[s:e], 0.3, 3 * fastlora.SALT_BLOCKS + i)
-                            for i, s, e in fastlora.row_blocks(15)]).view(3, 5, 24)
-            y = xi @ w.t() + bias + (xd @ a.t()) @ b.t() * scale
-        (y * torch.linspace(-1, 1, 16)).sum().backward()
-        grads.append((y.detach(), xi.grad, a.grad.clone(), b.grad.clone()))
-    for got, ref in zip(grads[0], grads[1], strict=True):
+            masks = [mask(x2[s:e], 3 * fastlora.SALT_BLOCKS + i) for i, s, e in fastlora.row_blocks(15)]
+            y = xi @ w.t() + bias + ((x2 * torch.cat(masks)).view(3, 5, 24) @ a.t()) @ b.t() * scale
+        (y * torch.linspace(-1, 1, 16, device=device)).sum().backward()
+        out.append((y.detach(), xi.grad, a.grad.clone(), b.grad.clone()))
+    for got, ref in zip(out[0], out[1], strict=True):
         assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_seeded_dropout_gives_the_gradients_of_its_formula(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the fused layer makes LoRA dropout itself and keeps only x for backward, drawing
+    the mask again from its seed (fastlora.dropped). The function is device-agnostic: checked
+    here on the CPU against autograd through the explicit formula, with the same mask."""
+    from appliance.stages.train import fastlora
+
+    monkeypatch.setattr(fastlora, "DROP_ROWS", 4)  # 15 tokens: four blocks, four masks
+    fastlora.set_dropout_seed("cpu", 1234)
+    check_fused_dropout_against_formula(
+        "cpu", lambda block, salt: fastlora.dropped(torch.ones_like(block), 0.3, salt))
     kept = fastlora.dropped(torch.ones(2000), 0.3, 7)
     assert torch.equal(kept, fastlora.dropped(torch.ones(2000), 0.3, 7))  # the seed fixes the mask
     assert not torch.equal(kept, fastlora.dropped(torch.ones(2000), 0.3, 8))  # a salt its own
