@@ -12,7 +12,8 @@ product trains; FUSED_KERNELS=off for without), ours-adamw and graphed-adamw (th
 torch's fused AdamW on CUDA instead of paged 8-bit AdamW), ours-offload (the same with offload_activations),
 ours-compiled (bench only: each decoder layer one torch.compile region, as Unsloth compiles them),
 ours-graphs (the product's engine with cuda_graphs = on: the training loop's graphed micro-batch,
-graphed.Steps, with the product's dropout when OURS_DROPOUT is set), graphed (bench only, the first
+graphed.Steps, with the product's dropout when OURS_DROPOUT is set), ours-graphs-offload (that with
+offload_activations: the copies to host memory captured in the graph), graphed (bench only, the first
 version: forward + backward replayed as one CUDA graph without dropout),
 unsloth (when unsloth is installed: the same folder, LoRA shape and optimizer). `--repeat N` runs
 every row N times, engines interleaved, and reports the median run with the spread.
@@ -114,7 +115,8 @@ def ours_step(path: str, offload: bool = False, compile_layers: bool = False, gr
                     "lora_dropout": float(os.environ.get("OURS_DROPOUT", "0")),  # the product's: 0.05
                     "learning_rate": 2e-4, "optimizer": os.environ.get("OURS_OPTIMIZER", "auto"),
                     "fused_kernels": os.environ.get("FUSED_KERNELS", "auto"),
-                    "offload_activations": offload, "cuda_graphs": "on" if graphs else "off"})
+                    "offload_activations": offload, "cuda_graphs": "on" if graphs else "off",
+                    "unpack_scales": os.environ.get("GRAPHED_UNPACK", "1") == "1"})  # 0: bnb's packed scales
     fp16 = os.environ.get("OURS_DTYPE") == "fp16"  # a T4's compute dtype, with loss scaling
     model = load_model(Path(path), cfg, "cuda", torch.float16 if fp16 else torch.bfloat16)
     print(f"ours: {model.appliance_kernels}", file=sys.stderr, flush=True)
@@ -224,9 +226,9 @@ def make_step(engine: str, path: str, shape: str):
     if engine.endswith("-adamw"):  # ours or graphed with optimizer = "adamw" (fused on CUDA)
         os.environ["OURS_OPTIMIZER"] = "adamw"
         engine = engine.removesuffix("-adamw")
-    if engine in ("ours", "ours-offload", "ours-compiled", "ours-graphs"):
-        return ours_step(path, offload=engine == "ours-offload", compile_layers=engine == "ours-compiled",
-                         graphs=engine == "ours-graphs")
+    if engine in ("ours", "ours-offload", "ours-compiled", "ours-graphs", "ours-graphs-offload"):
+        return ours_step(path, offload=engine.endswith("-offload"), compile_layers=engine == "ours-compiled",
+                         graphs=engine.startswith("ours-graphs"))
     if engine == "graphed":
         return graphed_step(path, shape)
     if engine == "unsloth":
@@ -402,7 +404,8 @@ def main() -> None:
                       f"memory {o['peak_gib'] / g['peak_gib']:.2f}x")
         for ref in ("unsloth", "baseline"):
             for engine in ("ours", "ours-adamw", "ours-offload", "ours-compiled", "ours-graphs",
-                           "ours-graphs-adamw", "graphed", "graphed-adamw"):
+                           "ours-graphs-adamw", "ours-graphs-offload", "ours-graphs-offload-adamw",
+                           "graphed", "graphed-adamw"):
                 if ref in by and engine in by:
                     o, u = by[engine], by[ref]
                     print(f"{shape}: {engine}/{ref} speed {o['tokens_per_s'] / u['tokens_per_s']:.2f}x "

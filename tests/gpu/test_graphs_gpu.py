@@ -2,7 +2,8 @@
 a replay with the same seed gives the same gradients and another seed others (the masks are drawn
 on the device, not captured); a replay gives the eager step's gradients for the same padded batch
 and seed (the same kernels); a shape captured in the middle of an accumulation keeps what was
-accumulated. Skipped without CUDA (CI has none)."""
+accumulated. Each with the checkpointed layer inputs kept on the GPU and offloaded to host memory
+(offload.py's copies captured in the graph). Skipped without CUDA (CI has none)."""
 
 from __future__ import annotations
 
@@ -24,10 +25,10 @@ pytestmark = pytest.mark.gpu
 CHUNK = 64
 
 
-@pytest.fixture()
-def model(tiny_llama_source: Path):
+@pytest.fixture(params=[False, True], ids=["kept", "offloaded"])
+def model(tiny_llama_source: Path, request: pytest.FixtureRequest):
     cfg = validate({"quantization": "nf4", "lora_dropout": 0.1, "lora_r": 8, "lora_alpha": 16,
-                    "seed": 5, "cuda_graphs": "on"})
+                    "seed": 5, "cuda_graphs": "on", "offload_activations": request.param})
     model = load_model(tiny_llama_source, cfg, "cuda", torch.bfloat16)
     randomize_lora_b(model)
     return model.train()

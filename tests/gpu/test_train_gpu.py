@@ -119,16 +119,19 @@ def test_cuda_graphs_train_as_the_eager_step_does(gpu_ws: Workspace) -> None:
     graphed = _run(gpu_ws, "graphed-nodrop", lora_dropout=0.0, cuda_graphs="on")
     eager_drop = _run(gpu_ws, "eager-drop", lora_dropout=0.05)
     graphed_drop = _run(gpu_ws, "graphed-drop", lora_dropout=0.05, cuda_graphs="on")
+    offloaded = _run(gpu_ws, "graphed-offload", lora_dropout=0.05, cuda_graphs="on",
+                     offload_activations=True)
     worst = [max(abs(a[s]["loss"] - b[s]["loss"]) / a[s]["loss"] for s in a)
-             for a, b in ((eager, graphed), (eager_drop, graphed_drop))]
+             for a, b in ((eager, graphed), (eager_drop, graphed_drop), (graphed_drop, offloaded))]
     rates = [statistics.median(r[s]["tokens_per_s"] for s in range(5, 13))
              for r in (eager, graphed, eager_drop, graphed_drop)]
     report(f"cuda_graphs on vs off, 12 steps: worst relative loss difference {worst[0]:.2e} without "
-           f"dropout, {worst[1]:.2e} with 0.05; median tokens/s (steps 5-12, captures included) "
+           f"dropout, {worst[1]:.2e} with 0.05, {worst[2]:.2e} graphed with vs without activation "
+           f"offload (the same seeded masks); median tokens/s (steps 5-12, captures included) "
            f"{rates[0]:.0f} -> {rates[1]:.0f} without, {rates[2]:.0f} -> {rates[3]:.0f} with")
-    assert worst[0] < 5e-3 and worst[1] < 5e-2
+    assert worst[0] < 5e-3 and worst[1] < 5e-2 and worst[2] < 5e-3
     assert graphed_drop[12]["loss"] < graphed_drop[1]["loss"]
-    for name in ("graphed-nodrop", "graphed-drop"):
+    for name in ("graphed-nodrop", "graphed-drop", "graphed-offload"):
         job = next(j for j in jobs.list_jobs(gpu_ws) if j.params.get("name") == name)
         logs = [e["message"] for e in jobs.read_events(gpu_ws, job.id) if e["type"] == "log"]
         assert any(m.startswith("CUDA graphs on") for m in logs)

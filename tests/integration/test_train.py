@@ -341,10 +341,14 @@ def test_plan_and_train_commands_validate_before_queueing(train_ws: Workspace) -
 
 
 def test_cuda_graphs_on_the_cpu_train_eagerly_and_say_so(train_ws: Workspace) -> None:
-    """`cuda_graphs = on` is a CUDA setting: on the CPU the run trains as it would without it."""
+    """`cuda_graphs = on` (with activation offload, which graphs hold too) is a CUDA setting: on the
+    CPU the run trains as it would without it."""
     job = jobs.submit(train_ws, "train", params("graphs-cpu", cuda_graphs="on", max_steps=2,
-                                                eval_every=2, save_every=2))
+                                                eval_every=2, save_every=2,
+                                                offload_activations=True))
     assert api.run(train_ws, job.id).state == "succeeded", jobs.get(train_ws, job.id).message
     logs = [e["message"] for e in jobs.read_events(train_ws, job.id) if e["type"] == "log"]
     assert "cuda_graphs: nothing to capture on the CPU: steps run eagerly" in logs
+    assert ("activation offload: nothing to move on the CPU (the inputs are in host memory)"
+            in logs)
     assert sorted(losses(train_ws, job.id)) == [1, 2]

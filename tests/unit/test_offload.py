@@ -71,3 +71,64 @@ def test_inputs_it_cannot_train_through_are_refused_and_no_grad_passes_through()
     with torch.no_grad():
         out = offload.checkpoint(lambda a: a * 2, x)
     assert out.grad_fn is None and float(out.sum()) == 12.0
+
+
+def test_the_host_arena_reserves_per_layer_and_keeps_what_a_graph_may_still_write(
+        tiny_llama_source: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(offload.torch.cuda, "is_available", lambda: False)  # plain, exact sizes
+    monkeypatch.setattr(offload, "ARENA", offload._Arena())
+    arena = offload.ARENA
+    small = arena.view(0, torch.Size((2, 3)), torch.float32)
+    assert small.shape == (2, 3) and arena.nbytes() == 24
+    assert arena.view(0, torch.Size((3, 2)), torch.float32).data_ptr() == small.data_ptr()  # reused
+    arena.view(0, torch.Size((4, 3)), torch.float32)  # outgrown before any capture: the old one goes
+    assert arena.nbytes() == 48 and arena.kept == []
+    arena.captured = True  # a graph captured since may copy into the current buffer: kept
+    arena.view(0, torch.Size((5, 3)), torch.float32)
+    assert arena.nbytes() == 48 + 60 and len(arena.kept) == 1
+
+    monkeypatch.setattr(offload, "ARENA", offload._Arena())
+    cfg = validate({"quantization": "none", "offload_activations": True})
+    model = load_model(tiny_llama_source, cfg, "cpu", torch.float32)
+    layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
+    assert offload.reserve(model, 10, torch.float32) == layers * 10 * hidden * 4
+    assert sorted(offload.ARENA.buffers) == [(i, torch.float32) for i in range(layers)]
+
+
+def test_checkpointing_enabled_again_keeps_offload(tiny_llama_source: Path) -> None:
+    """transformers' gradient_checkpointing_enable replaces every layer's checkpoint function: the
+    trainer turns it on again when it leaves CUDA graphs, and offload must survive that."""
+    from appliance.stages.train.recipe import enable_checkpointing
+
+    cfg = validate({"quantization": "none", "offload_activations": True})
+    model = load_model(tiny_llama_source, cfg, "cpu", torch.float32)
+
+    def bound() -> list[tuple[int, int]]:
+        funcs = [m._gradient_checkpointing_func for m in offload._layers(model)]
+        return [(f.keywords["layer"], f.keywords["layers"]) for f in funcs
+                if getattr(f, "func", None) is offload.checkpoint]
+
+    assert bound() == [(0, 2), (1, 2)]
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert bound() == []  # what transformers does
+    enable_checkpointing(model, cfg, graphs=False)
+    assert bound() == [(0, 2), (1, 2)]
+
+
+def test_a_pass_that_never_reached_its_backward_leaves_nothing_to_the_next(
+        tiny_llama_source: Path) -> None:
+    cfg = validate({"quantization": "none", "offload_activations": True, "lora_dropout": 0})
+    model = load_model(tiny_llama_source, cfg, "cpu", torch.float32).train()
+    ids = torch.randint(3, 49152, (1, 12), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    causal_lm_loss(model, batch)  # forward only: its slots stay behind
+    stale = offload._last[torch.device("cpu")]
+    assert stale.host is not None
+    total, count = causal_lm_loss(model, batch)
+    chain, slot = [], offload._last[torch.device("cpu")]
+    while slot is not None:
+        chain.append(slot)
+        slot = slot.prev
+    assert len(chain) == model.config.num_hidden_layers and stale not in chain  # this pass only
+    (total / count).backward()
+    assert torch.device("cpu") not in offload._last

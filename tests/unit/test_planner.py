@@ -170,9 +170,11 @@ def test_offloaded_activations_leave_the_layer_inputs_out_and_say_the_estimate_i
     offloaded = validate({"batch_size": 1, "max_seq_len": 16384, "offload_activations": True})
     s = shape("qwen2.5-7b")
     a, b = (planner.estimate(s, c, 1, 16384) for c in (plain, offloaded))
-    # the fitted range loses its fitted per-layer term, the tokens beyond it 2 bytes per layer
+    # the fitted range loses its fitted per-layer term, the tokens beyond it 2 bytes per layer;
+    # one layer's input, copied back ahead of its backward, stays (2 bytes per hidden unit)
     fit, beyond = planner.FIT_TOKENS, 16384 - planner.FIT_TOKENS
-    layer_inputs = (planner.HIDDEN_LAYER_BYTES * fit + 2.0 * beyond) * s.hidden * s.layers
+    layer_inputs = ((planner.HIDDEN_LAYER_BYTES * fit + 2.0 * beyond) * s.layers
+                    - 2.0 * 16384) * s.hidden
     assert a.activations - b.activations == pytest.approx(layer_inputs)
     assert a.calibrated and not b.calibrated
     assert "without activation offload" in planner.plan(s, offloaded, T4).describe(offloaded)

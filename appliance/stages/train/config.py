@@ -142,9 +142,6 @@ def _graph_conflicts(config: TrainConfig) -> list[str]:
     if config.devices > 1:
         conflicts.append("not with devices > 1 (DDP's gradient hooks run between launches a graph "
                          "replays as one): use one GPU, or turn it off")
-    if config.offload_activations:
-        conflicts.append("not with offload_activations (its copies to host memory are not in the "
-                         "graph): turn one off")
     if not config.fused_lora and config.lora_dropout > 0:
         conflicts.append("needs fused_lora = true with lora_dropout > 0 (peft's dropout cannot "
                          "draw the same masks again in checkpointing's recompute inside a graph)")

@@ -159,12 +159,13 @@ def estimate(shape: Shape, cfg: TrainConfig, batch: int, seq: int, *, gpu: bool 
     # without checkpointing every layer keeps its activations: rough (uncalibrated) estimate
     per_layer = HIDDEN_LAYER_BYTES if cfg.gradient_checkpointing else HIDDEN_BYTES
     offloaded = cfg.offload_activations and gpu  # checkpointed inputs in host memory (offload.py)
+    prefetched = 2.0 if offloaded else 0.0  # the one input copied back ahead of its backward
     if offloaded:
         per_layer = 0.0
-    per_token = per_layer * shape.layers + HIDDEN_BYTES
+    per_token = per_layer * shape.layers + HIDDEN_BYTES + prefetched
     beyond = max(0, tokens - FIT_TOKENS)
     # the sweep kept each layer's bf16 input on the GPU (2 bytes per hidden unit per layer)
-    floor = LONG_TOKEN_BYTES - (2.0 * shape.layers if offloaded else 0.0)
+    floor = LONG_TOKEN_BYTES - (2.0 * shape.layers - prefetched if offloaded else 0.0)
     activations = (shape.hidden * ((tokens - beyond) * per_token + beyond * max(per_token, floor))
                    + LOGIT_BYTES * min(tokens, loss_chunk(shape.vocab)) * shape.vocab)
     n_lora = lora_params(shape, cfg.lora_r)

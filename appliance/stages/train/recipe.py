@@ -148,6 +148,19 @@ def pick_device(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> t
     return ("cpu" if capability is None else "cuda"), names[name]
 
 
+def enable_checkpointing(model: Any, cfg: TrainConfig, graphs: bool) -> None:
+    """Gradient checkpointing on every decoder layer, through activation offload when configured
+    (transformers' enable replaces each layer's checkpoint function: offload is bound after it).
+    Under CUDA graphs no RNG state is stashed: a capture cannot read it, and the graphed step's
+    only random numbers, the fused layer's seeded dropout masks, are drawn again without it."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+        "use_reentrant": False, **({"preserve_rng_state": False} if graphs else {})})
+    if cfg.offload_activations:
+        from appliance.stages.train import offload
+
+        offload.enable(model)
+
+
 def load_model(path: Path, cfg: TrainConfig, device: str, dtype: Any) -> Any:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -167,16 +180,8 @@ def load_model(path: Path, cfg: TrainConfig, device: str, dtype: Any) -> Any:
     for param in model.parameters():
         param.requires_grad_(False)
     if cfg.gradient_checkpointing:
-        # a graph capture cannot read the RNG state checkpointing stashes; its only random numbers
-        # are the fused layer's seeded dropout masks, drawn again without it (graphed.py)
-        graphs = cfg.cuda_graphs == "on" and device.startswith("cuda")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
-            "use_reentrant": False, **({"preserve_rng_state": False} if graphs else {})})
+        enable_checkpointing(model, cfg, graphs=cfg.cuda_graphs == "on" and device.startswith("cuda"))
         model.enable_input_require_grads()
-        if cfg.offload_activations:
-            from appliance.stages.train import offload
-
-            offload.enable(model)
     model.config.use_cache = False
     torch.manual_seed(cfg.seed)  # the LoRA init depends only on the seed
     # peft annotates lora_alpha as int but only divides by it (scaling = alpha / r): a float is fine.
@@ -488,9 +493,7 @@ class Trainer:
         self.model = load_model(model_record.path, cfg, self.device, self.dtype)
         ctx.log(self.model.appliance_kernels)
         if cfg.offload_activations:
-            ctx.log("activation offload: each checkpointed layer's input waits in host memory"
-                    if self.device.startswith("cuda") else
-                    "activation offload: nothing to move on the CPU (the inputs are in host memory)")
+            ctx.log(self._reserve_offload())
         self.loss = _loss_module(self.model)
         if self.rank.world > 1:  # LoRA is initialised from the seed: identical on every rank
             from torch.nn.parallel import DistributedDataParallel
@@ -506,6 +509,20 @@ class Trainer:
         self.lengths = [len(e.input_ids) for e in self.train_set]
         self._epoch_cache: tuple[int, list[list[int]]] = (-1, [])
         self.graphs = self._graphs()
+
+    def _reserve_offload(self) -> str:
+        """The host buffers of activation offload, made up front for the longest batch (a padded
+        one under graphs); what the job log says about it."""
+        if not self.device.startswith("cuda"):
+            return "activation offload: nothing to move on the CPU (the inputs are in host memory)"
+        from appliance.stages.train import graphed, offload
+
+        length = self.cfg.max_seq_len
+        if self.cfg.cuda_graphs == "on":
+            length = graphed.bucket(length)
+        pinned = offload.reserve(self.model, self.cfg.batch_size * length, self.dtype)
+        return (f"activation offload: each checkpointed layer's input waits in host memory "
+                f"({pinned / 2**30:.2f} GiB pinned for batches of {self.cfg.batch_size} x {length})")
 
     def _graphs(self) -> Any:
         """The CUDA-graphed micro-batch (graphed.Steps) when cuda_graphs is on, else None."""
@@ -536,7 +553,7 @@ class Trainer:
         self.graphs = None
         fastlora.DEVICE_DROPOUT["on"] = False
         if self.cfg.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(self.model, self.cfg, graphs=False)
 
     def _micro(self, batch: dict[str, Any], trained: float, world: int, last: bool) -> Any:
         """One micro-batch's forward and backward; its summed loss (a tensor)."""
