@@ -90,7 +90,7 @@ def _demo_job(ws: Workspace) -> jobs.Job | None:
 
 
 def _train(ws: Workspace, model: ArtifactRecord, say: Callable[[str], None]) -> ArtifactRecord:
-    from appliance.textout import format_event
+    from appliance.textout import EventPrinter
 
     record = _existing(ws, "run", RUN_NAME, 3, "trained", say)
     if record is not None:
@@ -107,9 +107,10 @@ def _train(ws: Workspace, model: ArtifactRecord, say: Callable[[str], None]) -> 
         job = api.start_request(ws, request)
     say(f"      job {job.id} runs detached; Ctrl-C here leaves it running "
         f"(appliance jobs logs {job.id} --follow)")
+    show = EventPrinter(indent="      ")
     for event in jobs.follow(ws, job.id):
         if event["type"] in ("progress", "eval", "log", "state"):
-            say("      " + format_event(event))
+            show(event)
     finished = jobs.get(ws, job.id)
     if finished.state != "succeeded":
         raise JobFailedError(f"the demo's training job ended {finished.state}: {finished.message}",
@@ -120,13 +121,14 @@ def _train(ws: Workspace, model: ArtifactRecord, say: Callable[[str], None]) -> 
 
 
 def _follow_job(ws: Workspace, kind: str, params: dict, say: Callable[[str], None]) -> None:
-    from appliance.textout import format_event
+    from appliance.textout import EventPrinter
 
     job = api.start(ws, kind, params)
     say(f"      job {job.id} runs detached (appliance jobs logs {job.id} --follow)")
+    show = EventPrinter(indent="      ")
     for event in jobs.follow(ws, job.id):
         if event["type"] in ("log", "state"):
-            say("      " + format_event(event).replace("\n", "\n      "))
+            show(event)
     finished = jobs.get(ws, job.id)
     if finished.state != "succeeded":
         raise JobFailedError(f"the demo's {kind} job ended {finished.state}: {finished.message}",

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     from appliance.workspace import Workspace
@@ -95,3 +96,35 @@ def format_event(event: dict[str, Any]) -> str:
                 + (f"resuming at step {start} of {event.get('max_steps')}" if start
                    else f"{event.get('max_steps')} steps"))
     return json.dumps(event, ensure_ascii=False)
+
+
+class EventPrinter:
+    """Job events as the CLI and the demo print them, one line each, except a counted stage
+    ("tokenizing 401 conversations 21/401 conversations"): on a terminal its count updates one line
+    in place; piped or logged, only its first and last counts are printed, not a line per update
+    (a counted stage reports every 1/20 of its total: 22 lines for a tokenizing pass)."""
+
+    def __init__(self, indent: str = "", stream: TextIO | None = None) -> None:
+        self.indent = indent
+        self.stream = stream or (sys.stderr if HumanOutput.to_stderr else sys.stdout)
+        self.tty = self.stream.isatty()
+        self.open = False  # a line is being rewritten in place and has not ended yet
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        from appliance import progress
+
+        text = self.indent + format_event(event).replace("\n", "\n" + self.indent)
+        share = progress.fraction(event) if progress.is_staged(event) else None
+        if share is not None and share < 1 and self.tty:
+            width = max(20, shutil.get_terminal_size().columns - 1)  # a wrapped line cannot be redrawn
+            self.stream.write("\r" + text[:width] + "\x1b[K")
+            self.stream.flush()
+            self.open = True
+            return
+        if share is not None and 0 < share < 1:
+            return  # piped: the stage's start and end say it all
+        if self.open:  # this line takes the place of the one being updated
+            self.stream.write("\r\x1b[K")
+            self.open = False
+        self.stream.write(text + "\n")
+        self.stream.flush()

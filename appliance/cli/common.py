@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import ExitCode, UsageError
-from appliance.textout import HumanOutput, format_event, open_workspace, print_json, say
+from appliance.textout import EventPrinter, HumanOutput, open_workspace, print_json, say
 
 Handler = Callable[[argparse.Namespace], int]
 JobReport = Callable[[Any, Any], tuple[dict[str, Any], int]]
@@ -115,8 +115,9 @@ def follow(ws: Any, job: Any) -> Any:
     """Print a job's events until it ends (to stderr under --json); the job as it ended."""
     from appliance import jobs
 
+    show = EventPrinter()
     for event in jobs.follow(ws, job.id):
-        say(format_event(event))
+        show(event)
     return jobs.get(ws, job.id)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from appliance.cli.common import add_list, complete, job_ids, job_json, print_table
 from appliance.errors import ExitCode
-from appliance.textout import format_event, open_workspace, print_json, say
+from appliance.textout import EventPrinter, open_workspace, print_json, say
 
 
 def cmd_jobs_list(args: argparse.Namespace) -> int:
@@ -36,8 +36,9 @@ def cmd_jobs_logs(args: argparse.Namespace) -> int:
     ws = open_workspace(args)
     jobs.get(ws, args.id)
     events = jobs.follow(ws, args.id) if args.follow else iter(jobs.read_events(ws, args.id))
+    show = EventPrinter()
     for event in events:
-        say(format_event(event))
+        show(event)
     return 0
 
 

@@ -5,6 +5,7 @@ by `exports fit`, and `serve` checking every byte of an export before it answers
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from appliance.runtime import fit, service
 from appliance.runtime.engine import Artifact
 from appliance.stages.eval.request import EvalRequest
 from appliance.stages.export.request import ExportRequest
-from appliance.textout import format_event
+from appliance.textout import EventPrinter, format_event
 from appliance.workspace import Workspace
 from tests.unit.test_runtime_fit import _gguf
 
@@ -209,3 +210,40 @@ def test_bitsandbytes_hub_kernel_warning_is_not_in_job_logs() -> None:
     offline.install()
     assert not logging.getLogger("bitsandbytes.backends.cpu.ops").isEnabledFor(logging.WARNING)
     assert logging.getLogger("bitsandbytes.backends.cpu.ops").isEnabledFor(logging.ERROR)
+
+
+def _counted(done: int, total: int = 40) -> dict:
+    return {"type": "progress", "stage": "tokenize", "label": "tokenizing 40 conversations",
+            "done": done, "total": total, "unit": "conversations", "artifact": "r"}
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_counted_stage_prints_its_ends_when_piped_and_updates_in_place_on_a_terminal() -> None:
+    """The demo piped to a file printed 22 lines for one tokenizing pass (every 1/20 of it)."""
+    events = [_counted(n) for n in (0, 1, 2, 20, 38, 40)]
+    events.insert(3, {"type": "log", "message": "a log line in between"})
+    events.append({"type": "progress", "done": 1, "total": 16, "loss": 2.5})  # a training step
+
+    piped = io.StringIO()
+    show = EventPrinter(indent="  ", stream=piped)
+    for event in events:
+        show(event)
+    assert piped.getvalue().splitlines() == [
+        "  r: tokenizing 40 conversations 0/40 conversations",
+        "  a log line in between",
+        "  r: tokenizing 40 conversations 40/40 conversations",
+        "  step 1/16 loss=2.5"]
+
+    terminal = _Terminal()
+    show = EventPrinter(stream=terminal)
+    for event in events:
+        show(event)
+    out = terminal.getvalue()
+    assert out.count("\n") == 3  # the log line, the stage's end, the step: updates stay on one line
+    assert "\r\x1b[K" + "r: tokenizing 40 conversations 40/40 conversations\n" in out
+    assert "\r\x1b[K" + "a log line in between\n" in out  # it took the place of the counting line
+    assert "\rr: tokenizing 40 conversations 2/40 conversations\x1b[K" in out
