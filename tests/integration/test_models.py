@@ -54,6 +54,20 @@ def test_tokenizer_does_not_add_a_bos_llama_cpp_would_not(smol_tokenizer) -> Non
 
 
 # -- HF folders -------------------------------------------------------------------------------
+def test_reading_the_gguf_vocabulary_leaves_no_native_warning_on_stderr(
+        smol_model: ArtifactRecord, capfd: pytest.CaptureFixture[str]) -> None:
+    """Without its weights llama.cpp warned "n_ctx_seq (512) > n_ctx_train (0) -- possible training
+    context overflow" in the middle of every GGUF import (seen in the demo's output)."""
+    gguf = next((smol_model.path / "gguf").glob("*.gguf"))
+    capfd.readouterr()
+    llm = models._vocab_only(gguf)
+    assert llm.n_vocab() == 49152
+    err = capfd.readouterr().err
+    assert "n_ctx_train" not in err, err
+    os.write(2, b"stderr is back\n")  # the process's stderr was put back
+    assert "stderr is back" in capfd.readouterr().err
+
+
 def test_hf_folder_import(model_workspace: tuple[Workspace, ArtifactRecord], tiny_llama: Path) -> None:
     ws, _ = model_workspace
     (tiny_llama / "README.md").write_text("tiny")

@@ -39,6 +39,7 @@ import json
 import os
 import re
 import stat
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -605,16 +606,40 @@ def _gguf_tokenizer(src: Path, meta: dict[str, Any], template: str, context: int
         clean_up_tokenization_spaces=False)
 
 
+def _vocab_only(path: Path) -> Any:
+    """llama.cpp's view of the file's vocabulary, without its weights. Making it, llama.cpp warns
+    that the context exceeds the training context ("n_ctx_train (0)": no weights are read), and
+    llama-cpp-python prints that warning past `verbose=False` (its callback maps ggml's log levels
+    as they were before ggml renumbered them: WARN reads as ERROR). Noise in the middle of an
+    import: Python's and the process's stderr are muted meanwhile. A file llama.cpp cannot read
+    still raises."""
+    import io
+
+    import llama_cpp
+
+    from appliance.runtime.template import check_gguf_templates
+
+    check_gguf_templates(path)  # Llama() compiles the file's templates with unbounded Jinja
+    sys.stderr.flush()
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        with contextlib.redirect_stderr(io.StringIO()):
+            return llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 def check_tokenizer_parity(gguf_path: Path, tokenizer: Any, text: str) -> dict[str, Any]:
     """Tokenize `text` with llama.cpp (vocab only) and with the HF tokenizer; they must agree."""
     try:
         import llama_cpp
     except ImportError:
         return {"checked": False, "reason": "llama-cpp-python is not installed"}
-    from appliance.runtime.template import check_gguf_templates
-
-    check_gguf_templates(gguf_path)  # Llama() compiles the file's templates with unbounded Jinja
-    llm = llama_cpp.Llama(str(gguf_path), vocab_only=True, verbose=False)
+    llm = _vocab_only(gguf_path)
     theirs = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
     ours = tokenizer(text, add_special_tokens=False)["input_ids"]
     if list(theirs) != list(ours):
@@ -805,10 +830,7 @@ def _gguf_vocab(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
         texts = {i: str(tokens.contents(i)) for i in wanted if tokens is not None and i < size}
         return {"texts": texts, "eog": sorted(i for i in wanted if i in texts), "size": size or None,
                 "tokenize": None, "runtime": "gguf-py (llama-cpp-python is not installed)"}
-    from appliance.runtime.template import check_gguf_templates
-
-    check_gguf_templates(path)  # Llama() compiles the file's templates with unbounded Jinja
-    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    llm = _vocab_only(path)
     try:
         vocab = llama_cpp.llama_model_get_vocab(llm.model)
         size = int(llm.n_vocab())
