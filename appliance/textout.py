@@ -102,26 +102,19 @@ class EventPrinter:
     """Job events as the CLI and the demo print them, one line each, except a counted stage
     ("tokenizing 401 conversations 21/401 conversations"): on a terminal its count updates one line
     in place; piped or logged, only its first and last counts are printed, not a line per update
-    (a counted stage reports every 1/20 of its total: 22 lines for a tokenizing pass). A stage
-    that only repeats the log line just printed (the trainer logs and announces "loading ...") is
-    not printed twice."""
+    (a counted stage reports every 1/20 of its total: 22 lines for a tokenizing pass)."""
 
     def __init__(self, indent: str = "", stream: TextIO | None = None) -> None:
         self.indent = indent
         self.stream = stream or (sys.stderr if HumanOutput.to_stderr else sys.stdout)
         self.tty = self.stream.isatty()
         self.open = False  # a line is being rewritten in place and has not ended yet
-        self.last_log: str | None = None
 
     def __call__(self, event: dict[str, Any]) -> None:
         from appliance import progress
 
         text = self.indent + format_event(event).replace("\n", "\n" + self.indent)
         share = progress.fraction(event) if progress.is_staged(event) else None
-        repeat = progress.is_staged(event) and share is None and event.get("label") == self.last_log
-        self.last_log = event.get("message") if event.get("type") == "log" else None
-        if repeat:
-            return
         if share is not None and share < 1 and self.tty:
             width = max(20, shutil.get_terminal_size().columns - 1)  # a wrapped line cannot be redrawn
             self.stream.write("\r" + text[:width] + "\x1b[K")

@@ -24,6 +24,8 @@ def test_auto_on_an_avx2_cpu_trains_in_fp32_and_logs_why(train_ws: Workspace,
     said = [m for m in logs if m.startswith("compute dtype")]
     assert said == ["compute dtype fp32: this CPU has no native bf16 (no avx512_bf16/amx_bf16 flag); "
                     f"bf16 would run {cpus.BF16_SLOWDOWN}"]
-    assert any("compute float32" in m for m in logs)  # the loading line agrees
+    loading = [e["label"] for e in jobs.read_events(train_ws, job.id)
+               if e["type"] == "progress" and e.get("stage") == "load-model"]
+    assert len(loading) == 1 and "compute float32" in loading[0]  # the loading line agrees
     run = train_ws.get("run", "fp32-run")
     assert manifest.read(run.path)["config"]["compute_dtype"] == "torch.float32"

@@ -227,8 +227,8 @@ def test_a_counted_stage_prints_its_ends_when_piped_and_updates_in_place_on_a_te
     events = [_counted(n) for n in (0, 1, 2, 20, 38, 40)]
     events.insert(3, {"type": "log", "message": "a log line in between"})
     events.append({"type": "progress", "done": 1, "total": 16, "loss": 2.5})  # a training step
-    events += [{"type": "log", "message": "loading m on cpu"},  # logged, then announced as a stage
-               {"type": "progress", "stage": "load-model", "label": "loading m on cpu", "artifact": "r"}]
+    events.append({"type": "progress", "stage": "load-model", "label": "loading m on cpu",
+                   "artifact": "r"})  # a stage of unknown size: one line
 
     piped = io.StringIO()
     show = EventPrinter(indent="  ", stream=piped)
@@ -239,14 +239,14 @@ def test_a_counted_stage_prints_its_ends_when_piped_and_updates_in_place_on_a_te
         "  a log line in between",
         "  r: tokenizing 40 conversations 40/40 conversations",
         "  step 1/16 loss=2.5",
-        "  loading m on cpu"]
+        "  r: loading m on cpu"]
 
     terminal = _Terminal()
     show = EventPrinter(stream=terminal)
     for event in events:
         show(event)
     out = terminal.getvalue()
-    assert out.count("\n") == 4  # the log lines, the stage's end, the step: updates stay on one line
+    assert out.count("\n") == 4  # the log line, the stage's end, the step, the uncounted stage
     assert "\r\x1b[K" + "r: tokenizing 40 conversations 40/40 conversations\n" in out
     assert "\r\x1b[K" + "a log line in between\n" in out  # it took the place of the counting line
     assert "\rr: tokenizing 40 conversations 2/40 conversations\x1b[K" in out

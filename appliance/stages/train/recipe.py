@@ -488,8 +488,7 @@ class Trainer:
             self.device = f"cuda:{self.rank.local_rank}"
         loading = (f"loading {model_record.name} ({cfg.quantization}, compute "
                    f"{str(self.dtype).removeprefix('torch.')}) on {self.device}")
-        ctx.log(loading)
-        self.stages.emit("load-model", loading)
+        self.stages.emit("load-model", loading)  # printed as a line in every log (no ctx.log copy)
         self.model = load_model(model_record.path, cfg, self.device, self.dtype)
         ctx.log(self.model.appliance_kernels)
         if cfg.offload_activations:
