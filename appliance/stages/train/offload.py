@@ -113,9 +113,10 @@ class _Slot:
     back: torch.Tensor | None = None
 
 
-def _join(device: torch.device) -> None:
-    """The main stream waits for the side stream's copies so far; the input it read may go."""
-    if _pending.pop(device, None) is not None:
+def _join(device: torch.device, copied_back: bool = False) -> None:
+    """The main stream waits for the side stream's copies so far (when an input is being read, or
+    a copy back was started); the input it read may go."""
+    if _pending.pop(device, None) is not None or copied_back:
         torch.cuda.current_stream(device).wait_stream(_side_stream(device))
 
 
@@ -144,18 +145,13 @@ def _start_copy_back(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return back
 
 
-def _join_all(device: torch.device) -> None:
-    _pending.pop(device, None)
-    torch.cuda.current_stream(device).wait_stream(_side_stream(device))
-
-
 def _restore(slot: _Slot) -> torch.Tensor:
     """The slot's input on its device, and the copy back of the layer before it started."""
     if slot.device.type != "cuda":
         assert slot.host is not None
         return slot.host
     back = slot.back if slot.back is not None else _start_copy_back(slot.host, slot.device)  # type: ignore[arg-type]
-    _join_all(slot.device)
+    _join(slot.device, copied_back=True)
     prev, slot.prev, slot.back, slot.host = slot.prev, None, None, None
     if prev is not None and prev.host is not None:  # overlaps with this layer's backward
         prev.back = _start_copy_back(prev.host, prev.device)
